@@ -1,0 +1,29 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+collect_ignore_glob = ["benchmark_*.py"]
+
+
+def run_script(script, *args, env_extra=None, check=True):
+    """Run one of the repository's scripts as a user would, from the repository root."""
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONHASHSEED="0")
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    import utils
+
+    return utils.mnist_tensors("pm1")

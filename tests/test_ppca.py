@@ -1,0 +1,117 @@
+"""PCA and probabilistic PCA against independent oracles: torch.distributions.MultivariateNormal,
+scikit-learn's PCA, and plain Gaussian conditioning with full matrices."""
+import math
+
+import pytest
+import torch
+from sklearn.decomposition import PCA
+from torch.distributions import MultivariateNormal
+
+import ppca_pca
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 400, 12
+    basis = torch.randn(dim, 3, generator=gen, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0],
+                                                                                   dtype=torch.float64)
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64) @ basis.T
+    x = x + 0.3 * torch.randn(n, dim, generator=gen, dtype=torch.float64) + 5.0
+    return x
+
+
+def test_log_likelihood_matches_multivariate_normal(data):
+    gen = torch.Generator().manual_seed(1)
+    dim = data.shape[1]
+    w = torch.randn(dim, 2, generator=gen, dtype=torch.float64)
+    mu = torch.randn(dim, generator=gen, dtype=torch.float64)
+    log_sigma2 = torch.tensor(math.log(0.7), dtype=torch.float64)
+    ref = MultivariateNormal(mu, w @ w.T + 0.7 * torch.eye(dim, dtype=torch.float64)).log_prob(data)
+    torch.testing.assert_close(ppca_pca.ppca_log_likelihood(data, w, mu, log_sigma2), ref,
+                               rtol=1e-10, atol=1e-8)
+
+
+def test_closed_form_matches_sklearn_and_its_score_samples(data):
+    mean, evals, evecs = ppca_pca.covariance_eigen(data)
+    w, mu, log_sigma2 = ppca_pca.ppca_closed_form(mean, evals, evecs, m=2)
+    skl = PCA(n_components=2).fit(data.numpy())
+    n = len(data)
+    # sklearn's variances divide by N - 1, the maximum-likelihood ones by N
+    assert math.exp(log_sigma2.item()) * n / (n - 1) == pytest.approx(skl.noise_variance_, rel=1e-9)
+    torch.testing.assert_close(mu, torch.from_numpy(skl.mean_))
+    angles = ppca_pca.subspace_angles_deg(w, torch.from_numpy(skl.components_.T))
+    assert max(angles) < 1e-5
+    # Our log-likelihood at sklearn's own parameters equals sklearn's score_samples.
+    w_skl = torch.from_numpy(skl.components_.T * (skl.explained_variance_ - skl.noise_variance_) ** 0.5)
+    ours = ppca_pca.ppca_log_likelihood(data, w_skl, torch.from_numpy(skl.mean_),
+                                        torch.tensor(math.log(skl.noise_variance_),
+                                                     dtype=torch.float64))
+    torch.testing.assert_close(ours, torch.from_numpy(skl.score_samples(data.numpy())),
+                               rtol=1e-10, atol=1e-8)
+
+
+def test_closed_form_is_a_maximum(data):
+    mean, evals, evecs = ppca_pca.covariance_eigen(data)
+    params = [p.clone().requires_grad_() for p in ppca_pca.ppca_closed_form(mean, evals, evecs)]
+    ll = ppca_pca.ppca_log_likelihood(data, *params).mean()
+    ll.backward()
+    for p in params:
+        assert p.grad.abs().max().item() < 1e-8
+    # a gradient-ascent step from it (or any small random move) does not improve it
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(5):
+            moved = [p + 1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+            assert ppca_pca.ppca_log_likelihood(data, *moved).mean() <= ll + 1e-12
+
+
+def test_posterior_matches_gaussian_conditioning(data):
+    gen = torch.Generator().manual_seed(4)
+    dim = data.shape[1]
+    w = torch.randn(dim, 2, generator=gen, dtype=torch.float64)
+    mu = data.mean(0)
+    sigma2 = 0.5
+    mean, cov = ppca_pca.ppca_posterior(data, w, mu, torch.tensor(math.log(sigma2),
+                                                                  dtype=torch.float64))
+    c = w @ w.T + sigma2 * torch.eye(dim, dtype=torch.float64)
+    ref_mean = (data - mu) @ torch.linalg.solve(c, w)          # W^T C^-1 (x - mu)
+    ref_cov = torch.eye(2, dtype=torch.float64) - w.T @ torch.linalg.solve(c, w)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(cov, ref_cov)
+
+
+def test_pca_encoding_matches_sklearn_up_to_sign(data):
+    mean, evals, evecs = ppca_pca.covariance_eigen(data)
+    z = ppca_pca.pca_encode(data, mean, evecs[:, :2])
+    ref = torch.from_numpy(PCA(n_components=2).fit(data.numpy()).transform(data.numpy()))
+    signs = torch.sign((z * ref).sum(0))
+    torch.testing.assert_close(z * signs, ref, rtol=1e-8, atol=1e-8)
+    # and decoding the encoding is the orthogonal projection onto the principal subspace
+    recon = ppca_pca.pca_decode(z, mean, evecs[:, :2])
+    resid = data - recon
+    torch.testing.assert_close(resid @ evecs[:, :2], torch.zeros(len(data), 2, dtype=torch.float64),
+                               rtol=0, atol=1e-9)
+
+
+def test_gradient_fit_approaches_the_closed_form(data):
+    from tqdm import tqdm
+
+    mean, evals, evecs = ppca_pca.covariance_eigen(data)
+    cf = ppca_pca.ppca_closed_form(mean, evals, evecs)
+    with tqdm(disable=True) as bar:
+        (w, mu, ls), curve, _ = fit_small(data, bar)
+    assert curve[-1] > curve[0]
+    ll_cf = ppca_pca.ppca_log_likelihood(data, *cf).mean().item()
+    ll_gd = ppca_pca.ppca_log_likelihood(data, w, mu, ls).mean().item()
+    assert ll_cf - 0.05 < ll_gd <= ll_cf + 1e-9
+    assert max(ppca_pca.subspace_angles_deg(w, cf[0])) < 5
+
+
+def fit_small(data, bar):
+    """fit_ppca_gradient is written for 784-pixel images; run its loop on the small problem."""
+    import unittest.mock as mock
+
+    with mock.patch.object(ppca_pca, "D", data.shape[1]):
+        return ppca_pca.fit_ppca_gradient(data, epochs=300, batch_size=100, lr=0.05, seed=0,
+                                          progress=bar)

