@@ -7,6 +7,7 @@ Beyond the question: how the estimate settles as M grows, with the ELBO beside i
 from __future__ import annotations
 
 import math
+import resource
 import time
 
 import numpy as np
@@ -148,6 +149,8 @@ def main(argv=None):
         "sigma_p": args.sigma_p,
         "latent_dim": latent_dim,
         "estimate_seconds": seconds,
+        # Peak resident memory of the whole process (data loading included), in MB (Linux: KB).
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "checkpoint": str(args.checkpoint),
         "device": str(device),
         "args": vars(args),

@@ -181,32 +181,43 @@ def importance_log_likelihood(x, mu, logvar, decode, sigma_p: float, num_samples
 # ----------------------------------------------------------------------------------------------
 # Training helpers shared by the amortized (Q1) and latent-optimization (Q3) VAEs
 # ----------------------------------------------------------------------------------------------
-def vae_epoch(decoder, posterior, x, batch_size, optimizers=(), progress=None):
-    """One pass over the images x in batches, with the loss of Eq. 5/6 (`vae_loss`).
+def vae_epoch(decoder, posterior, x, batch_size, optimizers, progress=None):
+    """One training pass over the images x in shuffled batches, with the loss of Eq. 5/6
+    (`vae_loss`) and a fresh eps per image per step.
 
     posterior(idx, x[idx]) -> (mu, logvar) is the encoder (amortized, Eq. 5) or a lookup in the
-    per-image latent tables (latent optimization, Eq. 6). With optimizers, every batch takes a
-    step (shuffled order, a fresh eps per image per step); without, it only evaluates (in order,
-    no gradients). Returns the averages of loss, mse and kl over images.
+    per-image latent tables (latent optimization, Eq. 6). Returns the averages of loss, mse and
+    kl over the epoch (a running average: the weights change while it is computed).
     """
-    training = bool(optimizers)
     sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0}
-    with torch.set_grad_enabled(training):
-        for idx in torch.randperm(len(x)).split(batch_size) if training else \
-                torch.arange(len(x)).split(batch_size):
-            idx = idx.to(x.device)
-            mu, logvar = posterior(idx, x[idx])
-            loss, mse, kl = vae_loss(x[idx], decoder(reparameterize(mu, logvar)), mu, logvar)
-            if training:
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in optimizers:
-                    opt.step()
-            for key, value in zip(sums, (loss, mse, kl)):
-                sums[key] += value.item() * len(idx)
-            if progress is not None:
-                progress.update(1)
+    for idx in torch.randperm(len(x), device=x.device).split(batch_size):
+        mu, logvar = posterior(idx, x[idx])
+        loss, mse, kl = vae_loss(x[idx], decoder(reparameterize(mu, logvar)), mu, logvar)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        for key, value in zip(sums, (loss, mse, kl)):
+            sums[key] += value.item() * len(idx)
+        if progress is not None:
+            progress.update(1)
+    return {key: value / len(x) for key, value in sums.items()}
+
+
+@torch.no_grad()
+def vae_evaluate(decoder, posterior, x, batch_size=500):
+    """The loss of Eq. 5/6 with a sampled z (and its mse and kl parts), and the reconstruction
+    MSE with the mean of q, from one pass over x (posterior as in `vae_epoch`). Averages over
+    images."""
+    sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0, "recon_mse": 0.0}
+    for idx in torch.arange(len(x), device=x.device).split(batch_size):
+        xb = x[idx]
+        mu, logvar = posterior(idx, xb)
+        loss, mse, kl = vae_loss(xb, decoder(reparameterize(mu, logvar)), mu, logvar)
+        recon = F.mse_loss(decoder(mu), xb)
+        for key, value in zip(sums, (loss, mse, kl, recon)):
+            sums[key] += value.item() * len(xb)
     return {key: value / len(x) for key, value in sums.items()}
 
 

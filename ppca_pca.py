@@ -95,6 +95,8 @@ def fit_ppca_gradient(x, epochs, batch_size, lr, seed, progress):
     mu = torch.zeros(D, dtype=torch.float64, requires_grad=True)
     log_sigma2 = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w, mu, log_sigma2], lr=lr)
+    # Cosine decay: the mini-batch noise, not the step size, limits the final accuracy.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(x) // batch_size))
     curve = []
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
@@ -102,6 +104,7 @@ def fit_ppca_gradient(x, epochs, batch_size, lr, seed, progress):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             curve.append(-loss.item())
             progress.update(1)
     init = "W ~ N(0, 0.1^2) entrywise, mu = 0, log sigma^2 = 0 (sigma^2 = 1)"
@@ -119,13 +122,17 @@ class LabVAE(nn.Module):
     def __init__(self, latent_dim: int = LATENT):
         super().__init__()
         self.vae = vae_model.VAE(latent_dim)
-        self.log_sigma2 = nn.Parameter(torch.tensor(math.log(0.1)))
+        # Start sigma^2 near the pixel MSE a good 2-D model reaches (~0.04): a large initial
+        # sigma^2 lets the KL dominate the first epochs and slows learning down.
+        self.log_sigma2 = nn.Parameter(torch.tensor(math.log(0.02)))
 
     def encode(self, x):
-        return self.vae.encoder(2 * x.view(-1, 1, 28, 28) - 1)
+        # channels_last: about 10 % faster convolutions on CPU
+        return self.vae.encoder((2 * x.view(-1, 1, 28, 28) - 1).contiguous(
+            memory_format=torch.channels_last))
 
     def decode(self, z):
-        return (self.vae.decoder(z).view(-1, D) + 1) / 2
+        return (self.vae.decoder(z).reshape(-1, D) + 1) / 2
 
     def elbo(self, x, eps=None):
         """Per-image ELBO in nats with one reparameterized sample:
@@ -167,17 +174,19 @@ def digit_geometry(z, labels):
 def parse_args(argv=None):
     parser = utils.script_parser("ppca_pca", __doc__.splitlines()[0])
     parser.add_argument("--ppca-epochs", type=utils.positive_int, default=None,
-                        help="PPCA gradient epochs over the training set (default: 3; 1 quick)")
+                        help="PPCA gradient epochs over the training set (default: 10; 1 quick)")
     parser.add_argument("--ppca-batch-size", type=utils.positive_int, default=500,
                         help="PPCA mini-batch size")
-    parser.add_argument("--ppca-lr", type=utils.positive_float, default=0.01, help="PPCA Adam lr")
+    parser.add_argument("--ppca-lr", type=utils.positive_float, default=0.02,
+                        help="PPCA initial Adam lr (cosine decay)")
     parser.add_argument("--epochs", type=utils.positive_int, default=None,
-                        help="VAE epochs (default: 8; 1 with --quick)")
+                        help="VAE epochs (default: 5; 1 with --quick)")
     parser.add_argument("--batch-size", type=utils.positive_int, default=128, help="VAE batch")
-    parser.add_argument("--lr", type=utils.positive_float, default=2e-3, help="VAE Adam lr")
+    parser.add_argument("--lr", type=utils.positive_float, default=5e-3,
+                        help="VAE peak Adam lr (one-cycle schedule)")
     args = parser.parse_args(argv)
-    args.ppca_epochs = args.ppca_epochs or (1 if args.quick else 3)
-    args.epochs = args.epochs or (1 if args.quick else 8)
+    args.ppca_epochs = args.ppca_epochs or (1 if args.quick else 10)
+    args.epochs = args.epochs or (1 if args.quick else 5)
     return args
 
 
@@ -242,16 +251,18 @@ def main(argv=None):
 
     # --- VAE with a 2-D latent (4.7 to 4.10) ------------------------------------------------
     t0 = time.perf_counter()
-    lab_vae = LabVAE().to(device)
+    lab_vae = LabVAE().to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
+    xd, td = train_x.to(device), test_x.to(device)
+    steps = -(-len(xd) // args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps,
+                                                pct_start=0.15)
     config = {k: val for k, val in vars(args).items() if k in ("seed", "quick", "epochs",
                                                                 "batch_size", "lr")}
     resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh, model=lab_vae,
-                          optimizer=opt)
+                          optimizer=opt, scheduler=sched)
     start, history = resume.start()
-    history = history or {"train_elbo": [], "test_elbo": []}
-    xd, td = train_x.to(device), test_x.to(device)
-    steps = -(-len(xd) // args.batch_size)
+    history = history or {"train_elbo": []}
     bar = tqdm(total=args.epochs * steps, initial=(start - 1) * steps, desc="VAE d=2",
                unit="batch")
     for epoch in range(start, args.epochs + 1):
@@ -262,25 +273,22 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             (-elbo.mean()).backward()
             opt.step()
+            sched.step()
             total += elbo.sum().item()
             bar.update(1)
-        lab_vae.eval()
-        with torch.no_grad():
-            test_elbo = torch.cat([lab_vae.elbo(b) for b in td.split(2000)]).mean().item()
         history["train_elbo"].append(total / len(xd))
-        history["test_elbo"].append(test_elbo)
-        bar.set_postfix(test_elbo=f"{test_elbo:.1f}")
+        bar.set_postfix(train_elbo=f"{history['train_elbo'][-1]:.1f}")
         resume.save(epoch, history)
     bar.close()
     utils.save_checkpoint(lab_vae.state_dict(), out / "vae2d_final.pt")
     lab_vae.eval()
     with torch.no_grad():
+        test_elbo = torch.cat([lab_vae.elbo(b) for b in td.split(2000)]).mean().item()
         z = torch.cat([lab_vae.encode(b)[0] for b in td.split(2000)]).cpu()
         recon = torch.cat([lab_vae.decode(b.to(device)) for b in z.split(2000)]).cpu()
     err, per_digit = sq_error(test_x, recon, test_y)
     results["vae"] = {"test_sq_error": err, "test_sq_error_per_digit": per_digit,
-                      "test_elbo": history["test_elbo"][-1], "train_elbo": history["train_elbo"],
-                      "test_elbo_per_epoch": history["test_elbo"],
+                      "test_elbo": test_elbo, "train_elbo_per_epoch": history["train_elbo"],
                       "sigma2": lab_vae.log_sigma2.exp().item(), "epochs": args.epochs}
     encodings["VAE"], recon_rows["VAE"] = z, recon[show]
     timings["vae"] = time.perf_counter() - t0
@@ -294,11 +302,15 @@ def main(argv=None):
                           title="The same test images reconstructed from 2 numbers",
                           value_range=(0, 1))
     plot_error_bars(out / "sq_error_per_digit.png", results)
+    iters = list(range(1, len(curve) + 1))
+    closed = results["ppca_closed_form"]["train_log_likelihood"]
+    tail = len(curve) // 10                 # zoom: the last 90 % of the iterations
     utils.plot_curves(out / "ppca_log_likelihood.png", {
-        "mean log-likelihood per image [nats]": {
-            "PPCA Adam (mini-batch)": (list(range(1, len(curve) + 1)), curve),
-            "closed form (train)": ([1, len(curve)],
-                                    [results["ppca_closed_form"]["train_log_likelihood"]] * 2)}},
+        "mini-batch log-likelihood per image [nats]": {
+            "Adam (mini-batch)": (iters, curve), "closed form (train)": ([1, len(curve)], [closed] * 2)},
+        "zoom on the last 90 % [nats]": {
+            "Adam (mini-batch)": (iters[tail:], curve[tail:]),
+            "closed form (train)": ([iters[tail], len(curve)], [closed] * 2)}},
         xlabel="iteration", title="PPCA fitted by gradient ascent")
     lattice = torch.tensor(np.stack(np.meshgrid(np.linspace(2, -2, 15), np.linspace(-2, 2, 15),
                                                 indexing="ij")[::-1], -1).reshape(-1, 2))

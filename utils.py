@@ -129,12 +129,17 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes an array's bytes at protocol 2
     }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(
                 f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
         if name == "_reconstruct":  # numpy 2 moved numpy.core to numpy._core
             core = "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
             return importlib.import_module(core)._reconstruct
@@ -449,7 +454,7 @@ def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", title: str | No
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels.items()):
         for label, (x, y) in series.items():
-            ax.plot(x, y, marker="o", markersize=3, label=label)
+            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=3, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -100,6 +100,7 @@ def main(argv=None):
         resume.save(epoch, history)
     progress.close()
     save_snapshot(out / "decoder_final.pt", decoder, args.epochs, args.latent_dim, "vae_latent_opt")
+    final_train = vae_model.vae_evaluate(decoder, latents, train_x)
 
     # Q3 figures.
     show_train, show_val = data["show_train"].to(device), data["show_val"].to(device)
@@ -153,6 +154,7 @@ def main(argv=None):
     metrics = {
         **history,
         "snapshot_epochs": snapshots,
+        "final_train": final_train,
         "val_fit_recon_mse": {str(e): v for e, v in val_fit.items()},
         "amortized_val10_recon_mse": amortized_val10,
         "train_seconds": sum(history["epoch_seconds"]),

@@ -28,7 +28,8 @@ class Document:
         self._new_page()
         self._text(title, size=14, weight="bold")
         if subtitle:
-            self._text(subtitle, size=8.5, style="italic")
+            for line in _wrap(subtitle, int(TEXT_W * 72 / (8.5 * 0.5))):
+                self._text(line, size=8.5, style="italic")
         self.space(0.05)
 
     # -- layout primitives -------------------------------------------------------------------

@@ -78,8 +78,12 @@ def test_restricted_unpickler_refuses_code_and_accepts_arrays():
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
         utils.restricted_load(io.BytesIO(pickle.dumps(Evil(), protocol=2)))
     arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], dtype=np.int64))
-    loaded = utils.restricted_load(io.BytesIO(pickle.dumps(arrays, protocol=2)))
-    assert all(np.array_equal(a, b) for a, b in zip(arrays, loaded))
+    for protocol in (2, 4):
+        loaded = utils.restricted_load(io.BytesIO(pickle.dumps(arrays, protocol=protocol)))
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, loaded))
+    # other builtins are refused too, whatever the protocol
+    with pytest.raises(pickle.UnpicklingError):
+        utils.restricted_load(io.BytesIO(pickle.dumps(print, protocol=4)))
 
 
 def test_tampered_copy_is_refused_by_checksum(tmp_path):

@@ -113,5 +113,5 @@ def fit_small(data, bar):
     import unittest.mock as mock
 
     with mock.patch.object(ppca_pca, "D", data.shape[1]):
-        return ppca_pca.fit_ppca_gradient(data, epochs=300, batch_size=100, lr=0.05, seed=0,
+        return ppca_pca.fit_ppca_gradient(data, epochs=300, batch_size=100, lr=0.1, seed=0,
                                           progress=bar)
