@@ -26,17 +26,15 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", type=utils.Path,
                         default=utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt",
                         help="the amortized VAE (written by vae_amortized.py)")
-    parser.add_argument("--num-samples", "-M", type=utils.positive_int, default=None,
-                        help="importance samples per image (default: 1000; 50 with --quick)")
+    parser.add_quick_argument(("--num-samples", "-M"), 1000, 50, "importance samples per image",
+                              type=utils.positive_int)
     parser.add_argument("--per-digit", type=utils.positive_int, default=5,
                         help="images per digit from each of the training and test sets")
     parser.add_argument("--sigma-p", type=utils.positive_float, default=0.4,
                         help="std of p(x|z) = N(G(z), sigma_p^2 I)")
     parser.add_argument("--chunk-size", type=utils.positive_int, default=4096,
                         help="decoder evaluations held in memory at once")
-    args = parser.parse_args(argv)
-    args.num_samples = args.num_samples or (50 if args.quick else 1000)
-    return args
+    return parser.parse_args(argv)
 
 
 def estimate(vae, x, args, generator, progress, num_samples=None):

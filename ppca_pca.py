@@ -173,28 +173,22 @@ def digit_geometry(z, labels):
 
 def parse_args(argv=None):
     parser = utils.script_parser("ppca_pca", __doc__.splitlines()[0])
-    parser.add_argument("--ppca-epochs", type=utils.positive_int, default=None,
-                        help="PPCA gradient epochs over the training set (default: 10; 1 quick)")
+    parser.add_quick_argument("--ppca-epochs", 10, 1, "PPCA gradient epochs over the training set",
+                              type=utils.positive_int)
     parser.add_argument("--ppca-batch-size", type=utils.positive_int, default=500,
                         help="PPCA mini-batch size")
     parser.add_argument("--ppca-lr", type=utils.positive_float, default=0.02,
                         help="PPCA initial Adam lr (cosine decay)")
-    parser.add_argument("--epochs", type=utils.positive_int, default=None,
-                        help="VAE epochs (default: 5; 1 with --quick)")
+    parser.add_quick_argument("--epochs", 5, 1, "VAE epochs", type=utils.positive_int)
     parser.add_argument("--batch-size", type=utils.positive_int, default=128, help="VAE batch")
     parser.add_argument("--lr", type=utils.positive_float, default=5e-3,
                         help="VAE peak Adam lr (one-cycle schedule)")
-    args = parser.parse_args(argv)
-    args.ppca_epochs = args.ppca_epochs or (1 if args.quick else 10)
-    args.epochs = args.epochs or (1 if args.quick else 5)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.get_device(args.device)
-    out = utils.prepare_out_dir(args.out)
-    utils.seed_everything(args.seed)
+    device, out = utils.start_run(args)
     timings = {}
 
     train_x, train_y, test_x, test_y = utils.mnist_tensors("unit")

@@ -83,21 +83,16 @@ def evaluate(model, x, y, batch_size=1000):
 
 def parse_args(argv=None):
     parser = utils.script_parser("sup_classification", __doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=utils.positive_int, default=None,
-                        help="training epochs (default: 14; 2 with --quick)")
+    parser.add_quick_argument("--epochs", 14, 2, "training epochs", type=utils.positive_int)
     parser.add_argument("--batch-size", type=utils.positive_int, default=128, help="batch size")
     parser.add_argument("--lr", type=utils.positive_float, default=3e-3,
                         help="peak learning rate of the one-cycle schedule (AdamW)")
-    args = parser.parse_args(argv)
-    args.epochs = args.epochs or (2 if args.quick else 14)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.get_device(args.device)
-    out = utils.prepare_out_dir(args.out)
-    utils.seed_everything(args.seed)
+    device, out = utils.start_run(args)
 
     train_x, train_y, val_x, val_y = utils.mnist_tensors("pm1")
     per_class = 30 if args.quick else PER_CLASS
@@ -112,8 +107,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.2)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device")}
-    resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh,
+    resume = utils.Resume(out / "checkpoint_last.pt", utils.run_config(args), fresh=args.fresh,
                           model=model, optimizer=optimizer, scheduler=scheduler)
     start, history = resume.start()
     history = history or {"train_loss": [], "val_loss": [], "val_accuracy": [],

@@ -51,9 +51,24 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        self._quick_defaults = {}
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def add_quick_argument(self, flags, full, quick, help: str, **kwargs):
+        """An option whose default depends on --quick (e.g. fewer epochs in smoke mode)."""
+        flags = (flags,) if isinstance(flags, str) else flags
+        action = self.add_argument(*flags, default=argparse.SUPPRESS,
+                                   help=f"{help} (default: {full}; {quick} with --quick)", **kwargs)
+        self._quick_defaults[action.dest] = (full, quick)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        for dest, (full, quick) in self._quick_defaults.items():
+            if not hasattr(ns, dest):
+                setattr(ns, dest, quick if getattr(ns, "quick", False) else full)
+        return ns
 
 
 def positive_int(text: str) -> int:
@@ -84,6 +99,20 @@ def script_parser(script: str, description: str, fresh: bool = True) -> OneLineP
         parser.add_argument("--fresh", action="store_true",
                             help="ignore existing checkpoints in --out and train from scratch")
     return parser
+
+
+def start_run(args):
+    """Device, a writable output folder and seeds, in this order, so that bad input fails before
+    any work is done or anything is written. Returns (device, out)."""
+    device = get_device(args.device)
+    out = prepare_out_dir(args.out)
+    seed_everything(args.seed)
+    return device, out
+
+
+def run_config(args, ignore=()) -> dict:
+    """The settings a checkpoint must agree with to be resumed (not where or on what it runs)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device", *ignore)}
 
 
 def prepare_out_dir(out: Path) -> Path:

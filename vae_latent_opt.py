@@ -34,33 +34,26 @@ class LatentTable(nn.Module):
 
 def parse_args(argv=None):
     parser = utils.script_parser("vae_latent_opt", __doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=utils.positive_int, default=None,
-                        help="training epochs (default: 30; 2 with --quick)")
+    parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.positive_int)
     parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="batch size")
     parser.add_argument("--lr", type=utils.positive_float, default=1e-3,
                         help="Adam learning rate of the decoder")
     parser.add_argument("--latent-lr", type=utils.positive_float, default=1e-2,
                         help="learning rate of the per-image latents (10x, as the exercise says)")
     parser.add_argument("--latent-dim", type=utils.positive_int, default=200, help="latent size d")
-    parser.add_argument("--fit-steps", type=utils.positive_int, default=None,
-                        help="Adam steps fitting the validation images' latents with the decoder "
-                             "frozen (default: 300; 20 with --quick)")
+    parser.add_quick_argument("--fit-steps", 300, 20, "Adam steps fitting the validation images' "
+                              "latents with the decoder frozen", type=utils.positive_int)
     parser.add_argument("--fit-lr", type=utils.positive_float, default=1e-2,
                         help="learning rate of that test-time latent fit")
     parser.add_argument("--amortized", type=utils.Path,
                         default=utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt",
                         help="Q1's final VAE, for the side-by-side figures (skipped if absent)")
-    args = parser.parse_args(argv)
-    args.epochs = args.epochs or (2 if args.quick else 30)
-    args.fit_steps = args.fit_steps or (20 if args.quick else 300)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.get_device(args.device)
-    out = utils.prepare_out_dir(args.out)
-    utils.seed_everything(args.seed)
+    device, out = utils.start_run(args)
     data = vae_data(args.quick, device)
     train_x = data["train_x"]
 
@@ -68,8 +61,7 @@ def main(argv=None):
     latents = LatentTable(len(train_x), args.latent_dim, args.seed).to(device)
     opt_decoder = torch.optim.Adam(decoder.parameters(), lr=args.lr)
     opt_latents = torch.optim.SparseAdam(list(latents.parameters()), lr=args.latent_lr)
-    config = {k: v for k, v in vars(args).items()
-              if k not in ("out", "fresh", "device", "amortized", "fit_steps", "fit_lr")}
+    config = utils.run_config(args, ignore=("amortized", "fit_steps", "fit_lr"))
     resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh, decoder=decoder,
                           latents=latents, opt_decoder=opt_decoder, opt_latents=opt_latents)
     start, history = resume.start()

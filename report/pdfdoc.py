@@ -24,6 +24,7 @@ class Document:
         self.body_size = body_size
         self.pdf = PdfPages(self.path.with_name(f".{self.path.name}.tmp"))
         self.pages = 0
+        self.texts = []                  # everything written, in order (for tests and checks)
         self.fig = None
         self._new_page()
         self._text(title, size=14, weight="bold")
@@ -51,6 +52,7 @@ class Document:
             self._new_page()
 
     def _text(self, text, size, x=MARGIN_X, family="sans-serif", **kw):
+        self.texts.append(text)
         line_h = size * 1.32 / 72
         lines = text.split("\n")
         self._need(line_h * len(lines))
@@ -92,6 +94,7 @@ class Document:
     def math(self, lines, size: float = 9.5, indent: float = 0.3):
         """Display equations (matplotlib mathtext), one per line."""
         for line in lines:
+            self.texts.append(line)
             self._need(size * 2.0 / 72)
             self.fig.text((MARGIN_X + indent) / PAGE_W, self.y / PAGE_H, line, fontsize=size,
                           va="top", ha="left")
@@ -130,11 +133,16 @@ class Document:
         if caption:
             self.para(caption, size=self.body_size - 0.8)
 
+    def text(self) -> str:
+        """All text written so far, as one string with paragraph lines rejoined."""
+        return " ".join(self.texts)
+
     def save(self):
+        """Write the PDF (temporary file, then rename); returns the document."""
         self._finish_page()
         self.pdf.close()
         self.path.with_name(f".{self.path.name}.tmp").replace(self.path)
-        return self.pages
+        return self
 
 
 def _wrap(text, chars):

@@ -27,3 +27,16 @@ def mnist():
     import utils
 
     return utils.mnist_tensors("pm1")
+
+
+@pytest.fixture(scope="session")
+def quick_outputs(tmp_path_factory):
+    """Every script run once with --quick into the standard layout <outputs>/<script>/, as
+    `make quick` does; shared by the script and report tests."""
+    out = tmp_path_factory.mktemp("outputs")
+    amortized = out / "vae_amortized" / "vae_final.pt"
+    for script, extra in (("sup_classification", []), ("vae_amortized", []),
+                          ("vae_latent_opt", ["--amortized", amortized]),
+                          ("log_likelihood", ["--checkpoint", amortized]), ("ppca_pca", [])):
+        run_script(f"{script}.py", "--quick", "--device", "cpu", "--out", out / script, *extra)
+    return out

@@ -6,8 +6,6 @@ import pytest
 
 from conftest import run_script
 
-SCRIPTS = ["sup_classification.py", "vae_amortized.py", "vae_latent_opt.py",
-           "log_likelihood.py", "ppca_pca.py"]
 NONDETERMINISTIC = {"train_seconds", "epoch_seconds", "seconds", "estimate_seconds", "args"}
 
 
@@ -19,21 +17,14 @@ def comparable(m):
     return {k: v for k, v in m.items() if k not in NONDETERMINISTIC}
 
 
-@pytest.fixture(scope="module")
-def amortized(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vae_amortized")
-    run_script("vae_amortized.py", "--quick", "--out", out, "--device", "cpu")
-    return out
-
-
-def test_classifier_quick_writes_figure_and_metrics(tmp_path):
-    run_script("sup_classification.py", "--quick", "--out", tmp_path, "--device", "cpu")
-    m = metrics(tmp_path)
+def test_classifier_quick_writes_figure_and_metrics(quick_outputs):
+    out = quick_outputs / "sup_classification"
+    m = metrics(out)
     assert len(m["val_loss"]) == len(m["val_accuracy"]) == m["args"]["epochs"] == 2
     assert 0.0 <= m["test_accuracy"] <= 1.0 and m["test_accuracy"] == m["val_accuracy"][-1]
     assert m["train_seconds"] > 0
-    assert (tmp_path / "val_curves.png").stat().st_size > 0
-    assert (tmp_path / "classifier.pt").is_file()
+    assert (out / "val_curves.png").stat().st_size > 0
+    assert (out / "classifier.pt").is_file()
 
 
 @pytest.mark.parametrize("script", ["sup_classification.py", "vae_amortized.py",
@@ -91,10 +82,13 @@ def test_corrupt_checkpoint_is_named_and_left_alone(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_amortized_vae_quick_outputs(amortized):
+def test_amortized_vae_quick_outputs(quick_outputs):
+    amortized = quick_outputs / "vae_amortized"
     m = metrics(amortized)
     for key in ("train_loss", "val_loss", "train_mse", "val_kl", "train_recon_mse", "val_recon_mse"):
         assert len(m[key]) == 2
+    assert set(m["final_val"]) == {"loss", "mse", "kl", "recon_mse"}
+    assert m["final_val"]["loss"] == pytest.approx(m["final_val"]["mse"] + m["final_val"]["kl"])
     assert m["snapshot_epochs"] == [1, 2]
     assert len(m["show_val_indices"]) == len(m["show_train_indices"]) == 10
     for name in ("loss_curves.png", "q1_reconstructions_val.png", "q1_reconstructions_train.png",
@@ -102,19 +96,18 @@ def test_amortized_vae_quick_outputs(amortized):
         assert (amortized / name).is_file(), name
 
 
-def test_latent_optimization_quick_outputs(tmp_path, amortized):
-    run_script("vae_latent_opt.py", "--quick", "--out", tmp_path, "--device", "cpu",
-               "--amortized", amortized / "vae_final.pt")
+def test_latent_optimization_quick_outputs(quick_outputs):
+    tmp_path = quick_outputs / "vae_latent_opt"
     m = metrics(tmp_path)
     assert len(m["train_loss"]) == 2 and set(m["val_fit_recon_mse"]) == {"1", "2"}
+    assert m["amortized_val10_recon_mse"] > 0          # the Q1 comparison row was drawn
     for name in ("q3_reconstructions_train.png", "q3_reconstructions_val.png",
                  "q3_prior_samples.png", "decoder_final.pt"):
         assert (tmp_path / name).is_file(), name
 
 
-def test_log_likelihood_quick_outputs(tmp_path, amortized):
-    run_script("log_likelihood.py", "--quick", "--out", tmp_path, "--device", "cpu",
-               "--checkpoint", amortized / "vae_final.pt")
+def test_log_likelihood_quick_outputs(quick_outputs):
+    tmp_path = quick_outputs / "log_likelihood"
     m = metrics(tmp_path)
     assert len(m["images"]) == 100
     assert sum(i["split"] == "train" for i in m["images"]) == 50
@@ -126,7 +119,8 @@ def test_log_likelihood_quick_outputs(tmp_path, amortized):
         assert (tmp_path / name).is_file()
 
 
-def test_log_likelihood_missing_or_wrong_checkpoint(tmp_path, amortized):
+def test_log_likelihood_missing_or_wrong_checkpoint(tmp_path, quick_outputs):
+    amortized = quick_outputs / "vae_amortized"
     proc = run_script("log_likelihood.py", "--quick", "--checkpoint", tmp_path / "none.pt",
                       "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "run vae_amortized.py first" in proc.stderr
@@ -135,8 +129,8 @@ def test_log_likelihood_missing_or_wrong_checkpoint(tmp_path, amortized):
     assert proc.returncode == 2 and "not a VAE" in proc.stderr
 
 
-def test_ppca_pca_quick_outputs(tmp_path):
-    run_script("ppca_pca.py", "--quick", "--out", tmp_path, "--device", "cpu")
+def test_ppca_pca_quick_outputs(quick_outputs):
+    tmp_path = quick_outputs / "ppca_pca"
     m = metrics(tmp_path)
     for method in ("pca", "ppca_gradient", "ppca_closed_form", "vae"):
         assert m[method]["test_sq_error"] > 0
