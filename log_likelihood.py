@@ -82,7 +82,8 @@ def main(argv=None):
     result = estimate(vae, x, args, generator, progress)
     seconds = time.perf_counter() - t0
     progress.close()
-    log_px, stderr, elbo = (result[k].cpu().numpy() for k in ("log_px", "stderr", "elbo"))
+    log_px, stderr, elbo, ess = (result[k].cpu().numpy()
+                                 for k in ("log_px", "stderr", "elbo", "ess"))
 
     # Convergence in M: one stream of max(M) samples per image, estimates from its prefixes.
     conv_idx = [digits.index(d) for d in (1, 0, 8) if d in digits][:3]
@@ -128,11 +129,11 @@ def main(argv=None):
 
     metrics = {
         "images": [{"digit": d, "split": s, "index": int(idx), "log_px": float(lp),
-                    "stderr": float(se), "elbo": float(el)}
-                   for d, s, idx, lp, se, el in zip(
+                    "stderr": float(se), "elbo": float(el), "ess": float(es)}
+                   for d, s, idx, lp, se, el, es in zip(
                        digits, split,
                        data["subset"][pick_train].tolist() + pick_test.tolist(),
-                       log_px, stderr, elbo)],
+                       log_px, stderr, elbo, ess)],
         "per_digit": per_digit,
         "most_likely_digit": int(max(per_digit, key=lambda d: per_digit[d]["mean"])),
         "least_likely_digit": int(min(per_digit, key=lambda d: per_digit[d]["mean"])),
@@ -141,6 +142,8 @@ def main(argv=None):
         "train_minus_test": diff, "train_minus_test_se": diff_se,
         "paired_train_minus_test": paired_mean, "paired_train_minus_test_se": paired_se,
         "max_mc_stderr": float(np.nanmax(stderr)) if len(stderr) else float("nan"),
+        "median_ess": float(np.median(ess)),
+        "min_ess": float(np.min(ess)),
         "mean_gap_log_px_minus_elbo": float(np.mean(log_px - elbo)),
         "convergence": convergence,
         "num_samples": args.num_samples,

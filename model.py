@@ -146,6 +146,8 @@ def importance_log_likelihood(x, mu, logvar, decode, sigma_p: float, num_samples
       log_px  the estimate of Eq. 9,
       stderr  its Monte-Carlo standard error (delta method: sd(w) / (sqrt(M) mean(w))),
       elbo    mean of the same log-weights, an unbiased estimate of the ELBO (Eq. 4),
+      ess     effective sample size (sum w)^2 / sum w^2, from 1 (one weight dominates, and the
+              standard error above is then meaningless) to M (all weights equal),
       log_w   the log-weights themselves, (M, images), in sampling order.
     """
     n_images, latent_dim = mu.shape
@@ -175,7 +177,9 @@ def importance_log_likelihood(x, mu, logvar, decode, sigma_p: float, num_samples
         stderr = w.std(dim=0) / (math.sqrt(num_samples) * w.mean(dim=0))
     else:
         stderr = torch.full_like(log_px, float("nan"))
-    return {"log_px": log_px, "stderr": stderr, "elbo": log_w.mean(dim=0), "log_w": log_w}
+    ess = w.sum(dim=0).pow(2) / w.pow(2).sum(dim=0)
+    return {"log_px": log_px, "stderr": stderr, "elbo": log_w.mean(dim=0), "ess": ess,
+            "log_w": log_w}
 
 
 # ----------------------------------------------------------------------------------------------

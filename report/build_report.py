@@ -55,6 +55,7 @@ def sample_quality(outputs: Path, m: dict, device) -> dict:
     at each snapshot epoch (Q2), the latent-optimization generator (Q3), and real test images
     as the reference."""
     from sup_classification import build_classifier
+    from vae_amortized import load_snapshot
 
     classifier = build_classifier().to(device).eval()
     path = outputs / "sup_classification" / "classifier.pt"
@@ -73,14 +74,10 @@ def sample_quality(outputs: Path, m: dict, device) -> dict:
     result = {}
     amortized = vae_model.VAE(d).to(device).eval()
     for epoch in m["vae_amortized"]["snapshot_epochs"]:
-        from vae_amortized import load_snapshot
-
         load_snapshot(outputs / "vae_amortized" / f"vae_epoch{epoch}.pt", amortized,
                       "vae_amortized", device)
         result[f"amortized epoch {epoch}"] = stats(amortized.decoder(z))
     decoder = vae_model.Decoder(m["vae_latent_opt"]["latent_dim"]).to(device).eval()
-    from vae_amortized import load_snapshot
-
     load_snapshot(outputs / "vae_latent_opt" / "decoder_final.pt", decoder, "vae_latent_opt", device)
     result["latent optimization (final)"] = stats(decoder(z[:, :decoder.latent_dim]))
     _, _, test_x, _ = utils.mnist_tensors("pm1")
@@ -338,7 +335,9 @@ def ex1_report(m: dict, quality: dict, agg_kl: dict, ink: dict, outputs: Path,
         f"log space. The estimator is verified in the tests against the exact log p(x) of a "
         f"linear-Gaussian model. 100 images took {ll['estimate_seconds']:.1f} s on "
         f"{ll['device']}. Delta-method standard errors are at most {ll['max_mc_stderr']:.2f} nats, "
-        f"but they understate the error: the estimate lies on average "
+        f"but they understate the error: the effective sample size of the importance weights is "
+        f"only {ll['median_ess']:.1f} of {ll['num_samples']:,} (median; minimum "
+        f"{ll['min_ess']:.1f}), the estimate lies on average "
         f"{ll['mean_gap_log_px_minus_elbo']:.1f} nats above the ELBO and, for the three images on "
         f"the right, still moves by {', '.join(f'{d:+.1f}' for d in conv_shift)} nats from "
         f"M = {ll['num_samples']:,} to {ll['convergence']['M'][-1]:,}. The reason is the "
@@ -361,6 +360,7 @@ def ex1_report(m: dict, quality: dict, agg_kl: dict, ink: dict, outputs: Path,
             ["s.e."] + [f"{ll['per_digit'][str(d)]['se']:.0f}" for d in range(10)],
             ["ink pixels"] + [f"{ink['per_digit'][d]:.0f}" for d in range(10)]]
     doc.table(rows)
+    means_by_digit = {d: ll["per_digit"][d]["mean"] for d in ll["per_digit"]}
     ink_text = (f"digit {most} is also the one with the least ink in our sample "
                 f"({ink['per_digit'][most]:.0f} lit pixels on average)"
                 if ink["least_ink_digit"] == most else
@@ -374,7 +374,8 @@ def ex1_report(m: dict, quality: dict, agg_kl: dict, ink: dict, outputs: Path,
         f"predictable strokes is therefore likely: across the 100 images, log p(x) and the number "
         f"of lit pixels correlate at r = {ink['corr']:.2f}, and {ink_text}."
         + (" A 1 is essentially one line whose main variation (slant) the latent captures "
-           "easily; digits such as 0, 2 and 8 have long, variable strokes." if most == 1 else ""))
+           f"easily; the least likely digits here, {digits_text(ranked(means_by_digit)[:3])}, are "
+           f"drawn with longer strokes that vary more from writer to writer." if most == 1 else ""))
     z_diff = ll["train_minus_test"] / ll["train_minus_test_se"]
     if abs(z_diff) < 2:
         verdict = ("Neither: the difference is within two standard errors, so at this sample "
@@ -492,11 +493,20 @@ def apml_report(m: dict, outputs: Path, path: Path) -> Document:
                 "sq_error_per_digit.png"], width=1.0,
                caption="Left: the same test images and their reconstructions from 2 numbers by each "
                        "method. Right: squared reconstruction error per digit.")
+    ink = p["test_ink_per_digit"]
+    rel = {d: pca["test_sq_error_per_digit"][d] / ink[d] for d in ink}
+    rb, rw = ranked(rel)[:3], ranked(rel)[-3:][::-1]
+    ink_corr = float(np.corrcoef([ink[str(d)] for d in range(10)],
+                                 [pca["test_sq_error_per_digit"][str(d)] for d in range(10)])[0, 1])
     doc.para(f"Q4.1: With 2 components PCA reconstructs digits {digits_text(pb)} best (lowest "
-             f"squared error) and {digits_text(pw)} worst. The first two principal directions "
-             f"mostly encode 'how much ink, and is it a 1-like vertical stroke or a 0-like ring', "
-             f"so digits close to those prototypes come out well and the others are blurred "
-             f"towards them.")
+             f"squared error) and {digits_text(pw)} worst. Part of this ranking is ink: the error "
+             f"is a sum over pixels, and across digits it correlates at r = {ink_corr:.2f} with a "
+             f"digit's mean sum of squared pixels (digit 1: {ink['1']:.0f}, digit 0: "
+             f"{ink['0']:.0f}). Relative to its own ink, a digit is reconstructed best if it "
+             f"resembles what the two principal directions describe (mostly the contrast between "
+             f"a 1-like vertical stroke and a 0-like ring): relative error is lowest for "
+             f"{digits_text(rb)} and highest for {digits_text(rw)}, whose shapes the plane cannot "
+             f"express and which come out as blurred averages.")
     doc.para(f"Q4.2: Average squared reconstruction error of PCA on the test set (sum over "
              f"pixels, mean over images): {pca['test_sq_error']:.2f}. The two components explain "
              f"{pct(pca['explained_variance'])} of the training variance.")

@@ -39,6 +39,7 @@ def test_exact_posterior_gives_exact_log_px_for_every_m(linear_gaussian, num_sam
     torch.testing.assert_close(res["elbo"], lg["exact"], rtol=0, atol=1e-9)  # tight bound
     if num_samples > 1:
         assert (res["stderr"] < 1e-6).all()                                    # zero variance
+    torch.testing.assert_close(res["ess"], torch.full_like(res["ess"], float(num_samples)))
 
 
 def test_other_q_agrees_within_standard_errors_and_converges(linear_gaussian):
@@ -52,6 +53,7 @@ def test_other_q_agrees_within_standard_errors_and_converges(linear_gaussian):
                                               generator=torch.Generator().manual_seed(2))
         err = res["log_px"] - lg["exact"]
         errors[m] = err.abs().mean().item()
+        assert ((res["ess"] >= 1) & (res["ess"] < m)).all()
         if m == 10_000:
             assert (err.abs() < 5 * res["stderr"] + 1e-3).all(), (err, res["stderr"])
             assert (res["stderr"] < 0.05).all()
