@@ -113,8 +113,9 @@ def main(argv=None):
             history[f"train_{part}"].append(value)
         for part, value in val.items():
             history[f"val_{part}"].append(value)
-        history["train_recon_mse"].append(
-            vae_model.vae_evaluate(vae.decoder, encode, monitor["train"])["recon_mse"])
+        with torch.no_grad():
+            history["train_recon_mse"].append(vae_model.reconstruction_mse(
+                vae.decoder, vae.encoder(monitor["train"])[0], monitor["train"]))
         history["epoch_seconds"].append(time.perf_counter() - t0)
         progress.set_postfix(train=f"{train['loss']:.4f}", val=f"{val['loss']:.4f}")
         if epoch in snapshots:

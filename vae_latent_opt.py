@@ -95,6 +95,12 @@ def main(argv=None):
     final_train = vae_model.vae_evaluate(decoder, latents, train_x)
 
     # Q3 figures.
+    epochs = list(range(1, args.epochs + 1))
+    utils.plot_curves(out / "loss_curves.png", {
+        "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
+        "reconstruction MSE (mean of q)": {"training images": (epochs, history["train_recon_mse"])},
+        "KL per latent dim": {"train (running)": (epochs, history["train_kl"])},
+    }, title=f"Latent optimization, {len(train_x):,} training images, d = {args.latent_dim}")
     show_train, show_val = data["show_train"].to(device), data["show_val"].to(device)
     show_val_x = data["val_x"][show_val]
     z_prior = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)

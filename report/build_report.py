@@ -264,6 +264,7 @@ def ex1_report(m: dict, quality: dict, agg_kl: dict, ink: dict, outputs: Path,
         f"in the batch, i.e. once per epoch). Validation images have no latents of their own, so "
         f"for them we fit (mu, r) with the decoder frozen: {lo['args']['fit_steps']} Adam steps, "
         f"lr {lo['args']['fit_lr']:g}, same loss.")
+    doc.images([outputs / "vae_latent_opt" / "loss_curves.png"], width=0.8)
     doc.images([outputs / "vae_latent_opt" / "q3_reconstructions_val.png",
                 outputs / "vae_latent_opt" / "q3_reconstructions_train.png"], width=1.0,
                caption="Left: validation images, latents fitted with each epoch's decoder frozen; "

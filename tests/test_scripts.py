@@ -101,7 +101,7 @@ def test_latent_optimization_quick_outputs(quick_outputs):
     m = metrics(tmp_path)
     assert len(m["train_loss"]) == 2 and set(m["val_fit_recon_mse"]) == {"1", "2"}
     assert m["amortized_val10_recon_mse"] > 0          # the Q1 comparison row was drawn
-    for name in ("q3_reconstructions_train.png", "q3_reconstructions_val.png",
+    for name in ("loss_curves.png", "q3_reconstructions_train.png", "q3_reconstructions_val.png",
                  "q3_prior_samples.png", "decoder_final.pt"):
         assert (tmp_path / name).is_file(), name
 
