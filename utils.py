@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import random
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -545,7 +544,3 @@ def plot_image_grid(path: Path, images, nrow: int, title: str | None = None,
     if title:
         ax.set_title(title, fontsize=10)
     save_figure(fig, path)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

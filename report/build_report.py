@@ -300,7 +300,7 @@ def ex1_report(m: dict, quality: dict, agg_kl: dict, ink: dict, outputs: Path,
         lo_q["digits_covered"] >= last["digits_covered"] - 1
     norm_ratio = lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]
     doc.para(
-        f"Was the initialization sufficient for a good prior? "
+        "Was the initialization sufficient for a good prior? "
         + ("Largely yes by our measures" if good_prior else "No") +
         f": the classifier's mean confidence on {PRIOR_SAMPLES} prior samples is "
         f"{lo_q['mean_confidence']:.2f} for this generator vs {last['mean_confidence']:.2f} for "
