@@ -23,20 +23,12 @@ def run_script(script, *args, env_extra=None, check=True):
 
 
 @pytest.fixture(scope="session")
-def mnist():
-    import utils
-
-    return utils.mnist_tensors("pm1")
-
-
-@pytest.fixture(scope="session")
 def quick_outputs(tmp_path_factory):
     """Every script run once with --quick into the standard layout <outputs>/<script>/, as
-    `make quick` does; shared by the script and report tests."""
+    `make quick` does, through the report builder's own --run-missing chain; shared by the
+    script and report tests."""
+    from report import build_report
+
     out = tmp_path_factory.mktemp("outputs")
-    amortized = out / "vae_amortized" / "vae_final.pt"
-    for script, extra in (("sup_classification", []), ("vae_amortized", []),
-                          ("vae_latent_opt", ["--amortized", amortized]),
-                          ("log_likelihood", ["--checkpoint", amortized]), ("ppca_pca", [])):
-        run_script(f"{script}.py", "--quick", "--device", "cpu", "--out", out / script, *extra)
+    build_report.load_metrics(out, run_missing=True, quick=True, device="cpu")
     return out
