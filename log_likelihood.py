@@ -2,7 +2,14 @@
 
 For each digit, 5 images from the VAE's 5,000 training images and 5 from the test set:
 (a) one image per digit with its log p(x), (b) the mean log p(x) per digit, (c) training vs test.
-Beyond the question: how the estimate settles as M grows, with the ELBO beside it.
+
+Two estimates per image, both through the same log-sum-exp estimator of Eq. 9 with M samples:
+  Eq. 9 as the exercise asks   z_i ~ q(z|x), the encoder's Gaussian;
+  Laplace (converged)          z_i ~ N(z*, H^-1), fitted to each image's own posterior: z* the
+                               mode of log p(x|z) + log p(z), H = I + J^T J / sigma_p^2.
+Per image and estimator: the effective sample size, the Pareto k-hat of the largest weights
+(> 0.7: not trustworthy) and a bootstrap standard deviation. Q4 (a) to (c) are answered from
+the converged estimate with Eq. 9's beside it; their difference is a finding of its own.
 """
 from __future__ import annotations
 
@@ -16,7 +23,6 @@ from tqdm import tqdm
 
 import model as vae_model
 import utils
-from vae_amortized import load_snapshot, vae_data
 
 CONVERGENCE_M = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
 
@@ -27,176 +33,241 @@ def parse_args(argv=None):
                         default=utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt",
                         help="the amortized VAE (written by vae_amortized.py)")
     parser.add_quick_argument(("--num-samples", "-M"), 1000, 50, "importance samples per image",
-                              type=utils.positive_int)
-    parser.add_argument("--per-digit", type=utils.positive_int, default=5,
+                              type=utils.int_in(1, 1_000_000))
+    parser.add_argument("--per-digit", type=utils.int_in(1, 500), default=5,
                         help="images per digit from each of the training and test sets")
-    parser.add_argument("--sigma-p", type=utils.positive_float, default=0.4,
+    parser.add_argument("--sigma-p", type=utils.float_in(1e-3, 1e3), default=0.4,
                         help="std of p(x|z) = N(G(z), sigma_p^2 I)")
-    parser.add_argument("--chunk-size", type=utils.positive_int, default=4096,
+    parser.add_argument("--chunk-size", type=utils.int_in(1, 1_000_000), default=4096,
                         help="decoder evaluations held in memory at once")
+    parser.add_quick_argument("--adam-steps", 100, 20, "Adam steps towards each image's "
+                              "posterior mode (Laplace proposal)", type=utils.int_in(0, 100_000))
+    parser.add_quick_argument("--newton-steps", 2, 1, "Gauss-Newton steps after Adam",
+                              type=utils.int_in(0, 100))
+    parser.add_quick_argument("--convergence-max", 10000, 200, "largest M of the convergence "
+                              "study (10 test images, one per digit)",
+                              type=utils.int_in(1, 1_000_000))
+    parser.add_quick_argument("--bootstrap", 1000, 100, "bootstrap resamples for the error bars",
+                              type=utils.int_in(2, 100_000))
     return parser.parse_args(argv)
 
 
-def estimate(vae, x, args, generator, progress, num_samples=None):
-    """Eq. 9 for a batch of images, q from the encoder."""
-    with torch.no_grad():
-        mu, logvar = vae.encoder(x)
-    result = vae_model.importance_log_likelihood(
-        x, mu, logvar, vae.decoder, args.sigma_p, num_samples or args.num_samples,
-        args.chunk_size, generator)
-    progress.update(len(x))
+def estimate(x, mean, scale, vae, args, generator, num_samples):
+    """Eq. 9 with the proposal N(mean, scale scale^T), plus its bootstrap standard deviation."""
+    result = vae_model.importance_log_likelihood(x, mean, scale, vae.decoder, args.sigma_p,
+                                                 num_samples, args.chunk_size, generator)
+    result["sd"] = vae_model.bootstrap_sd(result["log_w"], args.bootstrap, seed=args.seed)
     return result
 
 
 def mean_and_se(values) -> tuple:
     values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(values.mean()), se
+
+
+def summarize(log_px, digits, split) -> dict:
+    """Q4 (b) and (c) from one set of per-image estimates: means per digit, the most and least
+    likely digits and the digits statistically tied with them, training vs test."""
+    log_px, digits, split = np.asarray(log_px), np.asarray(digits), np.asarray(split)
+    per_digit = {}
+    for d in range(10):
+        mean, se = mean_and_se(log_px[digits == d])
+        per_digit[str(d)] = {"mean": mean, "se": se, "n": int((digits == d).sum())}
+    means = {d: v["mean"] for d, v in per_digit.items()}
+    most, least = max(means, key=means.get), min(means, key=means.get)
+
+    def tied_with(best):   # digits whose mean is within two combined standard errors of `best`
+        return [int(d) for d in per_digit if d != best and abs(means[d] - means[best])
+                < 2 * math.hypot(per_digit[d]["se"], per_digit[best]["se"])]
+
+    train, test = mean_and_se(log_px[split == "train"]), mean_and_se(log_px[split == "test"])
+    diff, diff_se = train[0] - test[0], math.hypot(train[1], test[1])
+    paired = [log_px[(digits == d) & (split == "train")].mean()
+              - log_px[(digits == d) & (split == "test")].mean() for d in range(10)]
+    paired_mean, paired_se = mean_and_se(paired)
+    z = diff / diff_se if diff_se > 0 else 0.0
+    return {"per_digit": per_digit, "most_likely_digit": int(most), "least_likely_digit": int(least),
+            "most_likely_tied_with": tied_with(most), "least_likely_tied_with": tied_with(least),
+            "train_mean": train[0], "train_se": train[1], "test_mean": test[0], "test_se": test[1],
+            "train_minus_test": diff, "train_minus_test_se": diff_se,
+            "paired_train_minus_test": paired_mean, "paired_train_minus_test_se": paired_se,
+            # (c)'s verdict: "neither" unless the difference exceeds two standard errors.
+            "train_vs_test": "neither" if abs(z) < 2 else ("train" if z > 0 else "test")}
+
+
+def diagnostics(result) -> dict:
+    ess, khat, sd = (result[k].cpu().numpy() for k in ("ess", "khat", "sd"))
+    return {"median_ess": float(np.median(ess)), "min_ess": float(ess.min()),
+            "share_ess_below_2": float((ess < 2).mean()),
+            "median_khat": float(np.median(khat)), "share_khat_above_0_7": float((khat > 0.7).mean()),
+            "median_sd": float(np.median(sd)), "max_sd": float(sd.max())}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.get_device(args.device)
+    device, out = utils.start_run(args)
     if not args.checkpoint.is_file():
         raise utils.UsageError(f"{args.checkpoint} not found: run vae_amortized.py first "
                                f"(or pass --checkpoint)")
-    ckpt = utils.load_checkpoint(args.checkpoint, device)
-    latent_dim = ckpt.get("latent_dim") if isinstance(ckpt, dict) else None
-    if not isinstance(latent_dim, int):
-        raise utils.CheckpointError(f"{args.checkpoint} is not a VAE written by vae_amortized.py")
-    vae = vae_model.VAE(latent_dim).to(device).eval()
-    load_snapshot(args.checkpoint, vae, "vae_amortized", device)
-    out = utils.prepare_out_dir(args.out)
-    utils.seed_everything(args.seed)
+    vae = vae_model.load_amortized_vae(args.checkpoint, device)
+    data = utils.vae_data(args.quick, device)
+    available = min(int(torch.bincount(labels, minlength=10).min())
+                    for labels in (data["train_y"], data["val_y"]))
+    if args.per_digit > available:
+        raise utils.UsageError(f"--per-digit {args.per_digit}: only {available} images of some "
+                               f"digit are available{' in --quick mode' if args.quick else ''}; "
+                               f"use --per-digit {available} or less")
 
     # 5 training images (from the VAE's own 5,000) and 5 test images per digit, seeded.
-    data = vae_data(args.quick, device)
     pick_train = utils.balanced_subset(data["train_y"], args.per_digit, args.seed)
     pick_test = utils.balanced_subset(data["val_y"], args.per_digit, args.seed)
     x = torch.cat([data["train_x"][pick_train.to(device)], data["val_x"][pick_test.to(device)]])
     digits = torch.cat([data["train_y"][pick_train], data["val_y"][pick_test]]).tolist()
     split = ["train"] * len(pick_train) + ["test"] * len(pick_test)
-
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    progress = tqdm(total=len(x), desc=f"log p(x), M={args.num_samples}", unit="image")
+
+    stages = tqdm(total=4, desc="Q4", unit="stage")
     t0 = time.perf_counter()
-    result = estimate(vae, x, args, generator, progress)
-    seconds = time.perf_counter() - t0
-    progress.close()
-    log_px, stderr, elbo, ess = (result[k].cpu().numpy()
-                                 for k in ("log_px", "stderr", "elbo", "ess"))
+    stages.set_description("Q4: Eq. 9 with the encoder's q")
+    with torch.no_grad():
+        mu, logvar = vae.encoder(x)
+    eq9 = estimate(x, mu, torch.exp(0.5 * logvar), vae, args, generator, args.num_samples)
+    seconds = {"eq9": time.perf_counter() - t0}
+    stages.update(1)
 
-    # Convergence in M: one stream of max(M) samples per image, estimates from its prefixes.
-    conv_idx = [digits.index(d) for d in (1, 0, 8) if d in digits][:3]
-    conv_max = 200 if args.quick else CONVERGENCE_M[-1]
-    conv_bar = tqdm(total=len(conv_idx), desc=f"convergence, M up to {conv_max}", unit="image")
-    conv_log_w = estimate(vae, x[conv_idx], args, generator, conv_bar, conv_max)["log_w"].cpu()
-    conv_bar.close()
-    ms = [m for m in CONVERGENCE_M if m <= conv_max]
-    convergence = {
-        "M": ms,
-        "images": [{"digit": digits[i], "split": split[i],
-                    "log_px": [(torch.logsumexp(conv_log_w[:m, j], 0) - math.log(m)).item()
-                               for m in ms],
-                    "elbo": [conv_log_w[:m, j].mean().item() for m in ms]}
-                   for j, i in enumerate(conv_idx)],
-    }
+    t0 = time.perf_counter()
+    stages.set_description("Q4: Laplace proposal (posterior mode and curvature)")
+    centre, scale = vae_model.laplace_proposal(x, vae.decoder, args.sigma_p, mu, args.adam_steps,
+                                               newton_steps=args.newton_steps)
+    seconds["laplace_fit"] = time.perf_counter() - t0
+    stages.update(1)
+    t0 = time.perf_counter()
+    stages.set_description("Q4: Eq. 9 with the Laplace proposal")
+    lap = estimate(x, centre, scale, vae, args, generator, args.num_samples)
+    seconds["laplace_estimate"] = time.perf_counter() - t0
+    stages.update(1)
 
-    per_digit = {}
+    # Convergence in M: for one test image per digit, one stream of samples per estimator, and
+    # the estimate from each prefix of it.
+    stages.set_description(f"Q4: convergence up to M = {args.convergence_max:,}")
+    conv_idx = [next(i for i in range(len(x)) if digits[i] == d and split[i] == "test")
+                for d in range(10)]
+    ms = sorted({m for m in (*CONVERGENCE_M, args.num_samples) if m <= args.convergence_max}
+                | {args.convergence_max})
+    streams = {"eq9": (mu, torch.exp(0.5 * logvar)), "laplace": (centre, scale)}
+    convergence = {"M": ms, "digits": [digits[i] for i in conv_idx]}
+    for name, (mean, sc) in streams.items():
+        log_w = vae_model.importance_log_likelihood(
+            x[conv_idx], mean[conv_idx], sc[conv_idx], vae.decoder, args.sigma_p,
+            args.convergence_max, args.chunk_size, generator)["log_w"].cpu()
+        convergence[name] = [[(torch.logsumexp(log_w[:m, j], 0) - math.log(m)).item()
+                              for m in ms] for j in range(len(conv_idx))]
+    stages.update(1)
+    stages.close()
+
+    # Ink: how many pixels are lit (above the -1 background) in each image.
+    ink = (x > -1).flatten(1).sum(1).cpu().numpy()
+    lap_px, eq9_px = lap["log_px"].cpu().numpy(), eq9["log_px"].cpu().numpy()
+    gap = lap_px - eq9_px
+    at = ms.index(args.num_samples) if args.num_samples in ms else None
+
+    def movement(name):   # how far each image's estimate moves from M to the largest M
+        if at is None:
+            return None
+        shifts = [row[-1] - row[at] for row in convergence[name]]
+        return {"min": float(min(shifts)), "max": float(max(shifts)),
+                "max_abs": float(max(map(abs, shifts)))}
+
+    per_image = []
+    for k in range(len(x)):
+        per_image.append({
+            "digit": digits[k], "split": split[k], "ink": int(ink[k]),
+            "index": int((data["subset"][pick_train].tolist() + pick_test.tolist())[k]),
+            "log_px": float(lap_px[k]), "sd": float(lap["sd"][k]), "ess": float(lap["ess"][k]),
+            "khat": float(lap["khat"][k]),
+            "eq9_log_px": float(eq9_px[k]), "eq9_sd": float(eq9["sd"][k]),
+            "eq9_ess": float(eq9["ess"][k]), "eq9_khat": float(eq9["khat"][k]),
+            "eq9_elbo": float(eq9["elbo"][k]), "gap": float(gap[k])})
+    converged, exercise = summarize(lap_px, digits, split), summarize(eq9_px, digits, split)
     for d in range(10):
-        vals = [v for v, dd in zip(log_px, digits) if dd == d]
-        mean, se = mean_and_se(vals)
-        per_digit[str(d)] = {"mean": mean, "se": se, "n": len(vals)}
-    means = {s: mean_and_se([v for v, ss in zip(log_px, split) if ss == s]) for s in ("train", "test")}
-    diff = means["train"][0] - means["test"][0]
-    diff_se = math.hypot(means["train"][1], means["test"][1])
-    # Paired by digit: the same digits appear in both splits, so compare digit by digit too.
-    paired = [np.mean([v for v, dd, ss in zip(log_px, digits, split) if dd == d and ss == "train"])
-              - np.mean([v for v, dd, ss in zip(log_px, digits, split) if dd == d and ss == "test"])
-              for d in range(10)]
-    paired_mean, paired_se = mean_and_se(paired)
-
-    # (a) one training and one test image per digit, with log p(x) in the title.
-    first = {s: [next(i for i in range(len(x)) if digits[i] == d and split[i] == s)
-                 for d in range(10)] for s in ("train", "test")}
-    utils.plot_image_rows(
-        out / "q4_log_px_examples.png", [x[first["train"]], x[first["test"]]],
-        ["training", "test"],
-        cell_titles=[[f"{d}: {log_px[i]:.0f}" for d, i in enumerate(first[s])]
-                     for s in ("train", "test")],
-        title=f"Q4(a): log p(x) in nats (Eq. 9, M = {args.num_samples})")
-    plot_bars(out / "q4_log_px_per_digit.png", per_digit, log_px, digits, split, args.num_samples)
-    plot_convergence(out / "q4_convergence.png", convergence)
-
+        converged["per_digit"][str(d)]["eq9_mean"] = exercise["per_digit"][str(d)]["mean"]
+        converged["per_digit"][str(d)]["gap_mean"] = float(gap[np.asarray(digits) == d].mean())
     metrics = {
-        "images": [{"digit": d, "split": s, "index": int(idx), "log_px": float(lp),
-                    "stderr": float(se), "elbo": float(el), "ess": float(es)}
-                   for d, s, idx, lp, se, el, es in zip(
-                       digits, split,
-                       data["subset"][pick_train].tolist() + pick_test.tolist(),
-                       log_px, stderr, elbo, ess)],
-        "per_digit": per_digit,
-        "most_likely_digit": int(max(per_digit, key=lambda d: per_digit[d]["mean"])),
-        "least_likely_digit": int(min(per_digit, key=lambda d: per_digit[d]["mean"])),
-        "train_mean": means["train"][0], "train_se": means["train"][1],
-        "test_mean": means["test"][0], "test_se": means["test"][1],
-        "train_minus_test": diff, "train_minus_test_se": diff_se,
-        "paired_train_minus_test": paired_mean, "paired_train_minus_test_se": paired_se,
-        "max_mc_stderr": float(np.nanmax(stderr)) if len(stderr) else float("nan"),
-        "median_ess": float(np.median(ess)),
-        "min_ess": float(np.min(ess)),
-        "mean_gap_log_px_minus_elbo": float(np.mean(log_px - elbo)),
+        "images": per_image,
+        **converged,                               # Q4 (b), (c) from the converged estimate
+        "eq9": exercise,                           # the same from Eq. 9 with the encoder's q
+        "diagnostics": {"laplace": diagnostics(lap), "eq9": diagnostics(eq9)},
+        "gap": {"mean": float(gap.mean()), "median": float(np.median(gap)),
+                "max": float(gap.max()), "min": float(gap.min())},
         "convergence": convergence,
+        "convergence_movement": {"laplace": movement("laplace"), "eq9": movement("eq9")},
+        "ink_correlation": float(np.corrcoef(ink, lap_px)[0, 1]),
+        "ink_per_digit": {str(d): float(ink[np.asarray(digits) == d].mean()) for d in range(10)},
         "num_samples": args.num_samples,
         "sigma_p": args.sigma_p,
-        "latent_dim": latent_dim,
-        "estimate_seconds": seconds,
+        "latent_dim": vae.latent_dim,
+        "seconds": seconds,
+        "estimate_seconds": sum(seconds.values()),
         # Peak resident memory of the whole process (data loading included), in MB (Linux: KB).
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "checkpoint": str(args.checkpoint),
         "device": str(device),
         "args": vars(args),
     }
+
+    # (a) one training and one test image per digit: converged log p(x), Eq. 9's below it.
+    first = {s: [next(i for i in range(len(x)) if digits[i] == d and split[i] == s)
+                 for d in range(10)] for s in ("train", "test")}
+    utils.plot_image_rows(
+        out / "q4_log_px_examples.png", [x[first["train"]], x[first["test"]]],
+        ["training", "test"],
+        cell_titles=[[f"{lap_px[i]:.0f}\n({eq9_px[i]:.0f})".replace("-", "\u2212")
+                      for i in first[s]] for s in ("train", "test")], width=utils.PAGE_WIDTH)
+    plot_per_digit(out / "q4_log_px_per_digit.png", converged["per_digit"])
+    plot_convergence(out / "q4_convergence.png", convergence, args.num_samples)
     utils.write_metrics(out / "metrics.json", metrics)
-    print(f"{len(x)} images, M = {args.num_samples}: {seconds:.1f} s. Most likely digit "
-          f"{metrics['most_likely_digit']}; train {means['train'][0]:.1f} vs test "
-          f"{means['test'][0]:.1f} nats; outputs in {out}")
+    print(f"{len(x)} images, M = {args.num_samples}: {metrics['estimate_seconds']:.1f} s. "
+          f"Most likely digit {converged['most_likely_digit']}; train "
+          f"{converged['train_mean']:.1f} vs test {converged['test_mean']:.1f} nats (Laplace); "
+          f"Eq. 9 lower by {metrics['gap']['mean']:.1f} on average; outputs in {out}")
 
 
-def plot_bars(path, per_digit, log_px, digits, split, num_samples):
+def plot_per_digit(path, per_digit):
     plt = utils.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(utils.HALF_WIDTH, 2.2))
     d = np.arange(10)
-    ax.bar(d, [per_digit[str(i)]["mean"] for i in d], yerr=[per_digit[str(i)]["se"] for i in d],
-           color="#8fb3d9", capsize=3, label="mean of 10 images (± s.e.)")
-    for s, marker in (("train", "o"), ("test", "x")):
-        pts = [(dd, v) for v, dd, ss in zip(log_px, digits, split) if ss == s]
-        ax.scatter([p[0] + (-0.15 if s == "train" else 0.15) for p in pts], [p[1] for p in pts],
-                   marker=marker, s=14, color="k" if s == "train" else "#c0392b", label=s, zorder=3)
+    ax.bar(d - 0.2, [per_digit[str(i)]["mean"] for i in d], 0.4,
+           yerr=[per_digit[str(i)]["se"] for i in d], color="#2e6da4", capsize=2,
+           label="Laplace proposal (converged)")
+    ax.bar(d + 0.2, [per_digit[str(i)]["eq9_mean"] for i in d], 0.4, color="#c9a227",
+           label="Eq. 9, encoder's q")
     ax.set_xticks(d)
     ax.set_xlabel("digit")
-    ax.set_ylabel("log p(x) [nats]")
-    ax.set_title(f"Q4(b): log p(x) per digit (M = {num_samples})")
+    ax.set_ylabel("mean log p(x) [nats]")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    ax.legend(loc="lower right")
     utils.save_figure(fig, path)
 
 
-def plot_convergence(path, convergence):
+def plot_convergence(path, convergence, num_samples):
+    """Each image's estimate minus its Laplace estimate at the largest M, against M."""
     plt = utils.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    for k, img in enumerate(convergence["images"]):
-        color = f"C{k}"
-        label = f"digit {img['digit']} ({img['split']})"
-        ax.plot(convergence["M"], img["log_px"], marker="o", color=color, label=label + ", Eq. 9")
-        ax.plot(convergence["M"], img["elbo"], ls="--", color=color, label=label + ", ELBO")
-    ax.set_xscale("log")
-    ax.set_xlabel("importance samples M")
-    ax.set_ylabel("nats")
-    ax.set_title("log p(x) estimate vs M (prefixes of one sample stream)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(utils.PAGE_WIDTH, 2.2))
+    ms = convergence["M"]
+    for ax, name, title in ((axes[0], "eq9", "Eq. 9, encoder's q"),
+                            (axes[1], "laplace", "Laplace proposal")):
+        for j, digit in enumerate(convergence["digits"]):
+            ref = convergence["laplace"][j][-1]
+            ax.plot(ms, [v - ref for v in convergence[name][j]], marker="o", markersize=2,
+                    color=f"C{j}", label=str(digit))
+        ax.axvline(num_samples, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("importance samples M")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("estimate minus reference [nats]")
+    axes[1].legend(title="digit", ncol=2, loc="lower right", fontsize=7, title_fontsize=7)
     utils.save_figure(fig, path)
 
 

@@ -87,28 +87,48 @@ def subspace_angles_deg(a, b):
     return torch.rad2deg(torch.arccos(cos)).tolist()
 
 
-def fit_ppca_gradient(x, epochs, batch_size, lr, seed, progress):
-    """The lab's way: maximize the exact marginal likelihood by mini-batch Adam, sigma^2 > 0
-    through log sigma^2. Initialization: W ~ N(0, 0.1^2), mu = 0, log sigma^2 = 0."""
+def ppca_mean_log_likelihood(mean, cov, w, mu, log_sigma2):
+    """The average over a data set of log N(x; mu, C), C = W W^T + sigma^2 I, from the data's mean
+    and covariance S = (1/N) sum (x - mean)(x - mean)^T alone (they are sufficient statistics):
+      -1/2 [D log 2 pi + log|C| + tr(C^-1 S_mu)],  S_mu = S + (mean - mu)(mean - mu)^T,
+    with tr(C^-1 S_mu) = (tr S_mu - tr(Mm^-1 W^T S_mu W)) / sigma^2 (Woodbury), so a full-data
+    gradient step costs one D x D times D x M product instead of a pass over the images."""
+    d, m = w.shape
+    sigma2 = torch.exp(log_sigma2)
+    mm = w.T @ w + sigma2 * torch.eye(m, dtype=w.dtype, device=w.device)
+    diff = mean - mu
+    s_mu = cov + torch.outer(diff, diff)
+    quad = (torch.trace(s_mu) - torch.trace(torch.linalg.solve(mm, w.T @ (s_mu @ w)))) / sigma2
+    return -0.5 * (d * math.log(2 * math.pi) + (d - m) * log_sigma2 + torch.logdet(mm) + quad)
+
+
+def fit_ppca_gradient(mean, cov, lr, tol, max_iter, seed, progress):
+    """The lab's way, to convergence: gradient ascent (Adam) on the exact marginal likelihood of
+    all training images, sigma^2 > 0 through log sigma^2, from W ~ N(0, 0.1^2), mu = 0,
+    sigma^2 = 1. Stopping rule: every 100 iterations, stop once the mean log-likelihood gained
+    less than `tol` nats per image over those 100 iterations (or after max_iter)."""
     gen = torch.Generator().manual_seed(seed)
-    w = (0.1 * torch.randn(D, LATENT, generator=gen, dtype=torch.float64)).requires_grad_()
-    mu = torch.zeros(D, dtype=torch.float64, requires_grad=True)
+    w = (0.1 * torch.randn(len(mean), LATENT, generator=gen, dtype=torch.float64)).requires_grad_()
+    mu = torch.zeros(len(mean), dtype=torch.float64, requires_grad=True)
     log_sigma2 = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w, mu, log_sigma2], lr=lr)
-    # Cosine decay: the mini-batch noise, not the step size, limits the final accuracy.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * -(-len(x) // batch_size))
-    curve = []
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            loss = -ppca_log_likelihood(x[idx], w, mu, log_sigma2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            curve.append(-loss.item())
-            progress.update(1)
+    curve, converged = [], False
+    for it in range(1, max_iter + 1):
+        loss = -ppca_mean_log_likelihood(mean, cov, w, mu, log_sigma2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(-loss.item())
+        progress.update(1)
+        if it % 100 == 0 and it > 100 and curve[-1] - curve[-101] < tol:
+            converged = True
+            break
     init = "W ~ N(0, 0.1^2) entrywise, mu = 0, log sigma^2 = 0 (sigma^2 = 1)"
-    return (w.detach(), mu.detach(), log_sigma2.detach()), curve, init
+    rule = (f"stop when 100 full-data Adam iterations (lr {lr:g}) raise the mean log-likelihood "
+            f"by less than {tol:g} nats per image (at most {max_iter:,} iterations)")
+    return (w.detach(), mu.detach(), log_sigma2.detach()), curve, {
+        "initialization": init, "stopping_rule": rule, "converged": converged,
+        "iterations": len(curve), "lr": lr}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,17 +191,60 @@ def digit_geometry(z, labels):
     }
 
 
+def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
+    """The rankings and comparisons that questions 4.1 to 4.10 ask for, from the measured errors
+    and encodings: best and worst digits per method, the error's correlation with ink (the error
+    is a sum over pixels), error relative to ink, closest mean encodings, crowding (distance to
+    the nearest other digit's mean code), and the VAE's gains over PPCA per digit."""
+    def order(per):                 # digits from best (lowest) to worst
+        return sorted(per, key=per.get)
+
+    digits = [str(d) for d in range(10)]
+    errors = {k: results[k]["test_sq_error_per_digit"] for k in ("pca", "ppca_gradient", "vae")}
+    rank = {k: order(v) for k, v in errors.items()}
+    pca = errors["pca"]
+    relative = order({d: pca[d] / ink[d] for d in digits})
+    crowding = {}
+    for name, g in geometry.items():
+        means = torch.tensor([g["mean_encoding"][d] for d in digits], dtype=torch.float64)
+        dist = torch.cdist(means, means).fill_diagonal_(float("inf"))
+        crowding[name] = {d: dist[int(d)].min().item() for d in digits}
+    gains = {d: errors["ppca_gradient"][d] - errors["vae"][d] for d in digits}
+    closest = {k: {tuple(p["digits"]) for p in geometry[k]["closest_pairs"][:3]} for k in geometry}
+    best, worst = rank["pca"][:3], rank["pca"][-3:][::-1]
+    return {
+        "best": {k: v[:3] for k, v in rank.items()},
+        "worst": {k: v[-3:][::-1] for k, v in rank.items()},
+        "ppca_same_as_pca": set(rank["ppca_gradient"][:3]) == set(best)
+                            and set(rank["ppca_gradient"][-3:]) == set(worst),
+        "pca_ink_correlation": float(np.corrcoef([ink[d] for d in digits],
+                                                 [pca[d] for d in digits])[0, 1]),
+        "pca_relative_best": relative[:3], "pca_relative_worst": relative[-3:][::-1],
+        "closest_pairs_shared_pca_ppca": len(closest["pca"] & closest["ppca"]),
+        "pca_crowding_worst": float(np.mean([crowding["pca"][d] for d in worst])),
+        "pca_crowding_best": float(np.mean([crowding["pca"][d] for d in best])),
+        "vae_gains_over_ppca": gains,
+        "vae_improved_digits": sum(g > 0 for g in gains.values()),
+        "vae_largest_gains": sorted(gains, key=gains.get, reverse=True)[:3],
+        "vae_smallest_gains": sorted(gains, key=gains.get)[:2],
+        "ppca_error_not_below_pca": results["ppca_gradient"]["test_sq_error"]
+                                    >= results["pca"]["test_sq_error"],
+    }
+
+
 def parse_args(argv=None):
     parser = utils.script_parser("ppca_pca", __doc__.splitlines()[0])
-    parser.add_quick_argument("--ppca-epochs", 10, 1, "PPCA gradient epochs over the training set",
-                              type=utils.positive_int)
-    parser.add_argument("--ppca-batch-size", type=utils.positive_int, default=500,
-                        help="PPCA mini-batch size")
-    parser.add_argument("--ppca-lr", type=utils.positive_float, default=0.02,
-                        help="PPCA initial Adam lr (cosine decay)")
-    parser.add_quick_argument("--epochs", 5, 1, "VAE epochs", type=utils.positive_int)
-    parser.add_argument("--batch-size", type=utils.positive_int, default=128, help="VAE batch")
-    parser.add_argument("--lr", type=utils.positive_float, default=5e-3,
+    parser.add_argument("--ppca-lr", type=utils.float_in(1e-6, 1.0), default=0.01,
+                        help="Adam learning rate of the full-data PPCA gradient fit")
+    parser.add_argument("--ppca-tol", type=utils.float_in(0.0, 1.0), default=1e-7,
+                        help="stop the PPCA fit when 100 iterations gain less than this "
+                             "(nats per image)")
+    parser.add_argument("--ppca-max-iter", type=utils.int_in(100, 1_000_000), default=20_000,
+                        help="at most this many PPCA iterations")
+    parser.add_quick_argument("--epochs", 5, 1, "VAE epochs", type=utils.int_in(1, 10_000))
+    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=128,
+                        help="VAE batch")
+    parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=5e-3,
                         help="VAE peak Adam lr (one-cycle schedule)")
     return parser.parse_args(argv)
 
@@ -214,10 +277,10 @@ def main(argv=None):
     # --- PPCA: gradient fit (4.3) and closed form ------------------------------------------
     t0 = time.perf_counter()
     x64, t64 = train_x.double(), test_x.double()
-    steps = args.ppca_epochs * -(-len(x64) // args.ppca_batch_size)
-    bar = tqdm(total=steps, desc="PPCA (Adam)", unit="batch")
-    grad_params, curve, init = fit_ppca_gradient(x64, args.ppca_epochs, args.ppca_batch_size,
-                                                 args.ppca_lr, args.seed, bar)
+    cov = (evecs * evals) @ evecs.T                     # the training covariance S, again
+    bar = tqdm(total=args.ppca_max_iter, desc="PPCA (Adam, full data)", unit="iter")
+    grad_params, curve, fit_info = fit_ppca_gradient(mean, cov, args.ppca_lr, args.ppca_tol,
+                                                     args.ppca_max_iter, args.seed, bar)
     bar.close()
     cf_params = ppca_closed_form(mean, evals, evecs)
     for name, params in (("ppca_gradient", grad_params), ("ppca_closed_form", cf_params)):
@@ -231,16 +294,22 @@ def main(argv=None):
             "train_log_likelihood": ppca_log_likelihood(x64, w, mu, log_sigma2).mean().item(),
             "sigma2": log_sigma2.exp().item(),
             "posterior_std": cov_post.diagonal().sqrt().tolist(),
+            # W^T W's eigenvalues: the model's variance along its two directions, minus sigma^2
+            "w_eigenvalues": torch.linalg.eigvalsh(w.T @ w).flip(0).tolist(),
         }
         if name == "ppca_gradient":
             encodings["PPCA"], recon_rows["PPCA"] = z_post, recon[show]
-    results["ppca_gradient"].update(initialization=init, iterations=len(curve),
-                                    epochs=args.ppca_epochs, batch_size=args.ppca_batch_size,
-                                    lr=args.ppca_lr)
+    results["ppca_gradient"].update(fit_info)
+    results["ppca_closed_form"]["data_eigenvalues"] = evals[:LATENT].tolist()
     comparison = {"subspace_angles_deg": subspace_angles_deg(grad_params[0], cf_params[0]),
                   "test_ll_gap_closed_minus_gradient":
                       results["ppca_closed_form"]["test_log_likelihood"]
-                      - results["ppca_gradient"]["test_log_likelihood"]}
+                      - results["ppca_gradient"]["test_log_likelihood"],
+                  "sigma2_relative_error": results["ppca_gradient"]["sigma2"]
+                      / results["ppca_closed_form"]["sigma2"] - 1,
+                  "w_eigenvalue_relative_errors": [
+                      g / c - 1 for g, c in zip(results["ppca_gradient"]["w_eigenvalues"],
+                                                results["ppca_closed_form"]["w_eigenvalues"])]}
     timings["ppca"] = time.perf_counter() - t0
 
     # --- VAE with a 2-D latent (4.7 to 4.10) ------------------------------------------------
@@ -249,8 +318,7 @@ def main(argv=None):
     opt = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
     xd, td = train_x.to(device), test_x.to(device)
     steps = -(-len(xd) // args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps,
-                                                pct_start=0.15)
+    sched = utils.one_cycle(opt, args.lr, args.epochs * steps, warmup=0.15)
     config = {k: val for k, val in vars(args).items() if k in ("seed", "quick", "epochs",
                                                                 "batch_size", "lr")}
     resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh, model=lab_vae,
@@ -295,39 +363,39 @@ def main(argv=None):
         geometry[name.lower()] = digit_geometry(zz.double(), test_y)
     plot_encodings(out / "encodings.png", encodings, test_y)
     utils.plot_image_rows(out / "reconstructions.png", list(recon_rows.values()),
-                          list(recon_rows.keys()), col_labels=list(range(10)),
-                          title="The same test images reconstructed from 2 numbers",
-                          value_range=(0, 1))
+                          list(recon_rows.keys()), col_labels=list(range(10)), value_range=(0, 1))
     plot_error_bars(out / "sq_error_per_digit.png", results)
     iters = list(range(1, len(curve) + 1))
-    closed = results["ppca_closed_form"]["train_log_likelihood"]
+    closed = ppca_mean_log_likelihood(mean, cov, *cf_params).item()
     tail = len(curve) // 10                 # zoom: the last 90 % of the iterations
     utils.plot_curves(out / "ppca_log_likelihood.png", {
-        "mini-batch log-likelihood per image [nats]": {
-            "Adam (mini-batch)": (iters, curve), "closed form (train)": ([1, len(curve)], [closed] * 2)},
-        "zoom on the last 90 % [nats]": {
-            "Adam (mini-batch)": (iters[tail:], curve[tail:]),
-            "closed form (train)": ([iters[tail], len(curve)], [closed] * 2)}},
-        xlabel="iteration", title="PPCA fitted by gradient ascent")
+        "mean log-likelihood [nats]": {
+            "Adam (all training images)": (iters, curve),
+            "closed form": ([1, len(curve)], [closed] * 2)},
+        "last 90 % of the iterations [nats]": {
+            "Adam (all training images)": (iters[tail:], curve[tail:]),
+            "closed form": ([iters[tail], len(curve)], [closed] * 2)}},
+        xlabel="iteration")
     lattice = torch.tensor(np.stack(np.meshgrid(np.linspace(2, -2, 15), np.linspace(-2, 2, 15),
                                                 indexing="ij")[::-1], -1).reshape(-1, 2))
     w, mu, _ = grad_params
-    utils.plot_image_grid(out / "lattice_ppca.png", (lattice @ w.T + mu).clamp(0, 1), 15,
-                          title="PPCA: W z + mu on a lattice z in [-2, 2]^2", value_range=(0, 1))
+    utils.save_image_grid(out / "lattice_ppca.png", (lattice @ w.T + mu).clamp(0, 1), 15,
+                          value_range=(0, 1))
     with torch.no_grad():
-        utils.plot_image_grid(out / "lattice_vae.png",
+        utils.save_image_grid(out / "lattice_vae.png",
                               lab_vae.decode(lattice.float().to(device)).cpu(), 15,
-                              title="VAE: f(z) on a lattice z in [-2, 2]^2", value_range=(0, 1))
+                              value_range=(0, 1))
         z_prior = torch.randn(20, LATENT, generator=torch.Generator().manual_seed(args.seed))
         samples = [(z_prior.double() @ w.T + mu).clamp(0, 1), lab_vae.decode(z_prior.to(device)).cpu()]
     utils.plot_image_rows(out / "samples.png", [s[:10] for s in samples] + [s[10:] for s in samples],
-                          ["PPCA", "VAE", "PPCA", "VAE"], value_range=(0, 1),
-                          title="Means of p(x|z) for z ~ N(0, I)")
+                          ["PPCA", "VAE", "PPCA", "VAE"], value_range=(0, 1))
 
     # The error is a sum over pixels, so digits with more ink have more to get wrong.
     ink = test_x.double().pow(2).sum(1)
+    ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}
     metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
-               "test_ink_per_digit": {str(d): ink[test_y == d].mean().item() for d in range(10)},
+               "test_ink_per_digit": ink_per_digit,
+               "answers": lab_answers(results, geometry, ink_per_digit),
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
                "device": str(device), "args": vars(args)}
     utils.write_metrics(out / "metrics.json", metrics)
@@ -339,38 +407,37 @@ def main(argv=None):
 
 def plot_encodings(path, encodings, labels):
     plt = utils.pyplot()
-    fig, axes = plt.subplots(1, len(encodings), figsize=(4.2 * len(encodings), 4.0))
+    fig, axes = plt.subplots(1, len(encodings), figsize=(utils.PAGE_WIDTH, 2.5))
     for ax, (name, z) in zip(axes, encodings.items()):
         z = z.double().numpy()
         sc = ax.scatter(z[:, 0], z[:, 1], c=labels.numpy(), cmap="tab10", s=1.5, alpha=0.6,
                         vmin=-0.5, vmax=9.5, rasterized=True)
         for d in range(10):
             m = z[labels.numpy() == d].mean(0)
-            ax.annotate(str(d), m, fontsize=11, weight="bold", ha="center", va="center",
+            ax.annotate(str(d), m, fontsize=8, weight="bold", ha="center", va="center",
                         bbox={"boxstyle": "circle,pad=0.15", "fc": "white", "alpha": 0.8})
-        ax.set_title(f"{name} encodings of the test set")
+        ax.set_title(name)
         ax.set_xlabel("z1")
         ax.set_ylabel("z2")
-    fig.colorbar(sc, ax=axes, ticks=range(10), label="digit", fraction=0.02)
+    fig.colorbar(sc, ax=axes, ticks=range(10), label="digit", fraction=0.02, pad=0.01)
     utils.save_figure(fig, path)
 
 
 def plot_error_bars(path, results):
     plt = utils.pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(utils.HALF_WIDTH, 2.2))
     names = ["pca", "ppca_gradient", "ppca_closed_form", "vae"]
+    labels = {"pca": "PCA", "ppca_gradient": "PPCA (gradient)",
+              "ppca_closed_form": "PPCA (closed form)", "vae": "VAE"}
     width = 0.2
     for k, name in enumerate(names):
         vals = [results[name]["test_sq_error_per_digit"][str(d)] for d in range(10)]
-        ax.bar(np.arange(10) + (k - 1.5) * width, vals, width,
-               label=f"{name} ({results[name]['test_sq_error']:.1f})")
+        ax.bar(np.arange(10) + (k - 1.5) * width, vals, width, label=labels[name])
     ax.set_xticks(range(10))
     ax.set_xlabel("digit")
     ax.set_ylabel("squared error per image")
-    ax.set_title("Test reconstruction error per digit (overall in the legend)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     utils.save_figure(fig, path)
 
 

@@ -17,26 +17,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
+from model import build_classifier
 
 PER_CLASS = 2000          # 10 x 2,000 = the exercise's 20,000 training images
-WIDTH = 16                # channels of the first block (then 2x, 4x)
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
 AUG_DEGREES, AUG_SCALE, AUG_SHIFT_PX = 10.0, 0.10, 2.5
-
-
-def build_classifier(width: int = WIDTH) -> nn.Module:
-    def block(c_in, c_out):
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True)]
-
-    # One cheap block at full resolution, the depth at 14x14 and 7x7 where it costs less.
-    return nn.Sequential(
-        *block(1, width), nn.MaxPool2d(2),                                        # 28 -> 14
-        *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),  # 14 -> 7
-        *block(2 * width, 4 * width), *block(4 * width, 4 * width),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, 10),
-    )
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +69,10 @@ def evaluate(model, x, y, batch_size=1000):
 
 def parse_args(argv=None):
     parser = utils.script_parser("sup_classification", __doc__.splitlines()[0])
-    parser.add_quick_argument("--epochs", 14, 2, "training epochs", type=utils.positive_int)
-    parser.add_argument("--batch-size", type=utils.positive_int, default=128, help="batch size")
-    parser.add_argument("--lr", type=utils.positive_float, default=3e-3,
+    parser.add_quick_argument("--epochs", 14, 2, "training epochs", type=utils.int_in(1, 10_000))
+    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=128,
+                        help="batch size")
+    parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=3e-3,
                         help="peak learning rate of the one-cycle schedule (AdamW)")
     return parser.parse_args(argv)
 
@@ -105,8 +92,7 @@ def main(argv=None):
     model = build_classifier().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.2)
+    scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps_per_epoch, warmup=0.2)
     resume = utils.Resume(out / "checkpoint_last.pt", utils.run_config(args), fresh=args.fresh,
                           model=model, optimizer=optimizer, scheduler=scheduler)
     start, history = resume.start()
@@ -134,7 +120,7 @@ def main(argv=None):
         "cross-entropy loss": {"validation": (epochs, history["val_loss"]),
                                "training (augmented, smoothed)": (epochs, history["train_loss"])},
         "validation accuracy": {"validation": (epochs, history["val_accuracy"])},
-    }, title=f"CNN on {len(train_x):,} balanced MNIST images")
+    }, width=5.0)
     metrics = {
         **history,
         "test_accuracy": history["val_accuracy"][-1],

@@ -84,6 +84,34 @@ def positive_float(text: str) -> float:
     return value
 
 
+def int_in(low: int, high: int):
+    """argparse type: an integer in [low, high], else a one-line error naming the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(low: float, high: float):
+    """argparse type: a finite number in [low, high], else a one-line error naming the range."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+        if not (np.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
 def script_parser(script: str, description: str, fresh: bool = True) -> OneLineParser:
     """A parser with the flags every script shares: --seed --device --out --quick [--fresh]."""
     parser = OneLineParser(prog=f"{script}.py", description=description)
@@ -302,6 +330,43 @@ def one_per_digit(labels: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.cat(picks)
 
 
+# The HUJI VAE questions (Q1 to Q4) share one data split.
+VAE_PER_CLASS = 500              # 10 x 500 = the exercise's 5,000 training images
+VAE_QUICK_PER_CLASS = 20
+SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)     # the epochs Q1 to Q3 show
+# Per-epoch VAE curves are measured on fixed balanced monitoring sets of 1,000 training and
+# 1,000 validation images (evaluating all 15,000 every epoch would cost more than the training).
+MONITOR_PER_CLASS = 100
+
+
+def snapshot_epochs(epochs: int) -> list:
+    """The question's epochs that a run of `epochs` epochs reaches, plus the last one."""
+    return sorted({e for e in SNAPSHOT_EPOCHS if e <= epochs} | {epochs})
+
+
+def vae_data(quick: bool, device):
+    """The exercise's balanced 5,000-image VAE training subset and the validation (test) set, in
+    [-1, 1], plus the 10 training and 10 validation images (one per digit) that the figures of
+    Q1 and Q3 show. Returns a dict."""
+    train_x, train_y, val_x, val_y = mnist_tensors("pm1")
+    subset = balanced_subset(train_y, VAE_QUICK_PER_CLASS if quick else VAE_PER_CLASS, SUBSET_SEED)
+    if quick:
+        val_x, val_y = val_x[:500], val_y[:500]
+    # Figure images are fixed data, like the subset: Q1 and Q3 show the very same ones.
+    show_train = one_per_digit(train_y[subset], SUBSET_SEED)   # positions in the subset
+    show_val = one_per_digit(val_y, SUBSET_SEED)
+    return {"train_x": train_x[subset].to(device), "train_y": train_y[subset],
+            "subset": subset, "val_x": val_x.to(device), "val_y": val_y,
+            "show_train": show_train, "show_val": show_val}
+
+
+def monitor_subset(labels, per_class: int = MONITOR_PER_CLASS, seed: int = SUBSET_SEED):
+    """A fixed balanced subset of at most `per_class` images per digit (fewer if a digit has
+    fewer), for measurements that need not see every image."""
+    per_class = min(per_class, int(torch.bincount(labels, minlength=10).min()))
+    return balanced_subset(labels, per_class, seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeds, devices
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +386,15 @@ def get_device(name: str = "auto") -> torch.device:
     if name == "mps" and not mps_ok:
         raise UsageError("--device mps asked, but MPS is not available here; use --device cpu")
     return torch.device(name)
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
+    """OneCycleLR over total_steps with `warmup` of them rising. torch divides by
+    warmup * total_steps - 1, so a warm-up of exactly one step (e.g. 0.2 of 5) is nudged."""
+    if abs(warmup * total_steps - 1) < 1e-9:
+        warmup *= 1.5
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=warmup)
 
 
 def batches(n: int, batch_size: int, shuffle: bool, device=None):
@@ -437,12 +511,31 @@ class Resume:
 # ----------------------------------------------------------------------------------------------
 # Metrics and figures
 # ----------------------------------------------------------------------------------------------
-def write_metrics(path: Path, metrics: dict) -> None:
-    """JSON, written atomically (temp file + os.replace)."""
+# Figures are drawn at the size the reports show them (Typst places a PNG at its own size), so
+# their text stays at these sizes on the page: a full text width and half of it, in inches.
+PAGE_WIDTH, HALF_WIDTH = 6.7, 3.3
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(temporary path) for a uniquely named temporary file in the same folder, then
+    os.replace it onto path: readers never see half a file, and two writers never share a
+    temporary file. The temporary file is removed if anything fails."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    """JSON, written atomically. Non-finite numbers are refused (JSON has none, and a NaN in a
+    report is a bug to surface here, not to typeset)."""
+    text = json.dumps(metrics, indent=2, default=_json_default, allow_nan=False) + "\n"
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _json_default(obj):
@@ -465,82 +558,80 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+                         "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
+                         "figure.constrained_layout.use": True, "savefig.dpi": 200})
     return plt
 
 
 def save_figure(fig, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    """PNG at exactly the figure's size (no tight bounding box), written atomically."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp))
     pyplot().close(fig)
 
 
-def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", title: str | None = None) -> None:
+def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = PAGE_WIDTH,
+                height: float = 2.1) -> None:
     """One subplot per panel; a panel is {ylabel: {series label: (x, y)}}."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels.items()):
         for label, (x, y) in series.items():
-            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=3, label=label)
+            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(series) > 1:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+            ax.legend()
     save_figure(fig, path)
 
 
-def _as_images(images) -> np.ndarray:
-    images = torch.as_tensor(images).detach().float().cpu()
-    return images.reshape(len(images), 28, 28).numpy()
+def image_grid(images, nrow: int, value_range=(-1.0, 1.0), padding: int = 2) -> torch.Tensor:
+    """Images (n, 1, 28, 28) tiled by torchvision's make_grid, `nrow` per row, scaled to [0, 1]
+    from value_range, with a white 2-pixel border."""
+    from torchvision.utils import make_grid
+
+    images = torch.as_tensor(images).detach().float().cpu().reshape(-1, 1, 28, 28)
+    lo, hi = value_range
+    return make_grid(((images - lo) / (hi - lo)).clamp(0, 1), nrow=nrow, padding=padding,
+                     pad_value=1.0)
 
 
-def plot_image_rows(path: Path, rows: list, row_labels: list, col_labels=None,
-                    title: str | None = None, value_range=(-1.0, 1.0), cell_titles=None) -> None:
+def plot_image_rows(path: Path, rows: list, row_labels: list, col_labels=None, cell_titles=None,
+                    value_range=(-1.0, 1.0), width: float = HALF_WIDTH) -> None:
     """A table of images: each row a tensor (n, 1, 28, 28) (e.g. originals, then one row per
-    epoch of reconstructions), labelled on the left; optional column titles over the first row,
-    or a title over every image (cell_titles, one list per row)."""
+    epoch of reconstructions), tiled by make_grid and labelled on the left; optional column
+    labels on top, or a title over every image (cell_titles, one list of strings per row)."""
+    n_cols, cell = len(rows[0]), 30                     # make_grid: 28 pixels + 2 of padding
+    label_in = 0.75 if max(len(str(label)) for label in row_labels) > 8 else 0.5
+    row_h = (width - label_in) / n_cols
     plt = pyplot()
-    n_rows, n_cols = len(rows), len(rows[0])
-    cell_h = 1.25 if cell_titles is not None else 1.0
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.0 * n_cols + 0.9, cell_h * n_rows + 0.4),
-                             squeeze=False)
-    for r, (row, label) in enumerate(zip(rows, row_labels)):
-        for c, image in enumerate(_as_images(row)):
-            ax = axes[r][c]
-            ax.imshow(image, cmap="gray", vmin=value_range[0], vmax=value_range[1])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-            if cell_titles is not None:
-                ax.set_title(str(cell_titles[r][c]), fontsize=7)
-            elif r == 0 and col_labels is not None:
-                ax.set_title(str(col_labels[c]), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(pad=0.3)
+    if cell_titles is None:                 # one picture; column labels on top
+        groups = [(rows, row_labels, col_labels)]
+        height = row_h * len(rows) + (0.2 if col_labels is not None else 0.05)
+    else:                                   # one picture per row, its titles as tick labels
+        groups = [([r], [label], titles) for r, label, titles in zip(rows, row_labels, cell_titles)]
+        lines = max(str(t).count("\n") + 1 for titles in cell_titles for t in titles)
+        height = len(rows) * (row_h + 0.13 * lines + 0.05)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(width, height), squeeze=False)
+    for ax, (group, labels, tops) in zip(axes[:, 0], groups):
+        grid = image_grid(torch.cat([torch.as_tensor(r).detach().cpu() for r in group]), n_cols,
+                          value_range)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_yticks([cell * r + cell / 2 for r in range(len(group))], [str(s) for s in labels])
+        ax.tick_params(length=0, pad=2)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        ax.xaxis.tick_top()
+        ax.set_xticks([cell * c + cell / 2 for c in range(n_cols)] if tops is not None else [],
+                      [str(t) for t in tops] if tops is not None else [], linespacing=0.95)
     save_figure(fig, path)
 
 
-def plot_image_grid(path: Path, images, nrow: int, title: str | None = None,
-                    value_range=(-1.0, 1.0)) -> None:
-    """Images (n, 1, 28, 28) tiled into a single grid picture with `nrow` images per row."""
-    imgs = _as_images(images)
-    n = len(imgs)
-    ncol_rows = (n + nrow - 1) // nrow
-    canvas = np.full((ncol_rows * 30, nrow * 30), value_range[0], dtype=np.float32)
-    for i, img in enumerate(imgs):
-        r, c = divmod(i, nrow)
-        canvas[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.45 * nrow), max(3.0, 0.45 * ncol_rows) + 0.3))
-    ax.imshow(canvas, cmap="gray", vmin=value_range[0], vmax=value_range[1])
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=10)
-    save_figure(fig, path)
+def save_image_grid(path: Path, images, nrow: int, value_range=(-1.0, 1.0)) -> None:
+    """Images tiled by make_grid and written by torchvision's save_image, atomically (a pure
+    picture: its title belongs in the report's caption)."""
+    from torchvision.utils import save_image
+
+    grid = image_grid(images, nrow, value_range)
+    write_atomic(path, lambda tmp: save_image(grid, tmp, format="png"))

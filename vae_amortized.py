@@ -3,10 +3,14 @@
 Q1: loss per epoch (training and validation, with their MSE and KL parts), reconstructions of
 10 validation and 10 training images (one per digit) at epochs 1, 5, 10, 20, 30, and the
 train-vs-validation reconstruction error that says whether it overfit.
-Q2: 10 latents drawn once from the prior, decoded by the generator of each of those epochs.
+Q2: 10 latents drawn once from the prior, decoded by the generator of each of those epochs, and
+1,000 prior samples per epoch judged by the Part 1 classifier (which digits, how confidently).
+`--loss elbo` trains the same VAE on the negative ELBO of the sigma_p model instead (the
+ablation that shows why Q4's Eq. 9 weights degenerate with the exercise's loss).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -15,86 +19,70 @@ from tqdm import tqdm
 import model as vae_model
 import utils
 
-SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)
-PER_CLASS = 500           # 10 x 500 = the exercise's 5,000 training images
-# Per-epoch curves are measured on fixed balanced monitoring sets of 1,000 training and 1,000
-# validation images (evaluating all 15,000 every epoch would cost more than the training);
-# the last epoch is evaluated on the full 5,000 and 10,000.
-MONITOR_PER_CLASS = 100
-
-
-def snapshot_epochs(epochs: int) -> list:
-    """The question's epochs that this run reaches, plus the last one."""
-    return sorted({e for e in SNAPSHOT_EPOCHS if e <= epochs} | {epochs})
-
-
-def save_snapshot(path, module, epoch: int, latent_dim: int, kind: str) -> None:
-    utils.save_checkpoint({"model": module.state_dict(), "epoch": epoch,
-                           "latent_dim": latent_dim, "kind": kind}, path)
-
-
-def load_snapshot(path, module, kind: str, map_location="cpu") -> dict:
-    """Load a snapshot written by `save_snapshot` into module, with one-line errors for a file of
-    another kind or another latent size."""
-    ckpt = utils.load_checkpoint(path, map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        raise utils.CheckpointError(f"{path} is not a {kind} checkpoint")
-    if ckpt["latent_dim"] != module.latent_dim:
-        raise utils.CheckpointError(f"{path} has latent size {ckpt['latent_dim']}, this model "
-                                    f"{module.latent_dim}; pass the matching --latent-dim")
-    utils.load_state_dict_checked(module, ckpt["model"], path)
-    return ckpt
-
-
-def vae_data(quick: bool, device):
-    """The exercise's balanced 5,000-image training subset and the validation (test) set, in
-    [-1, 1], plus the 10 training and 10 validation images (one per digit) that the figures of
-    Q1 and Q3 show. Returns a dict."""
-    train_x, train_y, val_x, val_y = utils.mnist_tensors("pm1")
-    subset = utils.balanced_subset(train_y, 20 if quick else PER_CLASS, utils.SUBSET_SEED)
-    if quick:
-        val_x, val_y = val_x[:500], val_y[:500]
-    # Figure images are fixed data, like the subset: Q1 and Q3 show the very same ones.
-    show_train = utils.one_per_digit(train_y[subset], utils.SUBSET_SEED)   # positions in subset
-    show_val = utils.one_per_digit(val_y, utils.SUBSET_SEED)
-    return {"train_x": train_x[subset].to(device), "train_y": train_y[subset],
-            "subset": subset, "val_x": val_x.to(device), "val_y": val_y,
-            "show_train": show_train, "show_val": show_val}
-
-
-def monitor_subset(labels, seed=utils.SUBSET_SEED):
-    per_class = min(MONITOR_PER_CLASS, int(torch.bincount(labels, minlength=10).min()))
-    return utils.balanced_subset(labels, per_class, seed)
-
-
 def parse_args(argv=None):
     parser = utils.script_parser("vae_amortized", __doc__.splitlines()[0])
-    parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.positive_int)
-    parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="batch size")
-    parser.add_argument("--lr", type=utils.positive_float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--latent-dim", type=utils.positive_int, default=200, help="latent size d")
-    parser.add_argument("--sigma-p", type=utils.positive_float, default=0.4,
-                        help="std of p(x|z) = N(G(z), sigma_p^2 I); recorded for Q4 (training uses Eq. 5)")
+    parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.int_in(1, 10_000))
+    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=64,
+                        help="batch size")
+    parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=1e-3,
+                        help="Adam learning rate")
+    parser.add_argument("--latent-dim", type=utils.int_in(1, 4096), default=200,
+                        help="latent size d")
+    parser.add_argument("--loss", choices=["exercise", "elbo"], default="exercise",
+                        help="exercise: Eq. 5 as Sec. 3.2 aggregates it (pixel-mean MSE + "
+                             "dimension-mean KL); elbo: the negative ELBO of the sigma_p model")
+    parser.add_argument("--sigma-p", type=utils.float_in(1e-3, 1e3), default=0.4,
+                        help="std of p(x|z) = N(G(z), sigma_p^2 I): the --loss elbo objective "
+                             "and Q4 use it")
+    parser.add_argument("--classifier", type=utils.Path, default=None,
+                        help="Part 1's classifier.pt, to judge prior samples (default: "
+                             "outputs/sup_classification/classifier.pt if it exists)")
     return parser.parse_args(argv)
+
+
+def eq7_check() -> dict:
+    """Eq. 7 as printed against the true KL at mu = 0: their minimizers over sigma^2 on a grid,
+    and both values at sigma^2 = 1/2 (where the printed form is negative)."""
+    log_var = torch.linspace(-3, 3, 60001, dtype=torch.float64)
+    zero = torch.zeros_like(log_var)
+    half = torch.tensor([math.log(0.5)], dtype=torch.float64)
+    return {"kl_minimizer_sigma2": math.exp(log_var[vae_model.kl_std_normal(zero, log_var).argmin()]),
+            "eq7_minimizer_sigma2": math.exp(log_var[vae_model.kl_eq7_as_printed(zero, log_var).argmin()]),
+            "eq7_at_half": vae_model.kl_eq7_as_printed(zero[:1], half).item(),
+            "kl_at_half": vae_model.kl_std_normal(zero[:1], half).item()}
+
+
+def overfit_verdict(history, final) -> dict:
+    """Q1's 'did it overfit?': 'yes' if the validation loss ends more than 1 % above its minimum,
+    else 'no' if the reconstruction error on unseen images is within 5 % of the training
+    images', else 'mildly' (a generalization gap without the validation loss rising)."""
+    val = history["val_loss"]
+    gap = (final["val"]["recon_mse"] - final["train"]["recon_mse"]) / final["train"]["recon_mse"]
+    rise = val[-1] / min(val) - 1
+    verdict = "yes" if rise > 0.01 else ("no" if gap < 0.05 else "mildly")
+    return {"verdict": verdict, "recon_gap": gap, "val_loss_rise": rise,
+            "best_val_epoch": int(min(range(len(val)), key=val.__getitem__)) + 1}
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, out = utils.start_run(args)
-    data = vae_data(args.quick, device)
+    classifier = vae_model.optional_classifier(args.classifier, device)   # checked before training
+    data = utils.vae_data(args.quick, device)
     train_x, val_x = data["train_x"], data["val_x"]
+    objective = {"objective": args.loss, "sigma_p": args.sigma_p}
 
     vae = vae_model.VAE(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    resume = utils.Resume(out / "checkpoint_last.pt", utils.run_config(args), fresh=args.fresh,
-                          model=vae, optimizer=optimizer)
+    resume = utils.Resume(out / "checkpoint_last.pt", utils.run_config(args, ignore=("classifier",)),
+                          fresh=args.fresh, model=vae, optimizer=optimizer)
     start, history = resume.start()
     keys = ("train_loss", "train_mse", "train_kl", "val_loss", "val_mse", "val_kl",
             "train_recon_mse", "val_recon_mse", "epoch_seconds")
     history = history or {key: [] for key in keys}
-    snapshots = snapshot_epochs(args.epochs)
-    monitor = {"train": train_x[monitor_subset(data["train_y"]).to(device)],
-               "val": val_x[monitor_subset(data["val_y"]).to(device)]}
+    snapshots = utils.snapshot_epochs(args.epochs)
+    monitor = {"train": train_x[utils.monitor_subset(data["train_y"]).to(device)],
+               "val": val_x[utils.monitor_subset(data["val_y"]).to(device)]}
 
     def encode(idx, xb):
         return vae.encoder(xb)
@@ -106,9 +94,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         vae.train()
         train = vae_model.vae_epoch(vae.decoder, encode, train_x, args.batch_size, [optimizer],
-                                    progress)
+                                    progress, **objective)
         vae.eval()
-        val = vae_model.vae_evaluate(vae.decoder, encode, monitor["val"])
+        val = vae_model.vae_evaluate(vae.decoder, encode, monitor["val"], **objective)
         for part, value in train.items():
             history[f"train_{part}"].append(value)
         for part, value in val.items():
@@ -119,60 +107,80 @@ def main(argv=None):
         history["epoch_seconds"].append(time.perf_counter() - t0)
         progress.set_postfix(train=f"{train['loss']:.4f}", val=f"{val['loss']:.4f}")
         if epoch in snapshots:
-            save_snapshot(out / f"vae_epoch{epoch}.pt", vae, epoch, args.latent_dim, "vae_amortized")
+            vae_model.save_snapshot(out / f"vae_epoch{epoch}.pt", vae, epoch, args.latent_dim,
+                                    "vae_amortized")
         resume.save(epoch, history)
     progress.close()
-    save_snapshot(out / "vae_final.pt", vae, args.epochs, args.latent_dim, "vae_amortized")
+    vae_model.save_snapshot(out / "vae_final.pt", vae, args.epochs, args.latent_dim, "vae_amortized")
     vae.eval()
-    final = {split: vae_model.vae_evaluate(vae.decoder, encode, x)
+    final = {split: vae_model.vae_evaluate(vae.decoder, encode, x, **objective)
              for split, x in (("train", train_x), ("val", val_x))}
+    with torch.no_grad():
+        train_mu, train_logvar = vae.encoder(train_x)
 
     # Figures: every snapshot decodes the same fixed images and the same prior latents.
     epochs = list(range(1, args.epochs + 1))
+    loss_name = ("loss (Eq. 5: MSE + mean KL)" if args.loss == "exercise"
+                 else f"negative ELBO, sigma_p = {args.sigma_p:g} [nats]")
     utils.plot_curves(out / "loss_curves.png", {
-        "loss (Eq. 5: MSE + mean KL)": {
-            "train (running)": (epochs, history["train_loss"]),
-            f"validation ({len(monitor['val']):,})": (epochs, history["val_loss"])},
+        loss_name: {"train (running)": (epochs, history["train_loss"]),
+                    f"validation ({len(monitor['val']):,})": (epochs, history["val_loss"])},
         "reconstruction MSE (mean of q)": {
             f"train ({len(monitor['train']):,})": (epochs, history["train_recon_mse"]),
             f"validation ({len(monitor['val']):,})": (epochs, history["val_recon_mse"])},
-        "KL per latent dim": {"train (running)": (epochs, history["train_kl"]),
-                              f"validation ({len(monitor['val']):,})": (epochs, history["val_kl"])},
-    }, title=f"Amortized VAE, {len(train_x):,} training images, d = {args.latent_dim}")
+        "KL per latent dimension": {
+            "train (running)": (epochs, history["train_kl"]),
+            f"validation ({len(monitor['val']):,})": (epochs, history["val_kl"])},
+    })
 
-    z_prior = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
+    z_show = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
+    z_judge = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, args.latent_dim,
+                                      vae_model.QUALITY_SEED).to(device)
     show_val_x = val_x[data["show_val"].to(device)]
     show_train_x = train_x[data["show_train"].to(device)]
     rows = {"val": [show_val_x], "train": [show_train_x], "prior": []}
+    quality = {}
     snapshot_model = vae_model.VAE(args.latent_dim).to(device).eval()
     for epoch in snapshots:
-        load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot_model, "vae_amortized", device)
+        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot_model, "vae_amortized",
+                                device)
         rows["val"].append(snapshot_model.reconstruct(show_val_x))
         rows["train"].append(snapshot_model.reconstruct(show_train_x))
         with torch.no_grad():
-            rows["prior"].append(snapshot_model.decoder(z_prior))
+            rows["prior"].append(snapshot_model.decoder(z_show))
+            if classifier is not None:
+                quality[str(epoch)] = vae_model.classify_samples(
+                    classifier, snapshot_model.decoder(z_judge))
+    if classifier is not None:
+        quality["real test images"] = vae_model.classify_samples(
+            classifier, val_x[:vae_model.QUALITY_SAMPLES])
     labels = [f"epoch {e}" for e in snapshots]
-    for split, name in (("val", "validation"), ("train", "training")):
+    for split in ("val", "train"):
         utils.plot_image_rows(out / f"q1_reconstructions_{split}.png", rows[split],
-                              ["original"] + labels, col_labels=list(range(10)),
-                              title=f"Q1: {name} images (top) and reconstructions G(mu(x))")
-    utils.plot_image_rows(out / "q2_prior_samples.png", rows["prior"], labels,
-                          title="Q2: the same 10 prior latents z ~ N(0, I) through each epoch's G")
+                              ["original"] + labels, col_labels=list(range(10)))
+    utils.plot_image_rows(out / "q2_prior_samples.png", rows["prior"], labels)
 
     metrics = {
         **history,
         "final_train": final["train"],
         "final_val": final["val"],
+        "overfit": overfit_verdict(history, final),
         "monitor_images": {k: len(v) for k, v in monitor.items()},
         "snapshot_epochs": snapshots,
+        # Q2: 1,000 prior samples per snapshot judged by the Part 1 classifier (absent without it)
+        "sample_quality": quality or None,
+        "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(train_mu, train_logvar),
+        "eq7": eq7_check(),
         "train_seconds": sum(history["epoch_seconds"]),
         "train_images": len(train_x),
         "val_images": len(val_x),
+        "steps": args.epochs * steps,
         "subset_per_class": len(train_x) // 10,
         "subset_seed": utils.SUBSET_SEED,
         "show_train_indices": data["subset"][data["show_train"]].tolist(),
         "show_val_indices": data["show_val"].tolist(),
         "latent_dim": args.latent_dim,
+        "loss": args.loss,
         "sigma_p": args.sigma_p,
         "device": str(device),
         "args": vars(args),

@@ -4,6 +4,9 @@ Each of the 5,000 training images owns its q = N(mu_i, sigma_i^2 I), stored in t
 the image's position in the fixed subset, so a shuffled batch always reads its own rows.
 Figures: reconstructions at epochs 1, 5, 10, 20, 30 (training images, and validation images whose
 latents are fitted with the decoder frozen), compared with Q1, and prior samples beside Q2's.
+Like for like: the training latents get 30 updates (one per epoch) and the validation fits 300
+steps, so both decoders (this one and Q1's) also get the same 300-step latent fit on the same
+training and validation images, separating the optimizer's budget from the method.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from tqdm import tqdm
 
 import model as vae_model
 import utils
-from vae_amortized import load_snapshot, save_snapshot, snapshot_epochs, vae_data
 
 
 class LatentTable(nn.Module):
@@ -32,42 +34,84 @@ class LatentTable(nn.Module):
         return self.mu(idx), self.logvar(idx)
 
 
+def q3_verdicts(same: dict, quality) -> dict:
+    """Q3's two answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
+    the table's mu_i) reconstruct the same training images better; better_decoder: whose
+    decoder reconstructs better when both get the same latent fit (the budget taken out);
+    prior: whether the latent-optimization samples look as good to the classifier as the
+    amortized ones (confidence within 0.05, coverage within one digit)."""
+    verdicts = {"better_q": None, "better_decoder": None, "prior": None}
+    if "amortized" in same:
+        a, lo = same["amortized"], same["latent_opt"]
+        verdicts["better_q"] = ("amortized" if a["proposed_train"] < lo["proposed_train"]
+                                else "latent_opt")
+        verdicts["better_decoder"] = ("amortized" if a["fitted_train"] < lo["fitted_train"]
+                                      else "latent_opt")
+    if quality is not None and "amortized" in quality:
+        lo_q, a_q = quality["latent_opt"], quality["amortized"]
+        good = (lo_q["mean_confidence"] >= a_q["mean_confidence"] - 0.05
+                and lo_q["digits_covered"] >= a_q["digits_covered"] - 1)
+        verdicts["prior"] = "sufficient" if good else "insufficient"
+    return verdicts
+
+
 def parse_args(argv=None):
     parser = utils.script_parser("vae_latent_opt", __doc__.splitlines()[0])
-    parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.positive_int)
-    parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="batch size")
-    parser.add_argument("--lr", type=utils.positive_float, default=1e-3,
+    parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.int_in(1, 10_000))
+    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=64,
+                        help="batch size")
+    parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=1e-3,
                         help="Adam learning rate of the decoder")
-    parser.add_argument("--latent-lr", type=utils.positive_float, default=1e-2,
+    parser.add_argument("--latent-lr", type=utils.float_in(1e-8, 100), default=1e-2,
                         help="learning rate of the per-image latents (10x, as the exercise says)")
-    parser.add_argument("--latent-dim", type=utils.positive_int, default=200, help="latent size d")
-    parser.add_quick_argument("--fit-steps", 300, 20, "Adam steps fitting the validation images' "
-                              "latents with the decoder frozen", type=utils.positive_int)
-    parser.add_argument("--fit-lr", type=utils.positive_float, default=1e-2,
+    parser.add_argument("--latent-dim", type=utils.int_in(1, 4096), default=200,
+                        help="latent size d")
+    parser.add_quick_argument("--fit-steps", 300, 20, "Adam steps fitting latents with a decoder "
+                              "frozen (validation images, and the same-budget comparison)",
+                              type=utils.int_in(1, 100_000))
+    parser.add_argument("--fit-lr", type=utils.float_in(1e-8, 100), default=1e-2,
                         help="learning rate of that test-time latent fit")
+    parser.add_quick_argument("--compare-per-digit", 5, 2, "training and validation images per "
+                              "digit in the same-budget comparison", type=utils.int_in(1, 20))
     parser.add_argument("--amortized", type=utils.Path,
                         default=utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt",
-                        help="Q1's final VAE, for the side-by-side figures (skipped if absent)")
+                        help="Q1's final VAE, for the side-by-side figures and comparisons "
+                             "(skipped if absent)")
+    parser.add_argument("--classifier", type=utils.Path, default=None,
+                        help="Part 1's classifier.pt, to judge prior samples (default: "
+                             "outputs/sup_classification/classifier.pt if it exists)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, out = utils.start_run(args)
-    data = vae_data(args.quick, device)
+    # Every file argument is loaded and checked before the first training step.
+    amortized = None
+    if args.amortized.is_file():
+        amortized = vae_model.load_amortized_vae(args.amortized, device)
+        if amortized.latent_dim != args.latent_dim:
+            raise utils.UsageError(f"{args.amortized} has latent size {amortized.latent_dim}, "
+                                   f"this run {args.latent_dim}; pass --latent-dim "
+                                   f"{amortized.latent_dim} or another --amortized")
+    else:
+        print(f"note: {args.amortized} not found; run vae_amortized.py first for the Q1/Q2 rows")
+    classifier = vae_model.optional_classifier(args.classifier, device)
+    data = utils.vae_data(args.quick, device)
     train_x = data["train_x"]
 
     decoder = vae_model.Decoder(args.latent_dim).to(device)
     latents = LatentTable(len(train_x), args.latent_dim, args.seed).to(device)
     opt_decoder = torch.optim.Adam(decoder.parameters(), lr=args.lr)
     opt_latents = torch.optim.SparseAdam(list(latents.parameters()), lr=args.latent_lr)
-    config = utils.run_config(args, ignore=("amortized", "fit_steps", "fit_lr"))
+    config = utils.run_config(args, ignore=("amortized", "classifier", "fit_steps", "fit_lr",
+                                            "compare_per_digit"))
     resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh, decoder=decoder,
                           latents=latents, opt_decoder=opt_decoder, opt_latents=opt_latents)
     start, history = resume.start()
     history = history or {key: [] for key in ("train_loss", "train_mse", "train_kl",
                                               "train_recon_mse", "epoch_seconds")}
-    snapshots = snapshot_epochs(args.epochs)
+    snapshots = utils.snapshot_epochs(args.epochs)
 
     steps = -(-len(train_x) // args.batch_size)
     progress = tqdm(total=args.epochs * steps, initial=(start - 1) * steps,
@@ -84,14 +128,15 @@ def main(argv=None):
         progress.set_postfix(loss=f"{train['loss']:.4f}")
         if epoch in snapshots:
             # The decoder and the latent table together: reconstructions need both.
-            utils.save_checkpoint({"model": decoder.state_dict(), "epoch": epoch,
-                                   "latent_dim": args.latent_dim, "kind": "vae_latent_opt",
-                                   "mu": latents.mu.weight.detach().cpu(),
-                                   "logvar": latents.logvar.weight.detach().cpu()},
-                                  out / f"decoder_epoch{epoch}.pt")
+            vae_model.save_snapshot(out / f"decoder_epoch{epoch}.pt", decoder, epoch,
+                                    args.latent_dim, "vae_latent_opt",
+                                    mu=latents.mu.weight.detach().cpu(),
+                                    logvar=latents.logvar.weight.detach().cpu())
         resume.save(epoch, history)
     progress.close()
-    save_snapshot(out / "decoder_final.pt", decoder, args.epochs, args.latent_dim, "vae_latent_opt")
+    vae_model.save_snapshot(out / "decoder_final.pt", decoder, args.epochs, args.latent_dim,
+                            "vae_latent_opt")
+    decoder.eval()
     final_train = vae_model.vae_evaluate(decoder, latents, train_x)
 
     # Q3 figures.
@@ -99,18 +144,22 @@ def main(argv=None):
     utils.plot_curves(out / "loss_curves.png", {
         "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
         "reconstruction MSE (mean of q)": {"training images": (epochs, history["train_recon_mse"])},
-        "KL per latent dim": {"train (running)": (epochs, history["train_kl"])},
-    }, title=f"Latent optimization, {len(train_x):,} training images, d = {args.latent_dim}")
+        "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
+    })
     show_train, show_val = data["show_train"].to(device), data["show_val"].to(device)
     show_val_x = data["val_x"][show_val]
     z_prior = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
     snapshot_decoder = vae_model.Decoder(args.latent_dim).to(device).eval()
     rows_train, rows_val, val_fit = [train_x[show_train]], [show_val_x], {}
-    fit_bar = tqdm(total=len(snapshots) * args.fit_steps, desc="fitting validation latents",
-                   unit="step")
+    compare = {"train": utils.monitor_subset(data["train_y"], args.compare_per_digit).to(device),
+               "val": utils.monitor_subset(data["val_y"], args.compare_per_digit).to(device)}
+    compare_x = torch.cat([train_x[compare["train"]], data["val_x"][compare["val"]]])
+    n_train = len(compare["train"])
+    fit_bar = tqdm(total=(len(snapshots) + 1 + (amortized is not None)) * args.fit_steps,
+                   desc="fitting latents to frozen decoders", unit="step")
     for epoch in snapshots:
-        ckpt = load_snapshot(out / f"decoder_epoch{epoch}.pt", snapshot_decoder, "vae_latent_opt",
-                             device)
+        ckpt = vae_model.load_snapshot(out / f"decoder_epoch{epoch}.pt", snapshot_decoder,
+                                       "vae_latent_opt", device)
         with torch.no_grad():
             rows_train.append(snapshot_decoder(ckpt["mu"].to(device)[show_train]))
         mu, logvar = vae_model.fit_latents(snapshot_decoder, show_val_x, args.fit_steps,
@@ -118,54 +167,78 @@ def main(argv=None):
         with torch.no_grad():
             rows_val.append(snapshot_decoder(mu))
         val_fit[epoch] = vae_model.reconstruction_mse(snapshot_decoder, mu, show_val_x)
-    fit_bar.close()
-    with torch.no_grad():
-        lo_prior = snapshot_decoder(z_prior)          # the last snapshot is the final decoder
 
-    labels = [f"LO epoch {e}" for e in snapshots]
-    amortized = None
-    if args.amortized.is_file():
-        amortized = vae_model.VAE(args.latent_dim).to(device).eval()
-        load_snapshot(args.amortized, amortized, "vae_amortized", device)
-    else:
-        print(f"note: {args.amortized} not found; run vae_amortized.py first for the Q1/Q2 rows")
+    # Same budget for both methods: a fresh fit_steps-step latent fit against each final decoder
+    # on the same images, beside the latents each method itself proposes.
+    def same_budget(dec, proposed_train, proposed_val):
+        mu, _ = vae_model.fit_latents(dec, compare_x, args.fit_steps, args.fit_lr,
+                                      init_seed=args.seed, progress=fit_bar)
+        mse = lambda m, x: vae_model.reconstruction_mse(dec, m, x)   # noqa: E731
+        return {"proposed_train": mse(proposed_train, compare_x[:n_train]),
+                "proposed_val": None if proposed_val is None else mse(proposed_val,
+                                                                      compare_x[n_train:]),
+                "fitted_train": mse(mu[:n_train], compare_x[:n_train]),
+                "fitted_val": mse(mu[n_train:], compare_x[n_train:])}
+
+    same = {"latent_opt": same_budget(decoder, latents.mu.weight.detach()[compare["train"]], None)}
     extra_val, extra_prior, amortized_val10 = [], [], None
     if amortized is not None:
-        extra_val = [amortized.reconstruct(show_val_x)]
-        amortized_val10 = vae_model.reconstruction_mse(amortized.decoder,
-                                                       amortized.encoder(show_val_x)[0], show_val_x)
         with torch.no_grad():
+            encoded = amortized.encoder(compare_x)[0]
+        same["amortized"] = same_budget(amortized.decoder, encoded[:n_train], encoded[n_train:])
+        with torch.no_grad():
+            extra_val = [amortized.reconstruct(show_val_x)]
+            amortized_val10 = vae_model.reconstruction_mse(
+                amortized.decoder, amortized.encoder(show_val_x)[0], show_val_x)
             extra_prior = [amortized.decoder(z_prior)]
-    utils.plot_image_rows(out / "q3_reconstructions_train.png", rows_train,
-                          ["original"] + labels, col_labels=list(range(10)),
-                          title="Q3: training images and G(mu_i) of their optimized latents")
-    utils.plot_image_rows(
-        out / "q3_reconstructions_val.png", rows_val + extra_val,
-        ["original"] + labels + (["Q1 amortized"] if extra_val else []), col_labels=list(range(10)),
-        title=f"Q3: validation images, latents fitted with G frozen ({args.fit_steps} Adam steps)")
-    utils.plot_image_rows(out / "q3_prior_samples.png", extra_prior + [lo_prior],
-                          (["Q2 amortized"] if extra_prior else []) + ["Q3 latent opt."],
-                          title="The same 10 prior latents z ~ N(0, I) through each final G")
+    fit_bar.close()
+    with torch.no_grad():
+        lo_prior = decoder(z_prior)
 
+    labels = [f"LO epoch {e}" for e in snapshots]
+    utils.plot_image_rows(out / "q3_reconstructions_train.png", rows_train,
+                          ["original"] + labels, col_labels=list(range(10)))
+    utils.plot_image_rows(out / "q3_reconstructions_val.png", rows_val + extra_val,
+                          ["original"] + labels + (["Q1 amortized"] if extra_val else []),
+                          col_labels=list(range(10)))
+    utils.plot_image_rows(out / "q3_prior_samples.png", extra_prior + [lo_prior],
+                          (["Q2 amortized"] if extra_prior else []) + ["Q3 latent opt."])
+
+    quality = None
+    if classifier is not None:     # the same 1,000 prior latents through both final generators
+        z_judge = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, args.latent_dim,
+                                          vae_model.QUALITY_SEED).to(device)
+        with torch.no_grad():
+            quality = {"latent_opt": vae_model.classify_samples(classifier, decoder(z_judge))}
+            if amortized is not None:
+                quality["amortized"] = vae_model.classify_samples(classifier,
+                                                                  amortized.decoder(z_judge))
     final_mu = latents.mu.weight.detach()
-    final_sigma2 = latents.logvar.weight.detach().exp()
+    final_logvar = latents.logvar.weight.detach()
     metrics = {
         **history,
         "snapshot_epochs": snapshots,
         "final_train": final_train,
         "val_fit_recon_mse": {str(e): v for e, v in val_fit.items()},
         "amortized_val10_recon_mse": amortized_val10,
-        "train_seconds": sum(history["epoch_seconds"]),
-        "train_images": len(train_x),
-        # How far the learned q's are from the prior N(0, I) that samples are drawn from.
+        "same_budget": same,
+        "same_budget_images": {"train": n_train, "val": len(compare_x) - n_train,
+                               "steps": args.fit_steps},
+        # Q3's prior question: samples judged by the Part 1 classifier, and how far the latents
+        # the decoder was trained on are from N(0, I).
+        "sample_quality": quality,
+        "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(final_mu, final_logvar),
         "latent_mu_mean_norm": final_mu.norm(dim=1).mean().item(),
         "latent_mu_std": final_mu.std().item(),
-        "latent_sigma2_mean": final_sigma2.mean().item(),
+        "latent_sigma2_mean": final_logvar.exp().mean().item(),
         "expected_prior_norm": float(args.latent_dim) ** 0.5,
+        "train_seconds": sum(history["epoch_seconds"]),
+        "train_images": len(train_x),
         "latent_dim": args.latent_dim,
         "device": str(device),
         "args": vars(args),
     }
+    metrics["verdicts"] = q3_verdicts(same, quality)
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")
