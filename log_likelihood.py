@@ -166,6 +166,22 @@ def main(argv=None):
     stages.update(1)
     stages.close()
 
+    # Why Eq. 9's weights degenerate: the encoder's variances against the fitted posterior's,
+    # its marginal variances diag(H^-1) and its conditional ones 1 / diag(H). A diagonal q that
+    # is wider than the marginals wastes samples; one narrower than them (what fitting a
+    # diagonal q to a correlated posterior by KL(q || p) gives) has heavy-tailed weights.
+    cov_l = scale @ scale.transpose(1, 2)
+    log_q_var, log_marginal = logvar.double(), cov_l.diagonal(dim1=1, dim2=2).double().log()
+    log_conditional = -torch.linalg.inv(cov_l.double()).diagonal(dim1=1, dim2=2).log()
+    q_width = {"vs_marginal": (log_q_var - log_marginal).mean().exp().item(),
+               "vs_conditional": (log_q_var - log_conditional).mean().exp().item(),
+               "share_narrower_than_marginal": (log_q_var < log_marginal).double().mean().item(),
+               "correlation_inflation": (log_marginal - log_conditional).mean().exp().item()}
+    kl, kl_mean = vae_model.kl_full_to_diagonal(centre.double(), scale.double(), mu.double(),
+                                                logvar.double())
+    mismatch = {"kl_median": kl.median().item(), "kl_mean_part_median": kl_mean.median().item(),
+                "kl_min": kl.min().item(), "log_M": math.log(args.num_samples)}
+
     # Ink: how many pixels are lit (above the -1 background) in each image.
     ink = (x > -1).flatten(1).sum(1).cpu().numpy()
     lap_px, eq9_px = lap["log_px"].cpu().numpy(), eq9["log_px"].cpu().numpy()
@@ -200,6 +216,10 @@ def main(argv=None):
         "diagnostics": {"laplace": diagnostics(lap), "eq9": diagnostics(eq9)},
         "gap": {"mean": float(gap.mean()), "median": float(np.median(gap)),
                 "max": float(gap.max()), "min": float(gap.min())},
+        # geometric means over images and latent dimensions of the variance ratios
+        "q_width": q_width,
+        # KL(Laplace posterior || encoder's q): about exp(KL) samples are needed (vs log M)
+        "proposal_mismatch": mismatch,
         "convergence": convergence,
         "convergence_movement": {"laplace": movement("laplace"), "eq9": movement("eq9")},
         "ink_correlation": float(np.corrcoef(ink, lap_px)[0, 1]),

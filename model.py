@@ -6,6 +6,7 @@ Every density is computed in log space; equation numbers refer to the exercise t
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -211,6 +212,20 @@ def aggregate_posterior_kl(mu, logvar) -> float:
     return 0.5 * (torch.trace(cov) + mean @ mean - len(mean) - torch.logdet(cov)).item()
 
 
+def kl_full_to_diagonal(mean1, scale1, mean0, logvar0):
+    """KL(N(mean1, S1) || N(mean0, diag(exp(logvar0)))) per image, S1 = scale1 scale1^T, split
+    into the part due to the means, (mean0 - mean1)^T S0^-1 (mean0 - mean1) / 2, and the rest
+    (the covariances). Importance sampling from the second Gaussian for the first needs about
+    exp(KL) samples (Chatterjee & Diaconis 2018). Returns (total, mean part), each (B,)."""
+    var0 = logvar0.exp()
+    cov1 = scale1 @ scale1.transpose(-1, -2)
+    trace = (cov1.diagonal(dim1=-2, dim2=-1) / var0).sum(-1)
+    log_det1 = 2 * scale1.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+    mean_part = 0.5 * ((mean0 - mean1).pow(2) / var0).sum(-1)
+    cov_part = 0.5 * (trace - mean1.shape[-1] + logvar0.sum(-1) - log_det1)
+    return cov_part + mean_part, mean_part
+
+
 def log_normal_pdf(x, mean, logvar, event_dims: int = 1):
     """log N(x; mean, diag(exp(logvar))), summed over the last `event_dims` dimensions.
 
@@ -375,7 +390,10 @@ def pareto_khat(log_w):
 def decoder_jacobian(decode, z, chunk: int = 25):
     """J = dG(z)/dz per latent, (B, pixels, d), by forward-mode autodiff (d tangents per image)."""
     per_image = lambda zz: decode(zz.unsqueeze(0)).flatten()          # noqa: E731
-    return torch.cat([torch.func.vmap(torch.func.jacfwd(per_image))(zc) for zc in z.split(chunk)])
+    with warnings.catch_warnings():     # torch.func's first use warns about torch.jit internals
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        return torch.cat([torch.func.vmap(torch.func.jacfwd(per_image))(zc)
+                          for zc in z.split(chunk)])
 
 
 @torch.no_grad()

@@ -24,11 +24,13 @@ def run_script(script, *args, env_extra=None, check=True):
 
 @pytest.fixture(scope="session")
 def quick_outputs(tmp_path_factory):
-    """Every script run once with --quick into the standard layout <outputs>/<script>/, as
-    `make quick` does, through the report builder's own --run-missing chain; shared by the
-    script and report tests."""
-    from report import build_report
-
+    """Every script with --quick into <outputs>/<script>/ and both reports, built the way
+    `make quick` builds them (the Makefile's chain, with this interpreter); shared by the script
+    and report tests."""
     out = tmp_path_factory.mktemp("outputs")
-    build_report.load_metrics(out, run_missing=True, quick=True, device="cpu")
+    proc = subprocess.run(["make", "-C", str(ROOT), "all", f"OUT={out}", "FLAGS=--quick",
+                           "DEVICE=cpu", f"PY={sys.executable}", "VENV_DEP="],
+                          env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

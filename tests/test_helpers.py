@@ -107,12 +107,36 @@ def test_metrics_and_plots_are_written(tmp_path):
     utils.write_metrics(tmp_path / "metrics.json", {"a": np.float32(1.5), "b": torch.arange(2),
                                                     "p": tmp_path})
     assert json.loads((tmp_path / "metrics.json").read_text())["b"] == [0, 1]
+    with pytest.raises(ValueError):                     # NaN never reaches metrics.json
+        utils.write_metrics(tmp_path / "metrics.json", {"a": float("nan")})
+    assert json.loads((tmp_path / "metrics.json").read_text())["a"] == 1.5
     utils.plot_curves(tmp_path / "c.png", {"loss": {"train": ([1, 2], [3.0, 2.0])}})
     images = torch.rand(10, 1, 28, 28) * 2 - 1
     utils.plot_image_rows(tmp_path / "r.png", [images, images], ["a", "b"], col_labels=range(10))
-    utils.plot_image_grid(tmp_path / "g.png", images, nrow=5)
-    for name in ("c.png", "r.png", "g.png"):
+    utils.plot_image_rows(tmp_path / "t.png", [images], ["a"], cell_titles=[["1\n2"] * 10])
+    utils.save_image_grid(tmp_path / "g.png", images, nrow=5)
+    for name in ("c.png", "r.png", "t.png", "g.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "g.png", "metrics.json",
+                                                          "r.png", "t.png"]     # no temp files
+
+
+def test_figures_are_drawn_at_the_size_the_report_shows():
+    """A PNG's size in inches (pixels / dpi) is the figure size, so its 7 to 8 pt text stays
+    7 to 8 pt on the page (Typst places an image at its own size)."""
+    import struct
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.png"
+        utils.plot_curves(path, {"loss": {"train": ([1, 2], [3.0, 2.0])}}, width=5.0, height=2.0)
+        data = path.read_bytes()
+        width_px, height_px = struct.unpack(">II", data[16:24])
+        ppm = struct.unpack(">I", data[data.index(b"pHYs") + 4:][:4])[0]
+    assert width_px / (ppm * 0.0254) == pytest.approx(5.0, abs=0.02)
+    assert height_px / (ppm * 0.0254) == pytest.approx(2.0, abs=0.02)
+    assert utils.pyplot().rcParams["xtick.labelsize"] >= 7
 
 
 def test_unwritable_out_is_a_usage_error(tmp_path):

@@ -131,3 +131,46 @@ def test_init_latents_follow_q3_and_have_no_infinite_log():
     # sigma ~ N(0, 1)  =>  sigma^2 ~ chi^2_1 with mean 1; mu ~ N(0, 1)
     assert abs(sigma2.mean().item() - 1) < 5 * math.sqrt(2 / sigma2.numel())
     assert abs(mu.mean().item()) < 5 / math.sqrt(mu.numel())
+
+
+def test_elbo_objective_is_the_negative_elbo_of_the_sigma_p_model():
+    """--loss elbo: per image, -E log N(x; G(z), sigma_p^2 I) + KL, up to the constant
+    D/2 log(2 pi sigma_p^2), averaged over the batch (torch.distributions as the oracle)."""
+    torch.manual_seed(2)
+    x, x_hat = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randn(4, 1, 28, 28,
+                                                                           dtype=torch.float64)
+    mu, logvar = torch.randn(4, 20, dtype=torch.float64), torch.randn(4, 20, dtype=torch.float64)
+    loss, mse, kl = model.vae_loss(x, x_hat, mu, logvar, objective="elbo", sigma_p=0.4)
+    log_lik = Independent(Normal(x_hat, 0.4), 3).log_prob(x)
+    kl_ref = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(1)
+    const = 784 / 2 * math.log(2 * math.pi * 0.4**2)
+    torch.testing.assert_close(loss, (-log_lik + kl_ref).mean() - const)
+    torch.testing.assert_close(mse, torch.nn.MSELoss()(x_hat, x))      # monitoring parts unchanged
+    with pytest.raises(ValueError):
+        model.vae_loss(x, x_hat, mu, logvar, objective="mse")
+
+
+def test_aggregate_posterior_kl_is_the_kl_of_the_moment_matched_gaussian():
+    from torch.distributions import MultivariateNormal
+
+    gen = torch.Generator().manual_seed(3)
+    mu = torch.randn(500, 4, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    logvar = torch.randn(500, 4, generator=gen, dtype=torch.float64) * 0.2 - 1
+    cov = torch.cov(mu.T) + torch.diag(logvar.exp().mean(0))
+    ref = kl_divergence(MultivariateNormal(mu.mean(0), cov),
+                        MultivariateNormal(torch.zeros(4, dtype=torch.float64),
+                                           torch.eye(4, dtype=torch.float64)))
+    assert model.aggregate_posterior_kl(mu, logvar) == pytest.approx(ref.item(), rel=1e-10)
+
+
+def test_loading_a_network_does_not_consume_the_callers_randomness(tmp_path):
+    path = tmp_path / "vae.pt"
+    model.save_snapshot(path, model.VAE(8), 1, 8, "vae_amortized")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    vae = model.load_amortized_vae(path)
+    assert torch.equal(torch.rand(3), expected)
+    assert vae.latent_dim == 8 and not vae.training
+    with pytest.raises(Exception, match="not a vae_latent_opt checkpoint"):
+        model.read_snapshot(path, "vae_latent_opt")
