@@ -28,17 +28,18 @@ CONVERGENCE_M = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
 
 
 def parse_args(argv=None):
-    parser = utils.script_parser("log_likelihood", __doc__.splitlines()[0], fresh=False)
+    parser = utils.script_parser("log_likelihood", __doc__.splitlines()[0], resumable=False)
     parser.add_argument("--checkpoint", type=utils.Path,
                         default=utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt",
                         help="the amortized VAE (written by vae_amortized.py)")
+    utils.add_vae_data_arguments(parser)      # the split the checkpoint's VAE was trained on
     parser.add_quick_argument(("--num-samples", "-M"), 1000, 50, "importance samples per image",
-                              type=utils.int_in(1, 1_000_000))
+                              type=utils.int_in(1, 100_000))
     parser.add_argument("--per-digit", type=utils.int_in(1, 500), default=5,
                         help="images per digit from each of the training and test sets")
     parser.add_argument("--sigma-p", type=utils.float_in(1e-3, 1e3), default=0.4,
                         help="std of p(x|z) = N(G(z), sigma_p^2 I)")
-    parser.add_argument("--chunk-size", type=utils.int_in(1, 1_000_000), default=4096,
+    parser.add_argument("--chunk-size", type=utils.int_in(1, 100_000), default=4096,
                         help="decoder evaluations held in memory at once")
     parser.add_quick_argument("--adam-steps", 100, 20, "Adam steps towards each image's "
                               "posterior mode (Laplace proposal)", type=utils.int_in(0, 100_000))
@@ -46,7 +47,7 @@ def parse_args(argv=None):
                               type=utils.int_in(0, 100))
     parser.add_quick_argument("--convergence-max", 10000, 200, "largest M of the convergence "
                               "study (10 test images, one per digit)",
-                              type=utils.int_in(1, 1_000_000))
+                              type=utils.int_in(1, 100_000))
     parser.add_quick_argument("--bootstrap", 1000, 100, "bootstrap resamples for the error bars",
                               type=utils.int_in(2, 100_000))
     return parser.parse_args(argv)
@@ -96,28 +97,41 @@ def summarize(log_px, digits, split) -> dict:
             "train_vs_test": "neither" if abs(z) < 2 else ("train" if z > 0 else "test")}
 
 
+def finite_or_none(value):
+    """JSON has no NaN or infinity: k-hat is NaN when M is too small to fit a tail (None here) and
+    -inf for exactly equal weights (a bounded tail: -1, the uniform distribution's k, or less)."""
+    value = float(value)
+    return value if math.isfinite(value) else (None if math.isnan(value) else max(value, -1e9))
+
+
 def diagnostics(result) -> dict:
     ess, khat, sd = (result[k].cpu().numpy() for k in ("ess", "khat", "sd"))
+    fitted = khat[~np.isnan(khat)]       # k-hat needs M >= 25
     return {"median_ess": float(np.median(ess)), "min_ess": float(ess.min()),
             "share_ess_below_2": float((ess < 2).mean()),
-            "median_khat": float(np.median(khat)), "share_khat_above_0_7": float((khat > 0.7).mean()),
+            "median_khat": finite_or_none(np.median(fitted)) if len(fitted) else None,
+            "share_khat_above_0_7": float((fitted > 0.7).mean()) if len(fitted) else None,
             "median_sd": float(np.median(sd)), "max_sd": float(sd.max())}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device, out = utils.start_run(args)
+    device = utils.start_run(args)
     if not args.checkpoint.is_file():
         raise utils.UsageError(f"{args.checkpoint} not found: run vae_amortized.py first "
                                f"(or pass --checkpoint)")
     vae = vae_model.load_amortized_vae(args.checkpoint, device)
-    data = utils.vae_data(args.quick, device)
+    trained_on = vae_model.read_snapshot(args.checkpoint, "vae_amortized").get("subset_per_class")
+    if trained_on is not None and trained_on != args.per_class:
+        raise utils.UsageError(f"{args.checkpoint} was trained on {trained_on} images per digit; "
+                               f"pass --per-class {trained_on}")
+    data = utils.vae_data(args.per_class, args.val_images, device)
     available = min(int(torch.bincount(labels, minlength=10).min())
                     for labels in (data["train_y"], data["val_y"]))
     if args.per_digit > available:
         raise utils.UsageError(f"--per-digit {args.per_digit}: only {available} images of some "
-                               f"digit are available{' in --quick mode' if args.quick else ''}; "
-                               f"use --per-digit {available} or less")
+                               f"digit are available; use --per-digit {available} or less")
+    out = utils.claim_out_dir(args.out)
 
     # 5 training images (from the VAE's own 5,000) and 5 test images per digit, seeded.
     pick_train = utils.balanced_subset(data["train_y"], args.per_digit, args.seed)
@@ -201,9 +215,9 @@ def main(argv=None):
             "digit": digits[k], "split": split[k], "ink": int(ink[k]),
             "index": int((data["subset"][pick_train].tolist() + pick_test.tolist())[k]),
             "log_px": float(lap_px[k]), "sd": float(lap["sd"][k]), "ess": float(lap["ess"][k]),
-            "khat": float(lap["khat"][k]),
+            "khat": finite_or_none(lap["khat"][k]),
             "eq9_log_px": float(eq9_px[k]), "eq9_sd": float(eq9["sd"][k]),
-            "eq9_ess": float(eq9["ess"][k]), "eq9_khat": float(eq9["khat"][k]),
+            "eq9_ess": float(eq9["ess"][k]), "eq9_khat": finite_or_none(eq9["khat"][k]),
             "eq9_elbo": float(eq9["elbo"][k]), "gap": float(gap[k])})
     converged, exercise = summarize(lap_px, digits, split), summarize(eq9_px, digits, split)
     for d in range(10):

@@ -107,10 +107,11 @@ def save_snapshot(path, module, epoch: int, latent_dim: int, kind: str, **extra)
 
 def read_snapshot(path, kind: str, map_location="cpu") -> dict:
     """A snapshot written by `save_snapshot`, checked to be of the given kind."""
-    ckpt = utils.load_checkpoint(path, map_location)
+    advice = f"pass a file written by {kind}.py, or run {kind}.py again"
+    ckpt = utils.load_checkpoint(path, map_location, advice=advice)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind or "model" not in ckpt \
             or not isinstance(ckpt.get("latent_dim"), int) or ckpt["latent_dim"] <= 0:
-        raise utils.CheckpointError(f"{path} is not a {kind} checkpoint (written by {kind}.py)")
+        raise utils.CheckpointError(f"{path} is not a {kind} checkpoint; {advice}")
     return ckpt
 
 
@@ -121,7 +122,8 @@ def load_snapshot(path, module, kind: str, map_location="cpu") -> dict:
     if ckpt["latent_dim"] != module.latent_dim:
         raise utils.CheckpointError(f"{path} has latent size {ckpt['latent_dim']}, this model "
                                     f"{module.latent_dim}; pass the matching --latent-dim")
-    utils.load_state_dict_checked(module, ckpt["model"], path)
+    utils.load_state_dict_checked(module, ckpt["model"], path,
+                                  advice=f"pass a file written by {kind}.py")
     return ckpt
 
 
@@ -132,7 +134,8 @@ def load_amortized_vae(path, device="cpu") -> VAE:
     ckpt = read_snapshot(path, "vae_amortized", device)
     with torch.random.fork_rng(devices=[]):     # loading must not shift the caller's RNG
         vae = VAE(ckpt["latent_dim"]).to(device)
-    utils.load_state_dict_checked(vae, ckpt["model"], path)
+    utils.load_state_dict_checked(vae, ckpt["model"], path,
+                                  advice="pass a file written by vae_amortized.py")
     return vae.eval().requires_grad_(False)
 
 
@@ -140,7 +143,9 @@ def load_classifier(path, device="cpu") -> nn.Module:
     """Part 1's classifier from sup_classification.py's classifier.pt, in eval mode."""
     with torch.random.fork_rng(devices=[]):     # loading must not shift the caller's RNG
         classifier = build_classifier().to(device)
-    utils.load_state_dict_checked(classifier, utils.load_checkpoint(path, device), path)
+    advice = "pass the classifier.pt written by sup_classification.py, or run it again"
+    utils.load_state_dict_checked(classifier, utils.load_checkpoint(path, device, advice=advice),
+                                  path, advice=advice)
     return classifier.eval().requires_grad_(False)
 
 
@@ -340,10 +345,14 @@ def bootstrap_sd(log_w, resamples: int = 1000, seed: int = 0):
     that the tail was never sampled no error bar can see it, which is what k-hat is for."""
     m, n = log_w.shape
     gen = torch.Generator(device=log_w.device).manual_seed(seed)
+    block = max(1, 2_000_000 // m)          # resamples drawn at once: memory stays bounded
     sds = []
     for j in range(n):
-        idx = torch.randint(m, (resamples, m), generator=gen, device=log_w.device)
-        sds.append(torch.logsumexp(log_w[idx, j], dim=1).std())
+        estimates = torch.cat([
+            torch.logsumexp(log_w[torch.randint(m, (min(block, resamples - r), m), generator=gen,
+                                                device=log_w.device), j], dim=1)
+            for r in range(0, resamples, block)])
+        sds.append(estimates.std())
     return torch.stack(sds)
 
 

