@@ -115,6 +115,7 @@ def main(argv=None):
         "train_images": len(train_x),
         "val_images": len(val_x),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "wall_seconds": utils.wall_seconds(),
         "device": str(device),
         "args": vars(args),
     }

@@ -31,6 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
 OUTPUTS_DIR = ROOT / "outputs"
+START = time.perf_counter()      # for wall_seconds(): the script's time since its imports
+
+
+def wall_seconds() -> float:
+    """Seconds since this process imported utils: a script's wall time, data loading, training,
+    figures and all (of this run only, if it resumed)."""
+    return time.perf_counter() - START
+
+
 # The balanced training subsets are fixed data, like the course skeleton's: the same images
 # whatever --seed a run trains with, so every script recovers them from (per_class, SUBSET_SEED).
 SUBSET_SEED = 0
@@ -799,13 +808,16 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = PAGE_WIDTH,
-                height: float = 2.1) -> None:
-    """One subplot per panel; a panel is {ylabel: {series label: (x, y)}}."""
+                height: float = 2.1, log_panels=()) -> None:
+    """One subplot per panel; a panel is {ylabel: {series label: (x, y)}}; the panels named in
+    log_panels get a logarithmic y axis."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels.items()):
         for label, (x, y) in series.items():
             ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label)
+        if ylabel in log_panels:
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -171,6 +171,7 @@ def main(argv=None):
         "latent_dim": args.latent_dim,
         "loss": args.loss,
         "sigma_p": args.sigma_p,
+        "wall_seconds": utils.wall_seconds(),
         "device": str(device),
         "args": vars(args),
     }

@@ -225,6 +225,7 @@ def main(argv=None):
         "train_seconds": sum(history["epoch_seconds"]),
         "train_images": len(train_x),
         "latent_dim": args.latent_dim,
+        "wall_seconds": utils.wall_seconds(),
         "device": str(device),
         "args": vars(args),
     }
