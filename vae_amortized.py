@@ -17,6 +17,7 @@ import torch
 import model as vae_model
 import utils
 
+
 def parse_args(argv=None):
     parser = utils.script_parser("vae_amortized", __doc__.splitlines()[0])
     parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.int_in(1, 10_000))

@@ -260,7 +260,8 @@ QUICK3 = ["--quick", "--epochs", "3", "--device", "cpu"]
 
 def comparable(folder):
     m = json.loads((folder / "metrics.json").read_text())
-    return {k: v for k, v in m.items() if k not in {"epoch_seconds", "train_seconds", "args"}}
+    return {k: v for k, v in m.items()
+            if k not in {"epoch_seconds", "train_seconds", "wall_seconds", "args"}}
 
 
 @pytest.fixture(scope="module")

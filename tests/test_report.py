@@ -67,6 +67,7 @@ def test_numbers_in_the_text_are_the_metrics(reports, quick_outputs):
     assert f"The most likely digit is {ll['most_likely_digit']} " in text
     assert f"training images {ll['train_mean']:,.1f} ± {ll['train_se']:.1f}" in text
     assert f"test images {ll['test_mean']:,.1f} ± {ll['test_se']:.1f}" in text
+    assert f"± {ll['train_minus_test_se']:.1f}; paired by digit" in text   # Typst eats a bare ';' 
     assert f"lower by {ll['gap']['mean']:.1f} nats on average" in text
     assert f"reconstruction MSE {lo['final_train']['recon_mse']:.4f}" in text
     eq9_ess = ll["diagnostics"]["eq9"]["median_ess"]

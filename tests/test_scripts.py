@@ -6,7 +6,8 @@ import pytest
 
 from conftest import run_script
 
-NONDETERMINISTIC = {"train_seconds", "epoch_seconds", "seconds", "estimate_seconds", "args"}
+NONDETERMINISTIC = {"train_seconds", "epoch_seconds", "seconds", "estimate_seconds", "wall_seconds",
+                    "args"}
 
 
 def metrics(folder):
