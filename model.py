@@ -407,9 +407,9 @@ def decoder_jacobian(decode, z, chunk: int = 25):
 
 @torch.no_grad()
 def gauss_newton_step(x, z, decode, sigma_p: float):
-    """One Gauss-Newton step towards the mode of log p(x|z) + log p(z), per image, kept only
-    where it raises log p(x, z) (else the step is halved, up to 4 times). Returns
-    (new z, Cholesky factor of the precision H = I + J^T J / sigma_p^2 at the old z)."""
+    """One Gauss-Newton step towards the mode of log p(x|z) + log p(z), per image, with the
+    precision H = I + J^T J / sigma_p^2 at z, kept only where it raises log p(x, z) (else the
+    step is halved, up to 4 times). Returns the new z."""
     jac = decoder_jacobian(decode, z)
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
     chol = torch.linalg.cholesky(eye + jac.transpose(1, 2) @ jac / sigma_p**2)
@@ -422,7 +422,7 @@ def gauss_newton_step(x, z, decode, sigma_p: float):
         z = torch.where(better.unsqueeze(1), z + step, z)
         current = torch.maximum(current, log_joint(x, z, decode, sigma_p))
         step = torch.where(better.unsqueeze(1), torch.zeros_like(step), step / 2)
-    return z, chol
+    return z
 
 
 def laplace_proposal(x, decode, sigma_p: float, z_init, adam_steps: int = 100, lr: float = 0.05,
@@ -444,7 +444,7 @@ def laplace_proposal(x, decode, sigma_p: float, z_init, adam_steps: int = 100, l
         sched.step()
     z = z.detach()
     for _ in range(newton_steps):
-        z, _ = gauss_newton_step(x, z, decode, sigma_p)
+        z = gauss_newton_step(x, z, decode, sigma_p)
     jac = decoder_jacobian(decode, z)
     eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
     chol = torch.linalg.cholesky(eye + jac.transpose(1, 2) @ jac / sigma_p**2)

@@ -92,12 +92,14 @@ def run_main(main) -> None:
     except (KeyboardInterrupt, Terminated) as err:
         code = 130 if isinstance(err, KeyboardInterrupt) else 143
         if RUN_STATE["resumable"] and RUN_STATE["epoch"]:
-            where = f"after epoch {RUN_STATE['epoch']}; run the same command to resume"
+            message = f"interrupted after epoch {RUN_STATE['epoch']}; run the same command to resume"
         elif RUN_STATE["resumable"]:
-            where = "before the first epoch was saved; run the same command to start again"
-        else:
-            where = "; nothing was written; run the same command to start again"
-        print(f"{name}: interrupted {where}".replace(" ;", ";"), file=sys.stderr)
+            message = ("interrupted before the first epoch was saved; run the same command to "
+                       "start again")
+        else:                  # metrics.json is written last: without it the run is incomplete
+            message = ("interrupted before its metrics.json was written; run the same command to "
+                       "start again")
+        print(f"{name}: {message}", file=sys.stderr)
         sys.exit(code)
 
 

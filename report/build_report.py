@@ -414,3 +414,7 @@ if __name__ == "__main__":
     except UsageError as err:
         print(f"build_report.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:          # every file is replaced atomically: nothing is half-written
+        print("build_report.py: interrupted; run the same command to build the reports",
+              file=sys.stderr)
+        sys.exit(130)
