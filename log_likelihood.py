@@ -39,7 +39,7 @@ def parse_args(argv=None):
                         help="images per digit from each of the training and test sets")
     parser.add_argument("--sigma-p", type=utils.float_in(1e-3, 1e3), default=0.4,
                         help="std of p(x|z) = N(G(z), sigma_p^2 I)")
-    parser.add_argument("--chunk-size", type=utils.int_in(1, 100_000), default=1024,
+    parser.add_argument("--chunk-size", type=utils.int_in(1, 16_384), default=1024,
                         help="decoder evaluations held in memory at once")
     parser.add_quick_argument("--adam-steps", 100, 20, "Adam steps towards each image's "
                               "posterior mode (Laplace proposal)", type=utils.int_in(0, 100_000))

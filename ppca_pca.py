@@ -250,7 +250,7 @@ def parse_args(argv=None):
     parser.add_quick_argument("--test-images", 10_000, 500, "test images (the first ones)",
                               type=utils.int_in(10, 10_000))
     parser.add_quick_argument("--epochs", 5, 1, "VAE epochs", type=utils.int_in(1, 10_000))
-    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=128,
+    parser.add_argument("--batch-size", type=utils.int_in(1, 8192), default=128,
                         help="VAE batch")
     parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=5e-3,
                         help="VAE peak Adam lr (one-cycle schedule)")

@@ -71,7 +71,7 @@ def parse_args(argv=None):
                               type=utils.int_in(1, 5421))
     parser.add_quick_argument("--val-images", 10_000, 500, "validation (test) images",
                               type=utils.int_in(1, 10_000))
-    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=128,
+    parser.add_argument("--batch-size", type=utils.int_in(1, 8192), default=128,
                         help="batch size")
     parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=3e-3,
                         help="peak learning rate of the one-cycle schedule (AdamW)")

@@ -22,11 +22,11 @@ def parse_args(argv=None):
     parser = utils.script_parser("vae_amortized", __doc__.splitlines()[0])
     parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.int_in(1, 10_000))
     utils.add_vae_data_arguments(parser)
-    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=64,
+    parser.add_argument("--batch-size", type=utils.int_in(1, 8192), default=64,
                         help="batch size")
     parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=1e-3,
                         help="Adam learning rate")
-    parser.add_argument("--latent-dim", type=utils.int_in(1, 4096), default=200,
+    parser.add_argument("--latent-dim", type=utils.int_in(1, 1024), default=200,
                         help="latent size d")
     parser.add_argument("--loss", choices=["exercise", "elbo"], default="exercise",
                         help="exercise: Eq. 5 as Sec. 3.2 aggregates it (pixel-mean MSE + "

@@ -58,13 +58,13 @@ def parse_args(argv=None):
     parser = utils.script_parser("vae_latent_opt", __doc__.splitlines()[0])
     parser.add_quick_argument("--epochs", 30, 2, "training epochs", type=utils.int_in(1, 10_000))
     utils.add_vae_data_arguments(parser)
-    parser.add_argument("--batch-size", type=utils.int_in(1, 100_000), default=64,
+    parser.add_argument("--batch-size", type=utils.int_in(1, 8192), default=64,
                         help="batch size")
     parser.add_argument("--lr", type=utils.float_in(1e-8, 10), default=1e-3,
                         help="Adam learning rate of the decoder")
     parser.add_argument("--latent-lr", type=utils.float_in(1e-8, 100), default=1e-2,
                         help="learning rate of the per-image latents (10x, as the exercise says)")
-    parser.add_argument("--latent-dim", type=utils.int_in(1, 4096), default=200,
+    parser.add_argument("--latent-dim", type=utils.int_in(1, 1024), default=200,
                         help="latent size d")
     parser.add_quick_argument("--fit-steps", 300, 20, "Adam steps fitting latents with a decoder "
                               "frozen (validation images, and the same-budget comparison)",

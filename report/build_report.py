@@ -414,6 +414,11 @@ if __name__ == "__main__":
     except UsageError as err:
         print(f"build_report.py: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:             # a full disk, say: the files already there stay whole
+        print(f"build_report.py: error: could not write {err.filename or 'the reports'} "
+              f"({err.strerror or err}); free some space, then run the same command again",
+              file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:          # every file is replaced atomically: nothing is half-written
         print("build_report.py: interrupted; run the same command to build the reports",
               file=sys.stderr)

@@ -12,7 +12,6 @@ import os
 import pickle
 import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -94,8 +93,9 @@ CASES = [
     (S, ["--quick"], "no_rng.pt", "no complete training state"),
     (S, ["--quick"], "other_script.pt", "does not fit"),
     (S, ["--quick", "--lr", "0.01"], "{classifier_ckpt}", "other settings (lr)"),
-    (A, ["--latent-dim", "1000000000000"], None, "between 1 and 4096"),
-    (A, ["--latent-dim", "0"], None, "between 1 and 4096"),
+    (A, ["--latent-dim", "1000000000000"], None, "between 1 and 1024"),
+    (A, ["--latent-dim", "0"], None, "between 1 and 1024"),
+    (P, ["--batch-size", "100000"], None, "between 1 and 8192"),
     (A, ["--loss", "mse"], None, "invalid choice"),
     (A, ["--sigma-p", "0"], None, "between"),
     (A, ["--sigma-p", "1e-200"], None, "between"),
