@@ -124,10 +124,9 @@ def main(argv=None):
     # Channels-last weights: decoding 1,024 latents at a time runs at about 2x the speed on a
     # CPU (tests/benchmark_cpu.py), with the same results up to float rounding.
     vae.decoder.to(memory_format=torch.channels_last)
-    trained_on = vae_model.read_snapshot(args.checkpoint, "vae_amortized").get("subset_per_class")
-    if trained_on is not None and trained_on != args.per_class:
-        raise utils.UsageError(f"{args.checkpoint} was trained on {trained_on} images per digit; "
-                               f"pass --per-class {trained_on}")
+    if vae.subset_per_class is not None and vae.subset_per_class != args.per_class:
+        raise utils.UsageError(f"{args.checkpoint} was trained on {vae.subset_per_class} images "
+                               f"per digit; pass --per-class {vae.subset_per_class}")
     data = utils.vae_data(args.per_class, args.val_images, device)
     available = min(int(torch.bincount(labels, minlength=10).min())
                     for labels in (data["train_y"], data["val_y"]))

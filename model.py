@@ -136,6 +136,7 @@ def load_amortized_vae(path, device="cpu") -> VAE:
         vae = VAE(ckpt["latent_dim"]).to(device)
     utils.load_state_dict_checked(vae, ckpt["model"], path,
                                   advice="pass a file written by vae_amortized.py")
+    vae.subset_per_class = ckpt.get("subset_per_class")    # its training subset (None: older file)
     return vae.eval().requires_grad_(False)
 
 
