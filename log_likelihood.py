@@ -14,8 +14,8 @@ the converged estimate with Eq. 9's beside it; their difference is a finding of 
 from __future__ import annotations
 
 import math
-import resource
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -24,14 +24,215 @@ from tqdm import tqdm
 import model as vae_model
 import utils
 
+DEFAULT_CHECKPOINT = utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. 9 with any Gaussian proposal, and its diagnostics
+# ----------------------------------------------------------------------------------------------
+def gaussian_draw(mean, scale, eps):
+    """z = mean + scale eps and log q(z), for q = N(mean, scale scale^T) per image.
+
+    mean (B, d); scale (B, d) standard deviations (a diagonal q, as the encoder's) or (B, d, d) a
+    triangular matrix (a full-covariance q, as the Laplace proposal's); eps (m, B, d) ~ N(0, I).
+    log q(z) = -d/2 log 2 pi - log|det scale| - |eps|^2 / 2, exact in log space.
+    """
+    if scale.dim() == mean.dim():
+        z = mean + scale * eps
+        log_det = scale.log().sum(-1)
+    else:
+        z = mean + torch.einsum("bij,mbj->mbi", scale, eps)
+        log_det = scale.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+    log_q = -0.5 * mean.shape[-1] * vae_model.LOG_2PI - log_det - 0.5 * eps.pow(2).sum(-1)
+    return z, log_q
+
+
+@torch.no_grad()
+def importance_log_likelihood(x, mean, scale, decode, sigma_p: float, num_samples: int = 1000,
+                              chunk_size: int = 4096, generator: torch.Generator | None = None):
+    """Eq. 9: log p(x) ~= logsumexp_i [log p(z_i) + log p(x|z_i) - log q(z_i|x)] - log M,
+    z_i ~ q(.|x) = N(mean, scale scale^T) (see `gaussian_draw`): the encoder's q (Eq. 9 as the
+    exercise asks) or any other Gaussian proposal, e.g. `laplace_proposal`.
+
+    Batched over images and samples; at most `chunk_size` decoder evaluations are in memory at
+    once, whatever M and the number of images. Returns a dict of per-image tensors:
+      log_px  the estimate of Eq. 9,
+      elbo    mean of the same log-weights, an unbiased estimate of the ELBO (Eq. 4),
+      ess     effective sample size (sum w)^2 / sum w^2, from 1 (one weight dominates) to M,
+      khat    Pareto k-hat of the largest weights (`pareto_khat`); above 0.7 the estimate
+              cannot be trusted,
+      log_w   the log-weights themselves, (M, images), in sampling order.
+    Its Monte-Carlo uncertainty comes from `bootstrap_sd` (or independent repeats), not from a
+    delta-method formula, which can never exceed about 1 nat when one weight dominates.
+    """
+    n_images, latent_dim = mean.shape
+    image_block = max(1, min(n_images, chunk_size))
+    log_w_blocks = []
+    for start in range(0, n_images, image_block):
+        xb, mb, sb = (t[start:start + image_block] for t in (x, mean, scale))
+        sample_block = max(1, chunk_size // len(xb))
+        log_w = []
+        for s in range(0, num_samples, sample_block):
+            m = min(sample_block, num_samples - s)
+            eps = torch.randn((m, *mb.shape), generator=generator, device=mb.device, dtype=mb.dtype)
+            z, log_q = gaussian_draw(mb, sb, eps)                                   # (m, B, d)
+            x_rep = xb.unsqueeze(0).expand(m, *xb.shape).reshape(m * len(xb), *xb.shape[1:])
+            log_p = vae_model.log_joint(x_rep, z.reshape(m * len(xb), latent_dim), decode, sigma_p)
+            log_w.append(log_p.reshape(m, len(xb)) - log_q)
+        log_w_blocks.append(torch.cat(log_w))                                       # (M, B)
+    log_w = torch.cat(log_w_blocks, dim=1)
+    return {"log_px": torch.logsumexp(log_w, dim=0) - math.log(num_samples),
+            "elbo": log_w.mean(dim=0), "ess": effective_sample_size(log_w),
+            "khat": pareto_khat(log_w), "log_w": log_w}
+
+
+def effective_sample_size(log_w):
+    """(sum w)^2 / sum w^2 per column of log-weights (M, images), computed in log space."""
+    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
+
+
+def bootstrap_sd(log_w, resamples: int = 1000, seed: int = 0):
+    """Standard deviation of logsumexp(log w) - log M over bootstrap resamples of the M weights,
+    per image. Unlike the delta method it grows without bound when the estimate hinges on a few
+    weights (a resample without the largest weight can fall far); when weights are so degenerate
+    that the tail was never sampled no error bar can see it, which is what k-hat is for."""
+    m, n = log_w.shape
+    gen = torch.Generator(device=log_w.device).manual_seed(seed)
+    block = max(1, 2_000_000 // m)          # resamples drawn at once: memory stays bounded
+    sds = []
+    for j in range(n):
+        estimates = torch.cat([
+            torch.logsumexp(log_w[torch.randint(m, (min(block, resamples - r), m), generator=gen,
+                                                device=log_w.device), j], dim=1)
+            for r in range(0, resamples, block)])
+        sds.append(estimates.std())
+    return torch.stack(sds)
+
+
+def _generalized_pareto_fit(exceedances: np.ndarray) -> float:
+    """Shape k of a generalized Pareto fitted to sorted positive exceedances: the empirical Bayes
+    estimate of Zhang & Stephens (2009) with the weak prior of Vehtari et al. (PSIS, 2024)."""
+    n = len(exceedances)
+    m_est = 30 + int(np.sqrt(n))
+    theta = 1 - np.sqrt(m_est / (np.arange(1, m_est + 1) - 0.5))
+    theta = theta / (3 * exceedances[int(n / 4 + 0.5) - 1]) + 1 / exceedances[-1]
+    k = np.log1p(-theta[:, None] * exceedances).mean(axis=1)
+    profile = n * (np.log(-theta / k) - k - 1)
+    weights = 1 / np.exp(profile - profile[:, None]).sum(axis=1)
+    keep = weights >= 10 * np.finfo(float).eps
+    theta, weights = theta[keep], weights[keep] / weights[keep].sum()
+    k = np.log1p(-(theta * weights).sum() * exceedances).mean()
+    return float((n * k + 10 * 0.5) / (n + 10))     # shrink towards 0.5 with prior weight 10
+
+
+def pareto_khat(log_w):
+    """Pareto k-hat of the importance weights, per column of log-weights (M, images) (PSIS,
+    Vehtari et al. 2024): a generalized Pareto fitted to the min(M/5, 3 sqrt(M)) largest
+    weights. k < 0.5: the variance of the weights is finite; 0.5 to 0.7: finite but slow;
+    > 0.7: the estimate cannot be trusted. NaN when M is too small to fit a tail (M < 25)."""
+    log_w = torch.as_tensor(log_w).detach().double().cpu().numpy()
+    m = log_w.shape[0]
+    tail = int(np.ceil(min(0.2 * m, 3 * np.sqrt(m))))
+    out = []
+    for column in log_w.T:
+        if tail < 5:
+            out.append(float("nan"))
+            continue
+        ordered = np.sort(column - column.max())
+        threshold = ordered[-tail - 1]
+        exceed = np.exp(ordered[-tail:]) - np.exp(threshold)
+        if exceed[-1] <= 0:                 # all tail weights equal: a bounded (flat) tail
+            out.append(-np.inf)
+            continue
+        exceed = exceed[exceed > 0]
+        out.append(_generalized_pareto_fit(exceed) if len(exceed) >= 5 else float("nan"))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# The converged estimate: a Laplace proposal fitted to each image's posterior
+# ----------------------------------------------------------------------------------------------
+def decoder_jacobian(decode, z, chunk: int = 25):
+    """J = dG(z)/dz per latent, (B, pixels, d), by forward-mode autodiff (d tangents per image)."""
+    per_image = lambda zz: decode(zz.unsqueeze(0)).flatten()          # noqa: E731
+    with warnings.catch_warnings():     # torch.func's first use warns about torch.jit internals
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        return torch.cat([torch.func.vmap(torch.func.jacfwd(per_image))(zc)
+                          for zc in z.split(chunk)])
+
+
+@torch.no_grad()
+def gauss_newton_step(x, z, decode, sigma_p: float):
+    """One Gauss-Newton step towards the mode of log p(x|z) + log p(z), per image, with the
+    precision H = I + J^T J / sigma_p^2 at z, kept only where it raises log p(x, z) (else the
+    step is halved, up to 4 times). Returns the new z."""
+    jac = decoder_jacobian(decode, z)
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    chol = torch.linalg.cholesky(eye + jac.transpose(1, 2) @ jac / sigma_p**2)
+    resid = (x - decode(z).reshape(x.shape)).reshape(len(x), -1)
+    grad = (jac.transpose(1, 2) @ resid.unsqueeze(-1)).squeeze(-1) / sigma_p**2 - z
+    step = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
+    current = vae_model.log_joint(x, z, decode, sigma_p)
+    for _ in range(5):
+        better = vae_model.log_joint(x, z + step, decode, sigma_p) > current
+        z = torch.where(better.unsqueeze(1), z + step, z)
+        current = torch.maximum(current, vae_model.log_joint(x, z, decode, sigma_p))
+        step = torch.where(better.unsqueeze(1), torch.zeros_like(step), step / 2)
+    return z
+
+
+def laplace_proposal(x, decode, sigma_p: float, z_init, adam_steps: int = 100, lr: float = 0.05,
+                     newton_steps: int = 3):
+    """A Gaussian proposal fitted to each image's posterior p(z|x) (Laplace's method):
+    centre = the mode of log p(x|z) + log p(z), found by Adam from z_init (the encoder's mean)
+    and then Gauss-Newton steps; precision H = I + J^T J / sigma_p^2 with J the decoder's
+    Jacobian at the centre (the Gauss-Newton Hessian; exact for a linear decoder, whose
+    posterior is then reproduced exactly). Returns (centre (B, d), scale (B, d, d)) for
+    `importance_log_likelihood`: scale = L^-T with H = L L^T, so scale scale^T = H^-1."""
+    z = z_init.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, adam_steps))
+    for _ in range(adam_steps):
+        loss = -vae_model.log_joint(x, z, decode, sigma_p).sum()       # images are independent
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    z = z.detach()
+    for _ in range(newton_steps):
+        z = gauss_newton_step(x, z, decode, sigma_p)
+    jac = decoder_jacobian(decode, z)
+    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
+    chol = torch.linalg.cholesky(eye + jac.transpose(1, 2) @ jac / sigma_p**2)
+    scale = torch.linalg.solve_triangular(chol.transpose(1, 2), eye.expand_as(chol), upper=True)
+    return z, scale
+
+
+
+def kl_full_to_diagonal(mean1, scale1, mean0, logvar0):
+    """KL(N(mean1, S1) || N(mean0, diag(exp(logvar0)))) per image, S1 = scale1 scale1^T, split
+    into the part due to the means, (mean0 - mean1)^T S0^-1 (mean0 - mean1) / 2, and the rest
+    (the covariances). Importance sampling from the second Gaussian for the first needs about
+    exp(KL) samples (Chatterjee & Diaconis 2018). Returns (total, mean part), each (B,)."""
+    var0 = logvar0.exp()
+    cov1 = scale1 @ scale1.transpose(-1, -2)
+    trace = (cov1.diagonal(dim1=-2, dim2=-1) / var0).sum(-1)
+    log_det1 = 2 * scale1.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+    mean_part = 0.5 * ((mean0 - mean1).pow(2) / var0).sum(-1)
+    cov_part = 0.5 * (trace - mean1.shape[-1] + logvar0.sum(-1) - log_det1)
+    return cov_part + mean_part, mean_part
+
+
+# ----------------------------------------------------------------------------------------------
+# Q4
+# ----------------------------------------------------------------------------------------------
 CONVERGENCE_M = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
 
 
 def parse_args(argv=None):
     parser = utils.script_parser("log_likelihood", __doc__.splitlines()[0], resumable=False)
-    parser.add_argument("--checkpoint", type=utils.Path,
-                        default=utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt",
-                        help="the amortized VAE (written by vae_amortized.py)")
+    utils.add_file_argument(parser, "--checkpoint", DEFAULT_CHECKPOINT,
+                            "the amortized VAE written by vae_amortized.py", required=True)
     utils.add_vae_data_arguments(parser)      # the split the checkpoint's VAE was trained on
     parser.add_quick_argument(("--num-samples", "-M"), 1000, 50, "importance samples per image",
                               type=utils.int_in(1, 100_000))
@@ -53,12 +254,113 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def estimate(x, mean, scale, vae, args, generator, num_samples):
+def estimate(x, mean, scale, decoder, args, generator):
     """Eq. 9 with the proposal N(mean, scale scale^T), plus its bootstrap standard deviation."""
-    result = vae_model.importance_log_likelihood(x, mean, scale, vae.decoder, args.sigma_p,
-                                                 num_samples, args.chunk_size, generator)
-    result["sd"] = vae_model.bootstrap_sd(result["log_w"], args.bootstrap, seed=args.seed)
+    result = importance_log_likelihood(x, mean, scale, decoder, args.sigma_p, args.num_samples,
+                                       args.chunk_size, generator)
+    result["sd"] = bootstrap_sd(result["log_w"], args.bootstrap, seed=args.seed)
     return result
+
+
+def pick_images(data, per_digit: int, seed: int, device):
+    """Q4's images: per_digit training images (from the VAE's own 5,000) and per_digit test
+    images of each digit, seeded. Returns (x, digits, splits, MNIST indices)."""
+    pick_train = utils.balanced_subset(data["train_y"], per_digit, seed)
+    pick_test = utils.balanced_subset(data["val_y"], per_digit, seed)
+    x = torch.cat([data["train_x"][pick_train.to(device)], data["val_x"][pick_test.to(device)]])
+    digits = torch.cat([data["train_y"][pick_train], data["val_y"][pick_test]]).tolist()
+    split = ["train"] * len(pick_train) + ["test"] * len(pick_test)
+    return x, digits, split, data["subset"][pick_train].tolist() + pick_test.tolist()
+
+
+def both_estimates(x, vae, args, generator):
+    """Eq. 9 with the encoder's q (as the exercise asks) and with the Laplace proposal, timed.
+    Returns (results and proposals, each {eq9, laplace}; the encoder's log-variances; seconds)."""
+    stages = tqdm(total=3, desc="Q4: Eq. 9 with the encoder's q", unit="stage")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        mu, logvar = vae.encoder(x)
+    eq9 = estimate(x, mu, torch.exp(0.5 * logvar), vae.decoder, args, generator)
+    seconds = {"eq9": time.perf_counter() - t0}
+    stages.update(1)
+    stages.set_description("Q4: Laplace proposal (posterior mode and curvature)")
+    t0 = time.perf_counter()
+    centre, scale = laplace_proposal(x, vae.decoder, args.sigma_p, mu, args.adam_steps,
+                                     newton_steps=args.newton_steps)
+    seconds["laplace_fit"] = time.perf_counter() - t0
+    stages.update(1)
+    stages.set_description("Q4: Eq. 9 with the Laplace proposal")
+    t0 = time.perf_counter()
+    lap = estimate(x, centre, scale, vae.decoder, args, generator)
+    seconds["laplace_estimate"] = time.perf_counter() - t0
+    stages.update(1)
+    stages.close()
+    proposals = {"eq9": (mu, torch.exp(0.5 * logvar)), "laplace": (centre, scale)}
+    return {"eq9": eq9, "laplace": lap}, proposals, logvar, seconds
+
+
+def convergence_in_m(x, digits, split, proposals, decoder, args, generator) -> dict:
+    """For one test image per digit, one stream of samples per proposal, and the estimate from
+    each prefix of it: how far Eq. 9 still moves between M and the largest M."""
+    conv_idx = [next(i for i in range(len(x)) if digits[i] == d and split[i] == "test")
+                for d in range(10)]
+    ms = sorted({m for m in (*CONVERGENCE_M, args.num_samples) if m <= args.convergence_max}
+                | {args.convergence_max})
+    convergence = {"M": ms, "digits": [digits[i] for i in conv_idx]}
+    for name, (mean, sc) in tqdm(proposals.items(), desc=f"Q4: convergence up to M = "
+                                 f"{args.convergence_max:,}", unit="proposal"):
+        log_w = importance_log_likelihood(x[conv_idx], mean[conv_idx], sc[conv_idx], decoder,
+                                          args.sigma_p, args.convergence_max, args.chunk_size,
+                                          generator)["log_w"].cpu()
+        convergence[name] = [[(torch.logsumexp(log_w[:m, j], 0) - math.log(m)).item()
+                              for m in ms] for j in range(len(conv_idx))]
+    return convergence
+
+
+def movement(convergence, name, num_samples):
+    """How far each image's estimate moves from M = num_samples to the largest M."""
+    if num_samples not in convergence["M"]:
+        return None
+    at = convergence["M"].index(num_samples)
+    shifts = [row[-1] - row[at] for row in convergence[name]]
+    return {"min": float(min(shifts)), "max": float(max(shifts)),
+            "max_abs": float(max(map(abs, shifts)))}
+
+
+def proposal_width(scale, logvar) -> dict:
+    """Why Eq. 9's weights degenerate: the encoder's variances against the fitted posterior's,
+    its marginal variances diag(H^-1) and its conditional ones 1 / diag(H), as geometric means
+    over images and latent dimensions. A diagonal q wider than the marginals wastes samples;
+    one narrower than them (what fitting a diagonal q to a correlated posterior by KL(q || p)
+    gives) has heavy-tailed weights."""
+    cov_l = scale @ scale.transpose(1, 2)
+    log_q_var, log_marginal = logvar.double(), cov_l.diagonal(dim1=1, dim2=2).double().log()
+    log_conditional = -torch.linalg.inv(cov_l.double()).diagonal(dim1=1, dim2=2).log()
+    return {"vs_marginal": (log_q_var - log_marginal).mean().exp().item(),
+            "vs_conditional": (log_q_var - log_conditional).mean().exp().item(),
+            "share_narrower_than_marginal": (log_q_var < log_marginal).double().mean().item(),
+            "correlation_inflation": (log_marginal - log_conditional).mean().exp().item()}
+
+
+def per_image_rows(estimates, digits, split, ink, index) -> list:
+    lap, eq9 = estimates["laplace"], estimates["eq9"]
+    return [{"digit": digits[k], "split": split[k], "ink": int(ink[k]), "index": int(index[k]),
+             "log_px": float(lap["log_px"][k]), "sd": float(lap["sd"][k]),
+             "ess": float(lap["ess"][k]), "khat": finite_or_none(lap["khat"][k]),
+             "eq9_log_px": float(eq9["log_px"][k]), "eq9_sd": float(eq9["sd"][k]),
+             "eq9_ess": float(eq9["ess"][k]), "eq9_khat": finite_or_none(eq9["khat"][k]),
+             "eq9_elbo": float(eq9["elbo"][k]),
+             "gap": float(lap["log_px"][k] - eq9["log_px"][k])} for k in range(len(digits))]
+
+
+def plot_examples(path, x, digits, split, lap_px, eq9_px) -> None:
+    """(a) one training and one test image per digit: converged log p(x), Eq. 9's below it."""
+    first = {s: [next(i for i in range(len(x)) if digits[i] == d and split[i] == s)
+                 for d in range(10)] for s in ("train", "test")}
+    utils.plot_image_rows(
+        path, [x[first["train"]], x[first["test"]]], ["training", "test"],
+        cell_titles=[[f"{lap_px[i]:.0f}\n({eq9_px[i]:.0f})".replace("-", "\u2212")
+                      for i in first[s]] for s in ("train", "test")], width=utils.PAGE_WIDTH)
 
 
 def mean_and_se(values) -> tuple:
@@ -114,155 +416,69 @@ def diagnostics(result) -> dict:
             "median_sd": float(np.median(sd)), "max_sd": float(sd.max())}
 
 
-def main(argv=None):
+def main(run: utils.Run, argv=None):
     args = parse_args(argv)
-    device = utils.start_run(args)
-    if not args.checkpoint.is_file():
-        raise utils.UsageError(f"{args.checkpoint} not found: run vae_amortized.py first "
-                               f"(or pass --checkpoint)")
-    vae = vae_model.load_amortized_vae(args.checkpoint, device)
+    device = utils.device_and_seeds(args.device, args.seed)
+    checkpoint = utils.input_file(args.checkpoint, DEFAULT_CHECKPOINT, required=True)
+    vae, trained_per_class = vae_model.load_amortized_vae(checkpoint, device)
     # Channels-last weights: decoding 1,024 latents at a time runs at about 2x the speed on a
     # CPU (tests/benchmark_cpu.py), with the same results up to float rounding.
     vae.decoder.to(memory_format=torch.channels_last)
-    if vae.subset_per_class is not None and vae.subset_per_class != args.per_class:
-        raise utils.UsageError(f"{args.checkpoint} was trained on {vae.subset_per_class} images "
-                               f"per digit; pass --per-class {vae.subset_per_class}")
+    if trained_per_class is not None and trained_per_class != args.per_class:
+        raise utils.UsageError(f"{checkpoint} was trained on {trained_per_class} images per "
+                               f"digit; pass --per-class {trained_per_class}")
     data = utils.vae_data(args.per_class, args.val_images, device)
     available = min(int(torch.bincount(labels, minlength=10).min())
                     for labels in (data["train_y"], data["val_y"]))
     if args.per_digit > available:
         raise utils.UsageError(f"--per-digit {args.per_digit}: only {available} images of some "
                                f"digit are available; use --per-digit {available} or less")
-    out = utils.claim_out_dir(args.out)
+    out = run.claim(args.out)
 
-    # 5 training images (from the VAE's own 5,000) and 5 test images per digit, seeded.
-    pick_train = utils.balanced_subset(data["train_y"], args.per_digit, args.seed)
-    pick_test = utils.balanced_subset(data["val_y"], args.per_digit, args.seed)
-    x = torch.cat([data["train_x"][pick_train.to(device)], data["val_x"][pick_test.to(device)]])
-    digits = torch.cat([data["train_y"][pick_train], data["val_y"][pick_test]]).tolist()
-    split = ["train"] * len(pick_train) + ["test"] * len(pick_test)
+    x, digits, split, index = pick_images(data, args.per_digit, args.seed, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    stages = tqdm(total=4, desc="Q4", unit="stage")
+    estimates, proposals, logvar, seconds = both_estimates(x, vae, args, generator)
     t0 = time.perf_counter()
-    stages.set_description("Q4: Eq. 9 with the encoder's q")
-    with torch.no_grad():
-        mu, logvar = vae.encoder(x)
-    eq9 = estimate(x, mu, torch.exp(0.5 * logvar), vae, args, generator, args.num_samples)
-    seconds = {"eq9": time.perf_counter() - t0}
-    stages.update(1)
-
-    t0 = time.perf_counter()
-    stages.set_description("Q4: Laplace proposal (posterior mode and curvature)")
-    centre, scale = vae_model.laplace_proposal(x, vae.decoder, args.sigma_p, mu, args.adam_steps,
-                                               newton_steps=args.newton_steps)
-    seconds["laplace_fit"] = time.perf_counter() - t0
-    stages.update(1)
-    t0 = time.perf_counter()
-    stages.set_description("Q4: Eq. 9 with the Laplace proposal")
-    lap = estimate(x, centre, scale, vae, args, generator, args.num_samples)
-    seconds["laplace_estimate"] = time.perf_counter() - t0
-    stages.update(1)
-
-    # Convergence in M: for one test image per digit, one stream of samples per estimator, and
-    # the estimate from each prefix of it.
-    t0 = time.perf_counter()
-    stages.set_description(f"Q4: convergence up to M = {args.convergence_max:,}")
-    conv_idx = [next(i for i in range(len(x)) if digits[i] == d and split[i] == "test")
-                for d in range(10)]
-    ms = sorted({m for m in (*CONVERGENCE_M, args.num_samples) if m <= args.convergence_max}
-                | {args.convergence_max})
-    streams = {"eq9": (mu, torch.exp(0.5 * logvar)), "laplace": (centre, scale)}
-    convergence = {"M": ms, "digits": [digits[i] for i in conv_idx]}
-    for name, (mean, sc) in streams.items():
-        log_w = vae_model.importance_log_likelihood(
-            x[conv_idx], mean[conv_idx], sc[conv_idx], vae.decoder, args.sigma_p,
-            args.convergence_max, args.chunk_size, generator)["log_w"].cpu()
-        convergence[name] = [[(torch.logsumexp(log_w[:m, j], 0) - math.log(m)).item()
-                              for m in ms] for j in range(len(conv_idx))]
+    convergence = convergence_in_m(x, digits, split, proposals, vae.decoder, args, generator)
     seconds["convergence"] = time.perf_counter() - t0
-    stages.update(1)
-    stages.close()
 
-    # Why Eq. 9's weights degenerate: the encoder's variances against the fitted posterior's,
-    # its marginal variances diag(H^-1) and its conditional ones 1 / diag(H). A diagonal q that
-    # is wider than the marginals wastes samples; one narrower than them (what fitting a
-    # diagonal q to a correlated posterior by KL(q || p) gives) has heavy-tailed weights.
-    cov_l = scale @ scale.transpose(1, 2)
-    log_q_var, log_marginal = logvar.double(), cov_l.diagonal(dim1=1, dim2=2).double().log()
-    log_conditional = -torch.linalg.inv(cov_l.double()).diagonal(dim1=1, dim2=2).log()
-    q_width = {"vs_marginal": (log_q_var - log_marginal).mean().exp().item(),
-               "vs_conditional": (log_q_var - log_conditional).mean().exp().item(),
-               "share_narrower_than_marginal": (log_q_var < log_marginal).double().mean().item(),
-               "correlation_inflation": (log_marginal - log_conditional).mean().exp().item()}
-    kl, kl_mean = vae_model.kl_full_to_diagonal(centre.double(), scale.double(), mu.double(),
-                                                logvar.double())
-    mismatch = {"kl_median": kl.median().item(), "kl_mean_part_median": kl_mean.median().item(),
-                "kl_min": kl.min().item(), "log_M": math.log(args.num_samples)}
-
-    # Ink: how many pixels are lit (above the -1 background) in each image.
-    ink = (x > -1).flatten(1).sum(1).cpu().numpy()
-    lap_px, eq9_px = lap["log_px"].cpu().numpy(), eq9["log_px"].cpu().numpy()
+    (centre, scale), (mu, _) = proposals["laplace"], proposals["eq9"]
+    kl, kl_mean = kl_full_to_diagonal(centre.double(), scale.double(), mu.double(),
+                                      logvar.double())
+    ink = (x > -1).flatten(1).sum(1).cpu().numpy()       # lit pixels (above the background)
+    lap_px, eq9_px = (estimates[k]["log_px"].cpu().numpy() for k in ("laplace", "eq9"))
     gap = lap_px - eq9_px
-    at = ms.index(args.num_samples) if args.num_samples in ms else None
-
-    def movement(name):   # how far each image's estimate moves from M to the largest M
-        if at is None:
-            return None
-        shifts = [row[-1] - row[at] for row in convergence[name]]
-        return {"min": float(min(shifts)), "max": float(max(shifts)),
-                "max_abs": float(max(map(abs, shifts)))}
-
-    per_image = []
-    for k in range(len(x)):
-        per_image.append({
-            "digit": digits[k], "split": split[k], "ink": int(ink[k]),
-            "index": int((data["subset"][pick_train].tolist() + pick_test.tolist())[k]),
-            "log_px": float(lap_px[k]), "sd": float(lap["sd"][k]), "ess": float(lap["ess"][k]),
-            "khat": finite_or_none(lap["khat"][k]),
-            "eq9_log_px": float(eq9_px[k]), "eq9_sd": float(eq9["sd"][k]),
-            "eq9_ess": float(eq9["ess"][k]), "eq9_khat": finite_or_none(eq9["khat"][k]),
-            "eq9_elbo": float(eq9["elbo"][k]), "gap": float(gap[k])})
     converged, exercise = summarize(lap_px, digits, split), summarize(eq9_px, digits, split)
     for d in range(10):
         converged["per_digit"][str(d)]["eq9_mean"] = exercise["per_digit"][str(d)]["mean"]
         converged["per_digit"][str(d)]["gap_mean"] = float(gap[np.asarray(digits) == d].mean())
     metrics = {
-        "images": per_image,
+        "images": per_image_rows(estimates, digits, split, ink, index),
         **converged,                               # Q4 (b), (c) from the converged estimate
         "eq9": exercise,                           # the same from Eq. 9 with the encoder's q
-        "diagnostics": {"laplace": diagnostics(lap), "eq9": diagnostics(eq9)},
+        "diagnostics": {k: diagnostics(estimates[k]) for k in ("laplace", "eq9")},
         "gap": {"mean": float(gap.mean()), "median": float(np.median(gap)),
                 "max": float(gap.max()), "min": float(gap.min())},
-        # geometric means over images and latent dimensions of the variance ratios
-        "q_width": q_width,
+        "q_width": proposal_width(scale, logvar),
         # KL(Laplace posterior || encoder's q): about exp(KL) samples are needed (vs log M)
-        "proposal_mismatch": mismatch,
+        "proposal_mismatch": {"kl_median": kl.median().item(),
+                              "kl_mean_part_median": kl_mean.median().item(),
+                              "kl_min": kl.min().item(), "log_M": math.log(args.num_samples)},
         "convergence": convergence,
-        "convergence_movement": {"laplace": movement("laplace"), "eq9": movement("eq9")},
+        "convergence_movement": {k: movement(convergence, k, args.num_samples)
+                                 for k in ("laplace", "eq9")},
         "ink_correlation": float(np.corrcoef(ink, lap_px)[0, 1]),
         "ink_per_digit": {str(d): float(ink[np.asarray(digits) == d].mean()) for d in range(10)},
-        "num_samples": args.num_samples,
-        "sigma_p": args.sigma_p,
-        "latent_dim": vae.latent_dim,
+        "num_samples": args.num_samples, "sigma_p": args.sigma_p, "latent_dim": vae.latent_dim,
         "seconds": seconds,
         "estimate_seconds": seconds["eq9"] + seconds["laplace_fit"] + seconds["laplace_estimate"],
-        # Peak resident memory of the whole process (data loading included), in MB (Linux: KB).
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "checkpoint": str(args.checkpoint),
+        "peak_rss_mb": utils.peak_memory_mb(),     # the whole process, data loading included
+        "checkpoint": str(checkpoint),
         "wall_seconds": utils.wall_seconds(),
         "device": str(device),
         "args": vars(args),
     }
-
-    # (a) one training and one test image per digit: converged log p(x), Eq. 9's below it.
-    first = {s: [next(i for i in range(len(x)) if digits[i] == d and split[i] == s)
-                 for d in range(10)] for s in ("train", "test")}
-    utils.plot_image_rows(
-        out / "q4_log_px_examples.png", [x[first["train"]], x[first["test"]]],
-        ["training", "test"],
-        cell_titles=[[f"{lap_px[i]:.0f}\n({eq9_px[i]:.0f})".replace("-", "\u2212")
-                      for i in first[s]] for s in ("train", "test")], width=utils.PAGE_WIDTH)
+    plot_examples(out / "q4_log_px_examples.png", x, digits, split, lap_px, eq9_px)
     plot_per_digit(out / "q4_log_px_per_digit.png", converged["per_digit"])
     plot_convergence(out / "q4_convergence.png", convergence, args.num_samples)
     utils.write_metrics(out / "metrics.json", metrics)

@@ -1,14 +1,15 @@
-"""The course's convolutional VAE and the model's densities (HUJI Exercise 1, Sec. 3.1).
+"""The course's networks and the model's densities and losses (HUJI Exercise 1, Sec. 3.1).
 
-Pixels are in [-1, 1] and the decoder has no output activation, as in the course's model.py.
-Every density is computed in log space; equation numbers refer to the exercise text.
+The convolutional VAE (encoder S and decoder G, which also work separately) and Part 1's
+classifier; saving and loading them; the densities (reparameterization, KL, log-pdf, the model's
+log p(x, z)) and the losses of Eq. 5 and 6. Pixels are in [-1, 1] and the decoder has no output
+activation, as in the course's model.py. Every density is computed in log space; equation
+numbers refer to the exercise text.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -106,12 +107,20 @@ def save_snapshot(path, module, epoch: int, latent_dim: int, kind: str, **extra)
 
 
 def read_snapshot(path, kind: str, map_location="cpu") -> dict:
-    """A snapshot written by `save_snapshot`, checked to be of the given kind."""
+    """A snapshot written by `save_snapshot`, checked field by field like a flag: its kind, an
+    epoch and a latent size in the ranges the scripts accept, and (where present) the training
+    subset's size and the latent tables' shapes."""
     advice = f"pass a file written by {kind}.py, or run {kind}.py again"
     ckpt = utils.load_checkpoint(path, map_location, advice=advice)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind or "model" not in ckpt \
-            or not isinstance(ckpt.get("latent_dim"), int) or ckpt["latent_dim"] <= 0:
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise utils.CheckpointError(f"{path} is not a {kind} checkpoint; {advice}")
+    fields = {"model": utils.kind_field(dict), "epoch": utils.int_field(1, 10_000),
+              "latent_dim": utils.int_field(1, 1024)}
+    utils.check_fields(ckpt, path, fields, advice)
+    optional = {"subset_per_class": utils.int_field(1, 5421),
+                "mu": utils.tensor_field(None, ckpt["latent_dim"]),
+                "logvar": utils.tensor_field(None, ckpt["latent_dim"])}
+    utils.check_fields(ckpt, path, {k: v for k, v in optional.items() if k in ckpt}, advice)
     return ckpt
 
 
@@ -127,17 +136,17 @@ def load_snapshot(path, module, kind: str, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_amortized_vae(path, device="cpu") -> VAE:
+def load_amortized_vae(path, device="cpu"):
     """The amortized VAE written by vae_amortized.py, rebuilt at its own latent size, in eval
-    mode with gradients off (it is only evaluated). Its random initialization, overwritten by
-    the file, draws from a forked RNG, so a script's results do not depend on what it loads."""
+    mode with gradients off (it is only evaluated), and the images per digit it was trained on
+    (None for a file that does not say). Its random initialization, overwritten by the file,
+    draws from a forked RNG, so a script's results do not depend on what it loads."""
     ckpt = read_snapshot(path, "vae_amortized", device)
     with torch.random.fork_rng(devices=[]):     # loading must not shift the caller's RNG
         vae = VAE(ckpt["latent_dim"]).to(device)
     utils.load_state_dict_checked(vae, ckpt["model"], path,
                                   advice="pass a file written by vae_amortized.py")
-    vae.subset_per_class = ckpt.get("subset_per_class")    # its training subset (None: older file)
-    return vae.eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False), ckpt.get("subset_per_class")
 
 
 def load_classifier(path, device="cpu") -> nn.Module:
@@ -148,31 +157,6 @@ def load_classifier(path, device="cpu") -> nn.Module:
     utils.load_state_dict_checked(classifier, utils.load_checkpoint(path, device, advice=advice),
                                   path, advice=advice)
     return classifier.eval().requires_grad_(False)
-
-
-def optional_classifier(path, device="cpu"):
-    """The Part 1 classifier for judging samples: from `path` if given (it must load), else from
-    outputs/sup_classification/classifier.pt if that exists, else None (with a note)."""
-    if path is not None:
-        return load_classifier(path, device)
-    default = utils.OUTPUTS_DIR / "sup_classification" / "classifier.pt"
-    if default.is_file():
-        return load_classifier(default, device)
-    print(f"note: {default} not found; run sup_classification.py first to judge prior samples")
-    return None
-
-
-@torch.no_grad()
-def classify_samples(classifier, images) -> dict:
-    """How a set of generated images looks to the Part 1 classifier: the share of each predicted
-    digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
-    2 % of the samples, and the mean confidence (largest softmax probability)."""
-    probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
-    share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
-    nonzero = share[share > 0]
-    return {"share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
-            "digits_covered": int((share >= 0.02).sum()),
-            "mean_confidence": float(probs.max(1).values.mean())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,31 +191,6 @@ def kl_eq7_as_printed(mu, logvar):
     return mu.pow(2) + torch.exp(logvar) - 0.5 * logvar - 1.0
 
 
-def aggregate_posterior_kl(mu, logvar) -> float:
-    """How far the latents a decoder was trained on are from the prior it is sampled with: the
-    aggregate posterior (1/N) sum_i N(mu_i, diag sigma_i^2) moment-matched to N(m, S), with
-    S = Cov(mu_i) + mean_i diag(sigma_i^2), and KL(N(m, S) || N(0, I)) =
-    (tr S + |m|^2 - d - log det S) / 2 in nats (0 when the moments match the prior's)."""
-    mu, logvar = mu.detach().double().cpu(), logvar.detach().double().cpu()
-    cov = torch.cov(mu.T) + torch.diag(logvar.exp().mean(0))
-    mean = mu.mean(0)
-    return 0.5 * (torch.trace(cov) + mean @ mean - len(mean) - torch.logdet(cov)).item()
-
-
-def kl_full_to_diagonal(mean1, scale1, mean0, logvar0):
-    """KL(N(mean1, S1) || N(mean0, diag(exp(logvar0)))) per image, S1 = scale1 scale1^T, split
-    into the part due to the means, (mean0 - mean1)^T S0^-1 (mean0 - mean1) / 2, and the rest
-    (the covariances). Importance sampling from the second Gaussian for the first needs about
-    exp(KL) samples (Chatterjee & Diaconis 2018). Returns (total, mean part), each (B,)."""
-    var0 = logvar0.exp()
-    cov1 = scale1 @ scale1.transpose(-1, -2)
-    trace = (cov1.diagonal(dim1=-2, dim2=-1) / var0).sum(-1)
-    log_det1 = 2 * scale1.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
-    mean_part = 0.5 * ((mean0 - mean1).pow(2) / var0).sum(-1)
-    cov_part = 0.5 * (trace - mean1.shape[-1] + logvar0.sum(-1) - log_det1)
-    return cov_part + mean_part, mean_part
-
-
 def log_normal_pdf(x, mean, logvar, event_dims: int = 1):
     """log N(x; mean, diag(exp(logvar))), summed over the last `event_dims` dimensions.
 
@@ -246,6 +205,27 @@ def log_normal_pdf(x, mean, logvar, event_dims: int = 1):
     return elementwise.sum(dim=tuple(range(-event_dims, 0)))
 
 
+def log_joint(x, z, decode, sigma_p: float):
+    """log p(z) + log p(x|z) of the model: p(z) = N(0, I), p(x|z) = N(G(z), sigma_p^2 I)."""
+    x_mean = decode(z).reshape(x.shape)
+    return (log_normal_pdf(z, 0.0, 0.0)
+            + log_normal_pdf(x, x_mean, 2.0 * math.log(sigma_p), event_dims=x.dim() - 1))
+
+
+def aggregate_posterior_kl(mu, logvar) -> float:
+    """How far the latents a decoder was trained on are from the prior it is sampled with: the
+    aggregate posterior (1/N) sum_i N(mu_i, diag sigma_i^2) moment-matched to N(m, S), with
+    S = Cov(mu_i) + mean_i diag(sigma_i^2), and KL(N(m, S) || N(0, I)) =
+    (tr S + |m|^2 - d - log det S) / 2 in nats (0 when the moments match the prior's)."""
+    mu, logvar = mu.detach().double().cpu(), logvar.detach().double().cpu()
+    cov = torch.cov(mu.T) + torch.diag(logvar.exp().mean(0))
+    mean = mu.mean(0)
+    return 0.5 * (torch.trace(cov) + mean @ mean - len(mean) - torch.logdet(cov)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (Eq. 5 and 6) and their evaluation
+# ----------------------------------------------------------------------------------------------
 def vae_loss(x, x_hat, mu, logvar, objective: str = "exercise", sigma_p: float = 0.4):
     """The training loss and, for monitoring, its two parts in the exercise's units. Returns
     (loss, mse, kl) with mse the pixel-mean squared error and kl the dimension-mean KL.
@@ -268,224 +248,12 @@ def vae_loss(x, x_hat, mu, logvar, objective: str = "exercise", sigma_p: float =
     raise ValueError(f"unknown objective {objective!r}: use 'exercise' or 'elbo'")
 
 
-# ----------------------------------------------------------------------------------------------
-# Importance-sampled log-likelihood (Sec. 3.1.6)
-# ----------------------------------------------------------------------------------------------
-def log_joint(x, z, decode, sigma_p: float):
-    """log p(z) + log p(x|z) of the model: p(z) = N(0, I), p(x|z) = N(G(z), sigma_p^2 I)."""
-    x_mean = decode(z).reshape(x.shape)
-    return (log_normal_pdf(z, 0.0, 0.0)
-            + log_normal_pdf(x, x_mean, 2.0 * math.log(sigma_p), event_dims=x.dim() - 1))
-
-
-def gaussian_draw(mean, scale, eps):
-    """z = mean + scale eps and log q(z), for q = N(mean, scale scale^T) per image.
-
-    mean (B, d); scale (B, d) standard deviations (a diagonal q, as the encoder's) or (B, d, d) a
-    triangular matrix (a full-covariance q, as the Laplace proposal's); eps (m, B, d) ~ N(0, I).
-    log q(z) = -d/2 log 2 pi - log|det scale| - |eps|^2 / 2, exact in log space.
-    """
-    if scale.dim() == mean.dim():
-        z = mean + scale * eps
-        log_det = scale.log().sum(-1)
-    else:
-        z = mean + torch.einsum("bij,mbj->mbi", scale, eps)
-        log_det = scale.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
-    log_q = -0.5 * mean.shape[-1] * LOG_2PI - log_det - 0.5 * eps.pow(2).sum(-1)
-    return z, log_q
-
-
-@torch.no_grad()
-def importance_log_likelihood(x, mean, scale, decode, sigma_p: float, num_samples: int = 1000,
-                              chunk_size: int = 4096, generator: torch.Generator | None = None):
-    """Eq. 9: log p(x) ~= logsumexp_i [log p(z_i) + log p(x|z_i) - log q(z_i|x)] - log M,
-    z_i ~ q(.|x) = N(mean, scale scale^T) (see `gaussian_draw`): the encoder's q (Eq. 9 as the
-    exercise asks) or any other Gaussian proposal, e.g. `laplace_proposal`.
-
-    Batched over images and samples; at most `chunk_size` decoder evaluations are in memory at
-    once, whatever M and the number of images. Returns a dict of per-image tensors:
-      log_px  the estimate of Eq. 9,
-      elbo    mean of the same log-weights, an unbiased estimate of the ELBO (Eq. 4),
-      ess     effective sample size (sum w)^2 / sum w^2, from 1 (one weight dominates) to M,
-      khat    Pareto k-hat of the largest weights (`pareto_khat`); above 0.7 the estimate
-              cannot be trusted,
-      log_w   the log-weights themselves, (M, images), in sampling order.
-    Its Monte-Carlo uncertainty comes from `bootstrap_sd` (or independent repeats), not from a
-    delta-method formula, which can never exceed about 1 nat when one weight dominates.
-    """
-    n_images, latent_dim = mean.shape
-    image_block = max(1, min(n_images, chunk_size))
-    log_w_blocks = []
-    for start in range(0, n_images, image_block):
-        xb, mb, sb = (t[start:start + image_block] for t in (x, mean, scale))
-        sample_block = max(1, chunk_size // len(xb))
-        log_w = []
-        for s in range(0, num_samples, sample_block):
-            m = min(sample_block, num_samples - s)
-            eps = torch.randn((m, *mb.shape), generator=generator, device=mb.device, dtype=mb.dtype)
-            z, log_q = gaussian_draw(mb, sb, eps)                                   # (m, B, d)
-            x_rep = xb.unsqueeze(0).expand(m, *xb.shape).reshape(m * len(xb), *xb.shape[1:])
-            log_p = log_joint(x_rep, z.reshape(m * len(xb), latent_dim), decode, sigma_p)
-            log_w.append(log_p.reshape(m, len(xb)) - log_q)
-        log_w_blocks.append(torch.cat(log_w))                                       # (M, B)
-    log_w = torch.cat(log_w_blocks, dim=1)
-    return {"log_px": torch.logsumexp(log_w, dim=0) - math.log(num_samples),
-            "elbo": log_w.mean(dim=0), "ess": effective_sample_size(log_w),
-            "khat": pareto_khat(log_w), "log_w": log_w}
-
-
-def effective_sample_size(log_w):
-    """(sum w)^2 / sum w^2 per column of log-weights (M, images), computed in log space."""
-    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
-
-
-def bootstrap_sd(log_w, resamples: int = 1000, seed: int = 0):
-    """Standard deviation of logsumexp(log w) - log M over bootstrap resamples of the M weights,
-    per image. Unlike the delta method it grows without bound when the estimate hinges on a few
-    weights (a resample without the largest weight can fall far); when weights are so degenerate
-    that the tail was never sampled no error bar can see it, which is what k-hat is for."""
-    m, n = log_w.shape
-    gen = torch.Generator(device=log_w.device).manual_seed(seed)
-    block = max(1, 2_000_000 // m)          # resamples drawn at once: memory stays bounded
-    sds = []
-    for j in range(n):
-        estimates = torch.cat([
-            torch.logsumexp(log_w[torch.randint(m, (min(block, resamples - r), m), generator=gen,
-                                                device=log_w.device), j], dim=1)
-            for r in range(0, resamples, block)])
-        sds.append(estimates.std())
-    return torch.stack(sds)
-
-
-def _generalized_pareto_fit(exceedances: np.ndarray) -> float:
-    """Shape k of a generalized Pareto fitted to sorted positive exceedances: the empirical Bayes
-    estimate of Zhang & Stephens (2009) with the weak prior of Vehtari et al. (PSIS, 2024)."""
-    n = len(exceedances)
-    m_est = 30 + int(np.sqrt(n))
-    theta = 1 - np.sqrt(m_est / (np.arange(1, m_est + 1) - 0.5))
-    theta = theta / (3 * exceedances[int(n / 4 + 0.5) - 1]) + 1 / exceedances[-1]
-    k = np.log1p(-theta[:, None] * exceedances).mean(axis=1)
-    profile = n * (np.log(-theta / k) - k - 1)
-    weights = 1 / np.exp(profile - profile[:, None]).sum(axis=1)
-    keep = weights >= 10 * np.finfo(float).eps
-    theta, weights = theta[keep], weights[keep] / weights[keep].sum()
-    k = np.log1p(-(theta * weights).sum() * exceedances).mean()
-    return float((n * k + 10 * 0.5) / (n + 10))     # shrink towards 0.5 with prior weight 10
-
-
-def pareto_khat(log_w):
-    """Pareto k-hat of the importance weights, per column of log-weights (M, images) (PSIS,
-    Vehtari et al. 2024): a generalized Pareto fitted to the min(M/5, 3 sqrt(M)) largest
-    weights. k < 0.5: the variance of the weights is finite; 0.5 to 0.7: finite but slow;
-    > 0.7: the estimate cannot be trusted. NaN when M is too small to fit a tail (M < 25)."""
-    log_w = torch.as_tensor(log_w).detach().double().cpu().numpy()
-    m = log_w.shape[0]
-    tail = int(np.ceil(min(0.2 * m, 3 * np.sqrt(m))))
-    out = []
-    for column in log_w.T:
-        if tail < 5:
-            out.append(float("nan"))
-            continue
-        ordered = np.sort(column - column.max())
-        threshold = ordered[-tail - 1]
-        exceed = np.exp(ordered[-tail:]) - np.exp(threshold)
-        if exceed[-1] <= 0:                 # all tail weights equal: a bounded (flat) tail
-            out.append(-np.inf)
-            continue
-        exceed = exceed[exceed > 0]
-        out.append(_generalized_pareto_fit(exceed) if len(exceed) >= 5 else float("nan"))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def decoder_jacobian(decode, z, chunk: int = 25):
-    """J = dG(z)/dz per latent, (B, pixels, d), by forward-mode autodiff (d tangents per image)."""
-    per_image = lambda zz: decode(zz.unsqueeze(0)).flatten()          # noqa: E731
-    with warnings.catch_warnings():     # torch.func's first use warns about torch.jit internals
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        return torch.cat([torch.func.vmap(torch.func.jacfwd(per_image))(zc)
-                          for zc in z.split(chunk)])
-
-
-@torch.no_grad()
-def gauss_newton_step(x, z, decode, sigma_p: float):
-    """One Gauss-Newton step towards the mode of log p(x|z) + log p(z), per image, with the
-    precision H = I + J^T J / sigma_p^2 at z, kept only where it raises log p(x, z) (else the
-    step is halved, up to 4 times). Returns the new z."""
-    jac = decoder_jacobian(decode, z)
-    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    chol = torch.linalg.cholesky(eye + jac.transpose(1, 2) @ jac / sigma_p**2)
-    resid = (x - decode(z).reshape(x.shape)).reshape(len(x), -1)
-    grad = (jac.transpose(1, 2) @ resid.unsqueeze(-1)).squeeze(-1) / sigma_p**2 - z
-    step = torch.cholesky_solve(grad.unsqueeze(-1), chol).squeeze(-1)
-    current = log_joint(x, z, decode, sigma_p)
-    for _ in range(5):
-        better = log_joint(x, z + step, decode, sigma_p) > current
-        z = torch.where(better.unsqueeze(1), z + step, z)
-        current = torch.maximum(current, log_joint(x, z, decode, sigma_p))
-        step = torch.where(better.unsqueeze(1), torch.zeros_like(step), step / 2)
-    return z
-
-
-def laplace_proposal(x, decode, sigma_p: float, z_init, adam_steps: int = 100, lr: float = 0.05,
-                     newton_steps: int = 3):
-    """A Gaussian proposal fitted to each image's posterior p(z|x) (Laplace's method):
-    centre = the mode of log p(x|z) + log p(z), found by Adam from z_init (the encoder's mean)
-    and then Gauss-Newton steps; precision H = I + J^T J / sigma_p^2 with J the decoder's
-    Jacobian at the centre (the Gauss-Newton Hessian; exact for a linear decoder, whose
-    posterior is then reproduced exactly). Returns (centre (B, d), scale (B, d, d)) for
-    `importance_log_likelihood`: scale = L^-T with H = L L^T, so scale scale^T = H^-1."""
-    z = z_init.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, adam_steps))
-    for _ in range(adam_steps):
-        loss = -log_joint(x, z, decode, sigma_p).sum()       # images are independent
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    z = z.detach()
-    for _ in range(newton_steps):
-        z = gauss_newton_step(x, z, decode, sigma_p)
-    jac = decoder_jacobian(decode, z)
-    eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
-    chol = torch.linalg.cholesky(eye + jac.transpose(1, 2) @ jac / sigma_p**2)
-    scale = torch.linalg.solve_triangular(chol.transpose(1, 2), eye.expand_as(chol), upper=True)
-    return z, scale
-
-
-# ----------------------------------------------------------------------------------------------
-# Training helpers shared by the amortized (Q1) and latent-optimization (Q3) VAEs
-# ----------------------------------------------------------------------------------------------
-def vae_epoch(decoder, posterior, x, batch_size, optimizers, progress=None, **loss_kwargs):
-    """One training pass over the images x in shuffled batches, with the loss of Eq. 5/6
-    (`vae_loss`) and a fresh eps per image per step.
-
-    posterior(idx, x[idx]) -> (mu, logvar) is the encoder (amortized, Eq. 5) or a lookup in the
-    per-image latent tables (latent optimization, Eq. 6). Returns the averages of loss, mse and
-    kl over the epoch (a running average: the weights change while it is computed).
-    """
-    sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0}
-    for idx in torch.randperm(len(x), device=x.device).split(batch_size):
-        mu, logvar = posterior(idx, x[idx])
-        loss, mse, kl = vae_loss(x[idx], decoder(reparameterize(mu, logvar)), mu, logvar,
-                                 **loss_kwargs)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        for key, value in zip(sums, (loss, mse, kl)):
-            sums[key] += value.item() * len(idx)
-        if progress is not None:
-            progress.update(1)
-    return {key: value / len(x) for key, value in sums.items()}
-
-
 @torch.no_grad()
 def vae_evaluate(decoder, posterior, x, batch_size=500, **loss_kwargs):
     """The loss of Eq. 5/6 with a sampled z (and its mse and kl parts), and the reconstruction
-    MSE with the mean of q, from one pass over x (posterior as in `vae_epoch`). Averages over
-    images."""
+    MSE with the mean of q, from one pass over x. posterior(idx, x[idx]) -> (mu, logvar) is the
+    encoder (amortized, Eq. 5) or a lookup in per-image latent tables (latent optimization,
+    Eq. 6). Averages over images."""
     sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0, "recon_mse": 0.0}
     for idx in torch.arange(len(x), device=x.device).split(batch_size):
         xb = x[idx]
@@ -508,6 +276,9 @@ def reconstruction_mse(decoder, mu, x, batch_size=1000):
     return total / x.numel()
 
 
+# ----------------------------------------------------------------------------------------------
+# Prior samples, and how they look to Part 1's classifier (Q2 and Q3)
+# ----------------------------------------------------------------------------------------------
 QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345     # prior samples judged by the Part 1 classifier
 
 
@@ -517,35 +288,14 @@ def prior_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
 
 
-def fit_latents(decoder, x, steps: int, lr: float, init_seed: int, progress=None):
-    """Test-time latent optimization: with the decoder frozen, fit each image's own mu and
-    r = log sigma^2 by Adam on the loss of Eq. 6 (initialized as in Q3: mu ~ N(0, I),
-    sigma ~ N(0, I)). Returns (mu, logvar)."""
-    mu, logvar = init_latents(len(x), decoder.latent_dim, init_seed, device=x.device)
-    mu, logvar = mu.requires_grad_(), logvar.requires_grad_()
-    opt = torch.optim.Adam([mu, logvar], lr=lr)
-    trainable = [p for p in decoder.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        for _ in range(steps):
-            loss, _, _ = vae_loss(x, decoder(reparameterize(mu, logvar)), mu, logvar)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                progress.update(1)
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-    return mu.detach(), logvar.detach()
-
-
-def init_latents(n: int, latent_dim: int, seed: int, device=None):
-    """Q3's initialization: mu ~ N(0, I) and r = log sigma^2 with sigma ~ N(0, I). sigma^2 is
-    floored at 1e-8 so that a draw of exactly 0 cannot give log 0 = -inf."""
-    gen = torch.Generator().manual_seed(seed)
-    mu = torch.randn(n, latent_dim, generator=gen)
-    sigma = torch.randn(n, latent_dim, generator=gen)
-    logvar = torch.log(sigma.pow(2).clamp_min(1e-8))
-    return mu.to(device), logvar.to(device)
+@torch.no_grad()
+def classify_samples(classifier, images) -> dict:
+    """How a set of generated images looks to the Part 1 classifier: the share of each predicted
+    digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
+    2 % of the samples, and the mean confidence (largest softmax probability)."""
+    probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
+    share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
+    nonzero = share[share > 0]
+    return {"share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
+            "digits_covered": int((share >= 0.02).sum()),
+            "mean_confidence": float(probs.max(1).values.mean())}

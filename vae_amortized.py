@@ -17,6 +17,8 @@ import torch
 import model as vae_model
 import utils
 
+DEFAULT_CLASSIFIER = utils.OUTPUTS_DIR / "sup_classification" / "classifier.pt"
+
 
 def parse_args(argv=None):
     parser = utils.script_parser("vae_amortized", __doc__.splitlines()[0])
@@ -34,9 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--sigma-p", type=utils.float_in(1e-3, 1e3), default=0.4,
                         help="std of p(x|z) = N(G(z), sigma_p^2 I): the --loss elbo objective "
                              "and Q4 use it")
-    parser.add_argument("--classifier", type=utils.Path, default=None,
-                        help="Part 1's classifier.pt, to judge prior samples (default: "
-                             "outputs/sup_classification/classifier.pt if it exists)")
+    utils.add_file_argument(parser, "--classifier", DEFAULT_CLASSIFIER,
+                            "Part 1's classifier.pt, to judge the prior samples")
     return parser.parse_args(argv)
 
 
@@ -64,10 +65,82 @@ def overfit_verdict(history, final) -> dict:
             "best_val_epoch": int(min(range(len(val)), key=val.__getitem__)) + 1}
 
 
-def main(argv=None):
+def train_epoch(vae, optimizer, x, batch_size, progress, **objective) -> dict:
+    """One pass over the training images in shuffled batches: encode, sample z with a fresh eps
+    per image (Sec. 3.1.4), decode, and one Adam step on the loss of Eq. 5. Returns the running
+    averages of the loss and its two parts (the weights change while they are summed)."""
+    sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0}
+    for idx in utils.batches(len(x), batch_size, shuffle=True, device=x.device):
+        x_hat, mu, logvar = vae(x[idx])
+        loss, mse, kl = vae_model.vae_loss(x[idx], x_hat, mu, logvar, **objective)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for key, value in zip(sums, (loss, mse, kl)):
+            sums[key] += value.item() * len(idx)
+        progress.update(1)
+    return {key: value / len(x) for key, value in sums.items()}
+
+
+def encode(vae):
+    """The amortized posterior: q(z|x) from the encoder, whatever the image's index."""
+    return lambda idx, xb: vae.encoder(xb)
+
+
+def monitor_epoch(vae, monitor, objective) -> dict:
+    """The validation loss and its parts, and both reconstruction errors, on the fixed
+    monitoring images (Q1's curves)."""
+    val = vae_model.vae_evaluate(vae.decoder, encode(vae), monitor["val"], **objective)
+    with torch.no_grad():
+        train_recon = vae_model.reconstruction_mse(vae.decoder, vae.encoder(monitor["train"])[0],
+                                                   monitor["train"])
+    return {**{f"val_{k}": v for k, v in val.items()}, "train_recon_mse": train_recon}
+
+
+def plot_loss_curves(path, history, monitor, loss_name) -> None:
+    epochs = list(range(1, len(history["train_loss"]) + 1))
+    val, train = f"validation ({len(monitor['val']):,})", f"train ({len(monitor['train']):,})"
+    utils.plot_curves(path, {
+        loss_name: {"train (running)": (epochs, history["train_loss"]),
+                    val: (epochs, history["val_loss"])},
+        "reconstruction MSE (mean of q)": {train: (epochs, history["train_recon_mse"]),
+                                           val: (epochs, history["val_recon_mse"])},
+        "KL per latent dimension": {"train (running)": (epochs, history["train_kl"]),
+                                    val: (epochs, history["val_kl"])},
+    })
+
+
+def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, device) -> dict:
+    """Q1's reconstructions and Q2's prior samples from every snapshot's generator (the same
+    fixed images and the same prior latents for all), and Q2's sample quality: 1,000 prior
+    samples per snapshot judged by Part 1's classifier (empty without it)."""
+    z_judge = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, latent_dim,
+                                      vae_model.QUALITY_SEED).to(device)
+    rows = {"val": [show["val"]], "train": [show["train"]], "prior": []}
+    quality = {}
+    snapshot = vae_model.VAE(latent_dim).to(device).eval()
+    for epoch in snapshots:
+        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device)
+        rows["val"].append(snapshot.reconstruct(show["val"]))
+        rows["train"].append(snapshot.reconstruct(show["train"]))
+        with torch.no_grad():
+            rows["prior"].append(snapshot.decoder(z_show))
+            if classifier is not None:
+                quality[str(epoch)] = vae_model.classify_samples(classifier,
+                                                                 snapshot.decoder(z_judge))
+    labels = [f"epoch {e}" for e in snapshots]
+    for split in ("val", "train"):
+        utils.plot_image_rows(out / f"q1_reconstructions_{split}.png", rows[split],
+                              ["original"] + labels, col_labels=list(range(10)))
+    utils.plot_image_rows(out / "q2_prior_samples.png", rows["prior"], labels)
+    return quality
+
+
+def main(run: utils.Run, argv=None):
     args = parse_args(argv)
-    device = utils.start_run(args)
-    classifier = vae_model.optional_classifier(args.classifier, device)   # checked before training
+    device = utils.device_and_seeds(args.device, args.seed)
+    classifier_path = utils.input_file(args.classifier, DEFAULT_CLASSIFIER)   # checked first
+    classifier = vae_model.load_classifier(classifier_path, device) if classifier_path else None
     data = utils.vae_data(args.per_class, args.val_images, device)
     train_x, val_x = data["train_x"], data["val_x"]
     objective = {"objective": args.loss, "sigma_p": args.sigma_p}
@@ -77,78 +150,40 @@ def main(argv=None):
     snapshots = utils.snapshot_epochs(args.epochs)
     monitor = {"train": train_x[utils.monitor_subset(data["train_y"]).to(device)],
                "val": val_x[utils.monitor_subset(data["val_y"]).to(device)]}
-
-    def encode(idx, xb):
-        return vae.encoder(xb)
-
-    steps = -(-len(train_x) // args.batch_size)
-    run = utils.TrainingRun(args.out, utils.run_config(args, ignore=("classifier",)), args.fresh,
-                            args.epochs, steps, "amortized VAE", model=vae, optimizer=optimizer)
-    out = run.out
-    for epoch in run:
+    steps = utils.steps_per_epoch(len(train_x), args.batch_size)
+    training = utils.Training(run, args.out, utils.run_config(args, ignore=("classifier",)),
+                              args.fresh, args.epochs, steps, "amortized VAE", model=vae,
+                              optimizer=optimizer)
+    out = training.out
+    for epoch in training:
         vae.train()
-        train = vae_model.vae_epoch(vae.decoder, encode, train_x, args.batch_size, [optimizer],
-                                    run.progress, **objective)
+        train = train_epoch(vae, optimizer, train_x, args.batch_size, training.progress,
+                            **objective)
         vae.eval()
-        val = vae_model.vae_evaluate(vae.decoder, encode, monitor["val"], **objective)
-        with torch.no_grad():
-            train_recon = vae_model.reconstruction_mse(
-                vae.decoder, vae.encoder(monitor["train"])[0], monitor["train"])
-        run.log(**{f"train_{k}": v for k, v in train.items()},
-                **{f"val_{k}": v for k, v in val.items()}, train_recon_mse=train_recon)
+        training.log(**{f"train_{k}": v for k, v in train.items()},
+                     **monitor_epoch(vae, monitor, objective))
         if epoch in snapshots:
             vae_model.save_snapshot(out / f"vae_epoch{epoch}.pt", vae, epoch, args.latent_dim,
                                     "vae_amortized", subset_per_class=args.per_class)
-    history = run.history
+    history = training.history
     vae_model.save_snapshot(out / "vae_final.pt", vae, args.epochs, args.latent_dim, "vae_amortized",
                             subset_per_class=args.per_class)
     vae.eval()
-    final = {split: vae_model.vae_evaluate(vae.decoder, encode, x, **objective)
+    final = {split: vae_model.vae_evaluate(vae.decoder, encode(vae), x, **objective)
              for split, x in (("train", train_x), ("val", val_x))}
     with torch.no_grad():
         train_mu, train_logvar = vae.encoder(train_x)
 
-    # Figures: every snapshot decodes the same fixed images and the same prior latents.
-    epochs = list(range(1, args.epochs + 1))
     loss_name = ("loss (Eq. 5: MSE + mean KL)" if args.loss == "exercise"
                  else f"negative ELBO, sigma_p = {args.sigma_p:g} [nats]")
-    utils.plot_curves(out / "loss_curves.png", {
-        loss_name: {"train (running)": (epochs, history["train_loss"]),
-                    f"validation ({len(monitor['val']):,})": (epochs, history["val_loss"])},
-        "reconstruction MSE (mean of q)": {
-            f"train ({len(monitor['train']):,})": (epochs, history["train_recon_mse"]),
-            f"validation ({len(monitor['val']):,})": (epochs, history["val_recon_mse"])},
-        "KL per latent dimension": {
-            "train (running)": (epochs, history["train_kl"]),
-            f"validation ({len(monitor['val']):,})": (epochs, history["val_kl"])},
-    })
-
+    plot_loss_curves(out / "loss_curves.png", history, monitor, loss_name)
+    show = {"val": val_x[data["show_val"].to(device)],
+            "train": train_x[data["show_train"].to(device)]}
     z_show = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
-    z_judge = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, args.latent_dim,
-                                      vae_model.QUALITY_SEED).to(device)
-    show_val_x = val_x[data["show_val"].to(device)]
-    show_train_x = train_x[data["show_train"].to(device)]
-    rows = {"val": [show_val_x], "train": [show_train_x], "prior": []}
-    quality = {}
-    snapshot_model = vae_model.VAE(args.latent_dim).to(device).eval()
-    for epoch in snapshots:
-        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot_model, "vae_amortized",
-                                device)
-        rows["val"].append(snapshot_model.reconstruct(show_val_x))
-        rows["train"].append(snapshot_model.reconstruct(show_train_x))
-        with torch.no_grad():
-            rows["prior"].append(snapshot_model.decoder(z_show))
-            if classifier is not None:
-                quality[str(epoch)] = vae_model.classify_samples(
-                    classifier, snapshot_model.decoder(z_judge))
+    quality = snapshot_figures(out, snapshots, args.latent_dim, show, z_show, classifier, device)
     if classifier is not None:
         quality["real test images"] = vae_model.classify_samples(
             classifier, val_x[:vae_model.QUALITY_SAMPLES])
-    labels = [f"epoch {e}" for e in snapshots]
-    for split in ("val", "train"):
-        utils.plot_image_rows(out / f"q1_reconstructions_{split}.png", rows[split],
-                              ["original"] + labels, col_labels=list(range(10)))
-    utils.plot_image_rows(out / "q2_prior_samples.png", rows["prior"], labels)
 
     metrics = {
         **history,

@@ -10,13 +10,25 @@ training and validation images, separating the optimizer's budget from the metho
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 import model as vae_model
 import utils
+
+DEFAULT_AMORTIZED = utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt"
+DEFAULT_CLASSIFIER = utils.OUTPUTS_DIR / "sup_classification" / "classifier.pt"
+
+
+def init_latents(n: int, latent_dim: int, seed: int, device=None):
+    """Q3's initialization: mu ~ N(0, I) and r = log sigma^2 with sigma ~ N(0, I). sigma^2 is
+    floored at 1e-8 so that a draw of exactly 0 cannot give log 0 = -inf."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(n, latent_dim, generator=gen)
+    sigma = torch.randn(n, latent_dim, generator=gen)
+    logvar = torch.log(sigma.pow(2).clamp_min(1e-8))
+    return mu.to(device), logvar.to(device)
 
 
 class LatentTable(nn.Module):
@@ -25,12 +37,124 @@ class LatentTable(nn.Module):
 
     def __init__(self, n_images: int, latent_dim: int, seed: int):
         super().__init__()
-        mu, logvar = vae_model.init_latents(n_images, latent_dim, seed)
+        mu, logvar = init_latents(n_images, latent_dim, seed)
         self.mu = nn.Embedding.from_pretrained(mu, freeze=False, sparse=True)
         self.logvar = nn.Embedding.from_pretrained(logvar, freeze=False, sparse=True)
 
     def forward(self, idx, xb=None):
         return self.mu(idx), self.logvar(idx)
+
+
+def train_epoch(decoder, latents, optimizers, x, batch_size, progress) -> dict:
+    """One pass over the training images in shuffled batches: look up each image's own q, sample
+    z with a fresh eps, decode, and one step of both optimizers (the decoder's Adam, the
+    tables' sparse Adam) on the loss of Eq. 6. Returns the running averages of the loss parts."""
+    sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0}
+    for idx in utils.batches(len(x), batch_size, shuffle=True, device=x.device):
+        mu, logvar = latents(idx)
+        loss, mse, kl = vae_model.vae_loss(x[idx], decoder(vae_model.reparameterize(mu, logvar)),
+                                           mu, logvar)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        for key, value in zip(sums, (loss, mse, kl)):
+            sums[key] += value.item() * len(idx)
+        progress.update(1)
+    return {key: value / len(x) for key, value in sums.items()}
+
+
+def fit_latents(decoder, x, steps: int, lr: float, init_seed: int, progress):
+    """Test-time latent optimization: with the decoder frozen, fit each image's own mu and
+    r = log sigma^2 by Adam on the loss of Eq. 6 (initialized as in Q3: mu ~ N(0, I),
+    sigma ~ N(0, I)). Returns (mu, logvar)."""
+    mu, logvar = init_latents(len(x), decoder.latent_dim, init_seed, device=x.device)
+    mu, logvar = mu.requires_grad_(), logvar.requires_grad_()
+    opt = torch.optim.Adam([mu, logvar], lr=lr)
+    trainable = [p for p in decoder.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            loss, _, _ = vae_model.vae_loss(x, decoder(vae_model.reparameterize(mu, logvar)), mu,
+                                            logvar)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            progress.update(1)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    return mu.detach(), logvar.detach()
+
+
+def snapshot_reconstructions(out, snapshots, decoder, show_train_x, show_train, show_val_x,
+                             fit, device):
+    """Q3's reconstructions at each snapshot epoch: training images from their own latents,
+    validation images from latents fitted to the frozen decoder. Returns (training rows,
+    validation rows, the validation reconstruction error per epoch)."""
+    rows_train, rows_val, val_fit = [show_train_x], [show_val_x], {}
+    for epoch in snapshots:
+        ckpt = vae_model.load_snapshot(out / f"decoder_epoch{epoch}.pt", decoder,
+                                       "vae_latent_opt", device)
+        if "mu" not in ckpt:
+            raise utils.CheckpointError(f"{out / f'decoder_epoch{epoch}.pt'} holds no latent "
+                                        f"table; run with --fresh")
+        with torch.no_grad():
+            rows_train.append(decoder(ckpt["mu"].to(device)[show_train]))
+        mu, _ = fit(decoder, show_val_x)
+        with torch.no_grad():
+            rows_val.append(decoder(mu))
+        val_fit[str(epoch)] = vae_model.reconstruction_mse(decoder, mu, show_val_x)
+    return rows_train, rows_val, val_fit
+
+
+def same_budget(decoder, x, n_train, proposed_train, proposed_val, fit) -> dict:
+    """Reconstruction errors of one decoder on the comparison images (the first n_train of x
+    from training, the rest validation): from the latents its method proposes, and from a
+    fresh latent fit of the same budget for both methods, separating the budget from the
+    method."""
+    mu, _ = fit(decoder, x)
+
+    def mse(m, images):
+        return vae_model.reconstruction_mse(decoder, m, images)
+
+    return {"proposed_train": mse(proposed_train, x[:n_train]),
+            "proposed_val": None if proposed_val is None else mse(proposed_val, x[n_train:]),
+            "fitted_train": mse(mu[:n_train], x[:n_train]),
+            "fitted_val": mse(mu[n_train:], x[n_train:])}
+
+
+def judge_priors(classifier, decoder, amortized, latent_dim, device):
+    """The same 1,000 prior latents through both final generators, judged by Part 1's
+    classifier (None without it)."""
+    if classifier is None:
+        return None
+    z = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, latent_dim,
+                                vae_model.QUALITY_SEED).to(device)
+    with torch.no_grad():
+        quality = {"latent_opt": vae_model.classify_samples(classifier, decoder(z))}
+        if amortized is not None:
+            quality["amortized"] = vae_model.classify_samples(classifier, amortized.decoder(z))
+    return quality
+
+
+def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with_amortized):
+    epochs = list(range(1, len(history["train_loss"]) + 1))
+    utils.plot_curves(out / "loss_curves.png", {
+        "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
+        "reconstruction MSE (mean of q)": {"training images": (epochs, history["train_recon_mse"])},
+        "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
+    })
+    labels = [f"LO epoch {e}" for e in snapshots]
+    utils.plot_image_rows(out / "q3_reconstructions_train.png", rows_train,
+                          ["original"] + labels, col_labels=list(range(10)))
+    utils.plot_image_rows(out / "q3_reconstructions_val.png", rows_val,
+                          ["original"] + labels + (["Q1 amortized"] if with_amortized else []),
+                          col_labels=list(range(10)))
+    utils.plot_image_rows(out / "q3_prior_samples.png", prior_rows,
+                          (["Q2 amortized"] if with_amortized else []) + ["Q3 latent opt."])
 
 
 def q3_verdicts(same: dict, quality) -> dict:
@@ -73,30 +197,33 @@ def parse_args(argv=None):
                         help="learning rate of that test-time latent fit")
     parser.add_quick_argument("--compare-per-digit", 5, 2, "training and validation images per "
                               "digit in the same-budget comparison", type=utils.int_in(1, 20))
-    parser.add_argument("--amortized", type=utils.Path,
-                        default=utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt",
-                        help="Q1's final VAE, for the side-by-side figures and comparisons "
-                             "(skipped if absent)")
-    parser.add_argument("--classifier", type=utils.Path, default=None,
-                        help="Part 1's classifier.pt, to judge prior samples (default: "
-                             "outputs/sup_classification/classifier.pt if it exists)")
+    utils.add_file_argument(parser, "--amortized", DEFAULT_AMORTIZED,
+                            "Q1's final VAE, for the side-by-side figures and comparisons")
+    utils.add_file_argument(parser, "--classifier", DEFAULT_CLASSIFIER,
+                            "Part 1's classifier.pt, to judge the prior samples")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def load_amortized(path, latent_dim, device):
+    """Q1's VAE for the comparisons (None if there is none), checked before any training."""
+    if path is None:
+        return None
+    amortized, _ = vae_model.load_amortized_vae(path, device)
+    if amortized.latent_dim != latent_dim:
+        raise utils.UsageError(f"{path} has latent size {amortized.latent_dim}, this run "
+                               f"{latent_dim}; pass --latent-dim {amortized.latent_dim} or "
+                               f"another --amortized")
+    return amortized
+
+
+def main(run: utils.Run, argv=None):
     args = parse_args(argv)
-    device = utils.start_run(args)
+    device = utils.device_and_seeds(args.device, args.seed)
     # Every file argument is loaded and checked before the first training step.
-    amortized = None
-    if args.amortized.is_file():
-        amortized = vae_model.load_amortized_vae(args.amortized, device)
-        if amortized.latent_dim != args.latent_dim:
-            raise utils.UsageError(f"{args.amortized} has latent size {amortized.latent_dim}, "
-                                   f"this run {args.latent_dim}; pass --latent-dim "
-                                   f"{amortized.latent_dim} or another --amortized")
-    else:
-        print(f"note: {args.amortized} not found; run vae_amortized.py first for the Q1/Q2 rows")
-    classifier = vae_model.optional_classifier(args.classifier, device)
+    amortized = load_amortized(utils.input_file(args.amortized, DEFAULT_AMORTIZED),
+                               args.latent_dim, device)
+    classifier_path = utils.input_file(args.classifier, DEFAULT_CLASSIFIER)
+    classifier = vae_model.load_classifier(classifier_path, device) if classifier_path else None
     data = utils.vae_data(args.per_class, args.val_images, device)
     train_x = data["train_x"]
 
@@ -107,15 +234,15 @@ def main(argv=None):
     config = utils.run_config(args, ignore=("amortized", "classifier", "fit_steps", "fit_lr",
                                             "compare_per_digit"))
     snapshots = utils.snapshot_epochs(args.epochs)
-    steps = -(-len(train_x) // args.batch_size)
-    run = utils.TrainingRun(args.out, config, args.fresh, args.epochs, steps,
-                            "latent optimization", decoder=decoder, latents=latents,
-                            opt_decoder=opt_decoder, opt_latents=opt_latents)
-    out = run.out
-    for epoch in run:
-        train = vae_model.vae_epoch(decoder, latents, train_x, args.batch_size,
-                                    [opt_decoder, opt_latents], run.progress)
-        run.log(**{f"train_{k}": v for k, v in train.items()}, train_recon_mse=(
+    training = utils.Training(run, args.out, config, args.fresh, args.epochs,
+                              utils.steps_per_epoch(len(train_x), args.batch_size),
+                              "latent optimization", decoder=decoder, latents=latents,
+                              opt_decoder=opt_decoder, opt_latents=opt_latents)
+    out = training.out
+    for epoch in training:
+        train = train_epoch(decoder, latents, [opt_decoder, opt_latents], train_x, args.batch_size,
+                            training.progress)
+        training.log(**{f"train_{k}": v for k, v in train.items()}, train_recon_mse=(
             vae_model.reconstruction_mse(decoder, latents.mu.weight.detach(), train_x)))
         if epoch in snapshots:
             # The decoder and the latent table together: reconstructions need both.
@@ -123,93 +250,56 @@ def main(argv=None):
                                     args.latent_dim, "vae_latent_opt",
                                     mu=latents.mu.weight.detach().cpu(),
                                     logvar=latents.logvar.weight.detach().cpu())
-    history = run.history
+    history = training.history
     vae_model.save_snapshot(out / "decoder_final.pt", decoder, args.epochs, args.latent_dim,
                             "vae_latent_opt")
     decoder.eval()
     final_train = vae_model.vae_evaluate(decoder, latents, train_x)
 
-    # Q3 figures.
-    epochs = list(range(1, args.epochs + 1))
-    utils.plot_curves(out / "loss_curves.png", {
-        "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
-        "reconstruction MSE (mean of q)": {"training images": (epochs, history["train_recon_mse"])},
-        "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
-    })
+    # Latent fits against frozen decoders: the validation images at each snapshot, then the
+    # same-budget comparison of both final decoders on the same images.
     show_train, show_val = data["show_train"].to(device), data["show_val"].to(device)
     show_val_x = data["val_x"][show_val]
-    z_prior = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
     snapshot_decoder = vae_model.Decoder(args.latent_dim).to(device).eval()
-    rows_train, rows_val, val_fit = [train_x[show_train]], [show_val_x], {}
     compare = {"train": utils.monitor_subset(data["train_y"], args.compare_per_digit).to(device),
                "val": utils.monitor_subset(data["val_y"], args.compare_per_digit).to(device)}
     compare_x = torch.cat([train_x[compare["train"]], data["val_x"][compare["val"]]])
     n_train = len(compare["train"])
     fit_bar = tqdm(total=(len(snapshots) + 1 + (amortized is not None)) * args.fit_steps,
                    desc="fitting latents to frozen decoders", unit="step")
-    for epoch in snapshots:
-        ckpt = vae_model.load_snapshot(out / f"decoder_epoch{epoch}.pt", snapshot_decoder,
-                                       "vae_latent_opt", device)
-        with torch.no_grad():
-            rows_train.append(snapshot_decoder(ckpt["mu"].to(device)[show_train]))
-        mu, logvar = vae_model.fit_latents(snapshot_decoder, show_val_x, args.fit_steps,
-                                           args.fit_lr, init_seed=args.seed, progress=fit_bar)
-        with torch.no_grad():
-            rows_val.append(snapshot_decoder(mu))
-        val_fit[epoch] = vae_model.reconstruction_mse(snapshot_decoder, mu, show_val_x)
 
-    # Same budget for both methods: a fresh fit_steps-step latent fit against each final decoder
-    # on the same images, beside the latents each method itself proposes.
-    def same_budget(dec, proposed_train, proposed_val):
-        mu, _ = vae_model.fit_latents(dec, compare_x, args.fit_steps, args.fit_lr,
-                                      init_seed=args.seed, progress=fit_bar)
-        mse = lambda m, x: vae_model.reconstruction_mse(dec, m, x)   # noqa: E731
-        return {"proposed_train": mse(proposed_train, compare_x[:n_train]),
-                "proposed_val": None if proposed_val is None else mse(proposed_val,
-                                                                      compare_x[n_train:]),
-                "fitted_train": mse(mu[:n_train], compare_x[:n_train]),
-                "fitted_val": mse(mu[n_train:], compare_x[n_train:])}
+    def fit(dec, x):
+        return fit_latents(dec, x, args.fit_steps, args.fit_lr, args.seed, fit_bar)
 
-    same = {"latent_opt": same_budget(decoder, latents.mu.weight.detach()[compare["train"]], None)}
-    extra_val, extra_prior, amortized_val10 = [], [], None
+    rows_train, rows_val, val_fit = snapshot_reconstructions(
+        out, snapshots, snapshot_decoder, train_x[show_train], show_train, show_val_x, fit, device)
+    same = {"latent_opt": same_budget(decoder, compare_x, n_train,
+                                      latents.mu.weight.detach()[compare["train"]], None, fit)}
+    z_prior = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
+    prior_rows, amortized_val10 = [], None
     if amortized is not None:
         with torch.no_grad():
             encoded = amortized.encoder(compare_x)[0]
-        same["amortized"] = same_budget(amortized.decoder, encoded[:n_train], encoded[n_train:])
+        same["amortized"] = same_budget(amortized.decoder, compare_x, n_train, encoded[:n_train],
+                                        encoded[n_train:], fit)
         with torch.no_grad():
-            extra_val = [amortized.reconstruct(show_val_x)]
+            rows_val.append(amortized.reconstruct(show_val_x))
             amortized_val10 = vae_model.reconstruction_mse(
                 amortized.decoder, amortized.encoder(show_val_x)[0], show_val_x)
-            extra_prior = [amortized.decoder(z_prior)]
+            prior_rows.append(amortized.decoder(z_prior))
     fit_bar.close()
     with torch.no_grad():
-        lo_prior = decoder(z_prior)
+        prior_rows.append(decoder(z_prior))
+    plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)
 
-    labels = [f"LO epoch {e}" for e in snapshots]
-    utils.plot_image_rows(out / "q3_reconstructions_train.png", rows_train,
-                          ["original"] + labels, col_labels=list(range(10)))
-    utils.plot_image_rows(out / "q3_reconstructions_val.png", rows_val + extra_val,
-                          ["original"] + labels + (["Q1 amortized"] if extra_val else []),
-                          col_labels=list(range(10)))
-    utils.plot_image_rows(out / "q3_prior_samples.png", extra_prior + [lo_prior],
-                          (["Q2 amortized"] if extra_prior else []) + ["Q3 latent opt."])
-
-    quality = None
-    if classifier is not None:     # the same 1,000 prior latents through both final generators
-        z_judge = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, args.latent_dim,
-                                          vae_model.QUALITY_SEED).to(device)
-        with torch.no_grad():
-            quality = {"latent_opt": vae_model.classify_samples(classifier, decoder(z_judge))}
-            if amortized is not None:
-                quality["amortized"] = vae_model.classify_samples(classifier,
-                                                                  amortized.decoder(z_judge))
+    quality = judge_priors(classifier, decoder, amortized, args.latent_dim, device)
     final_mu = latents.mu.weight.detach()
     final_logvar = latents.logvar.weight.detach()
     metrics = {
         **history,
         "snapshot_epochs": snapshots,
         "final_train": final_train,
-        "val_fit_recon_mse": {str(e): v for e, v in val_fit.items()},
+        "val_fit_recon_mse": val_fit,
         "amortized_val10_recon_mse": amortized_val10,
         "same_budget": same,
         "same_budget_images": {"train": n_train, "val": len(compare_x) - n_train,
@@ -228,8 +318,8 @@ def main(argv=None):
         "wall_seconds": utils.wall_seconds(),
         "device": str(device),
         "args": vars(args),
+        "verdicts": q3_verdicts(same, quality),
     }
-    metrics["verdicts"] = q3_verdicts(same, quality)
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")
