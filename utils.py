@@ -788,8 +788,25 @@ def rng_state() -> dict:
     return state
 
 
-RNG_FIELDS = {"torch": tensor_field(None, dtype="uint8"), "python_pos": int_field(0, 625),
-              "numpy": tensor_field(624, dtype="int64"), "numpy_pos": int_field(0, 624)}
+def python_rng_field():
+    """Python's Mersenne Twister state: 624 words and a position (625 ints in [0, 2^32))."""
+    def check(value):
+        return (isinstance(value, list) and len(value) == 625
+                and all(type(v) is int and 0 <= v < 2**32 for v in value))
+    check.wants = "625 integers (Python's generator state)"
+    return check
+
+
+def gauss_next_field():
+    def check(value):       # random.gauss's cached second value, if any
+        return value is None or isinstance(value, float)
+    check.wants = "None or a number"
+    return check
+
+
+RNG_FIELDS = {"torch": tensor_field(None, dtype="uint8"), "python": python_rng_field(),
+              "python_pos": gauss_next_field(), "numpy": tensor_field(624, dtype="int64"),
+              "numpy_pos": int_field(0, 624)}
 
 
 def set_rng_state(state: dict) -> None:

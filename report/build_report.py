@@ -223,7 +223,7 @@ def ex1_values(m: dict) -> dict:
         "n_images": len(ll["images"]), "per_digit_n": ll["args"]["per_digit"],
         "sigma_p": f"{ll['sigma_p']:g}", "adam_steps": ll["args"]["adam_steps"],
         "newton_steps": ll["args"]["newton_steps"], "bootstrap": f"{ll['args']['bootstrap']:,}",
-        "seconds": num(ll["estimate_seconds"], 1), "peak_gb": num(ll["peak_rss_mb"] / 1024, 1),
+        "seconds": num(ll["estimate_seconds"], 1), "peak_gb": "n/a" if ll["peak_rss_mb"] is None else num(ll["peak_rss_mb"] / 1024, 1),
         "device": ll["device"],
         "implied_sigma2": num(implied_sigma2), "implied_sigma": num(math.sqrt(implied_sigma2)),
         "table": [{"digit": d, "mean": num(per[str(d)]["mean"], 0), "se": num(per[str(d)]["se"], 0),

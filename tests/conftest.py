@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -24,14 +25,35 @@ def run_script(script, *args, env_extra=None, check=True):
     return proc
 
 
+def run_injected(fault, when, script, *args):
+    """A script run with a fault injected from outside (tests/inject.py): `kill`, `INT` or
+    `TERM`, `-after-epoch` or `-during-save`, at the `when`-th time."""
+    return run_script("tests/inject.py", fault, when, script, *args, check=False)
+
+
+def metrics(folder):
+    return json.loads((Path(folder) / "metrics.json").read_text())
+
+
+NONDETERMINISTIC = {"train_seconds", "epoch_seconds", "seconds", "estimate_seconds", "wall_seconds",
+                    "peak_rss_mb", "args"}
+
+
+def comparable(folder):
+    """A metrics.json without what differs between identical runs (timings, memory, paths)."""
+    return {k: v for k, v in metrics(folder).items() if k not in NONDETERMINISTIC}
+
+
 @pytest.fixture(scope="session")
 def quick_outputs(tmp_path_factory):
     """Every script with --quick into <outputs>/<script>/ and both reports, built the way
-    `make quick` builds them (the Makefile's chain, with this interpreter); shared by the script
-    and report tests."""
+    `make quick` builds them (the Makefile's chain, with this interpreter), and with the
+    POSIX-only modules hidden as on Windows (tests/as_on_windows.py); shared by the script and
+    report tests."""
     out = tmp_path_factory.mktemp("outputs")
+    python = f"{sys.executable} {ROOT / 'tests' / 'as_on_windows.py'}"
     proc = subprocess.run(["make", "-C", str(ROOT), "all", f"OUT={out}", "FLAGS=--quick",
-                           "DEVICE=cpu", f"PY={sys.executable}", "VENV_DEP="],
+                           "DEVICE=cpu", f"PY={python}", "VENV_DEP="],
                           env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,10 +4,8 @@ The battery runs each script in this process exactly as `python script.py ARGS` 
 __main__), so that some 50 cases stay fast; every case must end with exit code 2, exactly one
 line on stderr, no traceback, and the --out folder byte for byte as it was. Interruptions run
 as real processes: signals, kills in the middle of a checkpoint write, a locked folder."""
-import fcntl
 import gzip
 import hashlib
-import json
 import os
 import pickle
 import runpy
@@ -21,7 +19,7 @@ import torch
 
 import model
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, comparable, run_injected, run_script
 
 
 def folder_state(folder: Path):
@@ -63,6 +61,12 @@ def files(quick_outputs, tmp_path_factory):
     ckpt = torch.load(quick_outputs / "sup_classification" / "checkpoint_last.pt",
                       weights_only=True)
     torch.save({k: v for k, v in ckpt.items() if k != "rng"}, d / "no_rng.pt")
+    torch.save({**ckpt, "epoch": str(ckpt["epoch"])}, d / "epoch_text.pt")
+    vae8 = torch.load(d / "vae8.pt", weights_only=True)
+    torch.save({**vae8, "latent_dim": 10**12}, d / "huge_latent.pt")
+    torch.save({**vae8, "latent_dim": True}, d / "bool_latent.pt")
+    nan_state = {k: torch.full_like(v, float("nan")) for k, v in vae8["model"].items()}
+    torch.save({**vae8, "model": nan_state}, d / "nan_weights.pt")
     vae_ckpt = torch.load(quick_outputs / "vae_amortized" / "checkpoint_last.pt", weights_only=True)
     # the classifier's own settings, but the VAE's model and optimizer state
     torch.save({**ckpt, "model": vae_ckpt["model"], "optimizer": vae_ckpt["optimizer"]},
@@ -90,7 +94,8 @@ CASES = [
     (S, ["--quick"], "garbage.pt", "corrupt or not a weights-only"),
     (S, ["--quick"], "empty.pt", "corrupt or not a weights-only"),
     (S, ["--quick"], "raw_pickle.pt", "corrupt or not a weights-only"),
-    (S, ["--quick"], "no_rng.pt", "no complete training state"),
+    (S, ["--quick"], "no_rng.pt", "lacks the field 'rng'"),
+    (S, ["--quick"], "epoch_text.pt", "field 'epoch' is '1', not an integer"),
     (S, ["--quick"], "other_script.pt", "does not fit"),
     (S, ["--quick", "--lr", "0.01"], "{classifier_ckpt}", "other settings (lr)"),
     (A, ["--latent-dim", "1000000000000"], None, "between 1 and 1024"),
@@ -103,15 +108,22 @@ CASES = [
     (A, ["--quick", "--classifier", "{dir}/garbage.pt"], None, "sup_classification.py"),
     (A, ["--quick", "--classifier", "{amortized}"], None, "does not fit this model"),
     (A, ["--per-class", "0"], None, "between 1 and"),
-    (A, ["--quick"], "{lo_ckpt}", "no complete training state of this script"),
+    (A, ["--quick"], "{lo_ckpt}", "lacks the field 'model'"),
+    (A, ["--quick", "--classifier", "{dir}"], None, "holds no classifier.pt"),
     (L, ["--quick", "--amortized", "{dir}/garbage.pt"], None, "vae_amortized.py"),
     (L, ["--quick", "--amortized", "{classifier}"], None, "not a vae_amortized checkpoint"),
     (L, ["--quick", "--amortized", "{dir}/no_latent.pt"], None, "not a vae_amortized checkpoint"),
     (L, ["--quick", "--amortized", "{dir}/vae8.pt"], None, "pass --latent-dim 8"),
+    (L, ["--quick", "--amortized", "{dir}"], None, "holds no vae_final.pt"),
+    (L, ["--quick", "--amortized", "{dir}/none.pt"], None, "not found"),
+    (L, ["--quick", "--amortized", "{dir}/huge_latent.pt"], None, "not an integer from 1 to 1024"),
+    (L, ["--quick", "--amortized", "{dir}/bool_latent.pt"], None, "'latent_dim' is 'True'"),
+    (Q, ["--quick", "--checkpoint", "{dir}/huge_latent.pt"], None, "not an integer from 1 to 1024"),
+    (Q, ["--quick", "--checkpoint", "{dir}/nan_weights.pt"], None, "not finite"),
     (L, ["--fit-steps", "0"], None, "between 1 and"),
     (L, ["--latent-lr", "inf"], None, "between"),
     (L, ["--compare-per-digit", "50"], None, "between 1 and 20"),
-    (Q, ["--quick", "--checkpoint", "{dir}/none.pt"], None, "run vae_amortized.py first"),
+    (Q, ["--quick", "--checkpoint", "{dir}/none.pt"], None, "not found"),
     (Q, ["--quick", "--checkpoint", "{dir}/garbage.pt"], None, "vae_amortized.py"),
     (Q, ["--quick", "--checkpoint", "{lo_ckpt}"], None, "not a vae_amortized checkpoint"),
     (Q, ["--quick", "--checkpoint", "{amortized}", "--per-digit", "21"], None,
@@ -258,12 +270,6 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 QUICK3 = ["--quick", "--epochs", "3", "--device", "cpu"]
 
 
-def comparable(folder):
-    m = json.loads((folder / "metrics.json").read_text())
-    return {k: v for k, v in m.items()
-            if k not in {"epoch_seconds", "train_seconds", "wall_seconds", "args"}}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
@@ -275,8 +281,7 @@ def uninterrupted(tmp_path_factory):
 def test_a_signal_is_one_line_and_the_run_resumes_to_the_same_metrics(tmp_path, uninterrupted,
                                                                        signal_name, code):
     out = tmp_path / "o"
-    proc = run_script(A, *QUICK3, "--out", out, check=False,
-                      env_extra={"VI_TEST_SIGNAL_AFTER_EPOCH": f"2:{signal_name}"})
+    proc = run_injected(f"{signal_name}-after-epoch", 2, A, *QUICK3, "--out", out)
     assert proc.returncode == code, proc.stderr
     assert proc.stderr == ("vae_amortized.py: interrupted after epoch 2; run the same command "
                            "to resume\n")
@@ -289,8 +294,7 @@ def test_a_signal_is_one_line_and_the_run_resumes_to_the_same_metrics(tmp_path, 
 def test_a_kill_during_a_checkpoint_write_leaves_nothing_after_the_next_run(tmp_path,
                                                                             uninterrupted):
     out = tmp_path / "o"
-    proc = run_script(A, *QUICK3, "--out", out, check=False,
-                      env_extra={"VI_TEST_KILL_DURING_SAVE": "2"})
+    proc = run_injected("kill-during-save", 2, A, *QUICK3, "--out", out)
     assert proc.returncode == 137
     assert list(out.glob(".checkpoint_last.*.tmp*"))     # the half-written file is there ...
     assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1   # ... the old one whole
@@ -301,8 +305,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_nothing_after_the_next_run(tmp_
 
 def test_sigterm_during_a_checkpoint_write_keeps_the_old_one_whole(tmp_path):
     out = tmp_path / "o"
-    proc = run_script(S, *QUICK3, "--out", out, check=False,
-                      env_extra={"VI_TEST_KILL_DURING_SAVE": "2:TERM"})
+    proc = run_injected("TERM-during-save", 2, S, *QUICK3, "--out", out)
     assert proc.returncode == 143 and proc.stderr.count("\n") == 1, proc.stderr
     assert "interrupted after epoch 1" in proc.stderr
     assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1
@@ -310,29 +313,41 @@ def test_sigterm_during_a_checkpoint_write_keeps_the_old_one_whole(tmp_path):
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    """The lock file names a live process (a sleeping child here): the run is refused in one line
+    naming it, and nothing is written."""
+    import subprocess
+
     out = tmp_path / "o"
     out.mkdir()
-    with open(out / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.write("4242\n")
-        lock.flush()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{holder.pid}\n")
         proc = run_script(S, "--quick", "--device", "cpu", "--out", out, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "another run (process 4242) is writing to" in proc.stderr
+    assert f"another run (process {holder.pid}) is writing to" in proc.stderr
     assert not (out / "checkpoint_last.pt").exists()
+    run_script(S, "--quick", "--epochs", "1", "--device", "cpu", "--out", out)   # now stale
+    assert (out / "metrics.json").is_file() and not (out / ".lock").exists()
 
 
 def test_a_diverging_run_stops_at_the_epoch_and_writes_no_nan(tmp_path, monkeypatch, capsys):
-    """A loss that becomes NaN in epoch 2: one line naming it, epoch 1's checkpoint kept."""
-    real = model.vae_epoch
+    """A loss that becomes NaN in epoch 2 (the loss function patched from outside): one line
+    naming it, epoch 1's checkpoint kept."""
+    real, steps = model.vae_loss, utils.steps_per_epoch(200, 64)
+    calls = []
 
     def diverging(*args, **kwargs):
-        result = real(*args, **kwargs)
-        diverging.calls += 1
-        return {**result, "loss": float("nan")} if diverging.calls == 2 else result
+        loss, mse, kl = real(*args, **kwargs)
+        if torch.is_grad_enabled():                  # a training step, not an evaluation
+            calls.append(1)
+            if steps < len(calls) <= 2 * steps:      # every training step of epoch 2
+                loss = loss * float("nan")
+        return loss, mse, kl
 
-    diverging.calls = 0
-    monkeypatch.setattr(model, "vae_epoch", diverging)
+    monkeypatch.setattr(model, "vae_loss", diverging)
     monkeypatch.setenv("TQDM_DISABLE", "1")
     out = tmp_path / "o"
     code, err = run_inprocess(A, [*QUICK3, "--out", out], capsys)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+import log_likelihood
 import model
 
 SIGMA_P = 0.4
@@ -33,7 +34,7 @@ def linear_gaussian():
 @pytest.mark.parametrize("num_samples", [1, 7, 1000])
 def test_exact_posterior_gives_exact_log_px_for_every_m(linear_gaussian, num_samples):
     lg = linear_gaussian
-    res = model.importance_log_likelihood(lg["x"], lg["post_mu"], lg["post_sd"], lg["decode"],
+    res = log_likelihood.importance_log_likelihood(lg["x"], lg["post_mu"], lg["post_sd"], lg["decode"],
                                           SIGMA_P, num_samples,
                                           generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(res["log_px"], lg["exact"], rtol=0, atol=1e-9)
@@ -49,7 +50,7 @@ def test_full_covariance_draw_matches_multivariate_normal():
     scale = torch.triu(torch.randn(4, 5, 5, generator=gen, dtype=torch.float64))
     scale.diagonal(dim1=-2, dim2=-1).copy_(torch.rand(4, 5, generator=gen, dtype=torch.float64) + 0.2)
     eps = torch.randn(7, 4, 5, generator=gen, dtype=torch.float64)
-    z, log_q = model.gaussian_draw(mean, scale, eps)
+    z, log_q = log_likelihood.gaussian_draw(mean, scale, eps)
     ref = MultivariateNormal(mean, covariance_matrix=scale @ scale.transpose(1, 2)).log_prob(z)
     torch.testing.assert_close(log_q, ref, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(z[2, 1], mean[1] + scale[1] @ eps[2, 1])
@@ -65,16 +66,16 @@ def test_laplace_proposal_is_the_exact_posterior_of_a_linear_decoder(num_samples
     x = b + 2 * torch.randn(5, D, generator=gen, dtype=torch.float64)
     exact = MultivariateNormal(b, w @ w.T + SIGMA_P**2 * torch.eye(D, dtype=torch.float64)).log_prob(x)
     decode = lambda z: z @ w.T + b                                          # noqa: E731
-    centre, scale = model.laplace_proposal(x, decode, SIGMA_P, torch.full((5, d), 3.0,
+    centre, scale = log_likelihood.laplace_proposal(x, decode, SIGMA_P, torch.full((5, d), 3.0,
                                                                           dtype=torch.float64),
                                            adam_steps=20, newton_steps=1)
-    res = model.importance_log_likelihood(x, centre, scale, decode, SIGMA_P, num_samples,
+    res = log_likelihood.importance_log_likelihood(x, centre, scale, decode, SIGMA_P, num_samples,
                                           generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(res["log_px"], exact, rtol=0, atol=1e-8)
     torch.testing.assert_close(res["ess"], torch.full_like(res["ess"], float(num_samples)))
     # ... while the best diagonal q (the posterior's own marginal variances) is not exact
     cov = torch.linalg.inv(scale @ scale.transpose(1, 2))
-    diag = model.importance_log_likelihood(x, centre, torch.linalg.inv(cov).diagonal(dim1=1, dim2=2)
+    diag = log_likelihood.importance_log_likelihood(x, centre, torch.linalg.inv(cov).diagonal(dim1=1, dim2=2)
                                            .rsqrt(), decode, SIGMA_P, 1000,
                                            generator=torch.Generator().manual_seed(6))
     assert (diag["ess"] < 999).all()
@@ -85,7 +86,7 @@ def test_other_q_converges_and_elbo_is_below(linear_gaussian):
     mu, sd = lg["post_mu"] + 0.3, lg["post_sd"] * math.exp(0.35)   # wrong but overlapping
     errors = {}
     for m in (10, 10_000):
-        res = model.importance_log_likelihood(lg["x"], mu, sd, lg["decode"], SIGMA_P, m,
+        res = log_likelihood.importance_log_likelihood(lg["x"], mu, sd, lg["decode"], SIGMA_P, m,
                                               chunk_size=512,
                                               generator=torch.Generator().manual_seed(2))
         errors[m] = (res["log_px"] - lg["exact"]).abs().mean().item()
@@ -98,7 +99,7 @@ def test_other_q_converges_and_elbo_is_below(linear_gaussian):
 def test_effective_sample_size_is_the_textbook_formula():
     log_w = torch.randn(500, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
     w = log_w.exp()
-    torch.testing.assert_close(model.effective_sample_size(log_w), w.sum(0) ** 2 / (w**2).sum(0))
+    torch.testing.assert_close(log_likelihood.effective_sample_size(log_w), w.sum(0) ** 2 / (w**2).sum(0))
 
 
 @pytest.mark.parametrize("s", [0.5, 0.7])
@@ -108,19 +109,19 @@ def test_khat_recovers_the_tail_of_a_too_narrow_proposal(s):
     gen = torch.Generator().manual_seed(1)
     z = s * torch.randn(4000, 40, generator=gen, dtype=torch.float64)
     log_w = 0.5 * z.pow(2) * (1 / s**2 - 1) - math.log(s)
-    khat = model.pareto_khat(log_w)
+    khat = log_likelihood.pareto_khat(log_w)
     assert abs(khat.mean().item() - (1 - s**2)) < 0.1, khat.mean()
 
 
 def test_khat_is_small_for_bounded_weights_and_large_for_a_light_tailed_proposal():
     gen = torch.Generator().manual_seed(2)
     uniform = torch.rand(1000, 20, generator=gen, dtype=torch.float64).log()      # k = -1
-    assert (model.pareto_khat(uniform) < 0).all()
+    assert (log_likelihood.pareto_khat(uniform) < 0).all()
     z = 2 * torch.randn(1000, 20, generator=gen, dtype=torch.float64)             # wider q
-    assert (model.pareto_khat(-0.5 * z**2 + 0.125 * z**2) < 0).all()
+    assert (log_likelihood.pareto_khat(-0.5 * z**2 + 0.125 * z**2) < 0).all()
     z = 0.3 * torch.randn(1000, 20, generator=gen, dtype=torch.float64)           # k = 0.91
-    assert model.pareto_khat(0.5 * z**2 * (1 / 0.09 - 1)).mean() > 0.7        # k-hat is biased low
-    assert torch.isnan(model.pareto_khat(torch.zeros(10, 2))).all()             # too few samples
+    assert log_likelihood.pareto_khat(0.5 * z**2 * (1 / 0.09 - 1)).mean() > 0.7        # k-hat is biased low
+    assert torch.isnan(log_likelihood.pareto_khat(torch.zeros(10, 2))).all()             # too few samples
 
 
 def test_bootstrap_error_bar_covers_the_truth_at_the_stated_rate(linear_gaussian):
@@ -129,9 +130,9 @@ def test_bootstrap_error_bar_covers_the_truth_at_the_stated_rate(linear_gaussian
     about 95 % of them."""
     lg = linear_gaussian
     x, mu, sd = lg["x"][:1].expand(200, D), lg["post_mu"][:1] + 0.3, lg["post_sd"][:1] * 1.4
-    res = model.importance_log_likelihood(x, mu.expand(200, d), sd.expand(200, d), lg["decode"],
+    res = log_likelihood.importance_log_likelihood(x, mu.expand(200, d), sd.expand(200, d), lg["decode"],
                                           SIGMA_P, 1000, generator=torch.Generator().manual_seed(4))
-    boot = model.bootstrap_sd(res["log_w"], resamples=300, seed=0)
+    boot = log_likelihood.bootstrap_sd(res["log_w"], resamples=300, seed=0)
     spread = res["log_px"].std()
     assert 0.8 < boot.median() / spread < 1.25, (boot.median(), spread)
     covered = ((res["log_px"] - lg["exact"][0]).abs() < 1.96 * boot).double().mean()
@@ -146,11 +147,11 @@ def test_chunking_bounds_the_decoder_batch(linear_gaussian):
         seen.append(len(z))
         return lg["decode"](z)
 
-    res = model.importance_log_likelihood(lg["x"], lg["post_mu"], lg["post_sd"], decode,
+    res = log_likelihood.importance_log_likelihood(lg["x"], lg["post_mu"], lg["post_sd"], decode,
                                           SIGMA_P, 1000, chunk_size=100)
     assert max(seen) <= 100 and sum(seen) == 1000 * len(lg["x"])
     torch.testing.assert_close(res["log_px"], lg["exact"], rtol=0, atol=1e-9)
-    res = model.importance_log_likelihood(lg["x"], lg["post_mu"], lg["post_sd"], decode,
+    res = log_likelihood.importance_log_likelihood(lg["x"], lg["post_mu"], lg["post_sd"], decode,
                                           SIGMA_P, 5, chunk_size=3)
     torch.testing.assert_close(res["log_px"], lg["exact"], rtol=0, atol=1e-9)
 
@@ -162,13 +163,13 @@ def test_estimates_are_finite_for_extreme_images_on_the_real_network():
                      torch.randn(1, 28, 28) * 50])
     with torch.no_grad():
         mu, logvar = vae.encoder(x)
-    res = model.importance_log_likelihood(x, mu, torch.exp(0.5 * logvar), vae.decoder, SIGMA_P, 50)
+    res = log_likelihood.importance_log_likelihood(x, mu, torch.exp(0.5 * logvar), vae.decoder, SIGMA_P, 50)
     assert all(torch.isfinite(res[k]).all() for k in ("log_px", "elbo", "ess"))
     assert (res["elbo"] <= res["log_px"] + 1e-4).all()
     assert res["log_px"][2] < res["log_px"][0] - 1000     # far from anything the decoder makes
-    centre, scale = model.laplace_proposal(x, vae.decoder, SIGMA_P, mu, adam_steps=5,
+    centre, scale = log_likelihood.laplace_proposal(x, vae.decoder, SIGMA_P, mu, adam_steps=5,
                                            newton_steps=1)
-    lap = model.importance_log_likelihood(x, centre, scale, vae.decoder, SIGMA_P, 50)
+    lap = log_likelihood.importance_log_likelihood(x, centre, scale, vae.decoder, SIGMA_P, 50)
     assert torch.isfinite(lap["log_px"]).all()
     # the fitted proposal finds at least as much of p(x) as the encoder's (up to MC noise)
     assert (lap["log_px"] > res["log_px"] - 5).all()
@@ -182,10 +183,71 @@ def test_kl_full_to_diagonal_matches_torch_distributions():
     scale1 = torch.tril(torch.randn(3, 4, 4, generator=gen, dtype=torch.float64))
     scale1.diagonal(dim1=-2, dim2=-1).copy_(torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.3)
     logvar0 = torch.randn(3, 4, generator=gen, dtype=torch.float64)
-    total, mean_part = model.kl_full_to_diagonal(mean1, scale1, mean0, logvar0)
+    total, mean_part = log_likelihood.kl_full_to_diagonal(mean1, scale1, mean0, logvar0)
     ref = kl_divergence(MultivariateNormal(mean1, scale_tril=scale1),
                         MultivariateNormal(mean0, covariance_matrix=torch.diag_embed(logvar0.exp())))
     torch.testing.assert_close(total, ref)
-    same_means, zero = model.kl_full_to_diagonal(mean0, scale1, mean0, logvar0)
+    same_means, zero = log_likelihood.kl_full_to_diagonal(mean0, scale1, mean0, logvar0)
     torch.testing.assert_close(total - same_means, mean_part)     # the means' share
     assert (zero == 0).all()
+
+
+# ---- Q4's answers from the estimates -----------------------------------------------------------
+def crafted(means, se_scale=1.0, train_shift=0.0):
+    """5 training and 5 test images per digit around the given per-digit means (offsets -2 to 2
+    times se_scale); the training images shifted by train_shift."""
+    log_px, digits, split = [], [], []
+    for d, m in enumerate(means):
+        for s in ("train", "test"):
+            for k in (-2, -1, 0, 1, 2):
+                log_px.append(m + k * se_scale + (train_shift if s == "train" else 0.0))
+                digits.append(d)
+                split.append(s)
+    return log_px, digits, split
+
+
+def test_summarize_names_the_most_and_least_likely_digits_and_their_ties():
+    means = [-200.0 - 10 * d for d in range(10)]          # digit 0 most, 9 least likely
+    result = log_likelihood.summarize(*crafted(means))
+    assert result["most_likely_digit"] == 0 and result["least_likely_digit"] == 9
+    se = result["per_digit"]["0"]["se"]
+    assert se == pytest.approx(math.sqrt(sum(k * k for k in (-2, -1, 0, 1, 2)) * 2 / 9 / 10))
+    # a digit just inside two combined standard errors of the best is tied, just outside not
+    line = 2 * math.hypot(se, se)
+    for gap, tied in ((0.99 * line, True), (1.01 * line, False)):
+        means[1] = means[0] - gap
+        result = log_likelihood.summarize(*crafted(means))
+        assert (1 in result["most_likely_tied_with"]) == tied
+
+
+@pytest.mark.parametrize("z,expected", [(1.99, "neither"), (2.01, "train"), (-2.01, "test")])
+def test_train_vs_test_needs_two_standard_errors(z, expected):
+    means = [-200.0 - 10 * d for d in range(10)]
+    plain = log_likelihood.summarize(*crafted(means))
+    diff_se = math.hypot(plain["train_se"], plain["test_se"])
+    # shifting every training image moves the difference, not its standard error
+    r = log_likelihood.summarize(*crafted(means, train_shift=z * diff_se))
+    assert r["train_minus_test"] / r["train_minus_test_se"] == pytest.approx(z, rel=1e-6)
+    assert r["train_vs_test"] == expected
+
+
+def test_quick_run_writes_both_estimates_diagnostics_and_figures(quick_outputs):
+    from conftest import metrics
+
+    out = quick_outputs / "log_likelihood"
+    m = metrics(out)
+    assert len(m["images"]) == 100
+    assert sum(i["split"] == "train" for i in m["images"]) == 50
+    assert all(i["eq9_elbo"] <= i["eq9_log_px"] + 1e-3 for i in m["images"])
+    assert all(i["gap"] == pytest.approx(i["log_px"] - i["eq9_log_px"]) for i in m["images"])
+    assert all(i["sd"] >= 0 and 1 <= i["ess"] <= m["num_samples"] + 1e-6 for i in m["images"])
+    assert set(m["per_digit"]) == {str(d) for d in range(10)}
+    assert m["per_digit"][str(m["most_likely_digit"])]["mean"] == max(
+        v["mean"] for v in m["per_digit"].values())
+    assert m["train_vs_test"] in ("neither", "train", "test")
+    assert len(m["convergence"]["digits"]) == 10 and m["num_samples"] in m["convergence"]["M"]
+    for name in ("eq9", "laplace"):
+        assert all(len(row) == len(m["convergence"]["M"]) for row in m["convergence"][name])
+    for name in ("q4_log_px_examples.png", "q4_log_px_per_digit.png", "q4_convergence.png"):
+        assert (out / name).is_file()
+    assert (quick_outputs / "log_likelihood_elbo" / "metrics.json").is_file()    # the ablation

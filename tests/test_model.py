@@ -1,11 +1,14 @@
-"""The VAE's densities against torch.distributions, and the networks' shapes."""
+"""model.py: the densities and losses against torch.distributions, the networks' shapes, and
+saving and loading them (every field of a snapshot checked like a flag)."""
 import math
+import re
 
 import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
 import model
+import utils
 
 
 def random_gaussians(n=64, d=7, seed=0):
@@ -124,15 +127,6 @@ def test_network_shapes(latent_dim):
     assert isinstance(vae.decoder.fc, torch.nn.Linear) and vae.decoder.fc.in_features == latent_dim
 
 
-def test_init_latents_follow_q3_and_have_no_infinite_log():
-    mu, logvar = model.init_latents(5000, 200, seed=0)
-    assert torch.isfinite(logvar).all()
-    sigma2 = logvar.exp()
-    # sigma ~ N(0, 1)  =>  sigma^2 ~ chi^2_1 with mean 1; mu ~ N(0, 1)
-    assert abs(sigma2.mean().item() - 1) < 5 * math.sqrt(2 / sigma2.numel())
-    assert abs(mu.mean().item()) < 5 / math.sqrt(mu.numel())
-
-
 def test_elbo_objective_is_the_negative_elbo_of_the_sigma_p_model():
     """--loss elbo: per image, -E log N(x; G(z), sigma_p^2 I) + KL, up to the constant
     D/2 log(2 pi sigma_p^2), averaged over the batch (torch.distributions as the oracle)."""
@@ -169,8 +163,65 @@ def test_loading_a_network_does_not_consume_the_callers_randomness(tmp_path):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    vae = model.load_amortized_vae(path)
+    vae, per_class = model.load_amortized_vae(path)
     assert torch.equal(torch.rand(3), expected)
-    assert vae.latent_dim == 8 and not vae.training
+    assert vae.latent_dim == 8 and not vae.training and per_class is None
     with pytest.raises(Exception, match="not a vae_latent_opt checkpoint"):
         model.read_snapshot(path, "vae_latent_opt")
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("epoch", "25", "field 'epoch' is '25', not an integer from 1 to 10000"),
+    ("latent_dim", 10**12, "field 'latent_dim' is '1000000000000', not an integer from 1 to 1024"),
+    ("latent_dim", True, "field 'latent_dim' is 'True', not an integer"),
+    ("latent_dim", 8.0, "not an integer"),
+    ("subset_per_class", -3, "field 'subset_per_class'"),
+    ("subset_per_class", "500", "field 'subset_per_class'"),
+    ("model", [1, 2], "field 'model'"),
+    ("kind", "vae_latent_opt", "not a vae_amortized checkpoint"),
+    ("mu", torch.zeros(5, 3), "field 'mu'"),
+    ("model", {"bad": torch.zeros(1)}, "does not fit this model"),
+])
+def test_every_snapshot_field_is_checked_like_a_flag(tmp_path, field, value, expected):
+    """A crafted snapshot is one CheckpointError naming the field: no 32 GB allocation for a
+    latent size of 10^12, no network built from True."""
+    path = tmp_path / "vae.pt"
+    model.save_snapshot(path, model.VAE(8), 1, 8, "vae_amortized", subset_per_class=500)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, field: value}, path)
+    with pytest.raises(utils.CheckpointError, match=re.escape(expected)):
+        model.load_amortized_vae(path)
+
+
+def test_a_snapshot_with_non_finite_weights_is_refused(tmp_path):
+    vae = model.VAE(4)
+    with torch.no_grad():
+        vae.decoder.fc.weight[0, 0] = float("inf")
+    model.save_snapshot(tmp_path / "vae.pt", vae, 1, 4, "vae_amortized")
+    with pytest.raises(utils.CheckpointError, match="not finite"):
+        model.load_amortized_vae(tmp_path / "vae.pt")
+
+
+def test_the_classifier_round_trips_and_a_vae_is_not_a_classifier(tmp_path):
+    net = model.build_classifier()
+    utils.save_checkpoint(net.state_dict(), tmp_path / "classifier.pt")
+    loaded = model.load_classifier(tmp_path / "classifier.pt")
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), net.eval()(x))
+    utils.save_checkpoint(model.VAE(8).state_dict(), tmp_path / "vae.pt")
+    with pytest.raises(utils.CheckpointError, match="sup_classification.py"):
+        model.load_classifier(tmp_path / "vae.pt")
+
+
+def test_classify_samples_counts_shares_entropy_and_coverage():
+    class Fixed(torch.nn.Module):       # predicts digit 3 for the first half, 7 for the rest
+        def forward(self, x):
+            logits = torch.full((len(x), 10), -10.0)
+            logits[: len(x) // 2, 3] = 10.0
+            logits[len(x) // 2:, 7] = 10.0
+            return logits
+
+    q = model.classify_samples(Fixed(), torch.zeros(10, 1, 28, 28))
+    assert q["share"][3] == q["share"][7] == 0.5 and q["digits_covered"] == 2
+    assert q["entropy_bits"] == pytest.approx(1.0)
+    assert q["mean_confidence"] == pytest.approx(1.0, abs=1e-6)

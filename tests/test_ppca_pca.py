@@ -1,5 +1,7 @@
-"""PCA and probabilistic PCA against independent oracles: torch.distributions.MultivariateNormal,
-scikit-learn's PCA, and plain Gaussian conditioning with full matrices."""
+"""ppca_pca.py (Uppsala lab): PCA and probabilistic PCA against independent oracles
+(torch.distributions.MultivariateNormal, scikit-learn's PCA, plain Gaussian conditioning with
+full matrices), the lab's answers from crafted errors, and the script end to end."""
+import json
 import math
 
 import pytest
@@ -124,3 +126,63 @@ def test_gradient_fit_converges_to_the_closed_form(data):
     torch.testing.assert_close(eig, torch.linalg.eigvalsh(w_cf.T @ w_cf), rtol=0.02, atol=0)
     assert max(ppca_pca.subspace_angles_deg(w, w_cf)) < 1
     torch.testing.assert_close(mu, mean, rtol=0, atol=1e-3)
+
+
+def crafted_results(pca, ppca, vae):
+    """Per-digit errors for PCA, PPCA and the VAE (dicts digit -> error) in metrics' shape."""
+    def method(per):
+        return {"test_sq_error": sum(per.values()) / 10,
+                "test_sq_error_per_digit": {str(d): v for d, v in per.items()}}
+    return {"pca": method(pca), "ppca_gradient": method(ppca), "vae": method(vae)}
+
+
+def crafted_geometry(offset):
+    means = {str(d): [float(d), float(d) ** 1.5 + offset] for d in range(10)}
+    pairs = [{"digits": [d, d + 1]} for d in range(5)]
+    return {"mean_encoding": means, "closest_pairs": pairs}
+
+
+def test_lab_answers_rank_digits_and_compare_methods_from_the_errors():
+    pca = {d: 10.0 + d for d in range(10)}                  # 0 best ... 9 worst
+    ppca = dict(pca)
+    vae = {d: pca[d] - (3.0 if d in (7, 8, 9) else 0.5 if d < 9 else 0) for d in range(10)}
+    ink = {str(d): 1.0 for d in range(10)}
+    geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
+    answers = ppca_pca.lab_answers(crafted_results(pca, ppca, vae), geometry, ink)
+    assert answers["best"]["pca"] == ["0", "1", "2"] and answers["worst"]["pca"] == ["9", "8", "7"]
+    assert answers["ppca_same_as_pca"] and answers["ppca_error_not_below_pca"]
+    assert answers["vae_improved_digits"] == 10
+    assert set(answers["vae_largest_gains"]) == {"7", "8", "9"}
+    assert answers["closest_pairs_shared_pca_ppca"] == 3
+    # one swap in PPCA's best three changes the verdict; an error below PCA's flips the other
+    ppca[2], ppca[5] = ppca[5], ppca[2]
+    ppca[0] = 9.0
+    answers = ppca_pca.lab_answers(crafted_results(pca, ppca, vae), geometry, ink)
+    assert not answers["ppca_same_as_pca"]
+    assert answers["ppca_error_not_below_pca"] == (sum(ppca.values()) >= sum(pca.values()))
+
+
+def test_quick_run_writes_every_method_and_figure(quick_outputs):
+    out = quick_outputs / "ppca_pca"
+    m = json.loads((out / "metrics.json").read_text())
+    for method in ("pca", "ppca_gradient", "ppca_closed_form", "vae"):
+        assert m[method]["test_sq_error"] > 0
+        assert set(m[method]["test_sq_error_per_digit"]) == {str(d) for d in range(10)}
+    assert m["ppca_closed_form"]["test_log_likelihood"] > m["ppca_gradient"]["test_log_likelihood"] - 50
+    assert m["ppca_gradient"]["iterations"] > 0 and "initialization" in m["ppca_gradient"]
+    assert m["ppca_gradient"]["converged"]
+    assert abs(m["ppca_comparison"]["sigma2_relative_error"]) < 0.02
+    for name in ("encodings.png", "reconstructions.png", "sq_error_per_digit.png",
+                 "ppca_log_likelihood.png", "lattice_ppca.png", "lattice_vae.png", "samples.png"):
+        assert (out / name).is_file(), name
+
+
+def test_resume_after_sigint_matches_the_uninterrupted_run(tmp_path):
+    from conftest import comparable, run_injected, run_script
+
+    args = ["--quick", "--epochs", "2", "--device", "cpu", "--train-images", "500"]
+    run_script("ppca_pca.py", *args, "--out", tmp_path / "whole")
+    proc = run_injected("INT-after-epoch", 1, "ppca_pca.py", *args, "--out", tmp_path / "cut")
+    assert proc.returncode == 130 and "interrupted after epoch 1" in proc.stderr
+    run_script("ppca_pca.py", *args, "--out", tmp_path / "cut")
+    assert comparable(tmp_path / "cut") == comparable(tmp_path / "whole")

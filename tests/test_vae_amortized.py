@@ -1,0 +1,64 @@
+"""vae_amortized.py (HUJI Q1 and Q2): the overfitting verdict at its boundaries, Eq. 7's check,
+and the script end to end in --quick mode."""
+import math
+
+import pytest
+
+import vae_amortized
+from conftest import comparable, metrics, run_injected, run_script
+
+
+def verdict(val_losses, train_recon, val_recon):
+    return vae_amortized.overfit_verdict({"val_loss": val_losses},
+                                         {"train": {"recon_mse": train_recon},
+                                          "val": {"recon_mse": val_recon}})
+
+
+@pytest.mark.parametrize("last,expected", [(1.0099, "no"), (1.0101, "yes")])
+def test_overfit_is_yes_once_the_validation_loss_ends_1_percent_above_its_minimum(last, expected):
+    v = verdict([2.0, 1.0, last], 0.1, 0.1)
+    assert v["verdict"] == expected and v["best_val_epoch"] == 2
+    assert v["val_loss_rise"] == pytest.approx(last - 1)
+
+
+@pytest.mark.parametrize("val_recon,expected", [(0.1049, "no"), (0.1051, "mildly")])
+def test_overfit_is_mildly_once_unseen_images_reconstruct_5_percent_worse(val_recon, expected):
+    v = verdict([2.0, 1.0], 0.1, val_recon)
+    assert v["verdict"] == expected and v["recon_gap"] == pytest.approx(val_recon / 0.1 - 1)
+
+
+def test_eq7_check_finds_the_printed_formula_minimized_at_one_half():
+    check = vae_amortized.eq7_check()
+    assert check["kl_minimizer_sigma2"] == pytest.approx(1.0, abs=1e-3)
+    assert check["eq7_minimizer_sigma2"] == pytest.approx(0.5, abs=1e-3)
+    # at mu = 0, sigma^2 = 1/2: Eq. 7 = 1/2 - log(1/2)/2 - 1 < 0; KL = (1/2 - 1 - log 1/2) / 2
+    assert check["eq7_at_half"] == pytest.approx(0.5 - 0.5 * math.log(0.5) - 1)
+    assert check["kl_at_half"] == pytest.approx(0.5 * (0.5 - 1 - math.log(0.5)))
+
+
+def test_quick_run_writes_curves_snapshots_and_sample_quality(quick_outputs):
+    amortized = quick_outputs / "vae_amortized"
+    m = metrics(amortized)
+    for key in ("train_loss", "val_loss", "train_mse", "val_kl", "train_recon_mse", "val_recon_mse"):
+        assert len(m[key]) == 2
+    assert set(m["final_val"]) == {"loss", "mse", "kl", "recon_mse"}
+    assert m["final_val"]["loss"] == pytest.approx(m["final_val"]["mse"] + m["final_val"]["kl"])
+    assert m["snapshot_epochs"] == [1, 2]
+    assert set(m["sample_quality"]) == {"1", "2", "real test images"}
+    assert m["overfit"]["verdict"] in ("yes", "no", "mildly") and m["loss"] == "exercise"
+    assert metrics(quick_outputs / "vae_amortized_elbo")["loss"] == "elbo"
+    assert len(m["show_val_indices"]) == len(m["show_train_indices"]) == 10
+    for name in ("loss_curves.png", "q1_reconstructions_val.png", "q1_reconstructions_train.png",
+                 "q2_prior_samples.png", "vae_epoch1.pt", "vae_epoch2.pt", "vae_final.pt"):
+        assert (amortized / name).is_file(), name
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, quick_outputs):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    classifier = quick_outputs / "sup_classification" / "classifier.pt"
+    args = ["--quick", "--epochs", "3", "--device", "cpu", "--classifier", classifier]
+    run_script("vae_amortized.py", *args, "--out", whole)
+    proc = run_injected("kill-after-epoch", 2, "vae_amortized.py", *args, "--out", killed)
+    assert proc.returncode == 137 and not (killed / "metrics.json").exists()
+    run_script("vae_amortized.py", *args, "--out", killed)
+    assert comparable(killed) == comparable(whole)

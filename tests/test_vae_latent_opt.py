@@ -1,0 +1,107 @@
+"""vae_latent_opt.py (HUJI Q3): the initialization, the test-time latent fit, Q3's verdicts at
+their boundaries, the file arguments, and the script end to end in --quick mode."""
+import math
+
+import pytest
+import torch
+
+import model
+import vae_latent_opt
+from conftest import comparable, metrics, run_injected, run_script
+
+
+def test_init_latents_follow_q3_and_have_no_infinite_log():
+    mu, logvar = vae_latent_opt.init_latents(5000, 200, seed=0)
+    assert torch.isfinite(logvar).all()
+    sigma2 = logvar.exp()
+    # sigma ~ N(0, 1)  =>  sigma^2 ~ chi^2_1 with mean 1; mu ~ N(0, 1)
+    assert abs(sigma2.mean().item() - 1) < 5 * math.sqrt(2 / sigma2.numel())
+    assert abs(mu.mean().item()) < 5 / math.sqrt(mu.numel())
+
+
+class Count:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k):
+        self.n += k
+
+
+def test_fit_latents_lowers_the_loss_and_leaves_the_decoder_as_it_was():
+    torch.manual_seed(0)
+    decoder = model.Decoder(4)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    x = torch.tanh(torch.randn(6, 1, 28, 28))
+    start_mu, start_logvar = vae_latent_opt.init_latents(6, 4, seed=3)
+    bar = Count()
+    mu, logvar = vae_latent_opt.fit_latents(decoder, x, steps=50, lr=0.05, init_seed=3,
+                                            progress=bar)
+    assert bar.n == 50 and not mu.requires_grad
+    with torch.no_grad():
+        def loss(m, lv):
+            return model.vae_loss(x, decoder(m), m, lv)[0].item()
+        assert loss(mu, logvar) < loss(start_mu, start_logvar)
+    assert all(torch.equal(before[k], v) for k, v in decoder.state_dict().items())
+    assert all(p.requires_grad for p in decoder.parameters())
+
+
+def same(a_proposed, lo_proposed, a_fitted, lo_fitted):
+    return {"amortized": {"proposed_train": a_proposed, "fitted_train": a_fitted},
+            "latent_opt": {"proposed_train": lo_proposed, "fitted_train": lo_fitted}}
+
+
+def quality(lo_conf, lo_cover, a_conf=0.9, a_cover=8):
+    return {"latent_opt": {"mean_confidence": lo_conf, "digits_covered": lo_cover},
+            "amortized": {"mean_confidence": a_conf, "digits_covered": a_cover}}
+
+
+@pytest.mark.parametrize("a,lo,expected", [(0.10, 0.11, "amortized"), (0.11, 0.10, "latent_opt")])
+def test_better_q_and_better_decoder_follow_the_lower_error(a, lo, expected):
+    v = vae_latent_opt.q3_verdicts(same(a, lo, a, lo), None)
+    assert v["better_q"] == v["better_decoder"] == expected and v["prior"] is None
+
+
+@pytest.mark.parametrize("lo_conf,lo_cover,expected", [
+    (0.851, 7, "sufficient"), (0.849, 7, "insufficient"), (0.9, 6, "insufficient")])
+def test_prior_verdict_flips_at_its_lines(lo_conf, lo_cover, expected):
+    assert vae_latent_opt.q3_verdicts({}, quality(lo_conf, lo_cover))["prior"] == expected
+
+
+def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
+    out = quick_outputs / "vae_latent_opt"
+    m = metrics(out)
+    assert len(m["train_loss"]) == 2 and set(m["val_fit_recon_mse"]) == {"1", "2"}
+    assert m["amortized_val10_recon_mse"] > 0          # the Q1 comparison row was drawn
+    for method in ("amortized", "latent_opt"):           # the same-budget comparison
+        assert m["same_budget"][method]["fitted_train"] > 0
+    assert set(m["sample_quality"]) == {"amortized", "latent_opt"}
+    assert m["verdicts"]["better_q"] in ("amortized", "latent_opt")
+    for name in ("loss_curves.png", "q3_reconstructions_train.png", "q3_reconstructions_val.png",
+                 "q3_prior_samples.png", "decoder_final.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_a_folder_for_amortized_means_the_vae_final_inside_it(tmp_path, quick_outputs):
+    """--amortized <folder> uses the folder's vae_final.pt (it used to skip Q3's comparison rows
+    with a note); a folder without one is an error, not a note."""
+    args = ["--quick", "--epochs", "1", "--device", "cpu", "--fit-steps", "2",
+            "--classifier", quick_outputs / "sup_classification"]
+    run_script("vae_latent_opt.py", *args, "--amortized", quick_outputs / "vae_amortized",
+               "--out", tmp_path / "o")
+    assert metrics(tmp_path / "o")["amortized_val10_recon_mse"] > 0
+    proc = run_script("vae_latent_opt.py", *args, "--amortized", tmp_path, "--out",
+                      tmp_path / "p", check=False)
+    assert proc.returncode == 2 and "holds no vae_final.pt" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "p").exists()
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, quick_outputs):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["--quick", "--epochs", "3", "--device", "cpu", "--fit-steps", "5",
+            "--amortized", quick_outputs / "vae_amortized" / "vae_final.pt",
+            "--classifier", quick_outputs / "sup_classification" / "classifier.pt"]
+    run_script("vae_latent_opt.py", *args, "--out", whole)
+    proc = run_injected("kill-after-epoch", 2, "vae_latent_opt.py", *args, "--out", killed)
+    assert proc.returncode == 137 and not (killed / "metrics.json").exists()
+    run_script("vae_latent_opt.py", *args, "--out", killed)
+    assert comparable(killed) == comparable(whole)
