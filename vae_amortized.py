@@ -64,6 +64,37 @@ def overfit_verdict(history, final) -> dict:
             "best_val_epoch": int(min(range(len(val)), key=val.__getitem__)) + 1}
 
 
+@torch.no_grad()
+def classifier_baselines(classifier, train_x, val_x, seed: int) -> dict:
+    """What the Part 1 classifier says about images that are no digits, so that its verdict on
+    prior samples has a known bias: Gaussian noise (clipped to the pixel range), the mean
+    training image (the blurriest possible "sample") and real test images blurred by a 5x5 box
+    filter (blobs with a digit's layout)."""
+    n = min(vae_model.QUALITY_SAMPLES, len(val_x))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((n,) + tuple(val_x.shape[1:]), generator=generator).clamp(-1, 1)
+    mean_image = train_x.mean(0, keepdim=True)
+    blurred = torch.nn.functional.avg_pool2d(val_x[:n], 5, stride=1, padding=2,
+                                             count_include_pad=False)
+    return {"gaussian noise": vae_model.classify_samples(classifier, noise.to(val_x.device)),
+            "mean training image": vae_model.classify_samples(classifier, mean_image),
+            "blurred test images": vae_model.classify_samples(classifier, blurred)}
+
+
+@torch.no_grad()
+def reconstructions_read_by_classifier(classifier, vae, x, labels) -> dict:
+    """Q1: does a reconstruction still show the digit it came from? The share of reconstructions
+    G(mu(x)) that the Part 1 classifier reads as the true digit (the originals' share beside it),
+    and the predicted digit of each reconstruction."""
+    recon = torch.cat([vae.reconstruct(b) for b in x.split(500)])
+    predicted = torch.cat([classifier(b).argmax(1) for b in recon.split(500)]).cpu()
+    original = torch.cat([classifier(b).argmax(1) for b in x.split(500)]).cpu()
+    labels = labels.cpu()
+    return {"accuracy": float((predicted == labels).double().mean()),
+            "original_accuracy": float((original == labels).double().mean()),
+            "predicted": predicted.tolist()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = utils.start_run(args)
@@ -144,6 +175,19 @@ def main(argv=None):
     if classifier is not None:
         quality["real test images"] = vae_model.classify_samples(
             classifier, val_x[:vae_model.QUALITY_SAMPLES])
+        baselines = classifier_baselines(classifier, train_x, val_x, vae_model.QUALITY_SEED)
+        # Q1: the figure's 10 validation images at every snapshot, and all images at the end
+        recon_read = {"shown_val_labels": data["val_y"][data["show_val"]].tolist(),
+                      "shown_val": {}}
+        for epoch in snapshots:
+            vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot_model,
+                                    "vae_amortized", device)
+            recon_read["shown_val"][str(epoch)] = reconstructions_read_by_classifier(
+                classifier, snapshot_model, show_val_x,
+                data["val_y"][data["show_val"]])["predicted"]
+        for split, x, y in (("train", train_x, data["train_y"]), ("val", val_x, data["val_y"])):
+            read = reconstructions_read_by_classifier(classifier, vae, x, y)
+            recon_read[split] = {k: read[k] for k in ("accuracy", "original_accuracy")}
     labels = [f"epoch {e}" for e in snapshots]
     for split in ("val", "train"):
         utils.plot_image_rows(out / f"q1_reconstructions_{split}.png", rows[split],
@@ -159,7 +203,10 @@ def main(argv=None):
         "snapshot_epochs": snapshots,
         # Q2: 1,000 prior samples per snapshot judged by the Part 1 classifier (absent without it)
         "sample_quality": quality or None,
+        "classifier_baselines": baselines if classifier is not None else None,
+        "reconstructions_read": recon_read if classifier is not None else None,
         "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(train_mu, train_logvar),
+        "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(train_mu, train_logvar),
         "eq7": eq7_check(),
         "train_seconds": sum(history["epoch_seconds"]),
         "train_images": len(train_x),
