@@ -318,7 +318,9 @@ def plot_convergence(path, convergence, num_samples):
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("estimate minus reference [nats]")
-    axes[1].legend(title="digit", ncol=2, loc="lower right", fontsize=7, title_fontsize=7)
+    # Beside the axes, not on them: the lines may end anywhere in the panel.
+    axes[1].legend(title="digit", ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                   fontsize=7, title_fontsize=7, frameon=False)
     utils.save_figure(fig, path)
 
 

@@ -386,6 +386,7 @@ def apml_values(m: dict) -> dict:
         "crowd_worst": num(ans["pca_crowding_worst"]), "crowd_best": num(ans["pca_crowding_best"]),
         "crowded_are_worst": ans["pca_crowding_worst"] < ans["pca_crowding_best"],
         "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
+        "vae_separates_better": enc["vae"]["separation"] > enc["ppca"]["separation"],
         "vae_sigma2": num(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
