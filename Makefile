@@ -3,6 +3,8 @@
 # make quick  the same chain with every script's --quick, into outputs/quick/ (about a minute)
 # make report typeset both reports again from $(OUT)/ (keeps your edits in $(OUT)/report/*.typ)
 # make test   build .venv if missing, run the test suite
+# make submission NAME="Your Name" CSE=username   the Sec. 4.3.3 zip of Exercise 1 (README with
+#             name and username, the code, the PDF) into $(OUT)/ex1_submission_<username>.zip
 # Redo everything: make -B all FLAGS=--fresh.  Another device: make all DEVICE=cuda.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -20,7 +22,7 @@ METRICS := $(foreach s,sup_classification vae_amortized vae_amortized_elbo vae_l
              log_likelihood log_likelihood_elbo ppca_pca,$(OUT)/$(s)/metrics.json)
 REPORTS := $(OUT)/report/ex1_report.pdf $(OUT)/report/apml_lab_report.pdf
 
-.PHONY: all quick test venv report
+.PHONY: all quick test venv report submission
 all: $(REPORTS)
 
 quick:
@@ -60,3 +62,16 @@ $(REPORTS) &: report/build_report.py report/ex1.typ report/apml_lab.typ $(METRIC
 
 report: | $(VENV_DEP)
 	$(PY) report/build_report.py --outputs $(OUT)
+
+# The name and username are checked when make reads this file: a missing one is one line (exit 2)
+# before anything is built, and no zip is written.
+ifneq ($(filter submission,$(MAKECMDGOALS)),)
+ifeq ($(strip $(NAME)),)
+$(error NAME is missing or empty: make submission NAME="Your Name" CSE=username)
+endif
+ifeq ($(strip $(CSE)),)
+$(error CSE is missing or empty: make submission NAME="Your Name" CSE=username)
+endif
+endif
+submission: $(OUT)/report/ex1_report.pdf | $(VENV_DEP)
+	$(PY) report/submission.py --outputs $(OUT) --name "$(NAME)" --cse "$(CSE)"

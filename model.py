@@ -223,6 +223,24 @@ def aggregate_posterior_kl(mu, logvar) -> float:
     return 0.5 * (torch.trace(cov) + mean @ mean - len(mean) - torch.logdet(cov)).item()
 
 
+def aggregate_posterior_per_dimension(mu, logvar) -> dict:
+    """The aggregate posterior dimension by dimension: each latent dimension's marginal mean and
+    variance (Var(mu_ij) over images + mean sigma_ij^2), the sum over dimensions of each
+    marginal's KL from N(0, 1) (what remains of aggregate_posterior_kl is due to correlations
+    between dimensions), and the loss's own KL term: KL(q_i || N(0, 1)) averaged over images
+    and dimensions (nats per dimension, the information a latent carries about its image)."""
+    mu, logvar = mu.detach().double().cpu(), logvar.detach().double().cpu()
+    mean, var = mu.mean(0), mu.var(0) + logvar.exp().mean(0)
+    kl_marginal = 0.5 * (var + mean.pow(2) - 1 - var.log())
+    return {"marginal_variance_mean": var.mean().item(),
+            "marginal_variance_min": var.min().item(), "marginal_variance_max": var.max().item(),
+            "mu_variance_mean": mu.var(0).mean().item(),
+            "sigma2_mean": logvar.exp().mean().item(),
+            "kl_marginals_sum": kl_marginal.sum().item(),
+            "kl_marginal_max": kl_marginal.max().item(),
+            "kl_per_dimension": kl_std_normal(mu, logvar).mean().item()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses (Eq. 5 and 6) and their evaluation
 # ----------------------------------------------------------------------------------------------

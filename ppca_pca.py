@@ -431,6 +431,29 @@ def main(run: utils.Run, argv=None):
           + f"; {timings['pca'] + timings['ppca'] + timings['vae']:.0f} s; outputs in {out}")
 
 
+def spread_labels(points, min_distance: float, steps: int = 200) -> np.ndarray:
+    """Label positions near `points` (in axes fractions, shape (n, 2)) with no two closer than
+    `min_distance`: pairs that are too close push each other apart along their joining line
+    (a fixed direction for coincident points), and every label stays inside the axes."""
+    pos = points.astype(float).copy()
+    for _ in range(steps):
+        moved = False
+        for i in range(len(pos)):
+            for j in range(i + 1, len(pos)):
+                delta = pos[j] - pos[i]
+                dist = float(np.hypot(*delta))
+                if dist < min_distance:
+                    direction = delta / dist if dist > 1e-9 else np.array([0.6, 0.8])
+                    push = (min_distance - dist) / 2 + 1e-3
+                    pos[i] -= push * direction
+                    pos[j] += push * direction
+                    moved = True
+        pos = pos.clip(0.05, 0.95)
+        if not moved:
+            break
+    return pos
+
+
 def plot_encodings(path, encodings, labels):
     plt = utils.pyplot()
     fig, axes = plt.subplots(1, len(encodings), figsize=(utils.PAGE_WIDTH, 2.5))
@@ -438,10 +461,18 @@ def plot_encodings(path, encodings, labels):
         z = z.double().numpy()
         sc = ax.scatter(z[:, 0], z[:, 1], c=labels.numpy(), cmap="tab10", s=1.5, alpha=0.6,
                         vmin=-0.5, vmax=9.5, rasterized=True)
+        means = np.stack([z[labels.numpy() == d].mean(0) for d in range(10)])
+        # Digits whose means nearly coincide (4 and 9, 5 and 8) are the pairs Q4.7 discusses:
+        # each mean is a black cross, its label is pushed clear of the others with a leader line.
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        low, high = np.array([x0, y0]), np.array([x1, y1])
+        spread = spread_labels((means - low) / (high - low), min_distance=0.11)
+        ax.scatter(means[:, 0], means[:, 1], marker="x", s=12, c="black", lw=0.8, zorder=3)
         for d in range(10):
-            m = z[labels.numpy() == d].mean(0)
-            ax.annotate(str(d), m, fontsize=8, weight="bold", ha="center", va="center",
-                        bbox={"boxstyle": "circle,pad=0.15", "fc": "white", "alpha": 0.8})
+            ax.annotate(str(d), means[d], xytext=low + spread[d] * (high - low), fontsize=7,
+                        weight="bold", ha="center", va="center", zorder=4,
+                        bbox={"boxstyle": "circle,pad=0.12", "fc": "white", "alpha": 0.85},
+                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "black"})
         ax.set_title(name)
         ax.set_xlabel("z1")
         ax.set_ylabel("z2")

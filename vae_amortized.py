@@ -136,6 +136,54 @@ def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, devic
     return quality
 
 
+@torch.no_grad()
+def classifier_baselines(classifier, train_x, val_x, seed: int) -> dict:
+    """What the Part 1 classifier says about images that are no digits, so that its verdict on
+    prior samples has a known bias: Gaussian noise (clipped to the pixel range), the mean
+    training image (the blurriest possible "sample") and real test images blurred by a 5x5 box
+    filter (blobs with a digit's layout)."""
+    n = min(vae_model.QUALITY_SAMPLES, len(val_x))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((n,) + tuple(val_x.shape[1:]), generator=generator).clamp(-1, 1)
+    mean_image = train_x.mean(0, keepdim=True)
+    blurred = torch.nn.functional.avg_pool2d(val_x[:n], 5, stride=1, padding=2,
+                                             count_include_pad=False)
+    return {"gaussian noise": vae_model.classify_samples(classifier, noise.to(val_x.device)),
+            "mean training image": vae_model.classify_samples(classifier, mean_image),
+            "blurred test images": vae_model.classify_samples(classifier, blurred)}
+
+
+@torch.no_grad()
+def reconstructions_read_by_classifier(classifier, vae, x, labels) -> dict:
+    """Q1: does a reconstruction still show the digit it came from? The share of reconstructions
+    G(mu(x)) that the Part 1 classifier reads as the true digit (the originals' share beside it),
+    and the predicted digit of each reconstruction."""
+    recon = torch.cat([vae.reconstruct(b) for b in x.split(500)])
+    predicted = torch.cat([classifier(b).argmax(1) for b in recon.split(500)]).cpu()
+    original = torch.cat([classifier(b).argmax(1) for b in x.split(500)]).cpu()
+    labels = labels.cpu()
+    return {"accuracy": float((predicted == labels).double().mean()),
+            "original_accuracy": float((original == labels).double().mean()),
+            "predicted": predicted.tolist()}
+
+
+def reconstructions_read(classifier, out, snapshots, vae, data, show_val_x, device) -> dict:
+    """Q1: the figure's 10 validation reconstructions as the classifier reads them at every
+    snapshot, and the share read correctly over all training and validation images at the end."""
+    labels = data["val_y"][data["show_val"]]
+    read = {"shown_val_labels": labels.tolist(), "shown_val": {}}
+    snapshot = vae_model.VAE(vae.latent_dim).to(device).eval()
+    for epoch in snapshots:
+        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device)
+        read["shown_val"][str(epoch)] = reconstructions_read_by_classifier(
+            classifier, snapshot, show_val_x, labels)["predicted"]
+    for split, x, y in (("train", data["train_x"], data["train_y"]),
+                        ("val", data["val_x"], data["val_y"])):
+        result = reconstructions_read_by_classifier(classifier, vae, x, y)
+        read[split] = {k: result[k] for k in ("accuracy", "original_accuracy")}
+    return read
+
+
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
@@ -181,9 +229,12 @@ def main(run: utils.Run, argv=None):
             "train": train_x[data["show_train"].to(device)]}
     z_show = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
     quality = snapshot_figures(out, snapshots, args.latent_dim, show, z_show, classifier, device)
+    baselines = read = None
     if classifier is not None:
         quality["real test images"] = vae_model.classify_samples(
             classifier, val_x[:vae_model.QUALITY_SAMPLES])
+        baselines = classifier_baselines(classifier, train_x, val_x, vae_model.QUALITY_SEED)
+        read = reconstructions_read(classifier, out, snapshots, vae, data, show["val"], device)
 
     metrics = {
         **history,
@@ -194,7 +245,10 @@ def main(run: utils.Run, argv=None):
         "snapshot_epochs": snapshots,
         # Q2: 1,000 prior samples per snapshot judged by the Part 1 classifier (absent without it)
         "sample_quality": quality or None,
+        "classifier_baselines": baselines,
+        "reconstructions_read": read,
         "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(train_mu, train_logvar),
+        "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(train_mu, train_logvar),
         "eq7": eq7_check(),
         "train_seconds": sum(history["epoch_seconds"]),
         "train_images": len(train_x),

@@ -308,6 +308,7 @@ def main(run: utils.Run, argv=None):
         # the decoder was trained on are from N(0, I).
         "sample_quality": quality,
         "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(final_mu, final_logvar),
+        "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(final_mu, final_logvar),
         "latent_mu_mean_norm": final_mu.norm(dim=1).mean().item(),
         "latent_mu_std": final_mu.std().item(),
         "latent_sigma2_mean": final_logvar.exp().mean().item(),

@@ -10,15 +10,17 @@ and used by every later build: run this script (or `make report`) again to rebui
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
+import re
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from utils import UsageError, sha256, write_atomic  # noqa: E402  (utils imports torch lazily)
+
 TEMPLATES = ROOT / "report"
 REPORTS = {  # template -> (PDF, the scripts whose metrics.json it reads)
     "ex1": ("ex1_report.pdf", ["sup_classification", "vae_amortized", "vae_latent_opt",
@@ -31,10 +33,6 @@ WRITERS = {"vae_amortized_elbo": "vae_amortized.py --loss elbo --out outputs/vae
                                   "outputs/vae_amortized_elbo/vae_final.pt --out "
                                   "outputs/log_likelihood_elbo"}
 EX1_MAX_PAGES = 5
-
-
-class UsageError(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,6 +77,14 @@ MINUS = "\u2212"
 def num(x, digits: int = 2, sign: bool = False) -> str:
     text = f"{x:+,.{digits}f}" if sign else f"{x:,.{digits}f}"
     return text.replace("-", MINUS)
+
+
+def sig(x, figures: int = 2) -> str:
+    """x with `figures` significant figures (never a string of zeros: 3e-6 -> '0.0000030')."""
+    if x == 0 or not math.isfinite(x):
+        return num(x, 0)
+    digits = max(0, figures - 1 - math.floor(math.log10(abs(x))))
+    return num(round(x, digits), digits)
 
 
 def pct(x, digits: int = 2) -> str:
@@ -134,7 +140,23 @@ def ex1_values(m: dict) -> dict:
         "recon_val": num(a["final_val"]["recon_mse"], 4),
         "recon_gap": num(100 * ov["recon_gap"], 1, sign=True) + " %",
         "best_val_epoch": ov["best_val_epoch"], "val_rise": num(100 * ov["val_loss_rise"], 1) + " %",
-        "verdict": ov["verdict"], "steps": f"{a['steps']:,}"}
+        "verdict": ov["verdict"], "steps": f"{a['steps']:,}",
+        # Still learning at the end? The validation loss's fall over the last five epochs.
+        "val_fall_last5": pct((a["val_loss"][-6] - a["val_loss"][-1]) / a["val_loss"][-6], 1)
+                          if len(a["val_loss"]) > 5 else None,
+        "val_falling": len(a["val_loss"]) > 5 and a["val_loss"][-1] < a["val_loss"][-6],
+        "implied_sigma2": num(784 / (2 * a["latent_dim"]))}
+    read = a.get("reconstructions_read")
+    v["q1"]["read"] = None
+    if read:
+        labels = read["shown_val_labels"]
+        last = read["shown_val"][str(a["snapshot_epochs"][-1])]
+        misread = [(t, p) for t, p in zip(labels, last) if t != p]
+        v["q1"]["read"] = {
+            "val": pct(read["val"]["accuracy"], 1), "train": pct(read["train"]["accuracy"], 1),
+            "val_orig": pct(read["val"]["original_accuracy"], 1),
+            "misread_n": len(misread),
+            "misread": digit_list([f"{t} as {p}" for t, p in misread]) if misread else ""}
 
     # Q2: the classifier's view of the prior samples, per snapshot epoch
     quality = a.get("sample_quality")
@@ -150,6 +172,22 @@ def ex1_values(m: dict) -> dict:
             "first_entropy": num(first["entropy_bits"]), "last_entropy": num(last["entropy_bits"]),
             "rows": [quality_row(f"amortized, epoch {e}", quality[e]) for e in epochs]
                     + [quality_row("real test images", real)]})
+        top = lambda q: max(range(10), key=lambda d: q["share"][d])   # noqa: E731
+        v["q2"]["first_top"], v["q2"]["first_top_share"] = top(first), pct(max(first["share"]), 0)
+        base = a.get("classifier_baselines")
+        v["q2"]["baseline"] = bool(base)
+        if base:
+            noise, mean_img, blur = (base[k] for k in ("gaussian noise", "mean training image",
+                                                       "blurred test images"))
+            v["q2"].update({
+                "noise_top": top(noise), "noise_share": pct(max(noise["share"]), 0),
+                "noise_conf": num(noise["mean_confidence"]),
+                "mean_top": top(mean_img), "mean_conf": num(mean_img["mean_confidence"]),
+                "blur_top": top(blur), "blur_share": pct(max(blur["share"]), 0),
+                "blur_covered": blur["digits_covered"], "blur_conf": num(blur["mean_confidence"]),
+                "blob_digit": top(mean_img)})
+            v["q2"]["rows"] += [quality_row("Gaussian noise", noise),
+                                quality_row("blurred test images", blur)]
 
     # Q3
     same, verdicts = lo["same_budget"], lo["verdicts"]
@@ -174,6 +212,20 @@ def ex1_values(m: dict) -> dict:
         "prior_norm": num(lo["expected_prior_norm"], 1),
         "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
         "sigma2_mean": num(lo["latent_sigma2_mean"])}
+    for key, m_ in (("lo", lo), ("am", a)):
+        agg = m_.get("aggregate_posterior")
+        if agg:
+            v["q3"][f"{key}_agg"] = {
+                "var": num(agg["marginal_variance_mean"]),
+                "var_min": num(agg["marginal_variance_min"]),
+                "var_max": num(agg["marginal_variance_max"]),
+                "mu_var": num(agg["mu_variance_mean"]), "sigma2": num(agg["sigma2_mean"]),
+                "kl_marg": num(agg["kl_marginals_sum"], 1),
+                "kl_dim": sig(agg["kl_per_dimension"], 2),
+                "kl_dim_x": agg["kl_per_dimension"]}
+    if "lo_agg" in v["q3"] and "am_agg" in v["q3"]:
+        v["q3"]["kl_dim_ratio"] = num(v["q3"]["am_agg"]["kl_dim_x"]
+                                      / max(v["q3"]["lo_agg"]["kl_dim_x"], 1e-12), 0)
     if "amortized" in same:
         s = same["amortized"]
         v["q3"].update({"am_proposed": num(s["proposed_train"], 4),
@@ -181,6 +233,12 @@ def ex1_values(m: dict) -> dict:
                         "am_fitted_train": num(s["fitted_train"], 4),
                         "am_fitted_val": num(s["fitted_val"], 4)})
     if lo_q and am_q:
+        lo_top = max(range(10), key=lambda d: lo_q["share"][d])
+        v["q3"].update({"lo_top": lo_top, "lo_top_share": pct(max(lo_q["share"]), 0),
+                        "lo_top_is_blob": (a.get("classifier_baselines") or {}).get(
+                            "mean training image", {"share": [-1] * 10})["share"][lo_top] == 1,
+                        "lo_entropy": num(lo_q["entropy_bits"]),
+                        "am_entropy": num(am_q["entropy_bits"])})
         v["q3"].update({"lo_conf": num(lo_q["mean_confidence"]),
                         "am_conf": num(am_q["mean_confidence"]),
                         "lo_covered": lo_q["digits_covered"], "am_covered": am_q["digits_covered"]})
@@ -194,8 +252,9 @@ def ex1_values(m: dict) -> dict:
             "median_ess": num(diag["laplace"]["median_ess"], 0),
             "eq9_median_ess": num(diag["eq9"]["median_ess"], 1),
             "eq9_share_ess_below_2": pct(diag["eq9"]["share_ess_below_2"], 0),
-            "share_khat": share(diag["laplace"]["share_khat_above_0_7"]),
-            "eq9_share_khat": share(diag["eq9"]["share_khat_above_0_7"]),
+            "share_khat": share(diag["laplace"]["share_khat_above_threshold"]),
+            "eq9_share_khat": share(diag["eq9"]["share_khat_above_threshold"]),
+            "khat_threshold": num(diag["eq9"]["khat_threshold"]),
             "median_sd": num(diag["laplace"]["median_sd"]),
             "max_sd": num(diag["laplace"]["max_sd"]),
             "eq9_median_sd": num(diag["eq9"]["median_sd"], 1),
@@ -243,6 +302,19 @@ def ex1_values(m: dict) -> dict:
         "paired": num(ll["paired_train_minus_test"], 1, sign=True),
         "paired_se": num(ll["paired_train_minus_test_se"], 1),
         "train_vs_test": ll["train_vs_test"], "eq9_train_vs_test": ll["eq9"]["train_vs_test"],
+        "eq9_se": [num(ll["eq9"]["per_digit"][str(d)]["se"], 0) for d in range(10)],
+        "eq9_most_mean": num(ll["eq9"]["per_digit"][str(ll["eq9"]["most_likely_digit"])]["mean"], 0),
+        "eq9_least_mean": num(ll["eq9"]["per_digit"][str(ll["eq9"]["least_likely_digit"])]["mean"], 0),
+        "eq9_most_tied": digit_list(ll["eq9"]["most_likely_tied_with"])
+                         if ll["eq9"]["most_likely_tied_with"] else "",
+        "eq9_least_tied": digit_list(ll["eq9"]["least_likely_tied_with"])
+                          if ll["eq9"]["least_likely_tied_with"] else "",
+        "same_most": ll["eq9"]["most_likely_digit"] == most,
+        "same_least": ll["eq9"]["least_likely_digit"] == least,
+        "same_train_vs_test": ll["eq9"]["train_vs_test"] == ll["train_vs_test"],
+        "eq9_train_se": num(ll["eq9"]["train_se"], 1), "eq9_test_se": num(ll["eq9"]["test_se"], 1),
+        "eq9_diff": num(ll["eq9"]["train_minus_test"], 1, sign=True),
+        "eq9_diff_se": num(ll["eq9"]["train_minus_test_se"], 1),
         "eq9_train_mean": num(ll["eq9"]["train_mean"], 1),
         "eq9_test_mean": num(ll["eq9"]["test_mean"], 1),
         # Did training the encoder for the sigma_p model make Eq. 9 converge? Only if its median
@@ -297,8 +369,9 @@ def apml_values(m: dict) -> dict:
         "sigma2_grad": num(pg["sigma2"], 5), "sigma2_closed": num(pc["sigma2"], 5),
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
-        "eig_err": num(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 2) + " %",
-        "sigma2_err": num(100 * abs(p["ppca_comparison"]["sigma2_relative_error"]), 3) + " %",
+        "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",
+        "sigma2_err": sig(100 * abs(p["ppca_comparison"]["sigma2_relative_error"]), 1) + " %",
+        "ll_diff": sig(abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]), 1),
         "data_eig": " and ".join(num(e, 2) for e in pc["data_eigenvalues"]),
         "angles": f"{num(angles[0])} and {num(angles[1])}", "max_angle": num(max(angles)),
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
@@ -310,6 +383,7 @@ def apml_values(m: dict) -> dict:
         "crowd_worst": num(ans["pca_crowding_worst"]), "crowd_best": num(ans["pca_crowding_best"]),
         "crowded_are_worst": ans["pca_crowding_worst"] < ans["pca_crowding_best"],
         "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
+        "vae_separates_better": enc["vae"]["separation"] > enc["ppca"]["separation"],
         "vae_sigma2": num(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
@@ -328,37 +402,41 @@ def apml_values(m: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Typesetting
 # ----------------------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def install_template(name: str, out: Path) -> tuple:
     """Copy report/<name>.typ to <out>/<name>.typ unless the copy there was edited since we last
     wrote it (its hash is kept in .<name>.typ.sha256): a student's edits are never overwritten.
     Returns (path, kept_edits)."""
     source, target = TEMPLATES / f"{name}.typ", out / f"{name}.typ"
     stamp = out / f".{name}.typ.sha256"
-    if target.is_file() and (not stamp.is_file() or stamp.read_text().strip() != sha256(target)):
+    if target.is_file() and (not stamp.is_file() or stamp.read_text().strip() != sha256(target.read_bytes())):
         return target, True
-    write_atomic(target, source.read_bytes())
-    write_atomic(stamp, (sha256(target) + "\n").encode())
+    write_bytes(target, source.read_bytes())
+    write_bytes(stamp, (sha256(target.read_bytes()) + "\n").encode())
     return target, False
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_bytes(path: Path, data: bytes) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def typeset(template: Path, root: Path, pdf: Path) -> int:
+def typst_error_line(err: Exception, template: Path) -> str:
+    """One line from a Typst error: where in the template it is (line and column, from the first
+    diagnostic Typst prints as '┌─ file:line:col') and what it is."""
+    message = " ".join(str(getattr(err, "message", None) or err).split())[:200]
+    diagnostic = getattr(err, "diagnostic", None) or ""
+    where = re.search(r"┌─ (.+?):(\d+):(\d+)", diagnostic)
+    if where:
+        file = Path(where.group(1)).name
+        place = (f"line {where.group(2)}, column {where.group(3)}" if file == template.name
+                 else f"{file} line {where.group(2)}, column {where.group(3)}")
+        return (f"{template}: {place}: {message} (fix it there, or delete the file to get the "
+                f"repository's template)")
+    return f"Typst could not typeset {template}: {message}"
+
+
+def typeset(template: Path, root: Path) -> tuple:
     """Compile with Typst (the project root is the outputs folder, so the template reaches every
-    figure) into a temporary file, then replace the PDF. Returns the number of pages."""
+    figure). Returns (the PDF's bytes, its number of pages); writes nothing."""
     import typst
 
     try:
@@ -366,10 +444,8 @@ def typeset(template: Path, root: Path, pdf: Path) -> int:
         pages = json.loads(typst.query(str(template), "<page-count>", field="value", root=str(root),
                                        one=True))
     except Exception as err:  # noqa: BLE001 - Typst reports a syntax or missing-file problem
-        first = " ".join(str(err).split())[:300]
-        raise UsageError(f"Typst could not typeset {template}: {first}")
-    write_atomic(pdf, data)
-    return int(pages)
+        raise UsageError(typst_error_line(err, template))
+    return data, int(pages)
 
 
 def parse_args(argv=None):
@@ -393,14 +469,17 @@ def main(argv=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot write to {out}: {err.strerror or err}; choose another --outputs")
-    pages = {}
+    pages, pdfs = {}, {}
     for name, (pdf, _) in REPORTS.items():
-        write_atomic(out / f"{name}_values.json",
+        write_bytes(out / f"{name}_values.json",
                      (json.dumps(values[name], indent=1, ensure_ascii=False) + "\n").encode())
         template, kept = install_template(name, out)
         if kept:
             print(f"note: kept your edited {template} (delete it to get the repository's template)")
-        pages[name] = typeset(template, outputs, out / pdf)
+        pdfs[name], pages[name] = typeset(template, outputs)
+    # Both compiled: only now is either PDF replaced, so an error leaves both as they were.
+    for name, (pdf, _) in REPORTS.items():
+        write_bytes(out / pdf, pdfs[name])
         print(f"wrote {out / pdf} ({pages[name]} pages)")
     if pages["ex1"] > EX1_MAX_PAGES:
         print(f"warning: {REPORTS['ex1'][0]} has {pages['ex1']} pages; the exercise allows "

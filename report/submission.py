@@ -1,0 +1,135 @@
+"""Pack the HUJI Exercise 1 submission of Sec. 4.3.3 into one zip: a README with the student's
+name and CSE username, the Part 1 code, the VAE code with every local module it imports, and
+the PDF report from <outputs>/report/.
+
+    python report/submission.py --outputs outputs --name "Ada Lovelace" --cse ada01
+
+(or `make submission NAME="Ada Lovelace" CSE=ada01`). It reads files only: no torch, no script
+is imported. A missing or empty name or username is one line and exit 2, and no zip is written.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from utils import UsageError, write_atomic  # noqa: E402  (utils imports torch lazily)
+
+PART1 = ["sup_classification.py"]
+VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
+EXTRA = ["requirements.txt"]
+PDF = "ex1_report.pdf"
+CSE_USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def local_imports(script: str) -> list:
+    """`script` and every module of this repository that it imports, directly or through another
+    one (found by parsing, so a module moved or added by a refactor is packed too)."""
+    seen, todo = [], [script]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.append(name)
+        tree = ast.parse((ROOT / name).read_text(), filename=name)
+        for node in ast.walk(tree):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                       and node.level == 0 else [])
+            for module in modules:
+                path = module.split(".")[0] + ".py"
+                if (ROOT / path).is_file() and path not in seen:
+                    todo.append(path)
+    return seen
+
+
+def readme(name: str, cse: str, shared: list) -> str:
+    return f"""HUJI 67912 Advanced Course in Machine Learning, Exercise 1: PyTorch & Variational Inference
+
+Name:          {name}
+CSE username:  {cse}
+
+Contents
+- {PDF}: the report (Part 1, Q1 to Q4, use of AI tools).
+- Part 1 (supervised classification): {", ".join(PART1)}.
+- Part 2 (VAE): {", ".join(VAE)}.
+- Imported by both: {", ".join(shared)} (the networks, densities and estimators; data and plots).
+- requirements.txt: the Python packages (numpy, scipy, torch, torchvision, matplotlib, tqdm, ...).
+
+How to run (Python 3.10+, from this folder; each script has --help, --quick for a smoke run):
+  python sup_classification.py                     # Part 1, writes outputs/sup_classification/
+  python vae_amortized.py                          # Q1, Q2
+  python vae_amortized.py --loss elbo --out outputs/vae_amortized_elbo   # Q4 ablation
+  python vae_latent_opt.py                         # Q3
+  python log_likelihood.py                         # Q4 (Eq. 9 and the converged estimate)
+
+Use of AI tools (Sec. 4.1.1): see the report's section "Use of AI tools" and the note at the
+top of each code file.
+"""
+
+
+def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path:
+    name, cse = " ".join(name.split()), cse.strip()
+    if not name:
+        raise UsageError('the student name is missing or empty: pass NAME="Your Name" '
+                         '(make submission NAME="Your Name" CSE=username)')
+    if not cse:
+        raise UsageError("the CSE username is missing or empty: pass CSE=username "
+                         '(make submission NAME="Your Name" CSE=username)')
+    if not CSE_USERNAME.fullmatch(cse):
+        raise UsageError(f"{cse!r} is not a CSE username (letters, digits, '.', '_', '-'): "
+                         f"pass CSE=username")
+    pdf = outputs / "report" / PDF
+    if not pdf.is_file():
+        raise UsageError(f"{pdf} is missing: run make all (or make report) first")
+    code = sorted(set().union(*(local_imports(s) for s in PART1 + VAE)), key=_order)
+    shared = [f for f in code if f not in PART1 + VAE]
+    target = target or outputs / f"ex1_submission_{cse}.zip"
+    files = [(f, ROOT / f) for f in code + EXTRA] + [(PDF, pdf)]
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("README.txt", readme(name, cse, shared))
+            for arcname, path in files:
+                zf.write(path, arcname)
+
+    write_atomic(target, write)
+    return target
+
+
+def _order(path: str):
+    """Scripts in the order they run, then the shared modules."""
+    chain = PART1 + VAE
+    return (chain.index(path) if path in chain else len(chain), path)
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(prog="submission.py", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
+                        help="folder holding report/ex1_report.pdf; the zip is written there")
+    parser.add_argument("--name", default="", help="your name, as the README should show it")
+    parser.add_argument("--cse", default="", help="your CSE username")
+    parser.error = lambda message: parser.exit(2, f"submission.py: error: {message} "
+                                                  f"(see --help)\n")
+    args = parser.parse_args(argv)
+    target = pack(args.outputs.resolve(), args.name, args.cse)
+    print(f"wrote {target}")
+    return target
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as err:
+        print(f"submission.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        print(f"submission.py: error: could not write {err.filename or 'the zip'} "
+              f"({err.strerror or err}); free some space or choose another --outputs",
+              file=sys.stderr)
+        sys.exit(2)
