@@ -192,7 +192,8 @@ def layer_table():
             flops, t_ours = time_layer(layer, inp, backward)
             rows.append((net_name, name, t_torch, t_ours, flops))
             peak = max(PEAKS)
-            print(f"{net_name:18s} {describe(layer):34s} {shape[0]:5d} {'f+b' if backward else 'fwd':>4s}"
+            pass_name = "f+b" if backward else "fwd"
+            print(f"{net_name:18s} {describe(layer):34s} {shape[0]:5d} {pass_name:>4s}"
                   f" {flops / 1e6:7.1f} {1e3 * t_torch:9.2f} {flops / t_torch / 1e9 / peak:7.0%}"
                   f" {1e3 * t_ours:9.2f} {flops / t_ours / 1e9 / peak:7.0%}")
     return rows
