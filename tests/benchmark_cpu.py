@@ -1,58 +1,213 @@
 """Benchmark (not a test): where `make all`'s time goes on this CPU, against its FLOP limit.
 
-For every workload of the chain it counts the FLOPs of one step with torch's FlopCounterMode,
-times a few steps, and prints the achieved GFLOP/s as a fraction of the fp32 matrix peak
-measured in the same run (a 2048 x 2048 matmul). It then multiplies by the number of steps each
-script takes with its defaults: the chain's FLOP limit (all its FLOPs at peak) against the time
-its steps take at the measured rate, and, when outputs/ holds a finished `make all`, the wall
-time each script really took.
+It names the instruction set torch dispatches to (`--isa avx2` forces AVX2 on an AVX-512
+machine, as on most students' laptops), then:
 
-    .venv/bin/python tests/benchmark_cpu.py            # about a minute
+1. every convolution of the course's networks alone (forward and backward at the training
+   batch sizes, forward at Q4's 1,024 latents), as model.py computes it and as the plain torch
+   layer it rewrites ("torch"), in ms and as a fraction of the fp32 matmul peak;
+2. every workload of the chain: the FLOPs of one step (torch's FlopCounterMode, counted on the
+   plain torch layers, so a rewrite never counts as more work), its time and fraction of peak,
+   and multiplied by the steps each script takes with its defaults, the chain's FLOP limit (all
+   its FLOPs at peak) against the time its steps take and, when an output folder holds a
+   finished `make all`, the wall time each script really took.
+
+The peak (a 2048 x 2048 matmul) is measured before, between and after the sections and the
+highest is used, so that one slow moment does not move every ratio. Times are the best of
+several repeats. With `--threads 1` the clock is the thread's CPU time, which other jobs on a
+shared machine do not inflate (they still share caches).
+
+    .venv/bin/python tests/benchmark_cpu.py                 # native ISA, about a minute
+    .venv/bin/python tests/benchmark_cpu.py --isa avx2      # the same with AVX2 forced
+    .venv/bin/python tests/benchmark_cpu.py --plain         # model.py's layers replaced by torch's
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import json
-import statistics
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+# What --isa avx2 sets before torch is imported: torch's own kernels (ATen), oneDNN's
+# convolutions, and MKL's matmul, which ignores the other two and would otherwise keep its
+# AVX-512 peak (about 2x AVX2's), understating every fraction.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: re-run with AVX2 forced in torch, oneDNN and MKL")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 times CPU time")
+    parser.add_argument("--plain", action="store_true",
+                        help="replace model.py's rewritten layers by the torch layers they "
+                             "rewrite (the numbers before the rewrite)")
+    parser.add_argument("--outputs", type=Path, default=None,
+                        help="folder of a finished make all (default: outputs/)")
+    parser.add_argument("--skip-layers", action="store_true", help="no per-layer section")
+    args = parser.parse_args()
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        parser.error("--threads must be 1 to 256")
+    return args
+
+
+ARGS = parse_args()
+if ARGS.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+    sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_ENV}))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import model  # noqa: E402
 
+if ARGS.threads:
+    torch.set_num_threads(ARGS.threads)
+CLOCK = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+PEAKS: list[float] = []
 
-def peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+
+def timed(fn) -> float:
+    t0 = CLOCK()
+    fn()
+    return CLOCK() - t0
+
+
+def plain(net: nn.Module) -> nn.Module:
+    """`net` with each of model.py's rewritten layers swapped (in place, same parameters) for
+    the torch layer it rewrites: the network as it was before the rewrite."""
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, (model.PatchConv2d, model.MatmulConvTranspose2d)):
+                torch_layer = type(child).__mro__[1].__new__(type(child).__mro__[1])
+                torch_layer.__dict__ = child.__dict__
+                setattr(module, name, torch_layer)
+    return net
+
+
+def maybe_plain(net):
+    return plain(net) if ARGS.plain else net
+
+
+def measure_peak(n: int = 2048, repeats: int = 8) -> float:
+    """One more measurement of the fp32 matmul rate (GFLOP/s); returns the highest so far."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times) / 1e9
+    PEAKS.append(2 * n**3 / min(timed(lambda: a @ b) for _ in range(repeats)) / 1e9)
+    return max(PEAKS)
 
 
-def measure(step, repeats: int = 8):
-    """(FLOPs of one step, median seconds per step)."""
-    step()                                               # warm up
+def count_flops(step) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return counter.get_total_flops(), statistics.median(times)
+    return counter.get_total_flops()
+
+
+def measure(factory, repeats: int = 8):
+    """(FLOPs of one step counted on the plain torch layers, best seconds per step)."""
+    global_plain = ARGS.plain
+    ARGS.plain = True
+    torch.manual_seed(0)
+    flops = count_flops(factory())
+    ARGS.plain = global_plain
+    torch.manual_seed(0)
+    step = factory()
+    step()                                               # warm up
+    step()
+    return flops, min(timed(step) for _ in range(repeats))
+
+
+# ----------------------------------------------------------------------------------------------
+# Each convolution alone
+# ----------------------------------------------------------------------------------------------
+def layer_inputs(net, x):
+    """[(name, layer, its input)] for every convolution of `net` on the input x, each input in
+    the memory layout the network hands it."""
+    found = []
+    hooks = [m.register_forward_pre_hook(lambda m, inp, name=name: found.append((name, m,
+                                                                                inp[0].detach())))
+             for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    return found
+
+
+def time_layer(layer, x, backward: bool, repeats: int = 10) -> tuple[int, float]:
+    """(FLOPs, best seconds) of the layer on x: forward, or forward and backward (input
+    gradient unless x is the images, weight and bias gradients as in training)."""
+    x = x.clone(memory_format=torch.preserve_format).requires_grad_(backward and x.shape[1] > 1)
+
+    def step():
+        if backward:
+            out = layer(x)
+            out.backward(torch.ones_like(out))
+        else:
+            with torch.no_grad():
+                layer(x)
+    step()
+    step()
+    flops = count_flops(step)
+    return flops, min(timed(step) for _ in range(repeats))
+
+
+def layer_table():
+    torch.manual_seed(0)
+    cases = [  # (network, builder, input shape, backward?, channels-last as in Q4)
+        ("encoder", lambda: model.Encoder(200), (64, 1, 28, 28), True, False),
+        ("encoder (lab)", lambda: model.Encoder(2), (128, 1, 28, 28), True, False),
+        ("decoder d=200", lambda: model.Decoder(200), (64, 200), True, False),
+        ("decoder d=2 (lab)", lambda: model.Decoder(2), (128, 2), True, False),
+        ("decoder Q4", lambda: model.Decoder(200), (1024, 200), False, True),
+        ("classifier", lambda: model.build_classifier(), (128, 1, 28, 28), True, False),
+    ]
+    print(f"{'network':18s} {'layer':34s} {'batch':>5s} {'pass':>4s} {'MFLOP':>7s} "
+          f"{'torch ms':>9s} {'of peak':>7s} {'model ms':>9s} {'of peak':>7s}")
+    rows = []
+    for net_name, build, shape, backward, q4 in cases:
+        net = build()
+        if net_name == "classifier":
+            net = net.to(memory_format=torch.channels_last)       # as sup_classification.py
+        if q4:
+            net = net.to(memory_format=torch.channels_last)       # as log_likelihood.py
+        x = torch.randn(*shape)
+        if net_name == "classifier":
+            x = x.contiguous(memory_format=torch.channels_last)
+        ours = layer_inputs(net, x)
+        theirs = layer_inputs(plain(copy.deepcopy(net)), x)
+        for (name, layer, inp), (_, torch_layer, torch_inp) in zip(ours, theirs):
+            _, t_torch = time_layer(torch_layer, torch_inp, backward)
+            flops, t_ours = time_layer(layer, inp, backward)
+            rows.append((net_name, name, t_torch, t_ours, flops))
+            peak = max(PEAKS)
+            pass_name = "f+b" if backward else "fwd"
+            print(f"{net_name:18s} {describe(layer):34s} {shape[0]:5d} {pass_name:>4s}"
+                  f" {flops / 1e6:7.1f} {1e3 * t_torch:9.2f} {flops / t_torch / 1e9 / peak:7.0%}"
+                  f" {1e3 * t_ours:9.2f} {flops / t_ours / 1e9 / peak:7.0%}")
+    return rows
+
+
+def describe(layer) -> str:
+    kind = "convT" if isinstance(layer, nn.ConvTranspose2d) else "conv"
+    rewritten = "*" if isinstance(layer, (model.PatchConv2d, model.MatmulConvTranspose2d)) else ""
+    k, s = layer.kernel_size, layer.stride
+    return f"{kind}{rewritten} {layer.in_channels}->{layer.out_channels} k{k[0]} s{s[0]}"
 
 
 def classifier_step(batch=128):
-    net = model.build_classifier().to(memory_format=torch.channels_last)
+    net = maybe_plain(model.build_classifier()).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(10, (batch,))
 
@@ -65,7 +220,7 @@ def classifier_step(batch=128):
 
 
 def vae_step(batch=64, latent=200, decoder_only=False, unit=False):
-    vae = model.VAE(latent)
+    vae = maybe_plain(model.VAE(latent))
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     x = torch.randn(batch, 1, 28, 28)
     mu0, lv0 = torch.zeros(batch, latent, requires_grad=True), torch.zeros(batch, latent,
@@ -82,7 +237,7 @@ def vae_step(batch=64, latent=200, decoder_only=False, unit=False):
 
 def decode_chunk(n=1024, latent=200):
     """Q4's decoding: channels-last weights, 1,024 latents at a time (log_likelihood.py)."""
-    dec = model.Decoder(latent).eval().to(memory_format=torch.channels_last)
+    dec = maybe_plain(model.Decoder(latent)).eval().to(memory_format=torch.channels_last)
     z = torch.randn(n, latent)
 
     def step():
@@ -92,7 +247,7 @@ def decode_chunk(n=1024, latent=200):
 
 
 def laplace_adam_step(images=100, latent=200):
-    dec = model.Decoder(latent).eval().requires_grad_(False)
+    dec = maybe_plain(model.Decoder(latent)).eval().requires_grad_(False)
     x, z = torch.randn(images, 1, 28, 28), torch.randn(images, latent, requires_grad=True)
 
     def step():
@@ -102,7 +257,7 @@ def laplace_adam_step(images=100, latent=200):
 
 
 def jacobians(images=25, latent=200):
-    dec = model.Decoder(latent).eval().requires_grad_(False)
+    dec = maybe_plain(model.Decoder(latent)).eval().requires_grad_(False)
     z = torch.randn(images, latent)
     return lambda: model.decoder_jacobian(dec, z)
 
@@ -127,15 +282,27 @@ WORKLOADS = [
 
 
 def main():
-    torch.manual_seed(0)
-    peak = peak_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s\n")
-    print(f"{'workload':58s} {'GFLOP/step':>10s} {'ms/step':>8s} {'GFLOP/s':>8s} {'of peak':>8s}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()} (asked: {ARGS.isa}"
+          f"{', '.join([''] + [f'{k}={os.environ[k]}' for k in AVX2_ENV if k in os.environ])}); "
+          f"layers: {'torch (--plain)' if ARGS.plain else 'model.py'}; "
+          f"clock: {'thread CPU time' if CLOCK is time.thread_time else 'wall'}")
+    measure_peak()
+    measure_peak()
+    if not ARGS.skip_layers:
+        print(f"\nEach convolution alone (* = rewritten in model.py; fractions of the highest "
+              f"peak so far, {max(PEAKS):.0f} GFLOP/s)")
+        layer_table()
+        measure_peak()
+    print(f"\n{'workload':58s} {'GFLOP/step':>10s} {'ms/step':>8s} {'GFLOP/s':>8s} {'of peak':>8s}"
           f" {'steps':>6s} {'at peak':>8s} {'measured':>9s}")
-    per_script = {}
-    for name, script, factory, steps in WORKLOADS:
-        flops, seconds = measure(factory())
+    per_script, results = {}, []
+    for i, (name, script, factory, steps) in enumerate(WORKLOADS):
+        results.append((name, script, steps, *measure(factory)))
+        if i % 4 == 3:
+            measure_peak()
+    peak = measure_peak()
+    for name, script, steps, flops, seconds in results:
         rate = flops / seconds / 1e9
         at_peak, measured = steps * flops / peak / 1e9, steps * seconds
         s = per_script.setdefault(script, [0.0, 0.0])
@@ -143,10 +310,14 @@ def main():
         s[1] += measured
         print(f"{name:58s} {flops / 1e9:10.3f} {1e3 * seconds:8.1f} {rate:8.1f} "
               f"{rate / peak:8.0%} {steps:6d} {at_peak:7.1f}s {measured:8.1f}s")
-    print(f"\n{'output folder':20s} {'FLOP limit':>10s} {'its steps':>10s} {'wall (make all)':>16s}")
+    print(f"\nfp32 matmul peak: {peak:.0f} GFLOP/s, the highest of "
+          f"{', '.join(f'{p:.0f}' for p in PEAKS)} measured through the run")
+    outputs = ARGS.outputs or ROOT / "outputs"
+    print(f"\n{'output folder':20s} {'FLOP limit':>10s} {'its steps':>10s} "
+          f"{'wall (make all)':>16s}   (wall times from {outputs})")
     total = [0.0, 0.0, 0.0]
     for script, (at_peak, measured) in per_script.items():
-        wall = script_wall_seconds(script)
+        wall = script_wall_seconds(outputs, script)
         total[0] += at_peak
         total[1] += measured
         total[2] += wall or 0.0
@@ -156,14 +327,18 @@ def main():
     if total[2]:
         print(f"\nmake all's scripts took {total[2]:.0f} s, {total[2] / total[0]:.1f}x the "
               f"chain's FLOP limit (target: at most 2x); the counted steps at their measured "
-              f"rate alone {total[1] / total[0]:.1f}x")
+              f"rate alone {total[1] / total[0]:.1f}x; the rest ({total[2] - total[1]:.0f} s) is "
+              f"evaluation, figures, data and imports")
+    else:
+        print(f"\nno finished make all in {outputs}: the counted steps at their measured rate "
+              f"take {total[1] / total[0]:.1f}x the chain's FLOP limit")
 
 
-def script_wall_seconds(folder: str):
+def script_wall_seconds(outputs: Path, folder: str):
     """The wall time a finished `make all` recorded in outputs/<folder>/metrics.json (imports,
     data, training, evaluation, figures; None if absent or if that run resumed a finished
     one, whose own time says nothing)."""
-    path = ROOT / "outputs" / folder / "metrics.json"
+    path = outputs / folder / "metrics.json"
     if not path.is_file():
         return None
     m = json.loads(path.read_text())
