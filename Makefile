@@ -1,3 +1,5 @@
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant and checked by running it; if you hand it in, keep this note true.
 # make all    build .venv from requirements.txt if missing, run every experiment whose outputs are
 #             not complete yet, in order, then typeset both reports into $(OUT)/report/
 # make quick  the same chain with every script's --quick, into outputs/quick/ (about a minute)

@@ -12,6 +12,10 @@ Per image and estimator: the effective sample size, the Pareto k-hat of the larg
 to (c) are answered from the converged estimate with Eq. 9's beside it; their difference is a
 finding of its own.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import math

@@ -6,6 +6,10 @@ log p(x, z)) and the losses of Eq. 5 and 6. Pixels are in [-1, 1] and the decode
 activation, as in the course's model.py. Every density is computed in log space; equation
 numbers refer to the exercise text.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import math

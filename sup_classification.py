@@ -6,6 +6,10 @@ cores): a small BatchNorm CNN, batched random affine augmentation, label smoothi
 one-cycle learning-rate schedule. Resumable: rerunning after a kill continues from the last
 complete epoch and ends with the same metrics.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import math

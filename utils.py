@@ -4,6 +4,10 @@ bookkeeping (the output folder's lock, interruptions, checkpoints, resuming), fi
 Sections, in the order a script meets them: data, command line, the run, checkpoints and the
 epoch loop, figures and metrics. Nothing here is an algorithm of one question.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import argparse

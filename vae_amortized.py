@@ -8,6 +8,10 @@ Q2: 10 latents drawn once from the prior, decoded by the generator of each of th
 `--loss elbo` trains the same VAE on the negative ELBO of the sigma_p model instead (the
 ablation that shows why Q4's Eq. 9 weights degenerate with the exercise's loss).
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import math

@@ -8,6 +8,10 @@ Like for like: the training latents get 30 updates (one per epoch) and the valid
 steps, so both decoders (this one and Q1's) also get the same 300-step latent fit on the same
 training and validation images, separating the optimizer's budget from the method.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,10 @@ apml_lab_values.json) and typesets the Typst templates with it. The templates ar
 <outputs>/report/ beside the PDFs; once you edit a copy (your name, your own words), it is kept
 and used by every later build: run this script (or `make report`) again to rebuild.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,8 @@ the PDF report from <outputs>/report/.
 (or `make submission NAME="Ada Lovelace" CSE=ada01`). It reads files only: no torch, no script
 is imported. A missing or empty name or username is one line and exit 2, and no zip is written.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant and checked by running it; if you hand it in, keep this note true.
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,10 @@
 The tests build their quick chain through this wrapper, so every script and the report builder
 are proved to start, lock their folder and finish without fcntl or resource.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import runpy
 import sys
 from pathlib import Path

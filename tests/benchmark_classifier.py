@@ -8,6 +8,10 @@ Both are evaluated on the 10,000 test images after every epoch, and that time co
 
     .venv/bin/python tests/benchmark_classifier.py [--ref-epochs 5]
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import argparse

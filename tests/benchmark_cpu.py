@@ -21,6 +21,10 @@ shared machine do not inflate (they still share caches).
     .venv/bin/python tests/benchmark_cpu.py --isa avx2      # the same with AVX2 forced
     .venv/bin/python tests/benchmark_cpu.py --plain         # model.py's layers replaced by torch's
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,10 @@ Prints seconds per epoch for both and their ratio.
 
     .venv/bin/python tests/benchmark_vae.py --epochs 3
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
 import argparse

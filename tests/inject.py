@@ -8,6 +8,10 @@ saved) or `-during-save` (while the N-th checkpoint_last.pt is half written: tor
 returned, the temporary file is not yet renamed). The script runs through runpy exactly as
 `python SCRIPT ARGS` would; nothing in the production code knows about this file.
 """
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import os
 import runpy
 import signal

@@ -4,6 +4,10 @@ The battery runs each script in this process exactly as `python script.py ARGS` 
 __main__), so that some 50 cases stay fast; every case must end with exit code 2, exactly one
 line on stderr, no traceback, and the --out folder byte for byte as it was. Interruptions run
 as real processes: signals, kills in the middle of a checkpoint write, a locked folder."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import gzip
 import hashlib
 import os

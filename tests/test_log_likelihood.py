@@ -1,6 +1,10 @@
 """Eq. 9 (importance-sampled log p(x)), its diagnostics and the Laplace proposal, proved on a
 linear-Gaussian model where log p(x) is known exactly: p(z) = N(0, I), p(x|z) = N(Wz + b,
 sigma_p^2 I)  =>  p(x) = N(b, W W^T + sigma_p^2 I) (torch.distributions.MultivariateNormal)."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import math
 
 import pytest

@@ -1,6 +1,10 @@
 """The README's chain without make (Windows, Colab) and the Makefile's chain cannot drift apart:
 the Makefile's commands come from `make -n` itself (its real order), the README's from its code
 blocks; both must name the same scripts, in the same order, with the same flags."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import re
 import shutil
 import subprocess

@@ -1,5 +1,9 @@
 """model.py: the densities and losses against torch.distributions, the networks' shapes, and
 saving and loading them (every field of a snapshot checked like a flag)."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import math
 import re
 

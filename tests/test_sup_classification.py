@@ -1,5 +1,9 @@
 """sup_classification.py (HUJI Part 1) end to end in --quick mode, as a user runs it: outputs,
 resuming after a kill, --help."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import torch
 
 import sup_classification

@@ -1,6 +1,10 @@
 """utils.py: MNIST offline (the real data set, the torchvision path, balanced subsets, the safe
 unpickler), the command line's file arguments, the run (lock, one-line errors), checkpoints and
 their field checks, resuming, seeding, devices, metrics and figures."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import gzip
 import io
 import json

@@ -1,5 +1,9 @@
 """vae_amortized.py (HUJI Q1 and Q2): the overfitting verdict at its boundaries, Eq. 7's check,
 and the script end to end in --quick mode."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import math
 
 import pytest

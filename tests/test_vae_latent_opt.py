@@ -1,5 +1,9 @@
 """vae_latent_opt.py (HUJI Q3): the initialization, the test-time latent fit, Q3's verdicts at
 their boundaries, the file arguments, and the script end to end in --quick mode."""
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant (the design, the code and its comments), and checked by running it and by the
+# tests in tests/, which compare it with independent references. If you hand it in, keep
+# this note true: say which parts you wrote, changed or had written for you.
 import math
 
 import pytest
