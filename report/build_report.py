@@ -83,6 +83,13 @@ def num(x, digits: int = 2, sign: bool = False) -> str:
     return text.replace("-", MINUS)
 
 
+def decimals_to_tell_apart(a: float, b: float, least: int = 4, most: int = 9) -> int:
+    """Decimals enough that two close numbers print differently (their difference's first
+    digit shows), within [least, most]."""
+    diff = abs(a - b)
+    return least if diff == 0 else min(most, max(least, math.ceil(-math.log10(diff))))
+
+
 def sig(x, figures: int = 2) -> str:
     """x with `figures` significant figures (never a string of zeros: 3e-6 -> '0.0000030')."""
     if x == 0 or not math.isfinite(x):
@@ -370,7 +377,8 @@ def apml_values(m: dict) -> dict:
         "init": pg["initialization"], "rule": pg["stopping_rule"], "iterations": f"{pg['iterations']:,}",
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
-        "sigma2_grad": num(pg["sigma2"], 5), "sigma2_closed": num(pc["sigma2"], 5),
+        "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"])),
+        "sigma2_closed": num(pc["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"])),
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
         "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",

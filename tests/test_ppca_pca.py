@@ -150,7 +150,7 @@ def test_lab_answers_rank_digits_and_compare_methods_from_the_errors():
     pca = {d: 10.0 + d for d in range(10)}                  # 0 best ... 9 worst
     ppca = dict(pca)
     vae = {d: pca[d] - (3.0 if d in (7, 8, 9) else 0.5 if d < 9 else 0) for d in range(10)}
-    ink = {str(d): 1.0 for d in range(10)}
+    ink = {str(d): 100.0 + d for d in range(10)}
     geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
     answers = ppca_pca.lab_answers(crafted_results(pca, ppca, vae), geometry, ink)
     assert answers["best"]["pca"] == ["0", "1", "2"] and answers["worst"]["pca"] == ["9", "8", "7"]
