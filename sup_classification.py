@@ -109,9 +109,9 @@ def main(run: utils.Run, argv=None):
     epochs = list(range(1, args.epochs + 1))
     utils.plot_curves(out / "val_curves.png", {
         "cross-entropy loss": {"validation": (epochs, history["val_loss"]),
-                               "training (augmented, smoothed)": (epochs, history["train_loss"])},
+                               "training": (epochs, history["train_loss"])},
         "validation accuracy": {"validation": (epochs, history["val_accuracy"])},
-    }, width=5.0)
+    }, width=5.0, legend_loc="upper right")    # clear of both curves: training starts top left
     metrics = {
         **history,
         "test_accuracy": history["val_accuracy"][-1],

@@ -997,9 +997,9 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = PAGE_WIDTH,
-                height: float = 2.1, log_panels=()) -> None:
+                height: float = 2.1, log_panels=(), legend_loc: str = "best") -> None:
     """One subplot per panel; a panel is {ylabel: {series label: (x, y)}}; the panels named in
-    log_panels get a logarithmic y axis."""
+    log_panels get a logarithmic y axis; legend_loc places the legends where no curve runs."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, (ylabel, series) in zip(axes[0], panels.items()):
@@ -1011,7 +1011,7 @@ def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = 
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(series) > 1:
-            ax.legend()
+            ax.legend(loc=legend_loc)
     save_figure(fig, path)
 
 
