@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# assistant and checked by running it; if you hand it in, keep this note true.
 # The tested-platforms matrix (not run by CI: each row builds a ~5.5 GB venv).
 #
 # For each Python found among ~/.pyenv/versions/3.1[0-3]*/bin/python (or $MATRIX_PYTHONS), in a
