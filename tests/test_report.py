@@ -276,7 +276,8 @@ def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs):
     assert "Ada Lovelace" in readme and "ada01" in readme
     assert pdf == (quick_outputs / "report" / "ex1_report.pdf").read_bytes()
     assert {"sup_classification.py", "vae_amortized.py", "vae_latent_opt.py",
-            "log_likelihood.py", "model.py", "utils.py", "requirements.txt"} <= names
+            "log_likelihood.py", "model.py", "utils.py", "requirements.txt",
+            "requirements-data.txt"} <= names
     assert "ppca_pca.py" not in names                   # the other course's lab
     # every local module a packed script imports is packed too
     local = {p.stem for p in ROOT.glob("*.py")}
