@@ -121,27 +121,41 @@ def quality_row(name: str, q: dict) -> dict:
             "covered": q["digits_covered"]}
 
 
+def top_digit(quality: dict) -> int:
+    """The digit the classifier names most often in a set of samples."""
+    return max(range(10), key=lambda d: quality["share"][d])
+
+
 def ex1_values(m: dict) -> dict:
-    c, a, lo, ll = (m[s] for s in ("sup_classification", "vae_amortized", "vae_latent_opt",
-                                   "log_likelihood"))
-    ae, lle = m["vae_amortized_elbo"], m["log_likelihood_elbo"]
-    quick = bool(c["args"]["quick"])
-    v = {"quick": quick}
+    """Every value the Ex. 1 template reads, one group per question."""
+    amortized, latent_opt = m["vae_amortized"], m["vae_latent_opt"]
+    return {"quick": bool(m["sup_classification"]["args"]["quick"]),
+            "part1": part1_values(m["sup_classification"]),
+            "q1": q1_values(amortized),
+            "q2": q2_values(amortized, latent_opt),
+            "q3": q3_values(latent_opt, amortized),
+            "q4": q4_values(m["log_likelihood"], m["log_likelihood_elbo"], amortized,
+                            m["vae_amortized_elbo"]),
+            "eq7": eq7_values(amortized["eq7"])}
 
-    # Part 1
-    acc = c["test_accuracy"]
-    best = max(range(len(c["val_accuracy"])), key=c["val_accuracy"].__getitem__)
-    v["part1"] = {
-        "params": f"{c['parameters']:,}", "epochs": c["args"]["epochs"],
-        "train_images": f"{c['train_images']:,}", "per_class": f"{c['train_images'] // 10:,}",
-        "lr": f"{c['args']['lr']:g}", "batch": c["args"]["batch_size"],
-        "val_images": f"{c['val_images']:,}", "accuracy": pct(acc),
-        "above_bar": acc >= 0.97, "best_accuracy": pct(c["val_accuracy"][best]),
-        "best_epoch": best + 1, "seconds": num(c["train_seconds"], 0), "device": c["device"]}
 
-    # Q1
-    ov = a["overfit"]
-    v["q1"] = {
+def part1_values(classifier: dict) -> dict:
+    acc, val_acc = classifier["test_accuracy"], classifier["val_accuracy"]
+    best = max(range(len(val_acc)), key=val_acc.__getitem__)
+    return {
+        "params": f"{classifier['parameters']:,}", "epochs": classifier["args"]["epochs"],
+        "train_images": f"{classifier['train_images']:,}",
+        "per_class": f"{classifier['train_images'] // 10:,}",
+        "lr": f"{classifier['args']['lr']:g}", "batch": classifier["args"]["batch_size"],
+        "val_images": f"{classifier['val_images']:,}", "accuracy": pct(acc),
+        "above_bar": acc >= 0.97, "best_accuracy": pct(val_acc[best]),
+        "best_epoch": best + 1, "seconds": num(classifier["train_seconds"], 0),
+        "device": classifier["device"]}
+
+
+def q1_values(amortized: dict) -> dict:
+    a, overfit, val_loss = amortized, amortized["overfit"], amortized["val_loss"]
+    values = {
         "latent_dim": a["latent_dim"], "lr": f"{a['args']['lr']:g}", "epochs": a["args"]["epochs"],
         "batch": a["args"]["batch_size"], "train_images": f"{a['train_images']:,}",
         "monitor_train": f"{a['monitor_images']['train']:,}",
@@ -149,62 +163,78 @@ def ex1_values(m: dict) -> dict:
         "loss_train": num(a["final_train"]["loss"], 4), "loss_val": num(a["final_val"]["loss"], 4),
         "recon_train": num(a["final_train"]["recon_mse"], 4),
         "recon_val": num(a["final_val"]["recon_mse"], 4),
-        "recon_gap": num(100 * ov["recon_gap"], 1, sign=True) + " %",
-        "best_val_epoch": ov["best_val_epoch"], "val_rise": num(100 * ov["val_loss_rise"], 1) + " %",
-        "verdict": ov["verdict"], "steps": f"{a['steps']:,}",
+        "recon_gap": num(100 * overfit["recon_gap"], 1, sign=True) + " %",
+        "best_val_epoch": overfit["best_val_epoch"],
+        "val_rise": num(100 * overfit["val_loss_rise"], 1) + " %",
+        "verdict": overfit["verdict"], "steps": f"{a['steps']:,}",
         # Still learning at the end? The validation loss's fall over the last five epochs.
-        "val_fall_last5": pct((a["val_loss"][-6] - a["val_loss"][-1]) / a["val_loss"][-6], 1)
-                          if len(a["val_loss"]) > 5 else None,
-        "val_falling": len(a["val_loss"]) > 5 and a["val_loss"][-1] < a["val_loss"][-6],
-        "implied_sigma2": num(784 / (2 * a["latent_dim"]))}
+        "val_fall_last5": pct((val_loss[-6] - val_loss[-1]) / val_loss[-6], 1)
+                          if len(val_loss) > 5 else None,
+        "val_falling": len(val_loss) > 5 and val_loss[-1] < val_loss[-6],
+        "implied_sigma2": num(784 / (2 * a["latent_dim"])),
+        "read": None}
     read = a.get("reconstructions_read")
-    v["q1"]["read"] = None
     if read:
         labels = read["shown_val_labels"]
         last = read["shown_val"][str(a["snapshot_epochs"][-1])]
         misread = [(t, p) for t, p in zip(labels, last) if t != p]
-        v["q1"]["read"] = {
+        values["read"] = {
             "val": pct(read["val"]["accuracy"], 1), "train": pct(read["train"]["accuracy"], 1),
             "val_orig": pct(read["val"]["original_accuracy"], 1),
             "misread_n": len(misread),
             "misread": digit_list([f"{t} as {p}" for t, p in misread]) if misread else ""}
+    return values
 
-    # Q2: the classifier's view of the prior samples, per snapshot epoch
-    quality = a.get("sample_quality")
-    v["q2"] = {"measured": bool(quality)}
+
+def q2_values(amortized: dict, latent_opt: dict) -> dict:
+    """The classifier's view of the prior samples per snapshot epoch, its baselines (what it
+    says of images that are no digits), and Q3's final generator as the table's last row."""
+    quality = amortized.get("sample_quality")
+    values = {"measured": bool(quality)}
     if quality:
-        epochs = [str(e) for e in a["snapshot_epochs"]]
+        epochs = [str(e) for e in amortized["snapshot_epochs"]]
         first, last, real = quality[epochs[0]], quality[epochs[-1]], quality["real test images"]
-        v["q2"].update({
+        values.update({
             "first_epoch": epochs[0], "last_epoch": epochs[-1],
             "first_conf": num(first["mean_confidence"]), "last_conf": num(last["mean_confidence"]),
             "real_conf": num(real["mean_confidence"]),
             "first_covered": first["digits_covered"], "last_covered": last["digits_covered"],
             "first_entropy": num(first["entropy_bits"]), "last_entropy": num(last["entropy_bits"]),
             "rows": [quality_row(f"amortized, epoch {e}", quality[e]) for e in epochs]
-                    + [quality_row("real test images", real)]})
-        top = lambda q: max(range(10), key=lambda d: q["share"][d])   # noqa: E731
-        v["q2"]["first_top"], v["q2"]["first_top_share"] = top(first), pct(max(first["share"]), 0)
-        base = a.get("classifier_baselines")
-        v["q2"]["baseline"] = bool(base)
+                    + [quality_row("real test images", real)],
+            "first_top": top_digit(first), "first_top_share": pct(max(first["share"]), 0)})
+        base = amortized.get("classifier_baselines")
+        values["baseline"] = bool(base)
         if base:
             noise, mean_img, blur = (base[k] for k in ("gaussian noise", "mean training image",
                                                        "blurred test images"))
-            v["q2"].update({
-                "noise_top": top(noise), "noise_share": pct(max(noise["share"]), 0),
+            values.update({
+                "noise_top": top_digit(noise), "noise_share": pct(max(noise["share"]), 0),
                 "noise_conf": num(noise["mean_confidence"]),
-                "mean_top": top(mean_img), "mean_conf": num(mean_img["mean_confidence"]),
-                "blur_top": top(blur), "blur_share": pct(max(blur["share"]), 0),
+                "mean_top": top_digit(mean_img), "mean_conf": num(mean_img["mean_confidence"]),
+                "blur_top": top_digit(blur), "blur_share": pct(max(blur["share"]), 0),
                 "blur_covered": blur["digits_covered"], "blur_conf": num(blur["mean_confidence"]),
-                "blob_digit": top(mean_img)})
-            v["q2"]["rows"] += [quality_row("Gaussian noise", noise),
-                                quality_row("blurred test images", blur)]
+                "blob_digit": top_digit(mean_img)})
+            values["rows"] += [quality_row("Gaussian noise", noise),
+                               quality_row("blurred test images", blur)]
+    latent_opt_quality = (latent_opt.get("sample_quality") or {})
+    if "latent_opt" in latent_opt_quality and "amortized" in latent_opt_quality:
+        values.setdefault("rows", []).append(
+            quality_row("latent optimization, final", latent_opt_quality["latent_opt"]))
+    return values
 
-    # Q3
-    same, verdicts = lo["same_budget"], lo["verdicts"]
-    lo_q = (lo.get("sample_quality") or {}).get("latent_opt")
-    am_q = (lo.get("sample_quality") or {}).get("amortized")
-    v["q3"] = {
+
+def aggregate_values(agg: dict) -> dict:
+    """The aggregate posterior of one method's latents, per dimension."""
+    return {"var": num(agg["marginal_variance_mean"]), "var_min": num(agg["marginal_variance_min"]),
+            "var_max": num(agg["marginal_variance_max"]), "mu_var": num(agg["mu_variance_mean"]),
+            "sigma2": num(agg["sigma2_mean"]), "kl_marg": num(agg["kl_marginals_sum"], 1),
+            "kl_dim": sig(agg["kl_per_dimension"], 2), "kl_dim_x": agg["kl_per_dimension"]}
+
+
+def q3_values(latent_opt: dict, amortized: dict) -> dict:
+    lo, same, verdicts = latent_opt, latent_opt["same_budget"], latent_opt["verdicts"]
+    values = {
         "lr": f"{lo['args']['lr']:g}", "latent_lr": f"{lo['args']['latent_lr']:g}",
         "epochs": lo["args"]["epochs"], "fit_steps": lo["args"]["fit_steps"],
         "fit_lr": f"{lo['args']['fit_lr']:g}",
@@ -217,131 +247,136 @@ def ex1_values(m: dict) -> dict:
         "better_q": verdicts["better_q"], "better_decoder": verdicts["better_decoder"],
         "prior": verdicts["prior"],
         "agg_kl_lo": num(lo["aggregate_posterior_kl"], 1),
-        "agg_kl_amortized": num(a["aggregate_posterior_kl"], 1),
-        "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > a["aggregate_posterior_kl"],
+        "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
+        "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
         "mu_norm": num(lo["latent_mu_mean_norm"], 1),
         "prior_norm": num(lo["expected_prior_norm"], 1),
         "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
         "sigma2_mean": num(lo["latent_sigma2_mean"])}
-    for key, m_ in (("lo", lo), ("am", a)):
-        agg = m_.get("aggregate_posterior")
-        if agg:
-            v["q3"][f"{key}_agg"] = {
-                "var": num(agg["marginal_variance_mean"]),
-                "var_min": num(agg["marginal_variance_min"]),
-                "var_max": num(agg["marginal_variance_max"]),
-                "mu_var": num(agg["mu_variance_mean"]), "sigma2": num(agg["sigma2_mean"]),
-                "kl_marg": num(agg["kl_marginals_sum"], 1),
-                "kl_dim": sig(agg["kl_per_dimension"], 2),
-                "kl_dim_x": agg["kl_per_dimension"]}
-    if "lo_agg" in v["q3"] and "am_agg" in v["q3"]:
-        v["q3"]["kl_dim_ratio"] = num(v["q3"]["am_agg"]["kl_dim_x"]
-                                      / max(v["q3"]["lo_agg"]["kl_dim_x"], 1e-12), 0)
+    for key, method in (("lo", lo), ("am", amortized)):
+        if method.get("aggregate_posterior"):
+            values[f"{key}_agg"] = aggregate_values(method["aggregate_posterior"])
+    if "lo_agg" in values and "am_agg" in values:
+        values["kl_dim_ratio"] = num(values["am_agg"]["kl_dim_x"]
+                                     / max(values["lo_agg"]["kl_dim_x"], 1e-12), 0)
     if "amortized" in same:
         s = same["amortized"]
-        v["q3"].update({"am_proposed": num(s["proposed_train"], 4),
-                        "am_proposed_val": num(s["proposed_val"], 4),
-                        "am_fitted_train": num(s["fitted_train"], 4),
-                        "am_fitted_val": num(s["fitted_val"], 4)})
+        values.update({"am_proposed": num(s["proposed_train"], 4),
+                       "am_proposed_val": num(s["proposed_val"], 4),
+                       "am_fitted_train": num(s["fitted_train"], 4),
+                       "am_fitted_val": num(s["fitted_val"], 4)})
+    quality = lo.get("sample_quality") or {}
+    lo_q, am_q = quality.get("latent_opt"), quality.get("amortized")
     if lo_q and am_q:
-        lo_top = max(range(10), key=lambda d: lo_q["share"][d])
-        v["q3"].update({"lo_top": lo_top, "lo_top_share": pct(max(lo_q["share"]), 0),
-                        "lo_top_is_blob": (a.get("classifier_baselines") or {}).get(
-                            "mean training image", {"share": [-1] * 10})["share"][lo_top] == 1,
-                        "lo_entropy": num(lo_q["entropy_bits"]),
-                        "am_entropy": num(am_q["entropy_bits"])})
-        v["q3"].update({"lo_conf": num(lo_q["mean_confidence"]),
-                        "am_conf": num(am_q["mean_confidence"]),
-                        "lo_covered": lo_q["digits_covered"], "am_covered": am_q["digits_covered"]})
-        v["q2"].setdefault("rows", []).append(quality_row("latent optimization, final", lo_q))
+        lo_top = top_digit(lo_q)
+        blob = (amortized.get("classifier_baselines") or {}).get("mean training image")
+        values.update({"lo_top": lo_top, "lo_top_share": pct(max(lo_q["share"]), 0),
+                       "lo_top_is_blob": blob is not None and blob["share"][lo_top] == 1,
+                       "lo_entropy": num(lo_q["entropy_bits"]),
+                       "am_entropy": num(am_q["entropy_bits"]),
+                       "lo_conf": num(lo_q["mean_confidence"]),
+                       "am_conf": num(am_q["mean_confidence"]),
+                       "lo_covered": lo_q["digits_covered"], "am_covered": am_q["digits_covered"]})
+    return values
 
-    # Q4: the converged estimate, Eq. 9 beside it, and the ablation
-    def q4_block(l):
-        diag = l["diagnostics"]
-        mv = l["convergence_movement"]
-        return {
-            "median_ess": num(diag["laplace"]["median_ess"], 0),
-            "eq9_median_ess": num(diag["eq9"]["median_ess"], 1),
-            "eq9_share_ess_below_2": pct(diag["eq9"]["share_ess_below_2"], 0),
-            "share_khat": share(diag["laplace"]["share_khat_above_threshold"]),
-            "eq9_share_khat": share(diag["eq9"]["share_khat_above_threshold"]),
-            "khat_threshold": num(diag["eq9"]["khat_threshold"]),
-            "median_sd": num(diag["laplace"]["median_sd"]),
-            "max_sd": num(diag["laplace"]["max_sd"]),
-            "eq9_median_sd": num(diag["eq9"]["median_sd"], 1),
-            "eq9_max_sd": num(diag["eq9"]["max_sd"], 1),
-            "gap_mean": num(l["gap"]["mean"], 1), "gap_median": num(l["gap"]["median"], 1),
-            "gap_max": num(l["gap"]["max"], 0),
-            "move": None if mv["laplace"] is None else num(mv["laplace"]["max_abs"]),
-            "eq9_move_min": None if mv["eq9"] is None else num(mv["eq9"]["min"], 1, sign=True),
-            "eq9_move_max": None if mv["eq9"] is None else num(mv["eq9"]["max"], 1, sign=True),
-            "train_mean": num(l["train_mean"], 1), "test_mean": num(l["test_mean"], 1),
-            "mean_all": num((l["train_mean"] + l["test_mean"]) / 2, 1),
-            "kl": num(l["proposal_mismatch"]["kl_median"], 1),
-            "kl_mean_part": num(l["proposal_mismatch"]["kl_mean_part_median"], 1),
-            "log_M": num(l["proposal_mismatch"]["log_M"], 1),
-            "q_vs_conditional": num(l["q_width"]["vs_conditional"]),
-            "q_vs_marginal": num(l["q_width"]["vs_marginal"]),
-            "share_narrower": pct(l["q_width"]["share_narrower_than_marginal"], 0)}
 
-    per = ll["per_digit"]
-    most, least = ll["most_likely_digit"], ll["least_likely_digit"]
-    implied_sigma2 = 784 / (2 * a["latent_dim"])
-    v["q4"] = {
-        **q4_block(ll),
+def estimate_diagnostics(likelihood: dict) -> dict:
+    """How far each Q4 estimate can be trusted: effective sample size, k-hat, bootstrap error,
+    movement with M, the gap between the two estimates, and the proposal's mismatch."""
+    diag, move = likelihood["diagnostics"], likelihood["convergence_movement"]
+    mismatch, width = likelihood["proposal_mismatch"], likelihood["q_width"]
+    return {
+        "median_ess": num(diag["laplace"]["median_ess"], 0),
+        "eq9_median_ess": num(diag["eq9"]["median_ess"], 1),
+        "eq9_share_ess_below_2": pct(diag["eq9"]["share_ess_below_2"], 0),
+        "share_khat": share(diag["laplace"]["share_khat_above_threshold"]),
+        "eq9_share_khat": share(diag["eq9"]["share_khat_above_threshold"]),
+        "khat_threshold": num(diag["eq9"]["khat_threshold"]),
+        "median_sd": num(diag["laplace"]["median_sd"]), "max_sd": num(diag["laplace"]["max_sd"]),
+        "eq9_median_sd": num(diag["eq9"]["median_sd"], 1),
+        "eq9_max_sd": num(diag["eq9"]["max_sd"], 1),
+        "gap_mean": num(likelihood["gap"]["mean"], 1),
+        "gap_median": num(likelihood["gap"]["median"], 1),
+        "gap_max": num(likelihood["gap"]["max"], 0),
+        "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
+        "eq9_move_min": None if move["eq9"] is None else num(move["eq9"]["min"], 1, sign=True),
+        "eq9_move_max": None if move["eq9"] is None else num(move["eq9"]["max"], 1, sign=True),
+        "train_mean": num(likelihood["train_mean"], 1), "test_mean": num(likelihood["test_mean"], 1),
+        "mean_all": num((likelihood["train_mean"] + likelihood["test_mean"]) / 2, 1),
+        "kl": num(mismatch["kl_median"], 1), "kl_mean_part": num(mismatch["kl_mean_part_median"], 1),
+        "log_M": num(mismatch["log_M"], 1),
+        "q_vs_conditional": num(width["vs_conditional"]),
+        "q_vs_marginal": num(width["vs_marginal"]),
+        "share_narrower": pct(width["share_narrower_than_marginal"], 0)}
+
+
+def ranking_values(estimate: dict, prefix: str = "") -> dict:
+    """Q4 (b) and (c) by one estimate: the most and least likely digit with their means and the
+    digits tied with them, and train against test."""
+    most, least = estimate["most_likely_digit"], estimate["least_likely_digit"]
+    per = estimate["per_digit"]
+    return {
+        f"{prefix}most": most, f"{prefix}least": least,
+        f"{prefix}most_mean": num(per[str(most)]["mean"], 0),
+        f"{prefix}least_mean": num(per[str(least)]["mean"], 0),
+        f"{prefix}most_tied": digit_list(estimate["most_likely_tied_with"])
+                              if estimate["most_likely_tied_with"] else "",
+        f"{prefix}least_tied": digit_list(estimate["least_likely_tied_with"])
+                               if estimate["least_likely_tied_with"] else "",
+        f"{prefix}train_se": num(estimate["train_se"], 1),
+        f"{prefix}test_se": num(estimate["test_se"], 1),
+        f"{prefix}diff": num(estimate["train_minus_test"], 1, sign=True),
+        f"{prefix}diff_se": num(estimate["train_minus_test_se"], 1),
+        f"{prefix}train_vs_test": estimate["train_vs_test"]}
+
+
+def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
+              amortized_elbo: dict) -> dict:
+    """Q4: the converged estimate, Eq. 9 beside it (the exercise's), and the ablation."""
+    ll, eq9, per = likelihood, likelihood["eq9"], likelihood["per_digit"]
+    implied_sigma2 = 784 / (2 * amortized["latent_dim"])
+    return {
+        **estimate_diagnostics(ll),
+        **ranking_values(ll),
+        **ranking_values(eq9, "eq9_"),
         "M": f"{ll['num_samples']:,}", "M_max": f"{ll['convergence']['M'][-1]:,}",
         "n_images": len(ll["images"]), "per_digit_n": ll["args"]["per_digit"],
         "sigma_p": f"{ll['sigma_p']:g}", "adam_steps": ll["args"]["adam_steps"],
         "newton_steps": ll["args"]["newton_steps"], "bootstrap": f"{ll['args']['bootstrap']:,}",
-        "seconds": num(ll["estimate_seconds"], 1), "peak_gb": "n/a" if ll["peak_rss_mb"] is None else num(ll["peak_rss_mb"] / 1024, 1),
+        "seconds": num(ll["estimate_seconds"], 1),
+        "peak_gb": "n/a" if ll["peak_rss_mb"] is None else num(ll["peak_rss_mb"] / 1024, 1),
         "device": ll["device"],
         "implied_sigma2": num(implied_sigma2), "implied_sigma": num(math.sqrt(implied_sigma2)),
         "table": [{"digit": d, "mean": num(per[str(d)]["mean"], 0), "se": num(per[str(d)]["se"], 0),
                    "eq9": num(per[str(d)]["eq9_mean"], 0), "gap": num(per[str(d)]["gap_mean"], 1),
                    "ink": num(ll["ink_per_digit"][str(d)], 0)} for d in range(10)],
-        "most": most, "least": least,
-        "most_mean": num(per[str(most)]["mean"], 0), "least_mean": num(per[str(least)]["mean"], 0),
-        "most_tied": digit_list(ll["most_likely_tied_with"]) if ll["most_likely_tied_with"] else "",
-        "least_tied": digit_list(ll["least_likely_tied_with"]) if ll["least_likely_tied_with"] else "",
-        "eq9_most": ll["eq9"]["most_likely_digit"], "eq9_least": ll["eq9"]["least_likely_digit"],
-        "same_ranking_ends": (ll["eq9"]["most_likely_digit"] == most
-                              and ll["eq9"]["least_likely_digit"] == least),
+        "same_ranking_ends": (eq9["most_likely_digit"] == ll["most_likely_digit"]
+                              and eq9["least_likely_digit"] == ll["least_likely_digit"]),
         "ink_corr": num(ll["ink_correlation"]),
         "least_ink_digit": min(range(10), key=lambda d: ll["ink_per_digit"][str(d)]),
-        "train_se": num(ll["train_se"], 1), "test_se": num(ll["test_se"], 1),
-        "diff": num(ll["train_minus_test"], 1, sign=True), "diff_se": num(ll["train_minus_test_se"], 1),
         "paired": num(ll["paired_train_minus_test"], 1, sign=True),
         "paired_se": num(ll["paired_train_minus_test_se"], 1),
-        "train_vs_test": ll["train_vs_test"], "eq9_train_vs_test": ll["eq9"]["train_vs_test"],
-        "eq9_se": [num(ll["eq9"]["per_digit"][str(d)]["se"], 0) for d in range(10)],
-        "eq9_most_mean": num(ll["eq9"]["per_digit"][str(ll["eq9"]["most_likely_digit"])]["mean"], 0),
-        "eq9_least_mean": num(ll["eq9"]["per_digit"][str(ll["eq9"]["least_likely_digit"])]["mean"], 0),
-        "eq9_most_tied": digit_list(ll["eq9"]["most_likely_tied_with"])
-                         if ll["eq9"]["most_likely_tied_with"] else "",
-        "eq9_least_tied": digit_list(ll["eq9"]["least_likely_tied_with"])
-                          if ll["eq9"]["least_likely_tied_with"] else "",
-        "same_most": ll["eq9"]["most_likely_digit"] == most,
-        "same_least": ll["eq9"]["least_likely_digit"] == least,
-        "same_train_vs_test": ll["eq9"]["train_vs_test"] == ll["train_vs_test"],
-        "eq9_train_se": num(ll["eq9"]["train_se"], 1), "eq9_test_se": num(ll["eq9"]["test_se"], 1),
-        "eq9_diff": num(ll["eq9"]["train_minus_test"], 1, sign=True),
-        "eq9_diff_se": num(ll["eq9"]["train_minus_test_se"], 1),
-        "eq9_train_mean": num(ll["eq9"]["train_mean"], 1),
-        "eq9_test_mean": num(ll["eq9"]["test_mean"], 1),
+        "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 0) for d in range(10)],
+        "same_most": eq9["most_likely_digit"] == ll["most_likely_digit"],
+        "same_least": eq9["least_likely_digit"] == ll["least_likely_digit"],
+        "same_train_vs_test": eq9["train_vs_test"] == ll["train_vs_test"],
+        "eq9_train_mean": num(eq9["train_mean"], 1), "eq9_test_mean": num(eq9["test_mean"], 1),
         # Did training the encoder for the sigma_p model make Eq. 9 converge? Only if its median
         # effective sample size rose tenfold and its gap halved.
-        "ablation_cures": (lle["diagnostics"]["eq9"]["median_ess"]
+        "ablation_cures": (likelihood_elbo["diagnostics"]["eq9"]["median_ess"]
                            >= 10 * ll["diagnostics"]["eq9"]["median_ess"]
-                           and lle["gap"]["mean"] < ll["gap"]["mean"] / 2),
-        "elbo": {**q4_block(lle), "recon_train": num(ae["final_train"]["recon_mse"], 4),
-                 "recon_val": num(ae["final_val"]["recon_mse"], 4),
-                 "agg_kl": num(ae["aggregate_posterior_kl"], 1)},
+                           and likelihood_elbo["gap"]["mean"] < ll["gap"]["mean"] / 2),
+        "elbo": {**estimate_diagnostics(likelihood_elbo),
+                 "recon_train": num(amortized_elbo["final_train"]["recon_mse"], 4),
+                 "recon_val": num(amortized_elbo["final_val"]["recon_mse"], 4),
+                 "agg_kl": num(amortized_elbo["aggregate_posterior_kl"], 1)},
     }
-    eq7 = a["eq7"]
-    v["eq7"] = {"at_half": num(eq7["eq7_at_half"], 4), "kl_at_half": num(eq7["kl_at_half"], 4),
-                "eq7_min": num(eq7["eq7_minimizer_sigma2"], 3),
-                "kl_min": num(eq7["kl_minimizer_sigma2"], 3)}
-    return v
+
+
+def eq7_values(eq7: dict) -> dict:
+    return {"at_half": num(eq7["eq7_at_half"], 4), "kl_at_half": num(eq7["kl_at_half"], 4),
+            "eq7_min": num(eq7["eq7_minimizer_sigma2"], 3),
+            "kl_min": num(eq7["kl_minimizer_sigma2"], 3)}
 
 
 # ----------------------------------------------------------------------------------------------
