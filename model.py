@@ -218,8 +218,11 @@ def load_amortized_vae(path, device="cpu"):
     return vae.eval().requires_grad_(False), ckpt.get("subset_per_class")
 
 
-def load_classifier(path, device="cpu") -> nn.Module:
-    """Part 1's classifier from sup_classification.py's classifier.pt, in eval mode."""
+def load_classifier(path, device="cpu") -> nn.Module | None:
+    """Part 1's classifier from sup_classification.py's classifier.pt, in eval mode (None for
+    no path: the parts that need it are skipped)."""
+    if path is None:
+        return None
     with torch.random.fork_rng(devices=[]):     # loading must not shift the caller's RNG
         classifier = build_classifier().to(device)
     advice = "pass the classifier.pt written by sup_classification.py, or run it again"

@@ -21,7 +21,7 @@ import torch
 import model as vae_model
 import utils
 
-DEFAULT_CLASSIFIER = utils.OUTPUTS_DIR / "sup_classification" / "classifier.pt"
+DEFAULT_CLASSIFIER = utils.default_input(utils.CLASSIFIER)
 
 
 def parse_args(argv=None):
@@ -101,7 +101,9 @@ def monitor_epoch(vae, monitor, objective) -> dict:
     return {**{f"val_{k}": v for k, v in val.items()}, "train_recon_mse": train_recon}
 
 
-def plot_loss_curves(path, history, monitor, loss_name) -> None:
+def plot_loss_curves(path, history, monitor, loss, sigma_p) -> None:
+    loss_name = ("loss (Eq. 5: MSE + mean KL)" if loss == "exercise"
+                 else f"negative ELBO, sigma_p = {sigma_p:g} [nats]")
     epochs = list(range(1, len(history["train_loss"]) + 1))
     val, train = f"validation ({len(monitor['val']):,})", f"train ({len(monitor['train']):,})"
     utils.plot_curves(path, {
@@ -188,20 +190,49 @@ def reconstructions_read(classifier, out, snapshots, vae, data, show_val_x, devi
     return read
 
 
+@torch.no_grad()
+def aggregate_posterior(vae, train_x) -> dict:
+    """The encoder's q over the training images against the prior (Q3 compares it with the
+    latent-optimization tables)."""
+    mu, logvar = vae.encoder(train_x)
+    return {"aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
+            "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(mu, logvar)}
+
+
+def data_facts(data) -> dict:
+    """Which images the run used: the sizes, the subset's definition, the figures' images."""
+    return {"train_images": len(data["train_x"]), "val_images": len(data["val_x"]),
+            "subset_per_class": len(data["train_x"]) // 10, "subset_seed": utils.SUBSET_SEED,
+            "show_train_indices": data["subset"][data["show_train"]].tolist(),
+            "show_val_indices": data["show_val"].tolist()}
+
+
+def judge_by_classifier(classifier, out, snapshots, vae, data, show_val_x, device) -> dict:
+    """What Part 1's classifier says: of real test images (the reference for Q2's samples), of
+    images that are no digits (its bias), and of Q1's reconstructions."""
+    return {"real test images": vae_model.classify_samples(
+                classifier, data["val_x"][:vae_model.QUALITY_SAMPLES]),
+            "classifier_baselines": classifier_baselines(classifier, data["train_x"],
+                                                         data["val_x"], vae_model.QUALITY_SEED),
+            "reconstructions_read": reconstructions_read(classifier, out, snapshots, vae, data,
+                                                         show_val_x, device)}
+
+
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
-    classifier_path = utils.input_file(args.classifier, DEFAULT_CLASSIFIER)   # checked first
-    classifier = vae_model.load_classifier(classifier_path, device) if classifier_path else None
+    classifier = vae_model.load_classifier(utils.input_file(args.classifier, DEFAULT_CLASSIFIER),
+                                           device)                             # checked first
     data = utils.vae_data(args.per_class, args.val_images, device)
     train_x, val_x = data["train_x"], data["val_x"]
     objective = {"objective": args.loss, "sigma_p": args.sigma_p}
+    monitor = {"train": train_x[utils.monitor_subset(data["train_y"]).to(device)],
+               "val": val_x[utils.monitor_subset(data["val_y"]).to(device)]}
 
+    # Q1: train by Eq. 5, measuring the curves every epoch and keeping the snapshot epochs
     vae = vae_model.VAE(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
     snapshots = utils.snapshot_epochs(args.epochs)
-    monitor = {"train": train_x[utils.monitor_subset(data["train_y"]).to(device)],
-               "val": val_x[utils.monitor_subset(data["val_y"]).to(device)]}
     steps = utils.steps_per_epoch(len(train_x), args.batch_size)
     training = utils.Training(run, args.out, utils.run_config(args, ignore=("classifier",)),
                               args.fresh, args.epochs, steps, "amortized VAE", model=vae,
@@ -223,51 +254,28 @@ def main(run: utils.Run, argv=None):
     vae.eval()
     final = {split: vae_model.vae_evaluate(vae.decoder, encode(vae), x, **objective)
              for split, x in (("train", train_x), ("val", val_x))}
-    with torch.no_grad():
-        train_mu, train_logvar = vae.encoder(train_x)
 
-    loss_name = ("loss (Eq. 5: MSE + mean KL)" if args.loss == "exercise"
-                 else f"negative ELBO, sigma_p = {args.sigma_p:g} [nats]")
-    plot_loss_curves(out / "loss_curves.png", history, monitor, loss_name)
+    # Q1's figures, and Q2: the same prior latents through every snapshot's generator
+    plot_loss_curves(out / "loss_curves.png", history, monitor, args.loss, args.sigma_p)
     show = {"val": val_x[data["show_val"].to(device)],
             "train": train_x[data["show_train"].to(device)]}
     z_show = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
     quality = snapshot_figures(out, snapshots, args.latent_dim, show, z_show, classifier, device)
-    baselines = read = None
+    judged = {"classifier_baselines": None, "reconstructions_read": None}
     if classifier is not None:
-        quality["real test images"] = vae_model.classify_samples(
-            classifier, val_x[:vae_model.QUALITY_SAMPLES])
-        baselines = classifier_baselines(classifier, train_x, val_x, vae_model.QUALITY_SEED)
-        read = reconstructions_read(classifier, out, snapshots, vae, data, show["val"], device)
+        judged = judge_by_classifier(classifier, out, snapshots, vae, data, show["val"], device)
+        quality["real test images"] = judged.pop("real test images")
 
     metrics = {
-        **history,
-        "final_train": final["train"],
-        "final_val": final["val"],
-        "overfit": overfit_verdict(history, final),
+        **history, "final_train": final["train"], "final_val": final["val"],
+        "overfit": overfit_verdict(history, final), "snapshot_epochs": snapshots,
         "monitor_images": {k: len(v) for k, v in monitor.items()},
-        "snapshot_epochs": snapshots,
         # Q2: 1,000 prior samples per snapshot judged by the Part 1 classifier (absent without it)
-        "sample_quality": quality or None,
-        "classifier_baselines": baselines,
-        "reconstructions_read": read,
-        "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(train_mu, train_logvar),
-        "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(train_mu, train_logvar),
-        "eq7": eq7_check(),
-        "train_seconds": sum(history["epoch_seconds"]),
-        "train_images": len(train_x),
-        "val_images": len(val_x),
-        "steps": args.epochs * steps,
-        "subset_per_class": len(train_x) // 10,
-        "subset_seed": utils.SUBSET_SEED,
-        "show_train_indices": data["subset"][data["show_train"]].tolist(),
-        "show_val_indices": data["show_val"].tolist(),
-        "latent_dim": args.latent_dim,
-        "loss": args.loss,
-        "sigma_p": args.sigma_p,
-        "wall_seconds": utils.wall_seconds(),
-        "device": str(device),
-        "args": vars(args),
+        "sample_quality": quality or None, **judged,
+        **aggregate_posterior(vae, train_x), "eq7": eq7_check(), **data_facts(data),
+        "train_seconds": sum(history["epoch_seconds"]), "steps": args.epochs * steps,
+        "latent_dim": args.latent_dim, "loss": args.loss, "sigma_p": args.sigma_p,
+        "wall_seconds": utils.wall_seconds(), "device": str(device), "args": vars(args),
     }
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"last epoch: train loss {final['train']['loss']:.4f}, validation loss "

@@ -13,7 +13,6 @@ and used by every later build: run this script (or `make report`) again to rebui
 # this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,19 +22,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import UsageError, sha256, write_atomic  # noqa: E402  (utils imports torch lazily)
+# utils imports torch only on first use, and this builder never uses it
+from utils import (OneLineParser, UsageError, display_path, experiment_command,  # noqa: E402
+                   sha256, write_atomic)
 
 TEMPLATES = ROOT / "report"
-REPORTS = {  # template -> (PDF, the scripts whose metrics.json it reads)
+REPORTS = {  # template -> (PDF, the experiments whose metrics.json it reads)
     "ex1": ("ex1_report.pdf", ["sup_classification", "vae_amortized", "vae_latent_opt",
                                "log_likelihood", "vae_amortized_elbo", "log_likelihood_elbo"]),
     "apml_lab": ("apml_lab_report.pdf", ["ppca_pca"]),
 }
-# The script and flags that write each output folder (the ablation folders reuse two scripts).
-WRITERS = {"vae_amortized_elbo": "vae_amortized.py --loss elbo --out outputs/vae_amortized_elbo",
-           "log_likelihood_elbo": "log_likelihood.py --checkpoint "
-                                  "outputs/vae_amortized_elbo/vae_final.pt --out "
-                                  "outputs/log_likelihood_elbo"}
 EX1_MAX_PAGES = 5
 
 
@@ -60,7 +56,7 @@ class Metrics(dict):
 
 def read_metrics(outputs: Path, script: str) -> dict:
     path = outputs / script / "metrics.json"
-    writer = WRITERS.get(script, f"{script}.py")
+    writer = experiment_command(script, display_path(outputs))
     try:
         metrics = json.loads(path.read_text(), object_hook=lambda d: Metrics(d, path, writer))
     except FileNotFoundError:
@@ -496,12 +492,9 @@ def typeset(template: Path, root: Path) -> tuple:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="build_report.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="build_report.py", description=__doc__.splitlines()[0])
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
                         help="folder holding the scripts' output folders")
-    parser.error = lambda message: parser.exit(2, f"build_report.py: error: {message} "
-                                                  f"(see --help)\n")
     return parser.parse_args(argv)
 
 
