@@ -592,9 +592,10 @@ class Run:
     """One run of a script: the output folder it holds and the last epoch it saved. `run_main`
     makes it, hands it to the script's main, and releases it at the end."""
 
-    def __init__(self):
+    def __init__(self, product: str = "its metrics.json"):
         self.out = self.lock = None
         self.saved_epoch = None      # last epoch with a complete checkpoint; None: not resumable
+        self.product = product       # what the run writes last
 
     def claim(self, out: Path) -> Path:
         """Create the output folder, prove it writable and lock it, naming the holder to a
@@ -633,7 +634,7 @@ class Run:
             return f"interrupted after epoch {self.saved_epoch}; run the same command to resume"
         if self.saved_epoch == 0:
             return "interrupted before the first epoch was saved; run the same command to start again"
-        return "interrupted before its metrics.json was written; run the same command to start again"
+        return f"interrupted before writing {self.product}; run the same command to start again"
 
 
 def acquire_lock(path: Path):
@@ -684,14 +685,15 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def run_main(main, argv=None) -> None:
+def run_main(main, argv=None, product: str = "its metrics.json") -> None:
     """Run a script's `main(run, argv)` so that every way it fails for a user's reason is one
     line on stderr: a UsageError or a full disk (exit 2), Ctrl-C (130), SIGTERM (143, where the
-    platform has it). Writes are atomic, so what was saved before stays whole."""
+    platform has it). Writes are atomic, so what was saved before stays whole; `product` is
+    what the script writes last (an interruption before it says so)."""
     name = Path(sys.argv[0]).name
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_terminated)
-    run = Run()
+    run = Run(product)
     try:
         try:
             main(run, argv)

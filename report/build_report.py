@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # utils imports torch only on first use, and this builder never uses it
 from utils import (OneLineParser, UsageError, display_path, experiment_command,  # noqa: E402
-                   sha256, write_atomic)
+                   run_main, sha256, write_atomic)
 
 TEMPLATES = ROOT / "report"
 REPORTS = {  # template -> (PDF, the experiments whose metrics.json it reads)
@@ -528,17 +528,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"build_report.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:             # a full disk, say: the files already there stay whole
-        print(f"build_report.py: error: could not write {err.filename or 'the reports'} "
-              f"({err.strerror or err}); free some space, then run the same command again",
-              file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:          # every file is replaced atomically: nothing is half-written
-        print("build_report.py: interrupted; run the same command to build the reports",
-              file=sys.stderr)
-        sys.exit(130)
+    run_main(lambda run, argv: main(argv), product="the reports")
