@@ -66,8 +66,8 @@ def importance_log_likelihood(x, mean, scale, decode, sigma_p: float, num_sample
       log_px  the estimate of Eq. 9,
       elbo    mean of the same log-weights, an unbiased estimate of the ELBO (Eq. 4),
       ess     effective sample size (sum w)^2 / sum w^2, from 1 (one weight dominates) to M,
-      khat    Pareto k-hat of the largest weights (`pareto_khat`); above 0.7 the estimate
-              cannot be trusted,
+      khat    Pareto k-hat of the largest weights (`pareto_khat`); above `khat_threshold`
+              the estimate cannot be trusted,
       log_w   the log-weights themselves, (M, images), in sampling order.
     Its Monte-Carlo uncertainty comes from `bootstrap_sd` (or independent repeats), not from a
     delta-method formula, which can never exceed about 1 nat when one weight dominates.
@@ -136,7 +136,8 @@ def pareto_khat(log_w):
     """Pareto k-hat of the importance weights, per column of log-weights (M, images) (PSIS,
     Vehtari et al. 2024): a generalized Pareto fitted to the min(M/5, 3 sqrt(M)) largest
     weights. k < 0.5: the variance of the weights is finite; 0.5 to 0.7: finite but slow;
-    > 0.7: the estimate cannot be trusted. NaN when M is too small to fit a tail (M < 25)."""
+    above `khat_threshold(M)` (0.67 at M = 1,000, 0.7 from 2,155 on) the estimate cannot be
+    trusted. NaN when M is too small to fit a tail (M <= 20)."""
     log_w = torch.as_tensor(log_w).detach().double().cpu().numpy()
     m = log_w.shape[0]
     tail = int(np.ceil(min(0.2 * m, 3 * np.sqrt(m))))
@@ -192,7 +193,7 @@ def gauss_newton_step(x, z, decode, sigma_p: float):
 
 
 def laplace_proposal(x, decode, sigma_p: float, z_init, adam_steps: int = 100, lr: float = 0.05,
-                     newton_steps: int = 3):
+                     newton_steps: int = 2):
     """A Gaussian proposal fitted to each image's posterior p(z|x) (Laplace's method):
     centre = the mode of log p(x|z) + log p(z), found by Adam from z_init (the encoder's mean)
     and then Gauss-Newton steps; precision H = I + J^T J / sigma_p^2 with J the decoder's
@@ -450,17 +451,19 @@ def peak_memory_mb():
 
 
 def finite_or_none(value):
-    """JSON has no NaN or infinity: k-hat is NaN when M is too small to fit a tail (None here) and
-    -inf for exactly equal weights (a bounded tail: -1, the uniform distribution's k, or less)."""
+    """JSON has no NaN or infinity: k-hat is NaN when M is too small to fit a tail (None here)
+    and -inf for exactly equal weights, a bounded tail (written as -1e9: any k below 0 means
+    a bounded tail)."""
     value = float(value)
     return value if math.isfinite(value) else (None if math.isnan(value) else max(value, -1e9))
 
 
-def khat_threshold(num_samples: int) -> float:
+def khat_threshold(num_samples: int) -> float | None:
     """The k-hat above which an estimate from num_samples draws is unreliable, by the current
     PSIS rule (Vehtari et al. 2024; R package loo >= 2.7): min(1 - 1/log10 S, 0.7), so 0.67 at
-    S = 1,000 and 0.7 from S = 10,000 on."""
-    return min(1 - 1 / math.log10(num_samples), 0.7)
+    S = 1,000 and 0.7 from S = 2,155 on. None for S <= 10, where the rule has no positive
+    limit (and k-hat, which needs 21 draws or more, is not fitted anyway)."""
+    return min(1 - 1 / math.log10(num_samples), 0.7) if num_samples > 10 else None
 
 
 def diagnostics(result, num_samples: int) -> dict:
@@ -471,8 +474,8 @@ def diagnostics(result, num_samples: int) -> dict:
             "share_ess_below_2": float((ess < 2).mean()),
             "median_khat": finite_or_none(np.median(fitted)) if len(fitted) else None,
             "khat_threshold": threshold,
-            "share_khat_above_threshold": (float((fitted > threshold).mean()) if len(fitted)
-                                           else None),
+            "share_khat_above_threshold": (float((fitted > threshold).mean())
+                                           if len(fitted) and threshold is not None else None),
             "median_sd": float(np.median(sd)), "max_sd": float(sd.max())}
 
 

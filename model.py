@@ -252,15 +252,9 @@ def kl_std_normal(mu, logvar):
 
     This is the correct closed form (Uppsala Q3.5). The HUJI text's Eq. 7 prints
     mu^2 + sigma^2 - log sigma - 1, which equals 2 KL + log sigma and is minimized at
-    sigma^2 = 1/2 instead of 1; see `kl_eq7_as_printed`.
+    sigma^2 = 1/2 instead of 1 (vae_amortized.py shows it).
     """
     return 0.5 * (mu.pow(2) + torch.exp(logvar) - 1.0 - logvar)
-
-
-def kl_eq7_as_printed(mu, logvar):
-    """HUJI Eq. 7 exactly as printed, mu^2 + sigma^2 - log sigma - 1 (kept only as evidence that
-    it is not the KL; never used for training)."""
-    return mu.pow(2) + torch.exp(logvar) - 0.5 * logvar - 1.0
 
 
 def log_normal_pdf(x, mean, logvar, event_dims: int = 1):
@@ -367,25 +361,10 @@ def reconstruction_mse(decoder, mu, x, batch_size=1000):
 
 
 # ----------------------------------------------------------------------------------------------
-# Prior samples, and how they look to Part 1's classifier (Q2 and Q3)
+# Samples from the prior
 # ----------------------------------------------------------------------------------------------
-QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345     # prior samples judged by the Part 1 classifier
-
-
 def prior_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     """n latents from p(z) = N(0, I), drawn with their own generator so that Q2 and Q3 decode the
-    very same latents (and the sample-quality measurements of both use the same 1,000)."""
+    very same latents (and the sample-quality measurements of both use the same 1,000,
+    utils.QUALITY_SAMPLES)."""
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def classify_samples(classifier, images) -> dict:
-    """How a set of generated images looks to the Part 1 classifier: the share of each predicted
-    digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
-    2 % of the samples, and the mean confidence (largest softmax probability)."""
-    probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
-    share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
-    nonzero = share[share > 0]
-    return {"share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
-            "digits_covered": int((share >= 0.02).sum()),
-            "mean_confidence": float(probs.max(1).values.mean())}

@@ -1,8 +1,11 @@
-"""What the scripts share: MNIST offline and its balanced subsets, the command line, a run's
-bookkeeping (the output folder's lock, interruptions, checkpoints, resuming), metrics and figures.
+"""What the scripts share, in the order a reader needs it: the experiments' output folders,
+MNIST offline and its balanced subsets, the pieces of a training loop (device, seeds, batches,
+schedule), atomic file writes, metrics and figures, and the command line. Behind a fence at the
+end, the run's bookkeeping (the output folder's lock, one-line failures and interruptions,
+checkpoints and resuming), which no question needs to be read.
 
-In the order a script meets them. Nothing here is the algorithm of one question: that lives in
-the question's script, and the networks and densities in model.py.
+Nothing here is the algorithm of one question: that lives in the question's script, and the
+networks with their densities and losses in model.py.
 """
 # Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
 # assistant (the design, the code and its comments), and checked by running it and by the
@@ -313,6 +316,81 @@ def vae_data(per_class: int, val_images: int, device) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Training pieces: the device, seeds, batches and the learning-rate schedule
+# ----------------------------------------------------------------------------------------------
+def get_device(name: str = "auto") -> torch.device:
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available())}
+    if name == "auto":
+        return torch.device(next((d for d, ok in available.items() if ok), "cpu"))
+    if name in available and not available[name]:
+        raise UsageError(f"--device {name} asked, but {name.upper()} is not available here; use "
+                         f"--device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_and_seeds(device: str, seed: int) -> torch.device:
+    """The device (an absent one fails here, before any file is written); every generator seeded."""
+    device = get_device(device)
+    seed_everything(seed)
+    return device
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def batches(n: int, batch_size: int, shuffle: bool, device=None):
+    """Index tensors covering range(n) in batches (shuffled with the global torch RNG)."""
+    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
+    return order.split(batch_size)
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
+    """OneCycleLR with `warmup` of the steps rising. torch divides by warmup * total_steps - 1,
+    so a warm-up of exactly one step (0.2 of 5, say) is nudged."""
+    if abs(warmup * total_steps - 1) < 1e-9:
+        warmup *= 1.5
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=warmup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing files: atomically, so that an interruption never leaves half a file
+# ----------------------------------------------------------------------------------------------
+# The disk cannot take a write: full, over quota, read-only, failing.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp) to a uniquely named temporary file in the same folder, then replace path with
+    it: readers never see half a file, two writers never share one, a failure leaves none."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        for attempt in range(10):
+            try:
+                os.replace(tmp, path)                     # atomic on every OS
+                break
+            except PermissionError as err:    # Windows: another program (a PDF viewer, an
+                if os.name != "nt" or attempt == 9:       # antivirus) has the target open
+                    raise UsageError(f"cannot replace {path} ({err.strerror}); close any program "
+                                     f"that has it open, then run the same command again")
+                time.sleep(0.1)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
 # Metrics and figures
 # ----------------------------------------------------------------------------------------------
 def write_metrics(path: Path, metrics: dict) -> None:
@@ -334,6 +412,23 @@ def write_metrics(path: Path, metrics: dict) -> None:
 
 def read_metrics(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# How a set of generated images looks to Part 1's classifier (Q2 and Q3 judge their samples so).
+QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345
+
+
+def classify_samples(classifier, images) -> dict:
+    """How a set of generated images looks to the Part 1 classifier: the share of each predicted
+    digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
+    2 % of the samples, and the mean confidence (largest softmax probability)."""
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
+    share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
+    nonzero = share[share > 0]
+    return {"share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
+            "digits_covered": int((share >= 0.02).sum()),
+            "mean_confidence": float(probs.max(1).values.mean())}
 
 
 # Figures are drawn at the size the reports show them (Typst places a PNG at its own size), so
@@ -433,12 +528,20 @@ def save_image_grid(path: Path, images, nrow: int, value_range=(-1.0, 1.0)) -> N
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
+class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except a None default, whose help says itself what
+    leaving the option out means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with the defaults in --help, one-line errors (exit 2), and options whose default
     is smaller with --quick."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(*args, formatter_class=DefaultsInHelp, **kwargs)
         self._quick_defaults = {}
 
     def error(self, message):
@@ -551,41 +654,14 @@ def display_path(path: Path) -> str:
 # Training, and the questions can be followed without reading any of it.
 # ==============================================================================================
 # ----------------------------------------------------------------------------------------------
-# The run: device and seeds, the output folder's lock, one-line failures and interruptions
+# The run: the output folder's lock, one-line failures and interruptions
 # ----------------------------------------------------------------------------------------------
-def get_device(name: str = "auto") -> torch.device:
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available())}
-    if name == "auto":
-        return torch.device(next((d for d, ok in available.items() if ok), "cpu"))
-    if name in available and not available[name]:
-        raise UsageError(f"--device {name} asked, but {name.upper()} is not available here; use "
-                         f"--device cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def device_and_seeds(device: str, seed: int) -> torch.device:
-    """The device (an absent one fails here, before any file is written); every generator seeded."""
-    device = get_device(device)
-    seed_everything(seed)
-    return device
-
-
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every atomic write cleans up after itself."""
 
 
 def _raise_terminated(signum, frame):
     raise Terminated()
-
-
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 class Run:
@@ -724,30 +800,8 @@ def wall_seconds() -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints and the fields they must hold
+# Checkpoints and the fields they must hold
 # ----------------------------------------------------------------------------------------------
-def write_atomic(path: Path, write) -> None:
-    """write(tmp) to a uniquely named temporary file in the same folder, then replace path with
-    it: readers never see half a file, two writers never share one, a failure leaves none."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        for attempt in range(10):
-            try:
-                os.replace(tmp, path)                     # atomic on every OS
-                break
-            except PermissionError as err:    # Windows: another program (a PDF viewer, an
-                if os.name != "nt" or attempt == 9:       # antivirus) has the target open
-                    raise UsageError(f"cannot replace {path} ({err.strerror}); close any program "
-                                     f"that has it open, then run the same command again")
-                time.sleep(0.1)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(obj, path: Path) -> None:
     """torch.save, fsync'd, through `write_atomic`: a kill at any moment leaves the old complete
     file or the new one, never half of one."""
@@ -844,25 +898,6 @@ def load_state_dict_checked(module, state, path: Path, advice: str = RESUME_ADVI
 # ----------------------------------------------------------------------------------------------
 # The epoch loop: resuming, the history, a progress bar, a checkpoint after each epoch
 # ----------------------------------------------------------------------------------------------
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
-
-
-def batches(n: int, batch_size: int, shuffle: bool, device=None):
-    """Index tensors covering range(n) in batches (shuffled with the global torch RNG)."""
-    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
-    return order.split(batch_size)
-
-
-def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
-    """OneCycleLR with `warmup` of the steps rising. torch divides by warmup * total_steps - 1,
-    so a warm-up of exactly one step (0.2 of 5, say) is nudged."""
-    if abs(warmup * total_steps - 1) < 1e-9:
-        warmup *= 1.5
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                               pct_start=warmup)
-
-
 def run_config(args, ignore=()) -> dict:
     """The settings a checkpoint must share to be resumed: every flag but where and on what it
     runs, and the `ignore`d ones that do not change the training (evaluation settings)."""

@@ -45,6 +45,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def kl_eq7_as_printed(mu, logvar):
+    """HUJI Eq. 7 exactly as printed, mu^2 + sigma^2 - log sigma - 1 (kept only as evidence that
+    it is not the KL; never used for training)."""
+    return mu.pow(2) + torch.exp(logvar) - 0.5 * logvar - 1.0
+
+
 def eq7_check() -> dict:
     """Eq. 7 as printed against the true KL at mu = 0: their minimizers over sigma^2 on a grid,
     and both values at sigma^2 = 1/2 (where the printed form is negative)."""
@@ -52,8 +58,8 @@ def eq7_check() -> dict:
     zero = torch.zeros_like(log_var)
     half = torch.tensor([math.log(0.5)], dtype=torch.float64)
     return {"kl_minimizer_sigma2": math.exp(log_var[vae_model.kl_std_normal(zero, log_var).argmin()]),
-            "eq7_minimizer_sigma2": math.exp(log_var[vae_model.kl_eq7_as_printed(zero, log_var).argmin()]),
-            "eq7_at_half": vae_model.kl_eq7_as_printed(zero[:1], half).item(),
+            "eq7_minimizer_sigma2": math.exp(log_var[kl_eq7_as_printed(zero, log_var).argmin()]),
+            "eq7_at_half": kl_eq7_as_printed(zero[:1], half).item(),
             "kl_at_half": vae_model.kl_std_normal(zero[:1], half).item()}
 
 
@@ -120,8 +126,8 @@ def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, devic
     """Q1's reconstructions and Q2's prior samples from every snapshot's generator (the same
     fixed images and the same prior latents for all), and Q2's sample quality: 1,000 prior
     samples per snapshot judged by Part 1's classifier (empty without it)."""
-    z_judge = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, latent_dim,
-                                      vae_model.QUALITY_SEED).to(device)
+    z_judge = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
+                                      utils.QUALITY_SEED).to(device)
     rows = {"val": [show["val"]], "train": [show["train"]], "prior": []}
     quality = {}
     snapshot = vae_model.VAE(latent_dim).to(device).eval()
@@ -132,7 +138,7 @@ def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, devic
         with torch.no_grad():
             rows["prior"].append(snapshot.decoder(z_show))
             if classifier is not None:
-                quality[str(epoch)] = vae_model.classify_samples(classifier,
+                quality[str(epoch)] = utils.classify_samples(classifier,
                                                                  snapshot.decoder(z_judge))
     labels = [f"epoch {e}" for e in snapshots]
     for split in ("val", "train"):
@@ -148,15 +154,15 @@ def classifier_baselines(classifier, train_x, val_x, seed: int) -> dict:
     prior samples has a known bias: Gaussian noise (clipped to the pixel range), the mean
     training image (the blurriest possible "sample") and real test images blurred by a 5x5 box
     filter (blobs with a digit's layout)."""
-    n = min(vae_model.QUALITY_SAMPLES, len(val_x))
+    n = min(utils.QUALITY_SAMPLES, len(val_x))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((n,) + tuple(val_x.shape[1:]), generator=generator).clamp(-1, 1)
     mean_image = train_x.mean(0, keepdim=True)
     blurred = torch.nn.functional.avg_pool2d(val_x[:n], 5, stride=1, padding=2,
                                              count_include_pad=False)
-    return {"gaussian noise": vae_model.classify_samples(classifier, noise.to(val_x.device)),
-            "mean training image": vae_model.classify_samples(classifier, mean_image),
-            "blurred test images": vae_model.classify_samples(classifier, blurred)}
+    return {"gaussian noise": utils.classify_samples(classifier, noise.to(val_x.device)),
+            "mean training image": utils.classify_samples(classifier, mean_image),
+            "blurred test images": utils.classify_samples(classifier, blurred)}
 
 
 @torch.no_grad()
@@ -210,10 +216,10 @@ def data_facts(data) -> dict:
 def judge_by_classifier(classifier, out, snapshots, vae, data, show_val_x, device) -> dict:
     """What Part 1's classifier says: of real test images (the reference for Q2's samples), of
     images that are no digits (its bias), and of Q1's reconstructions."""
-    return {"real test images": vae_model.classify_samples(
-                classifier, data["val_x"][:vae_model.QUALITY_SAMPLES]),
+    return {"real test images": utils.classify_samples(
+                classifier, data["val_x"][:utils.QUALITY_SAMPLES]),
             "classifier_baselines": classifier_baselines(classifier, data["train_x"],
-                                                         data["val_x"], vae_model.QUALITY_SEED),
+                                                         data["val_x"], utils.QUALITY_SEED),
             "reconstructions_read": reconstructions_read(classifier, out, snapshots, vae, data,
                                                          show_val_x, device)}
 

@@ -144,12 +144,12 @@ def judge_priors(classifier, decoder, amortized, latent_dim, device):
     classifier (None without it)."""
     if classifier is None:
         return None
-    z = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, latent_dim,
-                                vae_model.QUALITY_SEED).to(device)
+    z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
+                                utils.QUALITY_SEED).to(device)
     with torch.no_grad():
-        quality = {"latent_opt": vae_model.classify_samples(classifier, decoder(z))}
+        quality = {"latent_opt": utils.classify_samples(classifier, decoder(z))}
         if amortized is not None:
-            quality["amortized"] = vae_model.classify_samples(classifier, amortized.decoder(z))
+            quality["amortized"] = utils.classify_samples(classifier, amortized.decoder(z))
     return quality
 
 
@@ -171,7 +171,7 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
 
 
 def q3_verdicts(same: dict, quality) -> dict:
-    """Q3's two answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
+    """Q3's answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
     the table's mu_i) reconstruct the same training images better; better_decoder: whose
     decoder reconstructs better when both get the same latent fit (the budget taken out);
     prior: whether the latent-optimization samples look as good to the classifier as the

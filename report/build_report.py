@@ -287,7 +287,8 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "eq9_share_ess_below_2": pct(diag["eq9"]["share_ess_below_2"], 0),
         "share_khat": share(diag["laplace"]["share_khat_above_threshold"]),
         "eq9_share_khat": share(diag["eq9"]["share_khat_above_threshold"]),
-        "khat_threshold": num(diag["eq9"]["khat_threshold"]),
+        "khat_threshold": ("n/a" if diag["eq9"]["khat_threshold"] is None
+                           else num(diag["eq9"]["khat_threshold"])),
         "median_sd": num(diag["laplace"]["median_sd"]), "max_sd": num(diag["laplace"]["max_sd"]),
         "eq9_median_sd": num(diag["eq9"]["median_sd"], 1),
         "eq9_max_sd": num(diag["eq9"]["max_sd"], 1),

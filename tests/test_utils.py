@@ -321,6 +321,20 @@ def test_image_grid_is_torchvisions_make_grid():
         torch.testing.assert_close(utils.image_grid(images, nrow), expected, rtol=0, atol=1e-6)
 
 
+def test_classify_samples_counts_shares_entropy_and_coverage():
+    class Fixed(torch.nn.Module):       # predicts digit 3 for the first half, 7 for the rest
+        def forward(self, x):
+            logits = torch.full((len(x), 10), -10.0)
+            logits[: len(x) // 2, 3] = 10.0
+            logits[len(x) // 2:, 7] = 10.0
+            return logits
+
+    q = utils.classify_samples(Fixed(), torch.zeros(10, 1, 28, 28))
+    assert q["share"][3] == q["share"][7] == 0.5 and q["digits_covered"] == 2
+    assert q["entropy_bits"] == pytest.approx(1.0)
+    assert q["mean_confidence"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_figures_are_drawn_at_the_size_the_report_shows():
     """A PNG's size in inches (pixels / dpi) is the figure size, so its 7 to 8 pt text stays
     7 to 8 pt on the page (Typst places an image at its own size)."""
