@@ -993,7 +993,10 @@ class Training:
         self.progress.close()
 
     def save(self, epoch: int) -> None:
-        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        # Before torch 2.4, OneCycleLR's state holds its method anneal_func, which
+        # torch.load(weights_only=True) refuses; a resumed scheduler keeps the one it was built with.
+        state = {name: {k: v for k, v in obj.state_dict().items() if k != "anneal_func"}
+                 for name, obj in self.stateful.items()}
         state.update(epoch=epoch, history=self.history, config=self.config, rng=rng_state())
         save_checkpoint(state, self.path)
         self.run.saved_epoch = epoch           # an interruption from here on resumes after it
