@@ -423,3 +423,24 @@ def test_importing_utils_does_not_import_torch():
             f"print('torch._C' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_a_method_in_a_schedulers_state_stays_out_of_the_checkpoint(tmp_path):
+    """Before torch 2.4, OneCycleLR's state_dict holds its method anneal_func, which
+    torch.load(weights_only=True) refuses: the checkpoint leaves it out and still resumes."""
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = utils.one_cycle(opt, 0.1, 2 * 3, warmup=0.3)
+    plain = sched.state_dict
+    sched.state_dict = lambda: {**plain(), "anneal_func": sched.step}     # as torch 2.2 has it
+    run = utils.Run()
+    training = utils.Training(run, tmp_path, {"lr": 0.1}, False, 2, 3, "t", model=net,
+                              optimizer=opt, scheduler=sched)
+    for _ in training:
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        training.log(loss=1.0)
+    run.release()
+    ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert "anneal_func" not in ckpt["scheduler"] and ckpt["scheduler"]["last_epoch"] == 6
