@@ -428,11 +428,13 @@ def test_importing_utils_does_not_import_torch():
 def test_a_method_in_a_schedulers_state_stays_out_of_the_checkpoint(tmp_path):
     """Before torch 2.4, OneCycleLR's state_dict holds its method anneal_func, which
     torch.load(weights_only=True) refuses: the checkpoint leaves it out and still resumes."""
+    class AsInTorch22(torch.optim.lr_scheduler.OneCycleLR):
+        def state_dict(self):
+            return {**super().state_dict(), "anneal_func": self.step}
+
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    sched = utils.one_cycle(opt, 0.1, 2 * 3, warmup=0.3)
-    plain = sched.state_dict
-    sched.state_dict = lambda: {**plain(), "anneal_func": sched.step}     # as torch 2.2 has it
+    sched = AsInTorch22(opt, max_lr=0.1, total_steps=2 * 3, pct_start=0.3)
     run = utils.Run()
     training = utils.Training(run, tmp_path, {"lr": 0.1}, False, 2, 3, "t", model=net,
                               optimizer=opt, scheduler=sched)
