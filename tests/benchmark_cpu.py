@@ -74,6 +74,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import log_likelihood  # noqa: E402
 import model  # noqa: E402
 
 if ARGS.threads:
@@ -263,7 +264,7 @@ def laplace_adam_step(images=100, latent=200):
 def jacobians(images=25, latent=200):
     dec = maybe_plain(model.Decoder(latent)).eval().requires_grad_(False)
     z = torch.randn(images, latent)
-    return lambda: model.decoder_jacobian(dec, z)
+    return lambda: log_likelihood.decoder_jacobian(dec, z)
 
 
 Q4_DECODES = 100 * 1000 * 2 + 10 * 10_000 * 2      # both estimates, then the convergence study
