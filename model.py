@@ -91,12 +91,13 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
         return out + bias
 
 
-class _GradAsMatmulsConvTranspose2d(torch.autograd.Function):
-    """conv_transpose2d with torch's forward and a backward of two matrix products: the
-    gradient's k x k patches at the input's positions (stride apart; im2col, one copy),
-    (N H W, k k C_out), times the weight gives the input's gradient and, against the input's
-    pixels, the weight's. Linear, so its forward-mode derivative (jvp) is the layer itself
-    applied to the tangents; vmap (Q4's vmap(jacfwd)) runs the forward per sample."""
+class _MatmulWeightGradConvTranspose2d(torch.autograd.Function):
+    """conv_transpose2d with torch's forward and input gradient (the adjoint of a transposed
+    convolution is the ordinary strided convolution, F.conv2d, with the same weight), and the
+    weight's gradient as one matrix product: the input's pixels, (N H W, C_in), against the
+    output gradient's kh x kw patches at the input's positions (stride apart; im2col, one copy
+    of the padded gradient), (N H W, kh kw C_out). Linear, so its forward-mode derivative
+    (jvp) is the layer itself applied to the tangents; vmap runs it per sample."""
 
     generate_vmap_rule = True
 
@@ -115,21 +116,20 @@ class _GradAsMatmulsConvTranspose2d(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         (sh, sw), (ph, pw), _, has_bias = ctx.conf
-        n, c_in, h, w = x.shape
-        c_out, kh, kw = weight.shape[1:]
-        full_h, full_w = (h - 1) * sh + kh, (w - 1) * sw + kw      # the uncropped output
-        g = grad.permute(0, 2, 3, 1)                           # (N, Ho, Wo, C_out): free if
-        ho, wo = g.shape[1:3]                                  # the gradient is channels-last
-        g_full = F.pad(g, (0, 0, pw, full_w - pw - wo, ph, full_h - ph - ho))
-        s = g_full.stride()
-        cols = g_full.as_strided((n, h, w, kh, kw, c_out),
-                                 (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]))
-        cols = cols.reshape(n * h * w, kh * kw * c_out)
-        w_mat = weight.permute(0, 2, 3, 1).reshape(c_in, kh * kw * c_out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (cols @ w_mat.t()).view(n, h, w, c_in).permute(0, 3, 1, 2)
+            grad_x = F.conv2d(grad, weight, None, (sh, sw), (ph, pw))
+        g = grad.permute(0, 2, 3, 1)               # (N, Ho, Wo, C_out), free if channels-last
         if ctx.needs_input_grad[1]:
+            n, c_in, h, w = x.shape
+            c_out, kh, kw = weight.shape[1:]
+            full_h, full_w = (h - 1) * sh + kh, (w - 1) * sw + kw      # the uncropped output
+            ho, wo = g.shape[1:3]
+            g_full = F.pad(g, (0, 0, pw, full_w - pw - wo, ph, full_h - ph - ho))
+            s = g_full.stride()
+            cols = g_full.as_strided((n, h, w, kh, kw, c_out),
+                                     (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]))
+            cols = cols.reshape(n * h * w, kh * kw * c_out)
             pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
             grad_w = (pixels.t() @ cols).view(c_in, kh, kw, c_out).permute(0, 3, 1, 2)
         if has_bias and ctx.needs_input_grad[2]:
@@ -151,21 +151,23 @@ class _GradAsMatmulsConvTranspose2d(torch.autograd.Function):
 
 
 class MatmulGradConvTranspose2d(nn.ConvTranspose2d):
-    """An nn.ConvTranspose2d (the same parameters, the same forward: torch's own kernel) whose
-    backward is two matrix products on the gradient's patches (see
-    _GradAsMatmulsConvTranspose2d) instead of oneDNN's backward kernels.
+    """An nn.ConvTranspose2d (the same parameters; the same forward and input gradient: torch's
+    own kernels) whose weight gradient is one matrix product on the output gradient's patches
+    (see _MatmulWeightGradConvTranspose2d) instead of oneDNN's backward-weights kernel. With
+    the weight frozen (Q3's latent fits, Q4) it is torch's layer.
 
-    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's backward (its weight gradient
-    above all) runs at 20-30 % of peak. Measured forward and backward, one thread, batch 64,
-    channels-last input (tests/benchmark_cpu.py), AVX2 / AVX-512: 6.3 / 3.3 ms instead of
-    7.8 / 4.3. For the 128 -> 64 and 64 -> 32 layers it is no faster, so they stay torch's."""
+    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's weight gradient runs at 30 %
+    of peak. Measured forward and backward, one thread (tests/benchmark_cpu.py), AVX2 / AVX-512:
+    batch 64 5.3 / 3.7 ms instead of 6.1 / 4.3; batch 128 11.0 / 8.5 instead of 12.1 / 9.3. For
+    the 128 -> 64 and 64 -> 32 layers it is no faster, so they stay torch's."""
 
     def forward(self, x, output_size=None):
         if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
-                or self.padding_mode != "zeros" or not torch.is_grad_enabled():
+                or self.padding_mode != "zeros" or not self.weight.requires_grad \
+                or not torch.is_grad_enabled():
             return super().forward(x, output_size)
-        return _GradAsMatmulsConvTranspose2d.apply(x, self.weight, self.bias, self.stride,
-                                                   self.padding, self.output_padding)
+        return _MatmulWeightGradConvTranspose2d.apply(x, self.weight, self.bias, self.stride,
+                                                      self.padding, self.output_padding)
 
 
 _window_means_cache: dict = {}

@@ -327,7 +327,7 @@ def test_matmul_grad_conv_transpose_has_torchs_forward_and_exact_derivatives():
     fast = fast.double()
 
     def apply(x, weight, bias):
-        return model._GradAsMatmulsConvTranspose2d.apply(
+        return model._MatmulWeightGradConvTranspose2d.apply(
             x, weight, bias, fast.stride, fast.padding, fast.output_padding)
 
     inputs = (x.double().requires_grad_(), fast.weight.detach().clone().requires_grad_(),
