@@ -68,7 +68,8 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
     1x1 -> 2x2, batch 64 forward and backward, 0.96 / 0.87 ms instead of 3.62 / 2.10; Q4's
     1,024 latents, forward, 2.5 / 1.2 ms instead of 8.0 / 3.9. 32 -> 1, batch 64, 2.5 / 1.7 ms
     instead of 6.0 / 3.2; Q4, 10.2 / 9.8 ms instead of 30.7 / 25.5. For the middle layers
-    (64 to 128 channels) the kernels are as fast or faster, so they stay nn.ConvTranspose2d."""
+    (64 to 128 channels) the kernels are as fast or faster (matmul + fold 1.5 to 4x slower), so
+    they keep torch's forward (the 2x2 -> 4x4 one: MatmulGradConvTranspose2d)."""
 
     def forward(self, x, output_size=None):
         if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
@@ -156,10 +157,13 @@ class MatmulGradConvTranspose2d(nn.ConvTranspose2d):
     (see _MatmulWeightGradConvTranspose2d) instead of oneDNN's backward-weights kernel. With
     the weight frozen (Q3's latent fits, Q4) it is torch's layer.
 
-    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's weight gradient runs at 30 %
-    of peak. Measured forward and backward, one thread (tests/benchmark_cpu.py), AVX2 / AVX-512:
-    batch 64 5.3 / 3.7 ms instead of 6.1 / 4.3; batch 128 11.0 / 8.5 instead of 12.1 / 9.3. For
-    the 128 -> 64 and 64 -> 32 layers it is no faster, so they stay torch's."""
+    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's weight gradient runs at about
+    30 % of peak. Measured forward and backward, one thread, channels-last input, the two timed
+    in turns, AVX2 / AVX-512: batch 64 5.0 / 3.6 ms instead of 5.8 / 4.1; batch 128 10.2 / 6.8
+    instead of 11.4 / 7.6. For the 128 -> 64 and 64 -> 32 layers it is no faster at batch 64
+    (0.2 to 1 ms slower), so they stay torch's; so does a backward that calls torch's input and
+    weight gradients separately (F.conv2d, then convolution_backward), 0.1 to 0.5 ms slower
+    than torch's one call for all three layers."""
 
     def forward(self, x, output_size=None):
         if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
@@ -195,9 +199,8 @@ class PooledConv2d(nn.Conv2d):
     then one matmul with the weight, (N, C kh kw) @ (C kh kw, C_out). Ho Wo times fewer FLOPs
     than the convolution (9x for the encoder's 4x4 -> 3x3 layer).
 
-    Why: the encoder's last convolution, forward and backward at batch 64, one thread
-    (tests/benchmark_cpu.py), AVX2 / AVX-512: 0.75 / 0.85 ms instead of 6.0 / 4.4 (conv and
-    pool)."""
+    Why: the encoder's last convolution, forward and backward at batch 64, one thread, timed
+    in turns, AVX2 / AVX-512: 0.75 / 0.86 ms instead of 6.0 / 4.5 (conv and pool)."""
 
     def forward(self, x):
         if self.stride != (1, 1) or self.padding not in ((0, 0), "valid") \
