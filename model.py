@@ -68,7 +68,8 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
     1x1 -> 2x2, batch 64 forward and backward, 0.96 / 0.87 ms instead of 3.62 / 2.10; Q4's
     1,024 latents, forward, 2.5 / 1.2 ms instead of 8.0 / 3.9. 32 -> 1, batch 64, 2.5 / 1.7 ms
     instead of 6.0 / 3.2; Q4, 10.2 / 9.8 ms instead of 30.7 / 25.5. For the middle layers
-    (64 to 128 channels) the kernels are as fast or faster, so they stay nn.ConvTranspose2d."""
+    (64 to 128 channels) the kernels are as fast or faster (matmul + fold 1.5 to 4x slower), so
+    they keep torch's forward (the 2x2 -> 4x4 one: MatmulGradConvTranspose2d)."""
 
     def forward(self, x, output_size=None):
         if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
@@ -91,6 +92,139 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
         return out + bias
 
 
+class _MatmulWeightGradConvTranspose2d(torch.autograd.Function):
+    """conv_transpose2d with torch's forward and input gradient (the adjoint of a transposed
+    convolution is the ordinary strided convolution, F.conv2d, with the same weight), and the
+    weight's gradient as one matrix product: the input's pixels, (N H W, C_in), against the
+    output gradient's kh x kw patches at the input's positions (stride apart; im2col, one copy
+    of the padded gradient), (N H W, kh kw C_out). Linear, so its forward-mode derivative
+    (jvp) is the layer itself applied to the tangents; vmap runs it per sample."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, output_padding):
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, output_padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.conf = stride, padding, output_padding, bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        (sh, sw), (ph, pw), _, has_bias = ctx.conf
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight, None, (sh, sw), (ph, pw))
+        g = grad.permute(0, 2, 3, 1)               # (N, Ho, Wo, C_out), free if channels-last
+        if ctx.needs_input_grad[1]:
+            n, c_in, h, w = x.shape
+            c_out, kh, kw = weight.shape[1:]
+            full_h, full_w = (h - 1) * sh + kh, (w - 1) * sw + kw      # the uncropped output
+            ho, wo = g.shape[1:3]
+            g_full = F.pad(g, (0, 0, pw, full_w - pw - wo, ph, full_h - ph - ho))
+            s = g_full.stride()
+            cols = g_full.as_strided((n, h, w, kh, kw, c_out),
+                                     (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]))
+            cols = cols.reshape(n * h * w, kh * kw * c_out)
+            pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
+            grad_w = (pixels.t() @ cols).view(c_in, kh, kw, c_out).permute(0, 3, 1, 2)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum((0, 1, 2))
+        return grad_x, grad_w, grad_b, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight = ctx.saved_tensors
+        stride, padding, output_padding, _ = ctx.conf
+        out = None
+        for a, b in ((x_t, weight), (x, weight_t)):
+            if a is not None and b is not None:
+                term = F.conv_transpose2d(a, b, None, stride, padding, output_padding)
+                out = term if out is None else out + term
+        if bias_t is not None:
+            out = bias_t.view(-1, 1, 1) if out is None else out + bias_t.view(-1, 1, 1)
+        return out
+
+
+class MatmulGradConvTranspose2d(nn.ConvTranspose2d):
+    """An nn.ConvTranspose2d (the same parameters; the same forward and input gradient: torch's
+    own kernels) whose weight gradient is one matrix product on the output gradient's patches
+    (see _MatmulWeightGradConvTranspose2d) instead of oneDNN's backward-weights kernel. With
+    the weight frozen (Q3's latent fits, Q4) it is torch's layer.
+
+    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's weight gradient runs at about
+    30 % of peak. Measured forward and backward, one thread, channels-last input, the two timed
+    in turns, AVX2 / AVX-512: batch 64 5.0 / 3.6 ms instead of 5.8 / 4.1; batch 128 10.2 / 6.8
+    instead of 11.4 / 7.6. For the 128 -> 64 and 64 -> 32 layers it is no faster at batch 64
+    (0.2 to 1 ms slower), so they stay torch's; so does a backward that calls torch's input and
+    weight gradients separately (F.conv2d, then convolution_backward), 0.1 to 0.5 ms slower
+    than torch's one call for all three layers."""
+
+    def forward(self, x, output_size=None):
+        if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
+                or self.padding_mode != "zeros" or not self.weight.requires_grad \
+                or not torch.is_grad_enabled():
+            return super().forward(x, output_size)
+        return _MatmulWeightGradConvTranspose2d.apply(x, self.weight, self.bias, self.stride,
+                                                      self.padding, self.output_padding)
+
+
+_window_means_cache: dict = {}
+
+
+def _window_means(h: int, w: int, kh: int, kw: int, dtype, device) -> torch.Tensor:
+    """(h w, kh kw): column (i, j) averages the inputs that kernel tap (i, j) meets over all
+    output positions of a stride-1, unpadded kh x kw convolution of an h x w input."""
+    key = (h, w, kh, kw, dtype, device)
+    if key not in _window_means_cache:
+        ho, wo = h - kh + 1, w - kw + 1
+        a = torch.zeros(h, w, kh, kw, dtype=dtype, device=device)
+        for i in range(kh):
+            for j in range(kw):
+                a[i:i + ho, j:j + wo, i, j] = 1.0 / (ho * wo)
+        _window_means_cache[key] = a.view(h * w, kh * kw)
+    return _window_means_cache[key]
+
+
+class PooledConv2d(nn.Conv2d):
+    """An nn.Conv2d followed by a global average pool (nn.AdaptiveAvgPool2d(1)): the same
+    parameters, output (N, C_out, 1, 1), the same result up to float rounding. Both are linear,
+    so the mean of the convolution over its output positions is the weight applied once to the
+    mean of each kernel tap's inputs: a (h w) -> (kh kw) average per channel (a small matmul),
+    then one matmul with the weight, (N, C kh kw) @ (C kh kw, C_out). Ho Wo times fewer FLOPs
+    than the convolution (9x for the encoder's 4x4 -> 3x3 layer).
+
+    Why: the encoder's last convolution, forward and backward at batch 64, one thread, timed
+    in turns, AVX2 / AVX-512: 0.75 / 0.86 ms instead of 6.0 / 4.5 (conv and pool)."""
+
+    def forward(self, x):
+        if self.stride != (1, 1) or self.padding not in ((0, 0), "valid") \
+                or self.dilation != (1, 1) or self.groups != 1 or x.dim() != 4:
+            return F.adaptive_avg_pool2d(super().forward(x), 1)  # a case this layer does not cover
+        n, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        means = _window_means(h, w, kh, kw, x.dtype, x.device)   # (h w, kh kw)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            taps = means.t() @ x.permute(0, 2, 3, 1).reshape(n, h * w, c)   # (N, kh kw, C)
+            weight = self.weight.permute(2, 3, 1, 0).reshape(kh * kw * c, self.out_channels)
+        else:
+            taps = x.reshape(n * c, h * w) @ means                          # (N C, kh kw)
+            weight = self.weight.reshape(self.out_channels, c * kh * kw).t()
+        taps = taps.reshape(n, -1)
+        out = taps @ weight if self.bias is None else torch.addmm(self.bias, taps, weight)
+        return out.view(n, self.out_channels, 1, 1)
+
+
+# model.py's rewrites of torch layers: each computes what its torch base class computes (for
+# PooledConv2d: followed by a global average pool) from the same parameters.
+REWRITTEN_LAYERS = (PatchConv2d, PooledConv2d, MatmulConvTranspose2d, MatmulGradConvTranspose2d)
+
+
 class Encoder(nn.Module):
     """S: image (N, 1, 28, 28) -> (mu, r = log sigma^2), each (N, d)."""
 
@@ -100,8 +234,8 @@ class Encoder(nn.Module):
             PatchConv2d(1, 32, 3, stride=2, padding=1), nn.ReLU(),  # 28 -> 14
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),   # 14 -> 7
             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),  # 7 -> 4
-            nn.Conv2d(128, 128, 2),                                 # 4 -> 3
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            PooledConv2d(128, 128, 2),                              # 4 -> 3, averaged
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),                  # (a no-op on 1 x 1)
         )
         self.mu = nn.Linear(128, latent_dim)
         self.logvar = nn.Linear(128, latent_dim)
@@ -120,10 +254,12 @@ class Decoder(nn.Module):
         self.latent_dim = latent_dim
         self.fc = nn.Linear(latent_dim, 128)
         self.deconv = nn.Sequential(
-            MatmulConvTranspose2d(128, 128, 2), nn.ReLU(),                                # 1 -> 2
-            nn.ConvTranspose2d(128, 128, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # 4
-            nn.ConvTranspose2d(128, 64, 3, stride=2, padding=1), nn.ReLU(),                # 4 -> 7
-            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),   # 14
+            MatmulConvTranspose2d(128, 128, 2), nn.ReLU(),                               # 1 -> 2
+            MatmulGradConvTranspose2d(128, 128, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(),                                                                   # 2 -> 4
+            nn.ConvTranspose2d(128, 64, 3, stride=2, padding=1), nn.ReLU(),              # 4 -> 7
+            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(),                                                                   # 7 -> 14
             MatmulConvTranspose2d(32, 1, 3, stride=2, padding=1, output_padding=1),        # 28
         )
 
