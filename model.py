@@ -24,7 +24,9 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks
+# Networks. Read PatchConv2d and PooledConv2d as nn.Conv2d, and the Matmul...ConvTranspose2d layers
+# as nn.ConvTranspose2d: the same parameters and results, computed faster on a CPU (the "Faster
+# layers" below; PooledConv2d also takes the global average pool that follows it).
 # ----------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
     """S: image (N, 1, 28, 28) -> (mu, r = log sigma^2), each (N, d)."""
