@@ -157,7 +157,7 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
     epochs = list(range(1, len(history["train_loss"]) + 1))
     utils.plot_curves(out / "loss_curves.png", {
         "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
-        "reconstruction MSE (mean of q)": {"training images": (epochs, history["train_recon_mse"])},
+        "reconstruction MSE (mean of q)": {"training (1,000)": (epochs, history["train_recon_mse"])},
         "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
     })
     labels = [f"LO epoch {e}" for e in snapshots]
@@ -289,6 +289,7 @@ def main(run: utils.Run, argv=None):
     opt_decoder = torch.optim.Adam(decoder.parameters(), lr=args.lr)
     opt_latents = torch.optim.SparseAdam(list(latents.parameters()), lr=args.latent_lr)
     snapshots = utils.snapshot_epochs(args.epochs)
+    monitor = utils.monitor_subset(data["train_y"]).to(device)    # Q1's 1,000 curve images
     training = utils.Training(run, args.out, utils.run_config(args, ignore=AFTER_TRAINING),
                               args.fresh, args.epochs,
                               utils.steps_per_epoch(len(train_x), args.batch_size),
@@ -298,8 +299,9 @@ def main(run: utils.Run, argv=None):
     for epoch in training:
         train = train_epoch(decoder, latents, [opt_decoder, opt_latents], train_x, args.batch_size,
                             training.progress)
+        table_mu = latents.mu.weight.detach()
         training.log(**{f"train_{k}": v for k, v in train.items()}, train_recon_mse=(
-            vae_model.reconstruction_mse(decoder, latents.mu.weight.detach(), train_x)))
+            vae_model.reconstruction_mse(decoder, table_mu[monitor], train_x[monitor])))
         if epoch in snapshots:       # the decoder and its latent table: reconstructions need both
             vae_model.save_snapshot(out / f"decoder_epoch{epoch}.pt", decoder, epoch,
                                     args.latent_dim, "vae_latent_opt", **latents.state_as_tensors())
