@@ -67,7 +67,8 @@ EXPERIMENTS = {
     "vae_amortized": ["vae_amortized.py", "--classifier", CLASSIFIER],
     # The ablation for Q4: the same VAE trained on the negative ELBO of the sigma_p = 0.4 model.
     "vae_amortized_elbo": ["vae_amortized.py", "--loss", "elbo", "--classifier", CLASSIFIER],
-    "vae_latent_opt": ["vae_latent_opt.py", "--amortized", AMORTIZED_VAE, "--classifier", CLASSIFIER],
+    "vae_latent_opt": ["vae_latent_opt.py", "--amortized", AMORTIZED_VAE,
+                       "--classifier", CLASSIFIER],
     "log_likelihood": ["log_likelihood.py", "--checkpoint", AMORTIZED_VAE],
     "log_likelihood_elbo": ["log_likelihood.py", "--checkpoint",
                             "{out}/vae_amortized_elbo/vae_final.pt"],
@@ -124,8 +125,8 @@ MISSING_DATA_HELP = ("MNIST not found: install the requirements, then the offlin
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else, so that a crafted pickle cannot run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
                ("_codecs", "encode")}   # how Python 3 writes an array's bytes at protocol 2
 
     def find_class(self, module, name):
