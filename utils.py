@@ -466,6 +466,8 @@ def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = 
             ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label)
         if ylabel in log_panels:
             ax.set_yscale("log")
+        if xlabel == "epoch":                   # whole epochs only (no tick at epoch 2.5)
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         if len(series) > 1:
