@@ -330,6 +330,24 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
         f"{prefix}train_vs_test": estimate["train_vs_test"]}
 
 
+def correlation(a, b) -> float:
+    """Pearson's r of two equally long lists."""
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+def trust(diag: dict) -> str:
+    """Can an estimate be trusted, by the current PSIS rule? "no" when k-hat exceeds the
+    threshold for M for at least half of the images, "partly" for some, "yes" for none (k-hat
+    needs M >= 25; without it, by the effective sample size: below 10 of M is "no")."""
+    share = diag["share_khat_above_threshold"]
+    if share is None:
+        return "no" if diag["median_ess"] < 10 else "yes"
+    return "no" if share >= 0.5 else ("partly" if share > 0 else "yes")
+
+
 def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
               amortized_elbo: dict) -> dict:
     """Q4: the converged estimate, Eq. 9 beside it (the exercise's), and the ablation."""
@@ -361,6 +379,12 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "same_least": eq9["least_likely_digit"] == ll["least_likely_digit"],
         "same_train_vs_test": eq9["train_vs_test"] == ll["train_vs_test"],
         "eq9_train_mean": num(eq9["train_mean"], 1), "eq9_test_mean": num(eq9["test_mean"], 1),
+        "eq9_ink_corr": num(correlation([r["ink"] for r in ll["images"]],
+                                        [r["eq9_log_px"] for r in ll["images"]])),
+        "eq9_trust": trust(ll["diagnostics"]["eq9"]),
+        # Is the ablation's model better by the converged estimate (its mean log p(x))?
+        "ablation_better": (likelihood_elbo["train_mean"] + likelihood_elbo["test_mean"]
+                            > ll["train_mean"] + ll["test_mean"]),
         # Did training the encoder for the sigma_p model make Eq. 9 converge? Only if its median
         # effective sample size rose tenfold and its gap halved.
         "ablation_cures": (likelihood_elbo["diagnostics"]["eq9"]["median_ess"]
@@ -382,6 +406,12 @@ def eq7_values(eq7: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Uppsala lab
 # ----------------------------------------------------------------------------------------------
+def axis_shrink(eigenvalue: float, sigma2: float) -> float:
+    """The factor by which PPCA's posterior mean shrinks a PCA coordinate of variance
+    `eigenvalue` (maximum-likelihood PPCA with noise variance sigma2)."""
+    return math.sqrt(max(eigenvalue - sigma2, 0.0)) / eigenvalue
+
+
 def apml_values(m: dict) -> dict:
     p = m["ppca_pca"]
     ans, enc = p["answers"], p["encodings"]
@@ -420,6 +450,10 @@ def apml_values(m: dict) -> dict:
         "sigma2_err": sig(100 * abs(p["ppca_comparison"]["sigma2_relative_error"]), 1) + " %",
         "ll_diff": sig(abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]), 1),
         "data_eig": " and ".join(num(e, 2) for e in pc["data_eigenvalues"]),
+        # PPCA's posterior mean shrinks PCA axis i by sqrt(lambda_i - sigma^2) / lambda_i (Q4.4):
+        # how much less the second axis is shrunk than the first (Q4.7).
+        "axis_ratio": num(axis_shrink(pc["data_eigenvalues"][1], pc["sigma2"])
+                          / axis_shrink(pc["data_eigenvalues"][0], pc["sigma2"])),
         "angles": f"{num(angles[0])} and {num(angles[1])}", "max_angle": num(max(angles)),
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
         "ppca_same_as_pca": ans["ppca_same_as_pca"],
