@@ -465,6 +465,8 @@ def apml_values(m: dict) -> dict:
         "crowded_are_worst": ans["pca_crowding_worst"] < ans["pca_crowding_best"],
         "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": enc["vae"]["separation"] > enc["ppca"]["separation"],
+        # On the prior's scale: each coordinate's standard deviation between 0.5 and 2.
+        "vae_on_prior_scale": all(0.5 <= sd <= 2 for sd in enc["vae"]["std"]),
         "vae_sigma2": num(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
