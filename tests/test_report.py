@@ -307,3 +307,17 @@ def test_no_else_starts_a_line_in_the_templates():
     for name in ("ex1.typ", "apml_lab.typ"):
         lines = (ROOT / "report" / name).read_text().splitlines()
         assert [k + 1 for k, l in enumerate(lines) if re.match(r"\s*else\b", l)] == [], name
+
+
+def test_every_figure_and_table_is_captioned_labelled_and_cited():
+    """A grader meets every figure and table by its number: each has a caption and a label, and
+    the text cites each label at least once."""
+    for name in ("ex1.typ", "apml_lab.typ"):
+        source = "\n".join(line.split("//")[0] if line.lstrip().startswith("//") else line
+                           for line in (ROOT / "report" / name).read_text().splitlines())
+        figures = source.count("#figure(")
+        assert figures == len(re.findall(r"caption: *\[", source)), name
+        labels = re.findall(r"<((?:fig|tab)-[\w-]+)>", source)
+        assert len(labels) == figures, (name, labels)
+        for label in labels:
+            assert f"@{label}" in source, (name, label)
