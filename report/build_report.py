@@ -139,6 +139,12 @@ def ex1_values(m: dict) -> dict:
             "eq7": eq7_values(amortized["eq7"])}
 
 
+def device_name(device: str) -> str:
+    """'cpu' -> 'the CPU', 'cuda:0' -> 'a GPU (cuda:0)': how the prose names where it ran."""
+    return "the CPU" if device == "cpu" else f"a GPU ({device})" if device.startswith("cuda") \
+        else device
+
+
 def part1_values(classifier: dict) -> dict:
     acc, val_acc = classifier["test_accuracy"], classifier["val_accuracy"]
     best = max(range(len(val_acc)), key=val_acc.__getitem__)
@@ -150,7 +156,7 @@ def part1_values(classifier: dict) -> dict:
         "val_images": f"{classifier['val_images']:,}", "accuracy": pct(acc),
         "above_bar": acc >= 0.97, "best_accuracy": pct(val_acc[best]),
         "best_epoch": best + 1, "seconds": num(classifier["train_seconds"], 0),
-        "device": classifier["device"]}
+        "device": device_name(classifier["device"])}
 
 
 def q1_values(amortized: dict) -> dict:
