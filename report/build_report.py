@@ -418,6 +418,30 @@ def axis_shrink(eigenvalue: float, sigma2: float) -> float:
     return math.sqrt(max(eigenvalue - sigma2, 0.0)) / eigenvalue
 
 
+SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def power_of_ten(x: float) -> str:
+    """1e-07 -> '10⁻⁷', 5e-06 -> '5 × 10⁻⁶' (prose, not code)."""
+    exponent = math.floor(math.log10(x))
+    mantissa = round(x / 10 ** exponent, 3)
+    power = "10" + str(exponent).translate(SUPERSCRIPT)
+    return power if mantissa == 1 else f"{mantissa:g} \u00d7 {power}"
+
+
+def stopping_rule(args: dict) -> str:
+    """The PPCA fit's stopping rule, in words, from the flags it ran with."""
+    return (f"stop once 100 iterations raise the mean log-likelihood by less than "
+            f"{power_of_ten(args['ppca_tol'])} nats per image (at most "
+            f"{args['ppca_max_iter']:,} iterations)")
+
+
+def agreement(end: str, absolute: list, relative: list) -> dict:
+    """The digits that both error measures (absolute and relative to ink) put at one end."""
+    both = sorted(set(absolute) & set(relative), key=absolute.index)
+    return {f"both_{end}": digit_list(both) if both else "", f"both_{end}_n": len(both)}
+
+
 def apml_values(m: dict) -> dict:
     p = m["ppca_pca"]
     ans, enc = p["answers"], p["encodings"]
@@ -438,14 +462,16 @@ def apml_values(m: dict) -> dict:
     return {
         "quick": bool(p["args"]["quick"]),
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
-        "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"]),
+        "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
         "ink_corr": num(ans["pca_ink_correlation"]), "ink1": num(ink["1"], 0),
         "ink0": num(ink["0"], 0),
         "rel_best": digit_list(ans["pca_relative_best"]),
         "rel_worst": digit_list(ans["pca_relative_worst"]),
-        "init": pg["initialization"], "rule": pg["stopping_rule"], "iterations": f"{pg['iterations']:,}",
+        **agreement("best", ans["best"]["pca"], ans["pca_relative_best"]),
+        **agreement("worst", ans["worst"]["pca"], ans["pca_relative_worst"]),
+        "init": pg["initialization"], "rule": stopping_rule(p["args"]), "iterations": f"{pg['iterations']:,}",
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
         "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"])),
@@ -455,6 +481,10 @@ def apml_values(m: dict) -> dict:
         "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",
         "sigma2_err": sig(100 * abs(p["ppca_comparison"]["sigma2_relative_error"]), 1) + " %",
         "ll_diff": sig(abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]), 1),
+        # The gradient fit reaches the closed form: log-likelihoods within 0.01 nats per image
+        # and the two subspaces within one degree.
+        "matches_closed": (abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]) < 0.01
+                           and max(angles) < 1),
         "data_eig": " and ".join(num(e, 2) for e in pc["data_eigenvalues"]),
         # PPCA's posterior mean shrinks PCA axis i by sqrt(lambda_i - sigma^2) / lambda_i (Q4.4):
         # how much less the second axis is shrunk than the first (Q4.7).
