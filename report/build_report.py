@@ -510,6 +510,7 @@ def apml_values(m: dict) -> dict:
         "largest_gains": digit_list(ans["vae_largest_gains"]),
         "largest_gain_values": ", ".join(num(gains[d], 1) for d in ans["vae_largest_gains"]),
         "smallest_gains": digit_list(ans["vae_smallest_gains"]),
+        "vae_below_ppca": vae["test_sq_error"] < pg["test_sq_error"],
         "vae_change": (num(abs(100 * (1 - vae["test_sq_error"] / pg["test_sq_error"])), 0) + " % "
                        + ("lower" if vae["test_sq_error"] <= pg["test_sq_error"] else "higher")),
         "error_table": [{"method": name, "total": num(r["test_sq_error"]),
