@@ -384,6 +384,12 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "same_most": eq9["most_likely_digit"] == ll["most_likely_digit"],
         "same_least": eq9["least_likely_digit"] == ll["least_likely_digit"],
         "same_train_vs_test": eq9["train_vs_test"] == ll["train_vs_test"],
+        # Every change of the most or least likely digit is between digits tied under both.
+        "changes_within_ties": all(
+            eq9[f"{end}_likely_digit"] == ll[f"{end}_likely_digit"]
+            or (ll[f"{end}_likely_digit"] in eq9[f"{end}_likely_tied_with"]
+                and eq9[f"{end}_likely_digit"] in ll[f"{end}_likely_tied_with"])
+            for end in ("most", "least")),
         "eq9_train_mean": num(eq9["train_mean"], 1), "eq9_test_mean": num(eq9["test_mean"], 1),
         "eq9_ink_corr": num(correlation([r["ink"] for r in ll["images"]],
                                         [r["eq9_log_px"] for r in ll["images"]])),
