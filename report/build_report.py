@@ -220,7 +220,9 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
                 "mean_top": top_digit(mean_img), "mean_conf": num(mean_img["mean_confidence"]),
                 "blur_top": top_digit(blur), "blur_share": pct(max(blur["share"]), 0),
                 "blur_covered": blur["digits_covered"], "blur_conf": num(blur["mean_confidence"]),
-                "blob_digit": top_digit(mean_img)})
+                "blob_digit": top_digit(mean_img),
+                "blob_first_share": pct(first["share"][top_digit(mean_img)], 0),
+                "blob_last_share": pct(last["share"][top_digit(mean_img)], 0)})
             values["rows"] += [quality_row("Gaussian noise", noise),
                                quality_row("blurred test images", blur)]
     latent_opt_quality = (latent_opt.get("sample_quality") or {})
@@ -255,6 +257,8 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "agg_kl_lo": num(lo["aggregate_posterior_kl"], 1),
         "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
         "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
+        # Small: under 0.05 nats per latent dimension, moment-matched.
+        "agg_kl_small": lo["aggregate_posterior_kl"] < 0.05 * lo["latent_dim"],
         "mu_norm": num(lo["latent_mu_mean_norm"], 1),
         "prior_norm": num(lo["expected_prior_norm"], 1),
         "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
