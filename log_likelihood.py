@@ -19,8 +19,10 @@ finding of its own.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from tqdm import tqdm
 import model as vae_model
 import utils
 
-DEFAULT_CHECKPOINT = utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt"
+DEFAULT_CHECKPOINT = utils.default_input(utils.AMORTIZED_VAE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,8 +66,8 @@ def importance_log_likelihood(x, mean, scale, decode, sigma_p: float, num_sample
       log_px  the estimate of Eq. 9,
       elbo    mean of the same log-weights, an unbiased estimate of the ELBO (Eq. 4),
       ess     effective sample size (sum w)^2 / sum w^2, from 1 (one weight dominates) to M,
-      khat    Pareto k-hat of the largest weights (`pareto_khat`); above 0.7 the estimate
-              cannot be trusted,
+      khat    Pareto k-hat of the largest weights (`pareto_khat`); above `khat_threshold`
+              the estimate cannot be trusted,
       log_w   the log-weights themselves, (M, images), in sampling order.
     Its Monte-Carlo uncertainty comes from `bootstrap_sd` (or independent repeats), not from a
     delta-method formula, which can never exceed about 1 nat when one weight dominates.
@@ -134,7 +136,8 @@ def pareto_khat(log_w):
     """Pareto k-hat of the importance weights, per column of log-weights (M, images) (PSIS,
     Vehtari et al. 2024): a generalized Pareto fitted to the min(M/5, 3 sqrt(M)) largest
     weights. k < 0.5: the variance of the weights is finite; 0.5 to 0.7: finite but slow;
-    > 0.7: the estimate cannot be trusted. NaN when M is too small to fit a tail (M < 25)."""
+    above `khat_threshold(M)` (0.67 at M = 1,000, 0.7 from 2,155 on) the estimate cannot be
+    trusted. NaN when M is too small to fit a tail (M <= 20)."""
     log_w = torch.as_tensor(log_w).detach().double().cpu().numpy()
     m = log_w.shape[0]
     tail = int(np.ceil(min(0.2 * m, 3 * np.sqrt(m))))
@@ -190,7 +193,7 @@ def gauss_newton_step(x, z, decode, sigma_p: float):
 
 
 def laplace_proposal(x, decode, sigma_p: float, z_init, adam_steps: int = 100, lr: float = 0.05,
-                     newton_steps: int = 3):
+                     newton_steps: int = 2):
     """A Gaussian proposal fitted to each image's posterior p(z|x) (Laplace's method):
     centre = the mode of log p(x|z) + log p(z), found by Adam from z_init (the encoder's mean)
     and then Gauss-Newton steps; precision H = I + J^T J / sigma_p^2 with J the decoder's
@@ -262,17 +265,46 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def estimate(x, mean, scale, decoder, args, generator):
+@dataclass(frozen=True)
+class Sampling:
+    """How every estimate is computed: M samples per image, the model's sigma_p, decoder
+    evaluations held in memory at once, bootstrap resamples and their seed."""
+    num_samples: int
+    sigma_p: float
+    chunk_size: int
+    bootstrap: int
+    seed: int
+
+
+def estimate(x, mean, scale, decoder, sampling: Sampling, generator):
     """Eq. 9 with the proposal N(mean, scale scale^T), plus its bootstrap standard deviation."""
-    result = importance_log_likelihood(x, mean, scale, decoder, args.sigma_p, args.num_samples,
-                                       args.chunk_size, generator)
-    result["sd"] = bootstrap_sd(result["log_w"], args.bootstrap, seed=args.seed)
+    result = importance_log_likelihood(x, mean, scale, decoder, sampling.sigma_p,
+                                       sampling.num_samples, sampling.chunk_size, generator)
+    result["sd"] = bootstrap_sd(result["log_w"], sampling.bootstrap, seed=sampling.seed)
     return result
+
+
+def load_vae(named, per_class: int, device):
+    """The amortized VAE to evaluate, checked against the data split it was trained on."""
+    checkpoint = utils.input_file(named, DEFAULT_CHECKPOINT, required=True)
+    vae, trained_per_class = vae_model.load_amortized_vae(checkpoint, device)
+    if trained_per_class is not None and trained_per_class != per_class:
+        raise utils.UsageError(f"{checkpoint} was trained on {trained_per_class} images per "
+                               f"digit; pass --per-class {trained_per_class}")
+    # Channels-last weights: decoding 1,024 latents at a time runs at about 2x the speed on a
+    # CPU (tests/benchmark_cpu.py), with the same results up to float rounding.
+    vae.decoder.to(memory_format=torch.channels_last)
+    return checkpoint, vae
 
 
 def pick_images(data, per_digit: int, seed: int, device):
     """Q4's images: per_digit training images (from the VAE's own 5,000) and per_digit test
     images of each digit, seeded. Returns (x, digits, splits, MNIST indices)."""
+    available = min(int(torch.bincount(labels, minlength=10).min())
+                    for labels in (data["train_y"], data["val_y"]))
+    if per_digit > available:
+        raise utils.UsageError(f"--per-digit {per_digit}: only {available} images of some "
+                               f"digit are available; use --per-digit {available} or less")
     pick_train = utils.balanced_subset(data["train_y"], per_digit, seed)
     pick_test = utils.balanced_subset(data["val_y"], per_digit, seed)
     x = torch.cat([data["train_x"][pick_train.to(device)], data["val_x"][pick_test.to(device)]])
@@ -281,25 +313,25 @@ def pick_images(data, per_digit: int, seed: int, device):
     return x, digits, split, data["subset"][pick_train].tolist() + pick_test.tolist()
 
 
-def both_estimates(x, vae, args, generator):
+def both_estimates(x, vae, sampling: Sampling, adam_steps: int, newton_steps: int, generator):
     """Eq. 9 with the encoder's q (as the exercise asks) and with the Laplace proposal, timed.
     Returns (results and proposals, each {eq9, laplace}; the encoder's log-variances; seconds)."""
     stages = tqdm(total=3, desc="Q4: Eq. 9 with the encoder's q", unit="stage")
     t0 = time.perf_counter()
     with torch.no_grad():
         mu, logvar = vae.encoder(x)
-    eq9 = estimate(x, mu, torch.exp(0.5 * logvar), vae.decoder, args, generator)
+    eq9 = estimate(x, mu, torch.exp(0.5 * logvar), vae.decoder, sampling, generator)
     seconds = {"eq9": time.perf_counter() - t0}
     stages.update(1)
     stages.set_description("Q4: Laplace proposal (posterior mode and curvature)")
     t0 = time.perf_counter()
-    centre, scale = laplace_proposal(x, vae.decoder, args.sigma_p, mu, args.adam_steps,
-                                     newton_steps=args.newton_steps)
+    centre, scale = laplace_proposal(x, vae.decoder, sampling.sigma_p, mu, adam_steps,
+                                     newton_steps=newton_steps)
     seconds["laplace_fit"] = time.perf_counter() - t0
     stages.update(1)
     stages.set_description("Q4: Eq. 9 with the Laplace proposal")
     t0 = time.perf_counter()
-    lap = estimate(x, centre, scale, vae.decoder, args, generator)
+    lap = estimate(x, centre, scale, vae.decoder, sampling, generator)
     seconds["laplace_estimate"] = time.perf_counter() - t0
     stages.update(1)
     stages.close()
@@ -307,18 +339,19 @@ def both_estimates(x, vae, args, generator):
     return {"eq9": eq9, "laplace": lap}, proposals, logvar, seconds
 
 
-def convergence_in_m(x, digits, split, proposals, decoder, args, generator) -> dict:
+def convergence_in_m(x, digits, split, proposals, decoder, sampling: Sampling, largest_m: int,
+                     generator) -> dict:
     """For one test image per digit, one stream of samples per proposal, and the estimate from
     each prefix of it: how far Eq. 9 still moves between M and the largest M."""
     conv_idx = [next(i for i in range(len(x)) if digits[i] == d and split[i] == "test")
                 for d in range(10)]
-    ms = sorted({m for m in (*CONVERGENCE_M, args.num_samples) if m <= args.convergence_max}
-                | {args.convergence_max})
+    ms = sorted({m for m in (*CONVERGENCE_M, sampling.num_samples) if m <= largest_m}
+                | {largest_m})
     convergence = {"M": ms, "digits": [digits[i] for i in conv_idx]}
     for name, (mean, sc) in tqdm(proposals.items(), desc=f"Q4: convergence up to M = "
-                                 f"{args.convergence_max:,}", unit="proposal"):
+                                 f"{largest_m:,}", unit="proposal"):
         log_w = importance_log_likelihood(x[conv_idx], mean[conv_idx], sc[conv_idx], decoder,
-                                          args.sigma_p, args.convergence_max, args.chunk_size,
+                                          sampling.sigma_p, largest_m, sampling.chunk_size,
                                           generator)["log_w"].cpu()
         convergence[name] = [[(torch.logsumexp(log_w[:m, j], 0) - math.log(m)).item()
                               for m in ms] for j in range(len(conv_idx))]
@@ -407,18 +440,30 @@ def summarize(log_px, digits, split) -> dict:
             "train_vs_test": "neither" if abs(z) < 2 else ("train" if z > 0 else "test")}
 
 
+def peak_memory_mb():
+    """This process's peak resident memory in MB, where the platform reports it (not Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, else KB
+
+
 def finite_or_none(value):
-    """JSON has no NaN or infinity: k-hat is NaN when M is too small to fit a tail (None here) and
-    -inf for exactly equal weights (a bounded tail: -1, the uniform distribution's k, or less)."""
+    """JSON has no NaN or infinity: k-hat is NaN when M is too small to fit a tail (None here)
+    and -inf for exactly equal weights, a bounded tail (written as -1e9: any k below 0 means
+    a bounded tail)."""
     value = float(value)
     return value if math.isfinite(value) else (None if math.isnan(value) else max(value, -1e9))
 
 
-def khat_threshold(num_samples: int) -> float:
+def khat_threshold(num_samples: int) -> float | None:
     """The k-hat above which an estimate from num_samples draws is unreliable, by the current
     PSIS rule (Vehtari et al. 2024; R package loo >= 2.7): min(1 - 1/log10 S, 0.7), so 0.67 at
-    S = 1,000 and 0.7 from S = 10,000 on."""
-    return min(1 - 1 / math.log10(num_samples), 0.7)
+    S = 1,000 and 0.7 from S = 2,155 on. None for S <= 10, where the rule has no positive
+    limit (and k-hat, which needs 21 draws or more, is not fitted anyway)."""
+    return min(1 - 1 / math.log10(num_samples), 0.7) if num_samples > 10 else None
 
 
 def diagnostics(result, num_samples: int) -> dict:
@@ -429,41 +474,14 @@ def diagnostics(result, num_samples: int) -> dict:
             "share_ess_below_2": float((ess < 2).mean()),
             "median_khat": finite_or_none(np.median(fitted)) if len(fitted) else None,
             "khat_threshold": threshold,
-            "share_khat_above_threshold": (float((fitted > threshold).mean()) if len(fitted)
-                                           else None),
+            "share_khat_above_threshold": (float((fitted > threshold).mean())
+                                           if len(fitted) and threshold is not None else None),
             "median_sd": float(np.median(sd)), "max_sd": float(sd.max())}
 
 
-def main(run: utils.Run, argv=None):
-    args = parse_args(argv)
-    device = utils.device_and_seeds(args.device, args.seed)
-    checkpoint = utils.input_file(args.checkpoint, DEFAULT_CHECKPOINT, required=True)
-    vae, trained_per_class = vae_model.load_amortized_vae(checkpoint, device)
-    # Channels-last weights: decoding 1,024 latents at a time runs at about 2x the speed on a
-    # CPU (tests/benchmark_cpu.py), with the same results up to float rounding.
-    vae.decoder.to(memory_format=torch.channels_last)
-    if trained_per_class is not None and trained_per_class != args.per_class:
-        raise utils.UsageError(f"{checkpoint} was trained on {trained_per_class} images per "
-                               f"digit; pass --per-class {trained_per_class}")
-    data = utils.vae_data(args.per_class, args.val_images, device)
-    available = min(int(torch.bincount(labels, minlength=10).min())
-                    for labels in (data["train_y"], data["val_y"]))
-    if args.per_digit > available:
-        raise utils.UsageError(f"--per-digit {args.per_digit}: only {available} images of some "
-                               f"digit are available; use --per-digit {available} or less")
-    out = run.claim(args.out)
-
-    x, digits, split, index = pick_images(data, args.per_digit, args.seed, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    estimates, proposals, logvar, seconds = both_estimates(x, vae, args, generator)
-    t0 = time.perf_counter()
-    convergence = convergence_in_m(x, digits, split, proposals, vae.decoder, args, generator)
-    seconds["convergence"] = time.perf_counter() - t0
-
-    (centre, scale), (mu, _) = proposals["laplace"], proposals["eq9"]
-    kl, kl_mean = kl_full_to_diagonal(centre.double(), scale.double(), mu.double(),
-                                      logvar.double())
-    ink = (x > -1).flatten(1).sum(1).cpu().numpy()       # lit pixels (above the background)
+def answers(estimates, digits, split) -> dict:
+    """Q4 (b) and (c) from the converged estimate, the same from Eq. 9 beside them, and the gap
+    between the two, per image and per digit."""
     lap_px, eq9_px = (estimates[k]["log_px"].cpu().numpy() for k in ("laplace", "eq9"))
     gap = lap_px - eq9_px
     converged, exercise = summarize(lap_px, digits, split), summarize(eq9_px, digits, split)
@@ -471,18 +489,49 @@ def main(run: utils.Run, argv=None):
         converged["per_digit"][str(d)]["eq9_mean"] = exercise["per_digit"][str(d)]["mean"]
         converged["per_digit"][str(d)]["gap_mean"] = float(gap[np.asarray(digits) == d].mean())
         converged["per_digit"][str(d)]["eq9_se"] = exercise["per_digit"][str(d)]["se"]
+    return {**converged,                          # Q4 (b), (c) from the converged estimate
+            "eq9": exercise,                      # the same from Eq. 9 with the encoder's q
+            "gap": {"mean": float(gap.mean()), "median": float(np.median(gap)),
+                    "max": float(gap.max()), "min": float(gap.min())}}
+
+
+def why_eq9_degenerates(proposals, logvar, num_samples: int) -> dict:
+    """The encoder's q against each image's fitted posterior: its widths, and KL(posterior ||
+    q), for which importance sampling needs about exp(KL) samples (against log M)."""
+    (centre, scale), (mu, _) = proposals["laplace"], proposals["eq9"]
+    kl, kl_mean = kl_full_to_diagonal(centre.double(), scale.double(), mu.double(),
+                                      logvar.double())
+    return {"q_width": proposal_width(scale, logvar),
+            "proposal_mismatch": {"kl_median": kl.median().item(),
+                                  "kl_mean_part_median": kl_mean.median().item(),
+                                  "kl_min": kl.min().item(), "log_M": math.log(num_samples)}}
+
+
+def main(run: utils.Run, argv=None):
+    args = parse_args(argv)
+    device = utils.device_and_seeds(args.device, args.seed)
+    checkpoint, vae = load_vae(args.checkpoint, args.per_class, device)
+    data = utils.vae_data(args.per_class, args.val_images, device)
+    x, digits, split, index = pick_images(data, args.per_digit, args.seed, device)
+    out = run.claim(args.out)
+
+    # Eq. 9 with the encoder's q and with the Laplace proposal, then both against M
+    sampling = Sampling(args.num_samples, args.sigma_p, args.chunk_size, args.bootstrap, args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    estimates, proposals, logvar, seconds = both_estimates(x, vae, sampling, args.adam_steps,
+                                                           args.newton_steps, generator)
+    t0 = time.perf_counter()
+    convergence = convergence_in_m(x, digits, split, proposals, vae.decoder, sampling,
+                                   args.convergence_max, generator)
+    seconds["convergence"] = time.perf_counter() - t0
+
+    result = answers(estimates, digits, split)
+    lap_px, eq9_px = (estimates[k]["log_px"].cpu().numpy() for k in ("laplace", "eq9"))
+    ink = (x > -1).flatten(1).sum(1).cpu().numpy()       # lit pixels (above the background)
     metrics = {
-        "images": per_image_rows(estimates, digits, split, ink, index),
-        **converged,                               # Q4 (b), (c) from the converged estimate
-        "eq9": exercise,                           # the same from Eq. 9 with the encoder's q
+        "images": per_image_rows(estimates, digits, split, ink, index), **result,
         "diagnostics": {k: diagnostics(estimates[k], args.num_samples) for k in ("laplace", "eq9")},
-        "gap": {"mean": float(gap.mean()), "median": float(np.median(gap)),
-                "max": float(gap.max()), "min": float(gap.min())},
-        "q_width": proposal_width(scale, logvar),
-        # KL(Laplace posterior || encoder's q): about exp(KL) samples are needed (vs log M)
-        "proposal_mismatch": {"kl_median": kl.median().item(),
-                              "kl_mean_part_median": kl_mean.median().item(),
-                              "kl_min": kl.min().item(), "log_M": math.log(args.num_samples)},
+        **why_eq9_degenerates(proposals, logvar, args.num_samples),
         "convergence": convergence,
         "convergence_movement": {k: movement(convergence, k, args.num_samples)
                                  for k in ("laplace", "eq9")},
@@ -491,19 +540,17 @@ def main(run: utils.Run, argv=None):
         "num_samples": args.num_samples, "sigma_p": args.sigma_p, "latent_dim": vae.latent_dim,
         "seconds": seconds,
         "estimate_seconds": seconds["eq9"] + seconds["laplace_fit"] + seconds["laplace_estimate"],
-        "peak_rss_mb": utils.peak_memory_mb(),     # the whole process, data loading included
-        "checkpoint": str(checkpoint),
-        "wall_seconds": utils.wall_seconds(),
-        "device": str(device),
-        "args": vars(args),
+        "peak_rss_mb": peak_memory_mb(),           # the whole process, data loading included
+        "checkpoint": str(checkpoint), "wall_seconds": utils.wall_seconds(),
+        "device": str(device), "args": vars(args),
     }
     plot_examples(out / "q4_log_px_examples.png", x, digits, split, lap_px, eq9_px)
-    plot_per_digit(out / "q4_log_px_per_digit.png", converged["per_digit"])
+    plot_per_digit(out / "q4_log_px_per_digit.png", result["per_digit"])
     plot_convergence(out / "q4_convergence.png", convergence, args.num_samples)
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"{len(x)} images, M = {args.num_samples}: {metrics['estimate_seconds']:.1f} s. "
-          f"Most likely digit {converged['most_likely_digit']}; train "
-          f"{converged['train_mean']:.1f} vs test {converged['test_mean']:.1f} nats (Laplace); "
+          f"Most likely digit {result['most_likely_digit']}; train "
+          f"{result['train_mean']:.1f} vs test {result['test_mean']:.1f} nats (Laplace); "
           f"Eq. 9 lower by {metrics['gap']['mean']:.1f} on average; outputs in {out}")
 
 

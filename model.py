@@ -24,7 +24,91 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks
+# Networks. Read PatchConv2d and PooledConv2d as nn.Conv2d, and the Matmul...ConvTranspose2d layers
+# as nn.ConvTranspose2d: the same parameters and results, computed faster on a CPU (the "Faster
+# layers" below; PooledConv2d also takes the global average pool that follows it).
+# ----------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """S: image (N, 1, 28, 28) -> (mu, r = log sigma^2), each (N, d)."""
+
+    def __init__(self, latent_dim: int = 200):
+        super().__init__()
+        self.conv = nn.Sequential(
+            PatchConv2d(1, 32, 3, stride=2, padding=1), nn.ReLU(),  # 28 -> 14
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),   # 14 -> 7
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),  # 7 -> 4
+            PooledConv2d(128, 128, 2),                              # 4 -> 3, averaged
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),                  # (a no-op on 1 x 1)
+        )
+        self.mu = nn.Linear(128, latent_dim)
+        self.logvar = nn.Linear(128, latent_dim)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.mu(h), self.logvar(h)
+
+
+class Decoder(nn.Module):
+    """G: latent (N, d) -> mean image (N, 1, 28, 28). The Linear d -> 128 stays (the exercise
+    asks not to remove it)."""
+
+    def __init__(self, latent_dim: int = 200):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.fc = nn.Linear(latent_dim, 128)
+        self.deconv = nn.Sequential(
+            MatmulConvTranspose2d(128, 128, 2), nn.ReLU(),                               # 1 -> 2
+            MatmulGradConvTranspose2d(128, 128, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(),                                                                   # 2 -> 4
+            nn.ConvTranspose2d(128, 64, 3, stride=2, padding=1), nn.ReLU(),              # 4 -> 7
+            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(),                                                                   # 7 -> 14
+            MatmulConvTranspose2d(32, 1, 3, stride=2, padding=1, output_padding=1),        # 28
+        )
+
+    def forward(self, z):
+        return self.deconv(self.fc(z).view(-1, 128, 1, 1))
+
+
+class VAE(nn.Module):
+    """Amortized VAE: encoder S, reparameterized sample, decoder G (Eq. 5)."""
+
+    def __init__(self, latent_dim: int = 200):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = Encoder(latent_dim)
+        self.decoder = Decoder(latent_dim)
+
+    def forward(self, x):
+        mu, logvar = self.encoder(x)
+        z = reparameterize(mu, logvar)
+        return self.decoder(z), mu, logvar
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """Decode the mean of q(z|x) (no sampling noise)."""
+        return self.decoder(self.encoder(x)[0])
+
+
+def build_classifier(width: int = 16) -> nn.Module:
+    """Part 1's CNN: one cheap conv-BN-ReLU block at full resolution, the depth at 14x14 and 7x7
+    where it costs less, global max-pool, dropout 0.2 (70,330 parameters at width 16)."""
+    def block(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *block(1, width), nn.MaxPool2d(2),                                        # 28 -> 14
+        *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),  # 14 -> 7
+        *block(2 * width, 4 * width), *block(4 * width, 4 * width),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, 10),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Faster layers, the same parameters: torch's layers computed as the matrix products they are,
+# where torch's own kernels are slow for these shapes on a CPU (tests/benchmark_cpu.py measures
+# each; tests/test_model.py checks each against torch's layer, outputs and gradients).
 # ----------------------------------------------------------------------------------------------
 class PatchConv2d(nn.Conv2d):
     """An nn.Conv2d (the same parameters, the same result up to float rounding) computed as the
@@ -68,7 +152,8 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
     1x1 -> 2x2, batch 64 forward and backward, 0.96 / 0.87 ms instead of 3.62 / 2.10; Q4's
     1,024 latents, forward, 2.5 / 1.2 ms instead of 8.0 / 3.9. 32 -> 1, batch 64, 2.5 / 1.7 ms
     instead of 6.0 / 3.2; Q4, 10.2 / 9.8 ms instead of 30.7 / 25.5. For the middle layers
-    (64 to 128 channels) the kernels are as fast or faster, so they stay nn.ConvTranspose2d."""
+    (64 to 128 channels) the kernels are as fast or faster (matmul + fold 1.5 to 4x slower), so
+    they keep torch's forward (the 2x2 -> 4x4 one: MatmulGradConvTranspose2d)."""
 
     def forward(self, x, output_size=None):
         if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
@@ -91,79 +176,137 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
         return out + bias
 
 
-class Encoder(nn.Module):
-    """S: image (N, 1, 28, 28) -> (mu, r = log sigma^2), each (N, d)."""
+class _MatmulWeightGradConvTranspose2d(torch.autograd.Function):
+    """conv_transpose2d with torch's forward and input gradient (the adjoint of a transposed
+    convolution is the ordinary strided convolution, F.conv2d, with the same weight), and the
+    weight's gradient as one matrix product: the input's pixels, (N H W, C_in), against the
+    output gradient's kh x kw patches at the input's positions (stride apart; im2col, one copy
+    of the padded gradient), (N H W, kh kw C_out). Linear, so its forward-mode derivative
+    (jvp) is the layer itself applied to the tangents; vmap runs it per sample."""
 
-    def __init__(self, latent_dim: int = 200):
-        super().__init__()
-        self.conv = nn.Sequential(
-            PatchConv2d(1, 32, 3, stride=2, padding=1), nn.ReLU(),  # 28 -> 14
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),   # 14 -> 7
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),  # 7 -> 4
-            nn.Conv2d(128, 128, 2),                                 # 4 -> 3
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.mu = nn.Linear(128, latent_dim)
-        self.logvar = nn.Linear(128, latent_dim)
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, output_padding):
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, output_padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.conf = stride, padding, output_padding, bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        (sh, sw), (ph, pw), _, has_bias = ctx.conf
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight, None, (sh, sw), (ph, pw))
+        g = grad.permute(0, 2, 3, 1)               # (N, Ho, Wo, C_out), free if channels-last
+        if ctx.needs_input_grad[1]:
+            n, c_in, h, w = x.shape
+            c_out, kh, kw = weight.shape[1:]
+            full_h, full_w = (h - 1) * sh + kh, (w - 1) * sw + kw      # the uncropped output
+            ho, wo = g.shape[1:3]
+            g_full = F.pad(g, (0, 0, pw, full_w - pw - wo, ph, full_h - ph - ho))
+            s = g_full.stride()
+            cols = g_full.as_strided((n, h, w, kh, kw, c_out),
+                                     (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]))
+            cols = cols.reshape(n * h * w, kh * kw * c_out)
+            pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
+            grad_w = (pixels.t() @ cols).view(c_in, kh, kw, c_out).permute(0, 3, 1, 2)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum((0, 1, 2))
+        return grad_x, grad_w, grad_b, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight = ctx.saved_tensors
+        stride, padding, output_padding, _ = ctx.conf
+        out = None
+        for a, b in ((x_t, weight), (x, weight_t)):
+            if a is not None and b is not None:
+                term = F.conv_transpose2d(a, b, None, stride, padding, output_padding)
+                out = term if out is None else out + term
+        if bias_t is not None:
+            out = bias_t.view(-1, 1, 1) if out is None else out + bias_t.view(-1, 1, 1)
+        return out
+
+
+class MatmulGradConvTranspose2d(nn.ConvTranspose2d):
+    """An nn.ConvTranspose2d (the same parameters; the same forward and input gradient: torch's
+    own kernels) whose weight gradient is one matrix product on the output gradient's patches
+    (see _MatmulWeightGradConvTranspose2d) instead of oneDNN's backward-weights kernel. With
+    the weight frozen (Q3's latent fits, Q4) it is torch's layer.
+
+    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's weight gradient runs at about
+    30 % of peak. Measured forward and backward, one thread, channels-last input, the two timed
+    in turns, AVX2 / AVX-512: batch 64 5.0 / 3.6 ms instead of 5.8 / 4.1; batch 128 10.2 / 6.8
+    instead of 11.4 / 7.6. For the 128 -> 64 and 64 -> 32 layers it is no faster at batch 64
+    (0.2 to 1 ms slower), so they stay torch's; so does a backward that calls torch's input and
+    weight gradients separately (F.conv2d, then convolution_backward), 0.1 to 0.5 ms slower
+    than torch's one call for all three layers."""
+
+    def forward(self, x, output_size=None):
+        if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
+                or self.padding_mode != "zeros" or not self.weight.requires_grad \
+                or not torch.is_grad_enabled():
+            return super().forward(x, output_size)
+        return _MatmulWeightGradConvTranspose2d.apply(x, self.weight, self.bias, self.stride,
+                                                      self.padding, self.output_padding)
+
+
+_window_means_cache: dict = {}
+
+
+def _window_means(h: int, w: int, kh: int, kw: int, dtype, device) -> torch.Tensor:
+    """(h w, kh kw): column (i, j) averages the inputs that kernel tap (i, j) meets over all
+    output positions of a stride-1, unpadded kh x kw convolution of an h x w input."""
+    key = (h, w, kh, kw, dtype, device)
+    if key not in _window_means_cache:
+        ho, wo = h - kh + 1, w - kw + 1
+        a = torch.zeros(h, w, kh, kw, dtype=dtype, device=device)
+        for i in range(kh):
+            for j in range(kw):
+                a[i:i + ho, j:j + wo, i, j] = 1.0 / (ho * wo)
+        _window_means_cache[key] = a.view(h * w, kh * kw)
+    return _window_means_cache[key]
+
+
+class PooledConv2d(nn.Conv2d):
+    """An nn.Conv2d followed by a global average pool (nn.AdaptiveAvgPool2d(1)): the same
+    parameters, output (N, C_out, 1, 1), the same result up to float rounding. Both are linear,
+    so the mean of the convolution over its output positions is the weight applied once to the
+    mean of each kernel tap's inputs: a (h w) -> (kh kw) average per channel (a small matmul),
+    then one matmul with the weight, (N, C kh kw) @ (C kh kw, C_out). Ho Wo times fewer FLOPs
+    than the convolution (9x for the encoder's 4x4 -> 3x3 layer).
+
+    Why: the encoder's last convolution, forward and backward at batch 64, one thread, timed
+    in turns, AVX2 / AVX-512: 0.75 / 0.86 ms instead of 6.0 / 4.5 (conv and pool)."""
 
     def forward(self, x):
-        h = self.conv(x)
-        return self.mu(h), self.logvar(h)
+        if self.stride != (1, 1) or self.padding not in ((0, 0), "valid") \
+                or self.dilation != (1, 1) or self.groups != 1 or x.dim() != 4:
+            return F.adaptive_avg_pool2d(super().forward(x), 1)  # a case this layer does not cover
+        n, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        means = _window_means(h, w, kh, kw, x.dtype, x.device)   # (h w, kh kw)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            taps = means.t() @ x.permute(0, 2, 3, 1).reshape(n, h * w, c)   # (N, kh kw, C)
+            weight = self.weight.permute(2, 3, 1, 0).reshape(kh * kw * c, self.out_channels)
+        else:
+            taps = x.reshape(n * c, h * w) @ means                          # (N C, kh kw)
+            weight = self.weight.reshape(self.out_channels, c * kh * kw).t()
+        taps = taps.reshape(n, -1)
+        out = taps @ weight if self.bias is None else torch.addmm(self.bias, taps, weight)
+        return out.view(n, self.out_channels, 1, 1)
 
 
-class Decoder(nn.Module):
-    """G: latent (N, d) -> mean image (N, 1, 28, 28). The Linear d -> 128 stays (the exercise
-    asks not to remove it)."""
-
-    def __init__(self, latent_dim: int = 200):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.fc = nn.Linear(latent_dim, 128)
-        self.deconv = nn.Sequential(
-            MatmulConvTranspose2d(128, 128, 2), nn.ReLU(),                                # 1 -> 2
-            nn.ConvTranspose2d(128, 128, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),  # 4
-            nn.ConvTranspose2d(128, 64, 3, stride=2, padding=1), nn.ReLU(),                # 4 -> 7
-            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),   # 14
-            MatmulConvTranspose2d(32, 1, 3, stride=2, padding=1, output_padding=1),        # 28
-        )
-
-    def forward(self, z):
-        return self.deconv(self.fc(z).view(-1, 128, 1, 1))
-
-
-class VAE(nn.Module):
-    """Amortized VAE: encoder S, reparameterized sample, decoder G (Eq. 5)."""
-
-    def __init__(self, latent_dim: int = 200):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.encoder = Encoder(latent_dim)
-        self.decoder = Decoder(latent_dim)
-
-    def forward(self, x):
-        mu, logvar = self.encoder(x)
-        z = reparameterize(mu, logvar)
-        return self.decoder(z), mu, logvar
-
-    @torch.no_grad()
-    def reconstruct(self, x):
-        """Decode the mean of q(z|x) (no sampling noise)."""
-        return self.decoder(self.encoder(x)[0])
-
-
-def build_classifier(width: int = 16) -> nn.Module:
-    """Part 1's CNN: one cheap conv-BN-ReLU block at full resolution, the depth at 14x14 and 7x7
-    where it costs less, global max-pool, dropout 0.2 (70,330 parameters at width 16)."""
-    def block(c_in, c_out):
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True)]
-
-    return nn.Sequential(
-        *block(1, width), nn.MaxPool2d(2),                                        # 28 -> 14
-        *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),  # 14 -> 7
-        *block(2 * width, 4 * width), *block(4 * width, 4 * width),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, 10),
-    )
+# model.py's rewrites of torch layers: each computes what its torch base class computes (for
+# PooledConv2d: followed by a global average pool) from the same parameters.
+REWRITTEN_LAYERS = (PatchConv2d, PooledConv2d, MatmulConvTranspose2d, MatmulGradConvTranspose2d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +361,11 @@ def load_amortized_vae(path, device="cpu"):
     return vae.eval().requires_grad_(False), ckpt.get("subset_per_class")
 
 
-def load_classifier(path, device="cpu") -> nn.Module:
-    """Part 1's classifier from sup_classification.py's classifier.pt, in eval mode."""
+def load_classifier(path, device="cpu") -> nn.Module | None:
+    """Part 1's classifier from sup_classification.py's classifier.pt, in eval mode (None for
+    no path: the parts that need it are skipped)."""
+    if path is None:
+        return None
     with torch.random.fork_rng(devices=[]):     # loading must not shift the caller's RNG
         classifier = build_classifier().to(device)
     advice = "pass the classifier.pt written by sup_classification.py, or run it again"
@@ -249,15 +395,9 @@ def kl_std_normal(mu, logvar):
 
     This is the correct closed form (Uppsala Q3.5). The HUJI text's Eq. 7 prints
     mu^2 + sigma^2 - log sigma - 1, which equals 2 KL + log sigma and is minimized at
-    sigma^2 = 1/2 instead of 1; see `kl_eq7_as_printed`.
+    sigma^2 = 1/2 instead of 1 (vae_amortized.py shows it).
     """
     return 0.5 * (mu.pow(2) + torch.exp(logvar) - 1.0 - logvar)
-
-
-def kl_eq7_as_printed(mu, logvar):
-    """HUJI Eq. 7 exactly as printed, mu^2 + sigma^2 - log sigma - 1 (kept only as evidence that
-    it is not the KL; never used for training)."""
-    return mu.pow(2) + torch.exp(logvar) - 0.5 * logvar - 1.0
 
 
 def log_normal_pdf(x, mean, logvar, event_dims: int = 1):
@@ -364,25 +504,10 @@ def reconstruction_mse(decoder, mu, x, batch_size=1000):
 
 
 # ----------------------------------------------------------------------------------------------
-# Prior samples, and how they look to Part 1's classifier (Q2 and Q3)
+# Samples from the prior
 # ----------------------------------------------------------------------------------------------
-QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345     # prior samples judged by the Part 1 classifier
-
-
 def prior_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     """n latents from p(z) = N(0, I), drawn with their own generator so that Q2 and Q3 decode the
-    very same latents (and the sample-quality measurements of both use the same 1,000)."""
+    very same latents (and the sample-quality measurements of both use the same 1,000,
+    utils.QUALITY_SAMPLES)."""
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def classify_samples(classifier, images) -> dict:
-    """How a set of generated images looks to the Part 1 classifier: the share of each predicted
-    digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
-    2 % of the samples, and the mean confidence (largest softmax probability)."""
-    probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
-    share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
-    nonzero = share[share > 0]
-    return {"share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
-            "digits_covered": int((share >= 0.02).sum()),
-            "mean_confidence": float(probs.max(1).values.mean())}

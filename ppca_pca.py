@@ -150,8 +150,8 @@ class LabVAE(nn.Module):
     def __init__(self, latent_dim: int = LATENT):
         super().__init__()
         self.vae = vae_model.VAE(latent_dim)
-        # Start sigma^2 near the pixel MSE a good 2-D model reaches (~0.04): a large initial
-        # sigma^2 lets the KL dominate the first epochs and slows learning down.
+        # Start sigma^2 near the pixel MSE a good 2-D model reaches (a few hundredths): a large
+        # initial sigma^2 lets the KL dominate the first epochs and slows learning down.
         self.log_sigma2 = nn.Parameter(torch.tensor(math.log(0.02)))
 
     def encode(self, x):

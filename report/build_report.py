@@ -13,7 +13,6 @@ and used by every later build: run this script (or `make report`) again to rebui
 # this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,19 +22,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import UsageError, sha256, write_atomic  # noqa: E402  (utils imports torch lazily)
+# utils imports torch only on first use, and this builder never uses it
+from utils import (OneLineParser, UsageError, display_path, experiment_command,  # noqa: E402
+                   run_main, sha256, write_atomic)
 
 TEMPLATES = ROOT / "report"
-REPORTS = {  # template -> (PDF, the scripts whose metrics.json it reads)
+REPORTS = {  # template -> (PDF, the experiments whose metrics.json it reads)
     "ex1": ("ex1_report.pdf", ["sup_classification", "vae_amortized", "vae_latent_opt",
                                "log_likelihood", "vae_amortized_elbo", "log_likelihood_elbo"]),
     "apml_lab": ("apml_lab_report.pdf", ["ppca_pca"]),
 }
-# The script and flags that write each output folder (the ablation folders reuse two scripts).
-WRITERS = {"vae_amortized_elbo": "vae_amortized.py --loss elbo --out outputs/vae_amortized_elbo",
-           "log_likelihood_elbo": "log_likelihood.py --checkpoint "
-                                  "outputs/vae_amortized_elbo/vae_final.pt --out "
-                                  "outputs/log_likelihood_elbo"}
 EX1_MAX_PAGES = 5
 
 
@@ -60,7 +56,7 @@ class Metrics(dict):
 
 def read_metrics(outputs: Path, script: str) -> dict:
     path = outputs / script / "metrics.json"
-    writer = WRITERS.get(script, f"{script}.py")
+    writer = experiment_command(script, display_path(outputs))
     try:
         metrics = json.loads(path.read_text(), object_hook=lambda d: Metrics(d, path, writer))
     except FileNotFoundError:
@@ -301,7 +297,8 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "eq9_share_ess_below_2": pct(diag["eq9"]["share_ess_below_2"], 0),
         "share_khat": share(diag["laplace"]["share_khat_above_threshold"]),
         "eq9_share_khat": share(diag["eq9"]["share_khat_above_threshold"]),
-        "khat_threshold": num(diag["eq9"]["khat_threshold"]),
+        "khat_threshold": ("n/a" if diag["eq9"]["khat_threshold"] is None
+                           else num(diag["eq9"]["khat_threshold"])),
         "median_sd": num(diag["laplace"]["median_sd"]), "max_sd": num(diag["laplace"]["max_sd"]),
         "eq9_median_sd": num(diag["eq9"]["median_sd"], 1),
         "eq9_max_sd": num(diag["eq9"]["max_sd"], 1),
@@ -579,12 +576,9 @@ def typeset(template: Path, root: Path) -> tuple:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="build_report.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="build_report.py", description=__doc__.splitlines()[0])
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
                         help="folder holding the scripts' output folders")
-    parser.error = lambda message: parser.exit(2, f"build_report.py: error: {message} "
-                                                  f"(see --help)\n")
     return parser.parse_args(argv)
 
 
@@ -618,17 +612,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"build_report.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:             # a full disk, say: the files already there stay whole
-        print(f"build_report.py: error: could not write {err.filename or 'the reports'} "
-              f"({err.strerror or err}); free some space, then run the same command again",
-              file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:          # every file is replaced atomically: nothing is half-written
-        print("build_report.py: interrupted; run the same command to build the reports",
-              file=sys.stderr)
-        sys.exit(130)
+    run_main(lambda run, argv: main(argv), product="the reports")

@@ -11,7 +11,6 @@ is imported. A missing or empty name or username is one line and exit 2, and no 
 # assistant and checked by running it; if you hand it in, keep this note true.
 from __future__ import annotations
 
-import argparse
 import ast
 import re
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import UsageError, write_atomic  # noqa: E402  (utils imports torch lazily)
+from utils import OneLineParser, UsageError, run_main, write_atomic  # noqa: E402  (torch: never)
 
 PART1 = ["sup_classification.py"]
 VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
@@ -112,14 +111,11 @@ def _order(path: str):
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(prog="submission.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="submission.py", description=__doc__.splitlines()[0])
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
                         help="folder holding report/ex1_report.pdf; the zip is written there")
     parser.add_argument("--name", default="", help="your name, as the README should show it")
     parser.add_argument("--cse", default="", help="your CSE username")
-    parser.error = lambda message: parser.exit(2, f"submission.py: error: {message} "
-                                                  f"(see --help)\n")
     args = parser.parse_args(argv)
     target = pack(args.outputs.resolve(), args.name, args.cse)
     print(f"wrote {target}")
@@ -127,13 +123,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as err:
-        print(f"submission.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:
-        print(f"submission.py: error: could not write {err.filename or 'the zip'} "
-              f"({err.strerror or err}); free some space or choose another --outputs",
-              file=sys.stderr)
-        sys.exit(2)
+    run_main(lambda run, argv: main(argv), product="the zip")

@@ -52,9 +52,12 @@ def reference(epochs: int, seed: int):
     from torchvision import transforms
 
     torch.manual_seed(seed)
-    train, test = utils.load_mnist()
+    from torchvision import datasets
+
+    utils.load_mnist()             # the IDX files exist (rebuilt from the offline copy if not)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    train.transform = test.transform = transform
+    train, test = (datasets.MNIST(str(utils.DATA_DIR), train=t, download=False, transform=transform)
+                   for t in (True, False))
     subset = Subset(train, utils.balanced_subset(train.targets, 2000, utils.SUBSET_SEED).tolist())
     train_loader = DataLoader(subset, batch_size=64, shuffle=True)
     test_loader = DataLoader(test, batch_size=1000)

@@ -18,12 +18,14 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import model  # noqa: E402
 import utils  # noqa: E402
+from vae_amortized import train_epoch  # noqa: E402
 
 
 def ours(epochs: int) -> list:
@@ -32,11 +34,12 @@ def ours(epochs: int) -> list:
     vae = model.VAE(200)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     times = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        vae.train()
-        model.vae_epoch(vae.decoder, lambda idx, xb: vae.encoder(xb), data["train_x"], 64, [opt])
-        times.append(time.perf_counter() - t0)
+    with tqdm(total=epochs * utils.steps_per_epoch(len(data["train_x"]), 64), disable=True) as bar:
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            vae.train()
+            train_epoch(vae, opt, data["train_x"], 64, bar)
+            times.append(time.perf_counter() - t0)
     return times
 
 

@@ -255,3 +255,42 @@ def test_quick_run_writes_both_estimates_diagnostics_and_figures(quick_outputs):
     for name in ("q4_log_px_examples.png", "q4_log_px_per_digit.png", "q4_convergence.png"):
         assert (out / name).is_file()
     assert (quick_outputs / "log_likelihood_elbo" / "metrics.json").is_file()    # the ablation
+
+
+def test_decoder_jacobian_matches_central_differences():
+    """Q4's forward-mode Jacobian (vmap of jacfwd, through the rewritten layers) against central
+    differences of the same decoder in float64 (exact up to O(h^2) for a piecewise-linear net)."""
+    torch.manual_seed(0)
+    dec, h = model.Decoder(8).double(), 1e-6
+    z = torch.randn(3, 8, dtype=torch.float64)
+    ours = log_likelihood.decoder_jacobian(dec, z)
+    with torch.no_grad():
+        columns = [(dec(z + h * e) - dec(z - h * e)).flatten(1) / (2 * h)
+                   for e in torch.eye(8, dtype=torch.float64)]
+    torch.testing.assert_close(ours, torch.stack(columns, dim=2), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("m,expected", [(1, None), (10, None), (11, 1 - 1 / math.log10(11)),
+                                        (1000, 1 - 1 / 3), (2000, 1 - 1 / math.log10(2000)),
+                                        (2200, 0.7), (100_000, 0.7)])
+def test_khat_threshold_is_the_current_psis_rule(m, expected):
+    got = log_likelihood.khat_threshold(m)
+    assert got == expected if expected is None else got == pytest.approx(expected)
+
+
+def test_diagnostics_share_above_the_threshold_and_none_without_a_fit():
+    result = {"ess": torch.tensor([1.0, 3.0, 500.0, 2.0]), "sd": torch.tensor([0.1, 0.2, 0.3, 4.0]),
+              "khat": torch.tensor([0.66, 0.68, float("nan"), 1.2], dtype=torch.float64)}
+    d = log_likelihood.diagnostics(result, 1000)               # threshold 0.667
+    assert d["share_khat_above_threshold"] == pytest.approx(2 / 3)
+    assert d["share_ess_below_2"] == 0.25 and d["median_ess"] == 2.5 and d["max_sd"] == 4.0
+    d = log_likelihood.diagnostics(result, 5)                  # no rule below 11 samples
+    assert d["khat_threshold"] is None and d["share_khat_above_threshold"] is None
+
+
+def test_movement_is_from_the_exercises_m_to_the_largest():
+    convergence = {"M": [1, 10, 100], "eq9": [[0.0, 1.0, 3.0], [5.0, 4.0, 2.0]]}
+    assert log_likelihood.movement(convergence, "eq9", 10) == {"min": -2.0, "max": 2.0,
+                                                              "max_abs": 2.0}
+    assert log_likelihood.movement(convergence, "eq9", 1000) is None     # M not reached
+

@@ -69,3 +69,25 @@ def test_readme_colab_list_installs_first_and_windows_list_has_no_make():
     windows = next(b for b in blocks if "\npython sup_classification.py" in b)
     assert "make" not in windows.split() and "\\" not in windows
 
+
+
+def flags(tokens):
+    """A command's script and its flags as a mapping (their order does not matter)."""
+    script, rest = tokens[1], tokens[2:]
+    pairs = {}
+    while rest:
+        name, rest = rest[0], rest[1:]
+        value = rest.pop(0) if rest and not rest[0].startswith("--") else True
+        pairs[name] = value
+    pairs.pop("--device", None)
+    return script, pairs
+
+
+def test_the_makefiles_chain_is_the_one_utils_names(tmp_path):
+    """The output folders and what writes them are named once, in utils.EXPERIMENTS; the
+    Makefile's chain (and so the README's) runs exactly that, in that order."""
+    import utils
+
+    chain = make_chain(tmp_path, "auto")
+    expected = [utils.experiment_command(folder).split() for folder in utils.EXPERIMENTS]
+    assert [flags(c) for c in chain[:-1]] == [flags(c) for c in expected]

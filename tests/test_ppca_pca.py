@@ -149,7 +149,7 @@ def crafted_geometry(offset):
 def test_lab_answers_rank_digits_and_compare_methods_from_the_errors():
     pca = {d: 10.0 + d for d in range(10)}                  # 0 best ... 9 worst
     ppca = dict(pca)
-    vae = {d: pca[d] - (3.0 if d in (7, 8, 9) else 0.5 if d < 9 else 0) for d in range(10)}
+    vae = {d: pca[d] - (3.0 if d in (7, 8, 9) else 0.5) for d in range(10)}
     ink = {str(d): 100.0 + d for d in range(10)}
     geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
     answers = ppca_pca.lab_answers(crafted_results(pca, ppca, vae), geometry, ink)
@@ -163,7 +163,47 @@ def test_lab_answers_rank_digits_and_compare_methods_from_the_errors():
     ppca[0] = 9.0
     answers = ppca_pca.lab_answers(crafted_results(pca, ppca, vae), geometry, ink)
     assert not answers["ppca_same_as_pca"]
-    assert answers["ppca_error_not_below_pca"] == (sum(ppca.values()) >= sum(pca.values()))
+    assert sum(ppca.values()) < sum(pca.values()) and not answers["ppca_error_not_below_pca"]
+
+
+@pytest.mark.parametrize("shift,expected", [(0.0, True), (1e-9, True), (-1e-9, False)])
+def test_ppca_not_below_pca_flips_just_below_pcas_error(shift, expected):
+    pca = {d: 10.0 + d for d in range(10)}
+    ppca = {d: v + (shift * 10 if d == 0 else 0.0) for d, v in pca.items()}
+    geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
+    answers = ppca_pca.lab_answers(crafted_results(pca, ppca, pca), geometry,
+                                   {str(d): 1.0 + d for d in range(10)})
+    assert answers["ppca_error_not_below_pca"] is expected
+
+
+@pytest.mark.parametrize("gain,improved", [(0.0, 7), (1e-9, 8), (-1e-9, 7)])
+def test_a_digit_counts_as_improved_only_for_a_positive_gain(gain, improved):
+    """The VAE improves a digit when its error is below PPCA's; an equal error is no gain."""
+    pca = {d: 10.0 + d for d in range(10)}
+    vae = {d: pca[d] - (1.0 if d < 7 else gain if d == 7 else 0.0) for d in range(10)}
+    geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, vae), geometry,
+                                   {str(d): 1.0 + d for d in range(10)})
+    assert answers["vae_improved_digits"] == improved
+
+
+def test_relative_error_ranks_divide_by_ink_and_crowding_is_the_nearest_other_mean():
+    pca = {d: 10.0 for d in range(10)}                  # equal errors: ink alone decides
+    ink = {str(d): 1.0 + d for d in range(10)}           # 9 has the most ink
+    geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
+    # digit d's mean code is (d, d^1.5): the nearest other mean of 0 is 1's, at distance sqrt(2)
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca), geometry, ink)
+    assert answers["pca_relative_best"] == ["9", "8", "7"]
+    assert answers["pca_relative_worst"] == ["0", "1", "2"]
+    means = torch.tensor([[float(d), float(d) ** 1.5] for d in range(10)], dtype=torch.float64)
+    dist = torch.cdist(means, means).fill_diagonal_(float("inf")).min(1).values
+    best, worst = answers["best"]["pca"], answers["worst"]["pca"]
+    assert answers["pca_crowding_best"] == pytest.approx(dist[[int(d) for d in best]].mean().item())
+    assert answers["pca_crowding_worst"] == pytest.approx(dist[[int(d) for d in worst]].mean().item())
+    # errors that grow with ink: correlation 1 (against numpy's, the oracle: a line is exact)
+    pca = {d: 3.0 * (1.0 + d) for d in range(10)}
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca), geometry, ink)
+    assert answers["pca_ink_correlation"] == pytest.approx(1.0)
 
 
 def test_quick_run_writes_every_method_and_figure(quick_outputs):

@@ -27,21 +27,32 @@ OFFICIAL_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def test_mnist_is_the_official_data_set():
-    train, test = utils.load_mnist()
-    assert train.data.shape == (60000, 28, 28) and test.data.shape == (10000, 28, 28)
-    assert train.data.dtype == torch.uint8 and train.targets.dtype == torch.int64
-    assert torch.bincount(train.targets).tolist() == OFFICIAL_TRAIN_COUNTS
-    assert torch.bincount(test.targets).tolist() == OFFICIAL_TEST_COUNTS
-    assert train.targets[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-    assert test.targets[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
-    assert utils.sha256(train.data.numpy().tobytes()) == utils.MNIST_SHA256["train_images"]
-    assert utils.sha256(test.data.numpy().tobytes()) == utils.MNIST_SHA256["test_images"]
+    train_x, train_y, test_x, test_y = utils.load_mnist()
+    assert train_x.shape == (60000, 28, 28) and test_x.shape == (10000, 28, 28)
+    assert train_x.dtype == torch.uint8 and train_y.dtype == torch.int64
+    assert torch.bincount(train_y).tolist() == OFFICIAL_TRAIN_COUNTS
+    assert torch.bincount(test_y).tolist() == OFFICIAL_TEST_COUNTS
+    assert train_y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert test_y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert utils.sha256(train_x.numpy().tobytes()) == utils.MNIST_SHA256["train_images"]
+    assert utils.sha256(test_x.numpy().tobytes()) == utils.MNIST_SHA256["test_images"]
+
+
+def test_our_idx_reader_reads_what_torchvision_reads():
+    """The oracle: torchvision's MNIST dataset, reading the same IDX files."""
+    from torchvision.datasets import MNIST
+
+    ours = utils.load_mnist()
+    for split, (images, labels) in (("train", ours[:2]), ("test", ours[2:])):
+        reference = MNIST(str(utils.DATA_DIR), train=split == "train", download=False)
+        assert torch.equal(images, reference.data) and torch.equal(labels, reference.targets)
 
 
 def test_whole_tensor_scaling_equals_torchvision_transforms():
     from torchvision import transforms
+    from torchvision.datasets import MNIST
 
-    train, _ = utils.load_mnist()
+    train = MNIST(str(utils.DATA_DIR), train=True, download=False)
     pm1 = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     ours_pm1 = utils.to_model_scale(train.data[:50], "pm1")
     ours_unit = utils.to_model_scale(train.data[:50], "unit")
@@ -55,7 +66,7 @@ def test_whole_tensor_scaling_equals_torchvision_transforms():
 
 
 def test_balanced_subset_counts_order_and_determinism():
-    labels = utils.load_mnist()[0].targets
+    labels = utils.load_mnist()[1]
     idx = utils.balanced_subset(labels, 500, seed=0)
     assert len(idx) == 5000 and len(set(idx.tolist())) == 5000
     assert torch.bincount(labels[idx]).tolist() == [500] * 10
@@ -73,7 +84,7 @@ def test_balanced_subset_counts_order_and_determinism():
 
 
 def test_one_per_digit():
-    labels = utils.load_mnist()[1].targets
+    labels = utils.load_mnist()[3]
     idx = utils.one_per_digit(labels, seed=0)
     assert labels[idx].tolist() == list(range(10))
     assert torch.equal(idx, utils.one_per_digit(labels, seed=0))
@@ -189,14 +200,13 @@ def test_seeding_reproduces_all_generators():
     assert draw() != first
 
 
-def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    utils.seed_everything(3)
-    utils.save_checkpoint({"rng": utils.rng_state()}, tmp_path / "rng.pt")
-    expected = (random.random(), np.random.rand(), torch.rand(3))
-    utils.seed_everything(99)
-    utils.set_rng_state(utils.load_checkpoint(tmp_path / "rng.pt")["rng"])
-    got = (random.random(), np.random.rand(), torch.rand(3))
-    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+def test_a_resumed_run_draws_the_same_random_numbers(tmp_path):
+    """The training loops draw from torch's generator only: its state is in the checkpoint."""
+    train_two_epochs(tmp_path)
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    resume(tmp_path)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def train_two_epochs(out, config=None):
@@ -262,7 +272,7 @@ def test_every_checkpoint_field_is_checked_like_a_flag(tmp_path, field, value, e
     if field == "scheduler":
         value = {**ckpt["scheduler"], **value}
     elif field == "rng":
-        value = {"python": ckpt["rng"]["python"]}
+        value = {"numpy": torch.zeros(3)}
     torch.save({**ckpt, field: value}, tmp_path / "checkpoint_last.pt")
     with pytest.raises(utils.UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         resume(tmp_path)
@@ -300,6 +310,29 @@ def test_metrics_and_plots_are_written(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "g.png", "metrics.json",
                                                           "r.png", "t.png"]     # no temp files
+
+
+def test_image_grid_is_torchvisions_make_grid():
+    from torchvision.utils import make_grid
+
+    images = torch.rand(13, 1, 28, 28) * 2 - 1
+    for nrow in (1, 5, 13, 20):
+        expected = make_grid((images + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)[0]
+        torch.testing.assert_close(utils.image_grid(images, nrow), expected, rtol=0, atol=1e-6)
+
+
+def test_classify_samples_counts_shares_entropy_and_coverage():
+    class Fixed(torch.nn.Module):       # predicts digit 3 for the first half, 7 for the rest
+        def forward(self, x):
+            logits = torch.full((len(x), 10), -10.0)
+            logits[: len(x) // 2, 3] = 10.0
+            logits[len(x) // 2:, 7] = 10.0
+            return logits
+
+    q = utils.classify_samples(Fixed(), torch.zeros(10, 1, 28, 28))
+    assert q["share"][3] == q["share"][7] == 0.5 and q["digits_covered"] == 2
+    assert q["entropy_bits"] == pytest.approx(1.0)
+    assert q["mean_confidence"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_figures_are_drawn_at_the_size_the_report_shows():
@@ -390,3 +423,26 @@ def test_importing_utils_does_not_import_torch():
             f"print('torch._C' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_a_method_in_a_schedulers_state_stays_out_of_the_checkpoint(tmp_path):
+    """Before torch 2.4, OneCycleLR's state_dict holds its method anneal_func, which
+    torch.load(weights_only=True) refuses: the checkpoint leaves it out and still resumes."""
+    class AsInTorch22(torch.optim.lr_scheduler.OneCycleLR):
+        def state_dict(self):
+            return {**super().state_dict(), "anneal_func": self.step}
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = AsInTorch22(opt, max_lr=0.1, total_steps=2 * 3, pct_start=0.3)
+    run = utils.Run()
+    training = utils.Training(run, tmp_path, {"lr": 0.1}, False, 2, 3, "t", model=net,
+                              optimizer=opt, scheduler=sched)
+    for _ in training:
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        training.log(loss=1.0)
+    run.release()
+    ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert "anneal_func" not in ckpt["scheduler"] and ckpt["scheduler"]["last_epoch"] == 6

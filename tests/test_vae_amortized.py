@@ -8,6 +8,9 @@ import math
 
 import pytest
 
+import torch
+
+import model
 import vae_amortized
 from conftest import comparable, metrics, run_injected, run_script
 
@@ -29,6 +32,20 @@ def test_overfit_is_yes_once_the_validation_loss_ends_1_percent_above_its_minimu
 def test_overfit_is_mildly_once_unseen_images_reconstruct_5_percent_worse(val_recon, expected):
     v = verdict([2.0, 1.0], 0.1, val_recon)
     assert v["verdict"] == expected and v["recon_gap"] == pytest.approx(val_recon / 0.1 - 1)
+
+
+def test_eq7_as_printed_is_two_kl_plus_log_sigma_and_has_the_wrong_minimum():
+    mu, logvar = torch.randn(64, 8) * 3, torch.randn(64, 8) * 4
+    kl = model.kl_std_normal(mu, logvar)
+    torch.testing.assert_close(vae_amortized.kl_eq7_as_printed(mu, logvar), 2 * kl + 0.5 * logvar)
+    # Minimize both over log sigma^2 at mu = 0 on a fine grid: KL at sigma^2 = 1, Eq. 7 at 1/2.
+    grid = torch.linspace(-3, 3, 60001, dtype=torch.float64)
+    zero = torch.zeros_like(grid)
+    assert math.exp(grid[model.kl_std_normal(zero, grid).argmin()]) == pytest.approx(1.0, abs=1e-3)
+    assert math.exp(grid[vae_amortized.kl_eq7_as_printed(zero, grid).argmin()]) == pytest.approx(0.5, abs=1e-3)
+    # ... and Eq. 7 is not even a divergence: it is negative for some q (it is 0 at q = p).
+    assert vae_amortized.kl_eq7_as_printed(zero[:1], torch.tensor([math.log(0.5)])).item() < 0
+    assert vae_amortized.kl_eq7_as_printed(zero[:1], zero[:1]).item() == 0
 
 
 def test_eq7_check_finds_the_printed_formula_minimized_at_one_half():

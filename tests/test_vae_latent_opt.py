@@ -59,10 +59,19 @@ def quality(lo_conf, lo_cover, a_conf=0.9, a_cover=8):
             "amortized": {"mean_confidence": a_conf, "digits_covered": a_cover}}
 
 
-@pytest.mark.parametrize("a,lo,expected", [(0.10, 0.11, "amortized"), (0.11, 0.10, "latent_opt")])
-def test_better_q_and_better_decoder_follow_the_lower_error(a, lo, expected):
-    v = vae_latent_opt.q3_verdicts(same(a, lo, a, lo), None)
-    assert v["better_q"] == v["better_decoder"] == expected and v["prior"] is None
+@pytest.mark.parametrize("a,lo,expected", [(0.10, 0.11, "amortized"), (0.11, 0.10, "latent_opt"),
+                                            (0.10, 0.10, "latent_opt")])   # a tie: no win
+def test_better_q_follows_the_lower_error_of_the_proposals_alone(a, lo, expected):
+    v = vae_latent_opt.q3_verdicts(same(a, lo, 0.2, 0.1), None)      # fitted: latent opt. wins
+    assert v["better_q"] == expected and v["better_decoder"] == "latent_opt"
+    assert v["prior"] is None
+
+
+@pytest.mark.parametrize("a,lo,expected", [(0.10, 0.11, "amortized"), (0.11, 0.10, "latent_opt"),
+                                            (0.10, 0.10, "latent_opt")])
+def test_better_decoder_follows_the_lower_error_of_the_same_budget_fits_alone(a, lo, expected):
+    v = vae_latent_opt.q3_verdicts(same(0.1, 0.2, a, lo), None)      # proposals: amortized wins
+    assert v["better_decoder"] == expected and v["better_q"] == "amortized"
 
 
 @pytest.mark.parametrize("lo_conf,lo_cover,expected", [
