@@ -488,6 +488,7 @@ def answers(estimates, digits, split) -> dict:
     for d in range(10):
         converged["per_digit"][str(d)]["eq9_mean"] = exercise["per_digit"][str(d)]["mean"]
         converged["per_digit"][str(d)]["gap_mean"] = float(gap[np.asarray(digits) == d].mean())
+        converged["per_digit"][str(d)]["eq9_se"] = exercise["per_digit"][str(d)]["se"]
     return {**converged,                          # Q4 (b), (c) from the converged estimate
             "eq9": exercise,                      # the same from Eq. 9 with the encoder's q
             "gap": {"mean": float(gap.mean()), "median": float(np.median(gap)),
@@ -554,20 +555,23 @@ def main(run: utils.Run, argv=None):
 
 
 def plot_per_digit(path, per_digit):
+    """Both estimates' mean log p(x) per digit, each with its error bar (one standard error)."""
     plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(utils.HALF_WIDTH, 2.2))
     d = np.arange(10)
     ax.bar(d - 0.2, [per_digit[str(i)]["mean"] for i in d], 0.4,
            yerr=[per_digit[str(i)]["se"] for i in d], color="#2e6da4", capsize=2,
-           label="Laplace proposal (converged)")
+           error_kw={"lw": 0.8}, label="converged estimate")
     ax.bar(d + 0.2, [per_digit[str(i)]["eq9_mean"] for i in d], 0.4, color="#c9a227",
-           label="Eq. 9, encoder's q")
+           yerr=[per_digit[str(i)].get("eq9_se", 0) for i in d], capsize=2,
+           error_kw={"lw": 0.8}, label="Eq. 9")
     ax.set_xticks(d)
     ax.set_xlabel("digit")
     ax.set_ylabel("mean log p(x) [nats]")
     ax.grid(axis="y", alpha=0.3)
     # The bars hang down from 0 to about -400: the legend goes above the axes, never on a bar.
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=7)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=7,
+              title="bars: mean; whiskers: \u00b1 1 standard error", title_fontsize=7)
     utils.save_figure(fig, path)
 
 

@@ -160,14 +160,16 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
         "reconstruction MSE (mean of q)": {"training (1,000)": (epochs, history["train_recon_mse"])},
         "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
     })
-    labels = [f"LO epoch {e}" for e in snapshots]
+    labels = [f"epoch {e}" for e in snapshots]
     utils.plot_image_rows(out / "q3_reconstructions_train.png", rows_train,
                           ["original"] + labels, col_labels=list(range(10)))
     utils.plot_image_rows(out / "q3_reconstructions_val.png", rows_val,
                           ["original"] + labels + (["Q1 amortized"] if with_amortized else []),
                           col_labels=list(range(10)))
+    # Wider than half a page: the report sets it beside a narrower text column, so each digit
+    # prints at about 1 cm.
     utils.plot_image_rows(out / "q3_prior_samples.png", prior_rows,
-                          (["Q2 amortized"] if with_amortized else []) + ["Q3 latent opt."])
+                          (["amortized"] if with_amortized else []) + ["latent opt."], width=4.4)
 
 
 def q3_verdicts(same: dict, quality) -> dict:

@@ -135,6 +135,12 @@ def ex1_values(m: dict) -> dict:
             "eq7": eq7_values(amortized["eq7"])}
 
 
+def device_name(device: str) -> str:
+    """'cpu' -> 'the CPU', 'cuda:0' -> 'a GPU (cuda:0)': how the prose names where it ran."""
+    return "the CPU" if device == "cpu" else f"a GPU ({device})" if device.startswith("cuda") \
+        else device
+
+
 def part1_values(classifier: dict) -> dict:
     acc, val_acc = classifier["test_accuracy"], classifier["val_accuracy"]
     best = max(range(len(val_acc)), key=val_acc.__getitem__)
@@ -146,7 +152,7 @@ def part1_values(classifier: dict) -> dict:
         "val_images": f"{classifier['val_images']:,}", "accuracy": pct(acc),
         "above_bar": acc >= 0.97, "best_accuracy": pct(val_acc[best]),
         "best_epoch": best + 1, "seconds": num(classifier["train_seconds"], 0),
-        "device": classifier["device"]}
+        "device": device_name(classifier["device"])}
 
 
 def q1_values(amortized: dict) -> dict:
@@ -210,7 +216,9 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
                 "mean_top": top_digit(mean_img), "mean_conf": num(mean_img["mean_confidence"]),
                 "blur_top": top_digit(blur), "blur_share": pct(max(blur["share"]), 0),
                 "blur_covered": blur["digits_covered"], "blur_conf": num(blur["mean_confidence"]),
-                "blob_digit": top_digit(mean_img)})
+                "blob_digit": top_digit(mean_img),
+                "blob_first_share": pct(first["share"][top_digit(mean_img)], 0),
+                "blob_last_share": pct(last["share"][top_digit(mean_img)], 0)})
             values["rows"] += [quality_row("Gaussian noise", noise),
                                quality_row("blurred test images", blur)]
     latent_opt_quality = (latent_opt.get("sample_quality") or {})
@@ -245,6 +253,8 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "agg_kl_lo": num(lo["aggregate_posterior_kl"], 1),
         "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
         "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
+        # Small: under 0.05 nats per latent dimension, moment-matched.
+        "agg_kl_small": lo["aggregate_posterior_kl"] < 0.05 * lo["latent_dim"],
         "mu_norm": num(lo["latent_mu_mean_norm"], 1),
         "prior_norm": num(lo["expected_prior_norm"], 1),
         "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
@@ -327,6 +337,24 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
         f"{prefix}train_vs_test": estimate["train_vs_test"]}
 
 
+def correlation(a, b) -> float:
+    """Pearson's r of two equally long lists."""
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+def trust(diag: dict) -> str:
+    """Can an estimate be trusted, by the current PSIS rule? "no" when k-hat exceeds the
+    threshold for M for at least half of the images, "partly" for some, "yes" for none (k-hat
+    needs M >= 25; without it, by the effective sample size: below 10 of M is "no")."""
+    share = diag["share_khat_above_threshold"]
+    if share is None:
+        return "no" if diag["median_ess"] < 10 else "yes"
+    return "no" if share >= 0.5 else ("partly" if share > 0 else "yes")
+
+
 def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
               amortized_elbo: dict) -> dict:
     """Q4: the converged estimate, Eq. 9 beside it (the exercise's), and the ablation."""
@@ -357,7 +385,19 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "same_most": eq9["most_likely_digit"] == ll["most_likely_digit"],
         "same_least": eq9["least_likely_digit"] == ll["least_likely_digit"],
         "same_train_vs_test": eq9["train_vs_test"] == ll["train_vs_test"],
+        # Every change of the most or least likely digit is between digits tied under both.
+        "changes_within_ties": all(
+            eq9[f"{end}_likely_digit"] == ll[f"{end}_likely_digit"]
+            or (ll[f"{end}_likely_digit"] in eq9[f"{end}_likely_tied_with"]
+                and eq9[f"{end}_likely_digit"] in ll[f"{end}_likely_tied_with"])
+            for end in ("most", "least")),
         "eq9_train_mean": num(eq9["train_mean"], 1), "eq9_test_mean": num(eq9["test_mean"], 1),
+        "eq9_ink_corr": num(correlation([r["ink"] for r in ll["images"]],
+                                        [r["eq9_log_px"] for r in ll["images"]])),
+        "eq9_trust": trust(ll["diagnostics"]["eq9"]),
+        # Is the ablation's model better by the converged estimate (its mean log p(x))?
+        "ablation_better": (likelihood_elbo["train_mean"] + likelihood_elbo["test_mean"]
+                            > ll["train_mean"] + ll["test_mean"]),
         # Did training the encoder for the sigma_p model make Eq. 9 converge? Only if its median
         # effective sample size rose tenfold and its gap halved.
         "ablation_cures": (likelihood_elbo["diagnostics"]["eq9"]["median_ess"]
@@ -379,6 +419,36 @@ def eq7_values(eq7: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Uppsala lab
 # ----------------------------------------------------------------------------------------------
+def axis_shrink(eigenvalue: float, sigma2: float) -> float:
+    """The factor by which PPCA's posterior mean shrinks a PCA coordinate of variance
+    `eigenvalue` (maximum-likelihood PPCA with noise variance sigma2)."""
+    return math.sqrt(max(eigenvalue - sigma2, 0.0)) / eigenvalue
+
+
+SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def power_of_ten(x: float) -> str:
+    """1e-07 -> '10⁻⁷', 5e-06 -> '5 × 10⁻⁶' (prose, not code)."""
+    exponent = math.floor(math.log10(x))
+    mantissa = round(x / 10 ** exponent, 3)
+    power = "10" + str(exponent).translate(SUPERSCRIPT)
+    return power if mantissa == 1 else f"{mantissa:g} \u00d7 {power}"
+
+
+def stopping_rule(args: dict) -> str:
+    """The PPCA fit's stopping rule, in words, from the flags it ran with."""
+    return (f"stop once 100 iterations raise the mean log-likelihood by less than "
+            f"{power_of_ten(args['ppca_tol'])} nats per image (at most "
+            f"{args['ppca_max_iter']:,} iterations)")
+
+
+def agreement(end: str, absolute: list, relative: list) -> dict:
+    """The digits that both error measures (absolute and relative to ink) put at one end."""
+    both = sorted(set(absolute) & set(relative), key=absolute.index)
+    return {f"both_{end}": digit_list(both) if both else "", f"both_{end}_n": len(both)}
+
+
 def apml_values(m: dict) -> dict:
     p = m["ppca_pca"]
     ans, enc = p["answers"], p["encodings"]
@@ -399,14 +469,16 @@ def apml_values(m: dict) -> dict:
     return {
         "quick": bool(p["args"]["quick"]),
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
-        "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"]),
+        "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
         "ink_corr": num(ans["pca_ink_correlation"]), "ink1": num(ink["1"], 0),
         "ink0": num(ink["0"], 0),
         "rel_best": digit_list(ans["pca_relative_best"]),
         "rel_worst": digit_list(ans["pca_relative_worst"]),
-        "init": pg["initialization"], "rule": pg["stopping_rule"], "iterations": f"{pg['iterations']:,}",
+        **agreement("best", ans["best"]["pca"], ans["pca_relative_best"]),
+        **agreement("worst", ans["worst"]["pca"], ans["pca_relative_worst"]),
+        "init": pg["initialization"], "rule": stopping_rule(p["args"]), "iterations": f"{pg['iterations']:,}",
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
         "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"])),
@@ -416,7 +488,15 @@ def apml_values(m: dict) -> dict:
         "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",
         "sigma2_err": sig(100 * abs(p["ppca_comparison"]["sigma2_relative_error"]), 1) + " %",
         "ll_diff": sig(abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]), 1),
+        # The gradient fit reaches the closed form: log-likelihoods within 0.01 nats per image
+        # and the two subspaces within one degree.
+        "matches_closed": (abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]) < 0.01
+                           and max(angles) < 1),
         "data_eig": " and ".join(num(e, 2) for e in pc["data_eigenvalues"]),
+        # PPCA's posterior mean shrinks PCA axis i by sqrt(lambda_i - sigma^2) / lambda_i (Q4.4):
+        # how much less the second axis is shrunk than the first (Q4.7).
+        "axis_ratio": num(axis_shrink(pc["data_eigenvalues"][1], pc["sigma2"])
+                          / axis_shrink(pc["data_eigenvalues"][0], pc["sigma2"])),
         "angles": f"{num(angles[0])} and {num(angles[1])}", "max_angle": num(max(angles)),
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
         "ppca_same_as_pca": ans["ppca_same_as_pca"],
@@ -428,6 +508,8 @@ def apml_values(m: dict) -> dict:
         "crowded_are_worst": ans["pca_crowding_worst"] < ans["pca_crowding_best"],
         "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": enc["vae"]["separation"] > enc["ppca"]["separation"],
+        # On the prior's scale: each coordinate's standard deviation between 0.5 and 2.
+        "vae_on_prior_scale": all(0.5 <= sd <= 2 for sd in enc["vae"]["std"]),
         "vae_sigma2": num(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
@@ -435,6 +517,7 @@ def apml_values(m: dict) -> dict:
         "largest_gains": digit_list(ans["vae_largest_gains"]),
         "largest_gain_values": ", ".join(num(gains[d], 1) for d in ans["vae_largest_gains"]),
         "smallest_gains": digit_list(ans["vae_smallest_gains"]),
+        "vae_below_ppca": vae["test_sq_error"] < pg["test_sq_error"],
         "vae_change": (num(abs(100 * (1 - vae["test_sq_error"] / pg["test_sq_error"])), 0) + " % "
                        + ("lower" if vae["test_sq_error"] <= pg["test_sq_error"] else "higher")),
         "error_table": [{"method": name, "total": num(r["test_sq_error"]),
