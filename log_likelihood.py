@@ -479,6 +479,30 @@ def diagnostics(result, num_samples: int) -> dict:
             "median_sd": float(np.median(sd)), "max_sd": float(sd.max())}
 
 
+def trust(diag: dict) -> str:
+    """Can an estimate be trusted, by the current PSIS rule? "no" when k-hat exceeds the
+    threshold for M for at least half of the images, "partly" for some, "yes" for none
+    (without a k-hat, at M <= 20, by the median effective sample size: below 10 is "no")."""
+    share = diag["share_khat_above_threshold"]
+    if share is None:
+        return "no" if diag["median_ess"] < 10 else "yes"
+    return "no" if share >= 0.5 else ("partly" if share > 0 else "yes")
+
+
+def agreement(converged: dict, exercise: dict) -> dict:
+    """Do Eq. 9's answers to (b) and (c) agree with the converged estimate's? And where the most
+    or least likely digit changes, is the change between digits tied under both estimates?"""
+    same = {end: exercise[f"{end}_likely_digit"] == converged[f"{end}_likely_digit"]
+            for end in ("most", "least")}
+    return {"most": same["most"], "least": same["least"],
+            "train_vs_test": exercise["train_vs_test"] == converged["train_vs_test"],
+            "changes_within_ties": all(
+                same[end] or (converged[f"{end}_likely_digit"] in exercise[f"{end}_likely_tied_with"]
+                              and exercise[f"{end}_likely_digit"]
+                              in converged[f"{end}_likely_tied_with"])
+                for end in ("most", "least"))}
+
+
 def answers(estimates, digits, split) -> dict:
     """Q4 (b) and (c) from the converged estimate, the same from Eq. 9 beside them, and the gap
     between the two, per image and per digit."""
@@ -491,6 +515,7 @@ def answers(estimates, digits, split) -> dict:
         converged["per_digit"][str(d)]["eq9_se"] = exercise["per_digit"][str(d)]["se"]
     return {**converged,                          # Q4 (b), (c) from the converged estimate
             "eq9": exercise,                      # the same from Eq. 9 with the encoder's q
+            "agreement": agreement(converged, exercise),
             "gap": {"mean": float(gap.mean()), "median": float(np.median(gap)),
                     "max": float(gap.max()), "min": float(gap.min())}}
 
@@ -528,14 +553,16 @@ def main(run: utils.Run, argv=None):
     result = answers(estimates, digits, split)
     lap_px, eq9_px = (estimates[k]["log_px"].cpu().numpy() for k in ("laplace", "eq9"))
     ink = (x > -1).flatten(1).sum(1).cpu().numpy()       # lit pixels (above the background)
+    diag = {k: diagnostics(estimates[k], args.num_samples) for k in ("laplace", "eq9")}
     metrics = {
         "images": per_image_rows(estimates, digits, split, ink, index), **result,
-        "diagnostics": {k: diagnostics(estimates[k], args.num_samples) for k in ("laplace", "eq9")},
+        "diagnostics": diag, "trust": {k: trust(d) for k, d in diag.items()},
         **why_eq9_degenerates(proposals, logvar, args.num_samples),
         "convergence": convergence,
         "convergence_movement": {k: movement(convergence, k, args.num_samples)
                                  for k in ("laplace", "eq9")},
         "ink_correlation": float(np.corrcoef(ink, lap_px)[0, 1]),
+        "eq9_ink_correlation": float(np.corrcoef(ink, eq9_px)[0, 1]),
         "ink_per_digit": {str(d): float(ink[np.asarray(digits) == d].mean()) for d in range(10)},
         "num_samples": args.num_samples, "sigma_p": args.sigma_p, "latent_dim": vae.latent_dim,
         "seconds": seconds,

@@ -220,6 +220,10 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
     gains = {d: errors["ppca_gradient"][d] - errors["vae"][d] for d in digits}
     closest = {k: {tuple(p["digits"]) for p in geometry[k]["closest_pairs"][:3]} for k in geometry}
     best, worst = rank["pca"][:3], rank["pca"][-3:][::-1]
+
+    def both(ends, relative_ends):       # the digits both error measures put at one end
+        return sorted(set(ends) & set(relative_ends), key=ends.index)
+
     return {
         "best": {k: v[:3] for k, v in rank.items()},
         "worst": {k: v[-3:][::-1] for k, v in rank.items()},
@@ -228,9 +232,13 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
         "pca_ink_correlation": float(np.corrcoef([ink[d] for d in digits],
                                                  [pca[d] for d in digits])[0, 1]),
         "pca_relative_best": relative[:3], "pca_relative_worst": relative[-3:][::-1],
+        "pca_best_by_both": both(best, relative[:3]),
+        "pca_worst_by_both": both(worst, relative[-3:][::-1]),
         "closest_pairs_shared_pca_ppca": len(closest["pca"] & closest["ppca"]),
         "pca_crowding_worst": float(np.mean([crowding["pca"][d] for d in worst])),
         "pca_crowding_best": float(np.mean([crowding["pca"][d] for d in best])),
+        "pca_crowded_are_worst": (np.mean([crowding["pca"][d] for d in worst])
+                                  < np.mean([crowding["pca"][d] for d in best])),
         "vae_gains_over_ppca": gains,
         "vae_improved_digits": sum(g > 0 for g in gains.values()),
         "vae_largest_gains": sorted(gains, key=gains.get, reverse=True)[:3],
@@ -238,6 +246,26 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
         "ppca_error_not_below_pca": results["ppca_gradient"]["test_sq_error"]
                                     >= results["pca"]["test_sq_error"],
     }
+
+
+def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
+    """How the methods compare (4.3, 4.4, 4.8 to 4.10): does the gradient fit reach the closed
+    form (test log-likelihoods within 0.01 nats per image, subspaces within one degree); how
+    much less PPCA's posterior mean shrinks its second axis than its first (Q4.4: axis i by
+    sqrt(lambda_i - sigma^2) / lambda_i); do the VAE's codes separate the digits better and
+    sit on the prior's scale (each coordinate's standard deviation between 0.5 and 2); and the
+    VAE's error relative to PPCA's."""
+    grad, closed, vae = results["ppca_gradient"], results["ppca_closed_form"], results["vae"]
+    lam, sigma2 = closed["data_eigenvalues"], closed["sigma2"]
+    shrink = [math.sqrt(max(v - sigma2, 0.0)) / v for v in lam]
+    return {"gradient_reaches_closed_form": bool(
+                abs(grad["test_log_likelihood"] - closed["test_log_likelihood"]) < 0.01
+                and max(comparison["subspace_angles_deg"]) < 1),
+            "ppca_second_axis_shrink_ratio": shrink[1] / shrink[0],
+            "vae_separates_better": geometry["vae"]["separation"] > geometry["ppca"]["separation"],
+            "vae_on_prior_scale": all(0.5 <= sd <= 2 for sd in geometry["vae"]["std"]),
+            "vae_below_ppca": vae["test_sq_error"] < grad["test_sq_error"],
+            "vae_error_relative_to_ppca": vae["test_sq_error"] / grad["test_sq_error"] - 1}
 
 
 def parse_args(argv=None):
@@ -425,7 +453,8 @@ def main(run: utils.Run, argv=None):
     ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}
     metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
                "test_ink_per_digit": ink_per_digit,
-               "answers": lab_answers(results, geometry, ink_per_digit),
+               "answers": {**lab_answers(results, geometry, ink_per_digit),
+                           **method_verdicts(results, comparison, geometry)},
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
                "wall_seconds": utils.wall_seconds(), "device": str(device), "args": vars(args)}
     utils.write_metrics(out / "metrics.json", metrics)

@@ -21,6 +21,7 @@ import utils
 from model import build_classifier
 
 PER_CLASS = 2000          # 10 x 2,000 = the exercise's 20,000 training images
+COURSE_BAR = 0.97         # the accuracy Part 1 asks for
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
 AUG_DEGREES, AUG_SCALE, AUG_SHIFT_PX = 10.0, 0.10, 2.5
@@ -115,6 +116,7 @@ def main(run: utils.Run, argv=None):
     metrics = {
         **history,
         "test_accuracy": history["val_accuracy"][-1],
+        "above_course_bar": history["val_accuracy"][-1] >= COURSE_BAR,
         "train_seconds": sum(history["epoch_seconds"]),
         "train_images": len(train_x),
         "val_images": len(val_x),

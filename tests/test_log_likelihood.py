@@ -288,6 +288,32 @@ def test_diagnostics_share_above_the_threshold_and_none_without_a_fit():
     assert d["khat_threshold"] is None and d["share_khat_above_threshold"] is None
 
 
+@pytest.mark.parametrize("share,ess,expected", [
+    (0.5, 1.0, "no"), (0.49, 1.0, "partly"), (0.01, 500.0, "partly"), (0.0, 1.0, "yes"),
+    (None, 9.9, "no"), (None, 10.0, "yes")])
+def test_trust_follows_the_share_of_images_above_the_khat_limit(share, ess, expected):
+    assert log_likelihood.trust({"share_khat_above_threshold": share,
+                                 "median_ess": ess}) == expected
+
+
+def ranking(most, least, most_ties=(), least_ties=(), train_vs_test="neither"):
+    return {"most_likely_digit": most, "least_likely_digit": least,
+            "most_likely_tied_with": list(most_ties), "least_likely_tied_with": list(least_ties),
+            "train_vs_test": train_vs_test}
+
+
+def test_agreement_of_eq9_with_the_converged_estimate_and_changes_within_ties():
+    same = log_likelihood.agreement(ranking(1, 2), ranking(1, 2))
+    assert same == {"most": True, "least": True, "train_vs_test": True,
+                    "changes_within_ties": True}
+    tied = log_likelihood.agreement(ranking(1, 8, least_ties=[2]), ranking(1, 2, least_ties=[8]))
+    assert not tied["least"] and tied["changes_within_ties"]
+    one_sided = log_likelihood.agreement(ranking(1, 8, least_ties=[2]), ranking(1, 2))
+    assert not one_sided["changes_within_ties"]              # 2 is not tied with 8 by Eq. 9
+    other = log_likelihood.agreement(ranking(1, 2), ranking(1, 2, train_vs_test="train"))
+    assert not other["train_vs_test"] and other["most"]
+
+
 def test_movement_is_from_the_exercises_m_to_the_largest():
     convergence = {"M": [1, 10, 100], "eq9": [[0.0, 1.0, 3.0], [5.0, 4.0, 2.0]]}
     assert log_likelihood.movement(convergence, "eq9", 10) == {"min": -2.0, "max": 2.0,

@@ -206,6 +206,44 @@ def test_relative_error_ranks_divide_by_ink_and_crowding_is_the_nearest_other_me
     assert answers["pca_ink_correlation"] == pytest.approx(1.0)
 
 
+def method_results(ll_gap=0.0, vae_error=40.0, ppca_error=43.0, eigenvalues=(5.0, 3.0),
+                   sigma2=0.05):
+    return {"ppca_gradient": {"test_log_likelihood": 14.0 + ll_gap, "test_sq_error": ppca_error},
+            "ppca_closed_form": {"test_log_likelihood": 14.0, "data_eigenvalues": list(eigenvalues),
+                                 "sigma2": sigma2},
+            "vae": {"test_sq_error": vae_error}}
+
+
+def method_geometry(vae_sd=(1.0, 1.0), vae_separation=2.0, ppca_separation=1.0):
+    return {"vae": {"std": list(vae_sd), "separation": vae_separation},
+            "ppca": {"separation": ppca_separation}}
+
+
+@pytest.mark.parametrize("gap,angle,reaches", [(0.0099, 0.99, True), (0.0101, 0.5, False),
+                                               (-0.0101, 0.5, False), (0.0, 1.01, False)])
+def test_the_gradient_fit_reaches_the_closed_form_within_001_nats_and_one_degree(gap, angle,
+                                                                                 reaches):
+    v = ppca_pca.method_verdicts(method_results(ll_gap=gap),
+                                 {"subspace_angles_deg": [0.1, angle]}, method_geometry())
+    assert v["gradient_reaches_closed_form"] is reaches
+
+
+def test_method_verdicts_scale_separation_shrinkage_and_the_vaes_error():
+    angles = {"subspace_angles_deg": [0.1, 0.2]}
+    v = ppca_pca.method_verdicts(method_results(), angles, method_geometry())
+    # Q4.4: axis i shrinks by sqrt(lambda_i - sigma^2) / lambda_i
+    assert v["ppca_second_axis_shrink_ratio"] == pytest.approx(
+        (math.sqrt(3.0 - 0.05) / 3.0) / (math.sqrt(5.0 - 0.05) / 5.0))
+    assert v["vae_separates_better"] and v["vae_on_prior_scale"] and v["vae_below_ppca"]
+    assert v["vae_error_relative_to_ppca"] == pytest.approx(40.0 / 43.0 - 1)
+    for sd, on_scale in (((0.5, 2.0), True), ((0.49, 1.0), False), ((1.0, 2.01), False)):
+        assert ppca_pca.method_verdicts(method_results(), angles, method_geometry(
+            vae_sd=sd))["vae_on_prior_scale"] is on_scale
+    equal = ppca_pca.method_verdicts(method_results(vae_error=43.0), angles,
+                                     method_geometry(vae_separation=1.0))
+    assert not equal["vae_below_ppca"] and not equal["vae_separates_better"]
+
+
 def test_quick_run_writes_every_method_and_figure(quick_outputs):
     out = quick_outputs / "ppca_pca"
     m = json.loads((out / "metrics.json").read_text())

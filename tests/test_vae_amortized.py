@@ -28,6 +28,15 @@ def test_overfit_is_yes_once_the_validation_loss_ends_1_percent_above_its_minimu
     assert v["val_loss_rise"] == pytest.approx(last - 1)
 
 
+@pytest.mark.parametrize("last,improving", [(1.0, False), (0.9999, True), (1.0001, False)])
+def test_still_improving_means_the_validation_loss_fell_over_the_last_five_epochs(last, improving):
+    v = verdict([3.0, 1.0, 1.0, 1.0, 1.0, 1.0, last], 0.1, 0.1)
+    assert v["still_improving"] is improving
+    assert v["val_loss_fall_last5"] == pytest.approx(1.0 - last)
+    short = verdict([2.0, 1.0, 0.5], 0.1, 0.1)                 # fewer than six epochs: unknown
+    assert short["val_loss_fall_last5"] is None and short["still_improving"] is False
+
+
 @pytest.mark.parametrize("val_recon,expected", [(0.1049, "no"), (0.1051, "mildly")])
 def test_overfit_is_mildly_once_unseen_images_reconstruct_5_percent_worse(val_recon, expected):
     v = verdict([2.0, 1.0], 0.1, val_recon)

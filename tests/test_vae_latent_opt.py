@@ -80,6 +80,12 @@ def test_prior_verdict_flips_at_its_lines(lo_conf, lo_cover, expected):
     assert vae_latent_opt.q3_verdicts({}, quality(lo_conf, lo_cover))["prior"] == expected
 
 
+@pytest.mark.parametrize("kl,near", [(9.99, True), (10.0, False), (10.01, False)])
+def test_the_aggregate_posterior_is_near_the_prior_below_005_nats_per_dimension(kl, near):
+    assert vae_latent_opt.q3_verdicts({}, None, kl, 200)["aggregate_near_prior"] is near
+    assert vae_latent_opt.q3_verdicts({}, None)["aggregate_near_prior"] is None
+
+
 def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
     out = quick_outputs / "vae_latent_opt"
     m = metrics(out)
