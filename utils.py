@@ -399,7 +399,7 @@ def write_metrics(path: Path, metrics: dict) -> None:
     def plain(obj):
         if isinstance(obj, Path):
             return str(obj)
-        if isinstance(obj, (np.integer, np.floating, np.ndarray, torch.Tensor)):
+        if isinstance(obj, (np.generic, np.ndarray, torch.Tensor)):  # numpy scalars, bools too
             return obj.tolist()
         raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 

@@ -296,8 +296,9 @@ def test_absent_device_is_a_usage_error():
 
 def test_metrics_and_plots_are_written(tmp_path):
     utils.write_metrics(tmp_path / "metrics.json", {"a": np.float32(1.5), "b": torch.arange(2),
-                                                    "p": tmp_path})
-    assert json.loads((tmp_path / "metrics.json").read_text())["b"] == [0, 1]
+                                                    "p": tmp_path, "yes": np.bool_(True)})
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["b"] == [0, 1] and written["yes"] is True
     with pytest.raises(utils.UsageError, match="NaN"):  # NaN never reaches metrics.json
         utils.write_metrics(tmp_path / "metrics.json", {"a": float("nan")})
     assert json.loads((tmp_path / "metrics.json").read_text())["a"] == 1.5
