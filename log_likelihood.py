@@ -468,7 +468,7 @@ def khat_threshold(num_samples: int) -> float | None:
 
 def diagnostics(result, num_samples: int) -> dict:
     ess, khat, sd = (result[k].cpu().numpy() for k in ("ess", "khat", "sd"))
-    fitted = khat[~np.isnan(khat)]       # k-hat needs M >= 25
+    fitted = khat[~np.isnan(khat)]       # k-hat needs M >= 21 (a tail of 5 draws)
     threshold = khat_threshold(num_samples)
     return {"median_ess": float(np.median(ess)), "min_ess": float(ess.min()),
             "share_ess_below_2": float((ess < 2).mean()),
@@ -532,6 +532,50 @@ def why_eq9_degenerates(proposals, logvar, num_samples: int) -> dict:
                                   "kl_min": kl.min().item(), "log_M": math.log(num_samples)}}
 
 
+def plot_per_digit(path, per_digit):
+    """Both estimates' mean log p(x) per digit, each with its error bar (one standard error)."""
+    plt = utils.pyplot()
+    fig, ax = plt.subplots(figsize=(utils.HALF_WIDTH, 2.2))
+    d = np.arange(10)
+    ax.bar(d - 0.2, [per_digit[str(i)]["mean"] for i in d], 0.4,
+           yerr=[per_digit[str(i)]["se"] for i in d], color="#2e6da4", capsize=2,
+           error_kw={"lw": 0.8}, label="converged estimate")
+    ax.bar(d + 0.2, [per_digit[str(i)]["eq9_mean"] for i in d], 0.4, color="#c9a227",
+           yerr=[per_digit[str(i)].get("eq9_se", 0) for i in d], capsize=2,
+           error_kw={"lw": 0.8}, label="Eq. 9")
+    ax.set_xticks(d)
+    ax.set_xlabel("digit")
+    ax.set_ylabel("mean log p(x) [nats]")
+    ax.grid(axis="y", alpha=0.3)
+    # The bars hang down from 0 to about -400: the legend goes above the axes, never on a bar.
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=7,
+              title="bars: mean; whiskers: \u00b1 1 standard error", title_fontsize=7)
+    utils.save_figure(fig, path)
+
+
+def plot_convergence(path, convergence, num_samples):
+    """Each image's estimate minus its Laplace estimate at the largest M, against M."""
+    plt = utils.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(utils.PAGE_WIDTH, 2.2))
+    ms = convergence["M"]
+    for ax, name, title in ((axes[0], "eq9", "Eq. 9, encoder's q"),
+                            (axes[1], "laplace", "Laplace proposal")):
+        for j, digit in enumerate(convergence["digits"]):
+            ref = convergence["laplace"][j][-1]
+            ax.plot(ms, [v - ref for v in convergence[name][j]], marker="o", markersize=2,
+                    color=f"C{j}", label=str(digit))
+        ax.axvline(num_samples, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("importance samples M")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("estimate minus reference [nats]")
+    # Beside the axes, not on them: the lines may end anywhere in the panel.
+    axes[1].legend(title="digit", ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                   fontsize=7, title_fontsize=7, frameon=False)
+    utils.save_figure(fig, path)
+
+
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
@@ -579,50 +623,6 @@ def main(run: utils.Run, argv=None):
           f"Most likely digit {result['most_likely_digit']}; train "
           f"{result['train_mean']:.1f} vs test {result['test_mean']:.1f} nats (Laplace); "
           f"Eq. 9 lower by {metrics['gap']['mean']:.1f} on average; outputs in {out}")
-
-
-def plot_per_digit(path, per_digit):
-    """Both estimates' mean log p(x) per digit, each with its error bar (one standard error)."""
-    plt = utils.pyplot()
-    fig, ax = plt.subplots(figsize=(utils.HALF_WIDTH, 2.2))
-    d = np.arange(10)
-    ax.bar(d - 0.2, [per_digit[str(i)]["mean"] for i in d], 0.4,
-           yerr=[per_digit[str(i)]["se"] for i in d], color="#2e6da4", capsize=2,
-           error_kw={"lw": 0.8}, label="converged estimate")
-    ax.bar(d + 0.2, [per_digit[str(i)]["eq9_mean"] for i in d], 0.4, color="#c9a227",
-           yerr=[per_digit[str(i)].get("eq9_se", 0) for i in d], capsize=2,
-           error_kw={"lw": 0.8}, label="Eq. 9")
-    ax.set_xticks(d)
-    ax.set_xlabel("digit")
-    ax.set_ylabel("mean log p(x) [nats]")
-    ax.grid(axis="y", alpha=0.3)
-    # The bars hang down from 0 to about -400: the legend goes above the axes, never on a bar.
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=7,
-              title="bars: mean; whiskers: \u00b1 1 standard error", title_fontsize=7)
-    utils.save_figure(fig, path)
-
-
-def plot_convergence(path, convergence, num_samples):
-    """Each image's estimate minus its Laplace estimate at the largest M, against M."""
-    plt = utils.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(utils.PAGE_WIDTH, 2.2))
-    ms = convergence["M"]
-    for ax, name, title in ((axes[0], "eq9", "Eq. 9, encoder's q"),
-                            (axes[1], "laplace", "Laplace proposal")):
-        for j, digit in enumerate(convergence["digits"]):
-            ref = convergence["laplace"][j][-1]
-            ax.plot(ms, [v - ref for v in convergence[name][j]], marker="o", markersize=2,
-                    color=f"C{j}", label=str(digit))
-        ax.axvline(num_samples, color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("importance samples M")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("estimate minus reference [nats]")
-    # Beside the axes, not on them: the lines may end anywhere in the panel.
-    axes[1].legend(title="digit", ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5),
-                   fontsize=7, title_fontsize=7, frameon=False)
-    utils.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ numbers refer to the exercise text.
 # this note true: say which parts you wrote, changed or had written for you.
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,7 +27,7 @@ LOG_2PI = math.log(2 * math.pi)
 # ----------------------------------------------------------------------------------------------
 # Networks. Read PatchConv2d and PooledConv2d as nn.Conv2d, and the Matmul...ConvTranspose2d layers
 # as nn.ConvTranspose2d: the same parameters and results, computed faster on a CPU (the "Faster
-# layers" below; PooledConv2d also takes the global average pool that follows it).
+# layers" at the end of this file; PooledConv2d also takes the global average pool that follows it).
 # ----------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
     """S: image (N, 1, 28, 28) -> (mu, r = log sigma^2), each (N, d)."""
@@ -106,210 +107,6 @@ def build_classifier(width: int = 16) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# Faster layers, the same parameters: torch's layers computed as the matrix products they are,
-# where torch's own kernels are slow for these shapes on a CPU (tests/benchmark_cpu.py measures
-# each; tests/test_model.py checks each against torch's layer, outputs and gradients).
-# ----------------------------------------------------------------------------------------------
-class PatchConv2d(nn.Conv2d):
-    """An nn.Conv2d (the same parameters, the same result up to float rounding) computed as the
-    matrix product it is: each output pixel's k x k input patch, all channels, times the weight,
-    (N Ho Wo, C k k) @ (C k k, C_out), with the bias added in the same call (addmm).
-
-    Why: for the 1-channel images the product has only C k k = 9 terms per output, where the
-    direct convolution kernels (tuned for many channels) are slow. Measured on the encoder's
-    1 -> 32 layer, forward and backward, one thread (tests/benchmark_cpu.py): with AVX2
-    1.15 ms instead of 1.91 at batch 64 and 2.28 instead of 4.24 at batch 128; with AVX-512 about
-    the same (1.06 against 0.95 ms). Its output is channels-last, the layout in which the next
-    convolutions run fastest (the encoder's 32 -> 64 layer: 5.9 instead of 6.7 ms on AVX2)."""
-
-    def forward(self, x):
-        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" \
-                or isinstance(self.padding, str):
-            return super().forward(x)                       # a case this layer does not cover
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        n, c = x.shape[:2]
-        padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)            # (N, H, W, C)
-        patches = padded.unfold(1, kh, sh).unfold(2, kw, sw)              # (N, Ho, Wo, C, kh, kw)
-        ho, wo = patches.shape[1:3]
-        rows = patches.reshape(n * ho * wo, c * kh * kw)
-        weight = self.weight.reshape(self.out_channels, c * kh * kw).t()
-        out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
-        return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
-
-
-class MatmulConvTranspose2d(nn.ConvTranspose2d):
-    """An nn.ConvTranspose2d (the same parameters, the same result up to float rounding)
-    computed as its definition: each input pixel's channel vector times the weight,
-    (N H W, C_in) @ (C_in, C_out kh kw), gives one kh x kw patch of output per input pixel; the
-    patches, placed `stride` apart, are summed into the output (F.fold, i.e. col2im), and the
-    bias is added. On a 1x1 input (the decoder's first layer) the one patch is the output, and
-    the layer is a single matmul, like a Linear.
-
-    Why: for the thin layers one large matmul plus a memory-bound fold beats the transposed-
-    convolution kernels: the 1x1 -> 2x2 layer (a matmul the kernels treat as a 1-pixel
-    convolution) and the 32 -> 1 output layer, whose single output channel leaves the kernels'
-    vector lanes empty. Measured, one thread (tests/benchmark_cpu.py), AVX2 / AVX-512:
-    1x1 -> 2x2, batch 64 forward and backward, 0.96 / 0.87 ms instead of 3.62 / 2.10; Q4's
-    1,024 latents, forward, 2.5 / 1.2 ms instead of 8.0 / 3.9. 32 -> 1, batch 64, 2.5 / 1.7 ms
-    instead of 6.0 / 3.2; Q4, 10.2 / 9.8 ms instead of 30.7 / 25.5. For the middle layers
-    (64 to 128 channels) the kernels are as fast or faster (matmul + fold 1.5 to 4x slower), so
-    they keep torch's forward (the 2x2 -> 4x4 one: MatmulGradConvTranspose2d)."""
-
-    def forward(self, x, output_size=None):
-        if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
-                or self.padding_mode != "zeros":
-            return super().forward(x, output_size)          # a case this layer does not cover
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        n, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)     # free when x is channels-last
-        bias = self.bias.view(1, -1, 1, 1) if self.bias is not None else 0.0
-        if h == w == 1 and (ph, pw) == (0, 0) and self.output_padding == (0, 0):
-            # One patch per image: the weight is read in (kh, kw, C_out) order, so that the
-            # output comes out channels-last, the layout the next layers run fastest in.
-            out = pixels @ self.weight.permute(0, 2, 3, 1).reshape(c, -1)
-            return out.view(n, kh, kw, self.out_channels).permute(0, 3, 1, 2) + bias
-        size = ((h - 1) * sh - 2 * ph + kh + self.output_padding[0],
-                (w - 1) * sw - 2 * pw + kw + self.output_padding[1])
-        patches = pixels @ self.weight.reshape(c, -1)            # (N H W, C_out kh kw)
-        out = F.fold(patches.view(n, h * w, -1).transpose(1, 2), size, (kh, kw),
-                     padding=(ph, pw), stride=(sh, sw))
-        return out + bias
-
-
-class _MatmulWeightGradConvTranspose2d(torch.autograd.Function):
-    """conv_transpose2d with torch's forward and input gradient (the adjoint of a transposed
-    convolution is the ordinary strided convolution, F.conv2d, with the same weight), and the
-    weight's gradient as one matrix product: the input's pixels, (N H W, C_in), against the
-    output gradient's kh x kw patches at the input's positions (stride apart; im2col, one copy
-    of the padded gradient), (N H W, kh kw C_out). Linear, so its forward-mode derivative
-    (jvp) is the layer itself applied to the tangents; vmap runs it per sample."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, stride, padding, output_padding):
-        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, output_padding = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
-        ctx.conf = stride, padding, output_padding, bias is not None
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        (sh, sw), (ph, pw), _, has_bias = ctx.conf
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight, None, (sh, sw), (ph, pw))
-        g = grad.permute(0, 2, 3, 1)               # (N, Ho, Wo, C_out), free if channels-last
-        if ctx.needs_input_grad[1]:
-            n, c_in, h, w = x.shape
-            c_out, kh, kw = weight.shape[1:]
-            full_h, full_w = (h - 1) * sh + kh, (w - 1) * sw + kw      # the uncropped output
-            ho, wo = g.shape[1:3]
-            g_full = F.pad(g, (0, 0, pw, full_w - pw - wo, ph, full_h - ph - ho))
-            s = g_full.stride()
-            cols = g_full.as_strided((n, h, w, kh, kw, c_out),
-                                     (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]))
-            cols = cols.reshape(n * h * w, kh * kw * c_out)
-            pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
-            grad_w = (pixels.t() @ cols).view(c_in, kh, kw, c_out).permute(0, 3, 1, 2)
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum((0, 1, 2))
-        return grad_x, grad_w, grad_b, None, None, None
-
-    @staticmethod
-    def jvp(ctx, x_t, weight_t, bias_t, *_):
-        x, weight = ctx.saved_tensors
-        stride, padding, output_padding, _ = ctx.conf
-        out = None
-        for a, b in ((x_t, weight), (x, weight_t)):
-            if a is not None and b is not None:
-                term = F.conv_transpose2d(a, b, None, stride, padding, output_padding)
-                out = term if out is None else out + term
-        if bias_t is not None:
-            out = bias_t.view(-1, 1, 1) if out is None else out + bias_t.view(-1, 1, 1)
-        return out
-
-
-class MatmulGradConvTranspose2d(nn.ConvTranspose2d):
-    """An nn.ConvTranspose2d (the same parameters; the same forward and input gradient: torch's
-    own kernels) whose weight gradient is one matrix product on the output gradient's patches
-    (see _MatmulWeightGradConvTranspose2d) instead of oneDNN's backward-weights kernel. With
-    the weight frozen (Q3's latent fits, Q4) it is torch's layer.
-
-    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's weight gradient runs at about
-    30 % of peak. Measured forward and backward, one thread, channels-last input, the two timed
-    in turns, AVX2 / AVX-512: batch 64 5.0 / 3.6 ms instead of 5.8 / 4.1; batch 128 10.2 / 6.8
-    instead of 11.4 / 7.6. For the 128 -> 64 and 64 -> 32 layers it is no faster at batch 64
-    (0.2 to 1 ms slower), so they stay torch's; so does a backward that calls torch's input and
-    weight gradients separately (F.conv2d, then convolution_backward), 0.1 to 0.5 ms slower
-    than torch's one call for all three layers."""
-
-    def forward(self, x, output_size=None):
-        if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
-                or self.padding_mode != "zeros" or not self.weight.requires_grad \
-                or not torch.is_grad_enabled():
-            return super().forward(x, output_size)
-        return _MatmulWeightGradConvTranspose2d.apply(x, self.weight, self.bias, self.stride,
-                                                      self.padding, self.output_padding)
-
-
-_window_means_cache: dict = {}
-
-
-def _window_means(h: int, w: int, kh: int, kw: int, dtype, device) -> torch.Tensor:
-    """(h w, kh kw): column (i, j) averages the inputs that kernel tap (i, j) meets over all
-    output positions of a stride-1, unpadded kh x kw convolution of an h x w input."""
-    key = (h, w, kh, kw, dtype, device)
-    if key not in _window_means_cache:
-        ho, wo = h - kh + 1, w - kw + 1
-        a = torch.zeros(h, w, kh, kw, dtype=dtype, device=device)
-        for i in range(kh):
-            for j in range(kw):
-                a[i:i + ho, j:j + wo, i, j] = 1.0 / (ho * wo)
-        _window_means_cache[key] = a.view(h * w, kh * kw)
-    return _window_means_cache[key]
-
-
-class PooledConv2d(nn.Conv2d):
-    """An nn.Conv2d followed by a global average pool (nn.AdaptiveAvgPool2d(1)): the same
-    parameters, output (N, C_out, 1, 1), the same result up to float rounding. Both are linear,
-    so the mean of the convolution over its output positions is the weight applied once to the
-    mean of each kernel tap's inputs: a (h w) -> (kh kw) average per channel (a small matmul),
-    then one matmul with the weight, (N, C kh kw) @ (C kh kw, C_out). Ho Wo times fewer FLOPs
-    than the convolution (9x for the encoder's 4x4 -> 3x3 layer).
-
-    Why: the encoder's last convolution, forward and backward at batch 64, one thread, timed
-    in turns, AVX2 / AVX-512: 0.75 / 0.86 ms instead of 6.0 / 4.5 (conv and pool)."""
-
-    def forward(self, x):
-        if self.stride != (1, 1) or self.padding not in ((0, 0), "valid") \
-                or self.dilation != (1, 1) or self.groups != 1 or x.dim() != 4:
-            return F.adaptive_avg_pool2d(super().forward(x), 1)  # a case this layer does not cover
-        n, c, h, w = x.shape
-        kh, kw = self.kernel_size
-        means = _window_means(h, w, kh, kw, x.dtype, x.device)   # (h w, kh kw)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            taps = means.t() @ x.permute(0, 2, 3, 1).reshape(n, h * w, c)   # (N, kh kw, C)
-            weight = self.weight.permute(2, 3, 1, 0).reshape(kh * kw * c, self.out_channels)
-        else:
-            taps = x.reshape(n * c, h * w) @ means                          # (N C, kh kw)
-            weight = self.weight.reshape(self.out_channels, c * kh * kw).t()
-        taps = taps.reshape(n, -1)
-        out = taps @ weight if self.bias is None else torch.addmm(self.bias, taps, weight)
-        return out.view(n, self.out_channels, 1, 1)
-
-
-# model.py's rewrites of torch layers: each computes what its torch base class computes (for
-# PooledConv2d: followed by a global average pool) from the same parameters.
-REWRITTEN_LAYERS = (PatchConv2d, PooledConv2d, MatmulConvTranspose2d, MatmulGradConvTranspose2d)
-
-
-# ----------------------------------------------------------------------------------------------
 # Saving and loading the trained networks
 # ----------------------------------------------------------------------------------------------
 def save_snapshot(path, module, epoch: int, latent_dim: int, kind: str, **extra) -> None:
@@ -329,7 +126,7 @@ def read_snapshot(path, kind: str, map_location="cpu") -> dict:
     fields = {"model": utils.kind_field(dict), "epoch": utils.int_field(1, 10_000),
               "latent_dim": utils.int_field(1, 1024)}
     utils.check_fields(ckpt, path, fields, advice)
-    optional = {"subset_per_class": utils.int_field(1, 5421),
+    optional = {"subset_per_class": utils.int_field(1, utils.MAX_PER_CLASS),
                 "mu": utils.tensor_field(None, ckpt["latent_dim"]),
                 "logvar": utils.tensor_field(None, ckpt["latent_dim"])}
     utils.check_fields(ckpt, path, {k: v for k, v in optional.items() if k in ckpt}, advice)
@@ -511,3 +308,202 @@ def prior_latents(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     very same latents (and the sample-quality measurements of both use the same 1,000,
     utils.QUALITY_SAMPLES)."""
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Faster layers, the same parameters: torch's layers computed as the matrix products they are,
+# where torch's own kernels are slow for these shapes on a CPU (tests/benchmark_cpu.py measures
+# each; tests/test_model.py checks each against torch's layer, outputs and gradients).
+# ----------------------------------------------------------------------------------------------
+class PatchConv2d(nn.Conv2d):
+    """An nn.Conv2d (the same parameters, the same result up to float rounding) computed as the
+    matrix product it is: each output pixel's k x k input patch, all channels, times the weight,
+    (N Ho Wo, C k k) @ (C k k, C_out), with the bias added in the same call (addmm).
+
+    Why: for the 1-channel images the product has only C k k = 9 terms per output, where the
+    direct convolution kernels (tuned for many channels) are slow. Measured on the encoder's
+    1 -> 32 layer, forward and backward, one thread (tests/benchmark_cpu.py): with AVX2
+    1.15 ms instead of 1.91 at batch 64 and 2.28 instead of 4.24 at batch 128; with AVX-512 about
+    the same (1.06 against 0.95 ms). Its output is channels-last, the layout in which the next
+    convolutions run fastest (the encoder's 32 -> 64 layer: 5.9 instead of 6.7 ms on AVX2)."""
+
+    def forward(self, x):
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" \
+                or isinstance(self.padding, str):
+            return super().forward(x)                       # a case this layer does not cover
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, c = x.shape[:2]
+        padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)            # (N, H, W, C)
+        patches = padded.unfold(1, kh, sh).unfold(2, kw, sw)              # (N, Ho, Wo, C, kh, kw)
+        ho, wo = patches.shape[1:3]
+        rows = patches.reshape(n * ho * wo, c * kh * kw)
+        weight = self.weight.reshape(self.out_channels, c * kh * kw).t()
+        out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
+        return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+
+class MatmulConvTranspose2d(nn.ConvTranspose2d):
+    """An nn.ConvTranspose2d (the same parameters, the same result up to float rounding)
+    computed as its definition: each input pixel's channel vector times the weight,
+    (N H W, C_in) @ (C_in, C_out kh kw), gives one kh x kw patch of output per input pixel; the
+    patches, placed `stride` apart, are summed into the output (F.fold, i.e. col2im), and the
+    bias is added. On a 1x1 input (the decoder's first layer) the one patch is the output, and
+    the layer is a single matmul, like a Linear.
+
+    Why: for the thin layers one large matmul plus a memory-bound fold beats the transposed-
+    convolution kernels: the 1x1 -> 2x2 layer (a matmul the kernels treat as a 1-pixel
+    convolution) and the 32 -> 1 output layer, whose single output channel leaves the kernels'
+    vector lanes empty. Measured, one thread (tests/benchmark_cpu.py), AVX2 / AVX-512:
+    1x1 -> 2x2, batch 64 forward and backward, 0.96 / 0.87 ms instead of 3.62 / 2.10; Q4's
+    1,024 latents, forward, 2.5 / 1.2 ms instead of 8.0 / 3.9. 32 -> 1, batch 64, 2.5 / 1.7 ms
+    instead of 6.0 / 3.2; Q4, 10.2 / 9.8 ms instead of 30.7 / 25.5. For the middle layers
+    (64 to 128 channels) the kernels are as fast or faster (matmul + fold 1.5 to 4x slower), so
+    they keep torch's forward (the 2x2 -> 4x4 one: MatmulGradConvTranspose2d)."""
+
+    def forward(self, x, output_size=None):
+        if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
+                or self.padding_mode != "zeros":
+            return super().forward(x, output_size)          # a case this layer does not cover
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, c, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)     # free when x is channels-last
+        bias = self.bias.view(1, -1, 1, 1) if self.bias is not None else 0.0
+        if h == w == 1 and (ph, pw) == (0, 0) and self.output_padding == (0, 0):
+            # One patch per image: the weight is read in (kh, kw, C_out) order, so that the
+            # output comes out channels-last, the layout the next layers run fastest in.
+            out = pixels @ self.weight.permute(0, 2, 3, 1).reshape(c, -1)
+            return out.view(n, kh, kw, self.out_channels).permute(0, 3, 1, 2) + bias
+        size = ((h - 1) * sh - 2 * ph + kh + self.output_padding[0],
+                (w - 1) * sw - 2 * pw + kw + self.output_padding[1])
+        patches = pixels @ self.weight.reshape(c, -1)            # (N H W, C_out kh kw)
+        out = F.fold(patches.view(n, h * w, -1).transpose(1, 2), size, (kh, kw),
+                     padding=(ph, pw), stride=(sh, sw))
+        return out + bias
+
+
+class _MatmulWeightGradConvTranspose2d(torch.autograd.Function):
+    """conv_transpose2d with torch's forward and input gradient (the adjoint of a transposed
+    convolution is the ordinary strided convolution, F.conv2d, with the same weight), and the
+    weight's gradient as one matrix product: the input's pixels, (N H W, C_in), against the
+    output gradient's kh x kw patches at the input's positions (stride apart; im2col, one copy
+    of the padded gradient), (N H W, kh kw C_out). Linear, so its forward-mode derivative
+    (jvp) is the layer itself applied to the tangents; vmap runs it per sample."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, output_padding):
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, output_padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.conf = stride, padding, output_padding, bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        (sh, sw), (ph, pw), _, has_bias = ctx.conf
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight, None, (sh, sw), (ph, pw))
+        g = grad.permute(0, 2, 3, 1)               # (N, Ho, Wo, C_out), free if channels-last
+        if ctx.needs_input_grad[1]:
+            n, c_in, h, w = x.shape
+            c_out, kh, kw = weight.shape[1:]
+            full_h, full_w = (h - 1) * sh + kh, (w - 1) * sw + kw      # the uncropped output
+            ho, wo = g.shape[1:3]
+            g_full = F.pad(g, (0, 0, pw, full_w - pw - wo, ph, full_h - ph - ho))
+            s = g_full.stride()
+            cols = g_full.as_strided((n, h, w, kh, kw, c_out),
+                                     (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]))
+            cols = cols.reshape(n * h * w, kh * kw * c_out)
+            pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
+            grad_w = (pixels.t() @ cols).view(c_in, kh, kw, c_out).permute(0, 3, 1, 2)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum((0, 1, 2))
+        return grad_x, grad_w, grad_b, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight = ctx.saved_tensors
+        stride, padding, output_padding, _ = ctx.conf
+        out = None
+        for a, b in ((x_t, weight), (x, weight_t)):
+            if a is not None and b is not None:
+                term = F.conv_transpose2d(a, b, None, stride, padding, output_padding)
+                out = term if out is None else out + term
+        if bias_t is not None:
+            out = bias_t.view(-1, 1, 1) if out is None else out + bias_t.view(-1, 1, 1)
+        return out
+
+
+class MatmulGradConvTranspose2d(nn.ConvTranspose2d):
+    """An nn.ConvTranspose2d (the same parameters; the same forward and input gradient: torch's
+    own kernels) whose weight gradient is one matrix product on the output gradient's patches
+    (see _MatmulWeightGradConvTranspose2d) instead of oneDNN's backward-weights kernel. With
+    the weight frozen (Q3's latent fits, Q4) it is torch's layer.
+
+    Why: for the decoder's 2x2 -> 4x4 128 -> 128 layer, oneDNN's weight gradient runs at about
+    30 % of peak. Measured forward and backward, one thread, channels-last input, the two timed
+    in turns, AVX2 / AVX-512: batch 64 5.0 / 3.6 ms instead of 5.8 / 4.1; batch 128 10.2 / 6.8
+    instead of 11.4 / 7.6. For the 128 -> 64 and 64 -> 32 layers it is no faster at batch 64
+    (0.2 to 1 ms slower), so they stay torch's; so does a backward that calls torch's input and
+    weight gradients separately (F.conv2d, then convolution_backward), 0.1 to 0.5 ms slower
+    than torch's one call for all three layers."""
+
+    def forward(self, x, output_size=None):
+        if output_size is not None or self.groups != 1 or self.dilation != (1, 1) \
+                or self.padding_mode != "zeros" or not self.weight.requires_grad \
+                or not torch.is_grad_enabled():
+            return super().forward(x, output_size)
+        return _MatmulWeightGradConvTranspose2d.apply(x, self.weight, self.bias, self.stride,
+                                                      self.padding, self.output_padding)
+
+
+@functools.lru_cache(maxsize=16)   # one matrix per layer shape, dtype and device, built once
+def _window_means(h: int, w: int, kh: int, kw: int, dtype, device) -> torch.Tensor:
+    """(h w, kh kw): column (i, j) averages the inputs that kernel tap (i, j) meets over all
+    output positions of a stride-1, unpadded kh x kw convolution of an h x w input."""
+    ho, wo = h - kh + 1, w - kw + 1
+    a = torch.zeros(h, w, kh, kw, dtype=dtype, device=device)
+    for i in range(kh):
+        for j in range(kw):
+            a[i:i + ho, j:j + wo, i, j] = 1.0 / (ho * wo)
+    return a.view(h * w, kh * kw)
+
+
+class PooledConv2d(nn.Conv2d):
+    """An nn.Conv2d followed by a global average pool (nn.AdaptiveAvgPool2d(1)): the same
+    parameters, output (N, C_out, 1, 1), the same result up to float rounding. Both are linear,
+    so the mean of the convolution over its output positions is the weight applied once to the
+    mean of each kernel tap's inputs: a (h w) -> (kh kw) average per channel (a small matmul),
+    then one matmul with the weight, (N, C kh kw) @ (C kh kw, C_out). Ho Wo times fewer FLOPs
+    than the convolution (9x for the encoder's 4x4 -> 3x3 layer).
+
+    Why: the encoder's last convolution, forward and backward at batch 64, one thread, timed
+    in turns, AVX2 / AVX-512: 0.75 / 0.86 ms instead of 6.0 / 4.5 (conv and pool)."""
+
+    def forward(self, x):
+        if self.stride != (1, 1) or self.padding not in ((0, 0), "valid") \
+                or self.dilation != (1, 1) or self.groups != 1 or x.dim() != 4:
+            return F.adaptive_avg_pool2d(super().forward(x), 1)  # a case this layer does not cover
+        n, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        means = _window_means(h, w, kh, kw, x.dtype, x.device)   # (h w, kh kw)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            taps = means.t() @ x.permute(0, 2, 3, 1).reshape(n, h * w, c)   # (N, kh kw, C)
+            weight = self.weight.permute(2, 3, 1, 0).reshape(kh * kw * c, self.out_channels)
+        else:
+            taps = x.reshape(n * c, h * w) @ means                          # (N C, kh kw)
+            weight = self.weight.reshape(self.out_channels, c * kh * kw).t()
+        taps = taps.reshape(n, -1)
+        out = taps @ weight if self.bias is None else torch.addmm(self.bias, taps, weight)
+        return out.view(n, self.out_channels, 1, 1)
+
+
+# model.py's rewrites of torch layers: each computes what its torch base class computes (for
+# PooledConv2d: followed by a global average pool) from the same parameters.
+REWRITTEN_LAYERS = (PatchConv2d, PooledConv2d, MatmulConvTranspose2d, MatmulGradConvTranspose2d)

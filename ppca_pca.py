@@ -402,68 +402,6 @@ def plot_figures(out, encodings, test_y, recon_rows, results, ppca, lab_vae, see
                           ["PPCA", "VAE", "PPCA", "VAE"], value_range=(0, 1))
 
 
-def main(run: utils.Run, argv=None):
-    args = parse_args(argv)
-    device = utils.device_and_seeds(args.device, args.seed)
-    train_x, _, test_x, test_y = utils.mnist_tensors("unit")
-    train_x, test_x = train_x[:args.train_images].view(-1, D), test_x[:args.test_images].view(-1, D)
-    test_y = test_y[:args.test_images]
-    if len(torch.unique(test_y)) < 10:
-        raise utils.UsageError(f"the first {args.test_images} test images lack a digit; use more "
-                               f"(--test-images)")
-    show = utils.one_per_digit(test_y, utils.SUBSET_SEED)
-
-    # The lab VAE and its resumable state first: a bad checkpoint fails before any work.
-    lab_vae = LabVAE().to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
-    steps = utils.steps_per_epoch(len(train_x), args.batch_size)
-    scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps, warmup=0.15)
-    config = utils.run_config(args, ignore=("ppca_lr", "ppca_tol", "ppca_max_iter", "test_images"))
-    training = utils.Training(run, args.out, config, args.fresh, args.epochs, steps, "VAE d=2",
-                              model=lab_vae, optimizer=optimizer, scheduler=scheduler)
-    out, timings = training.out, {}
-
-    t0 = time.perf_counter()
-    results, encodings, recon_rows = {}, {}, {"original": test_x[show]}
-    results["pca"], encodings["PCA"], recon, eigen = pca_answers(train_x, test_x, test_y)
-    recon_rows["PCA"] = recon[show]
-    timings["pca"], t0 = time.perf_counter() - t0, time.perf_counter()
-    fit_args = {"lr": args.ppca_lr, "tol": args.ppca_tol, "max_iter": args.ppca_max_iter,
-                "seed": args.seed}
-    ppca, comparison, (encodings["PPCA"], recon), params, curve, cov = ppca_answers(
-        train_x, test_x, test_y, eigen, fit_args)
-    results.update(ppca)
-    recon_rows["PPCA"] = recon[show]
-    timings["ppca"], t0 = time.perf_counter() - t0, time.perf_counter()
-
-    train_lab_vae(training, lab_vae, optimizer, scheduler, train_x.to(device), args.batch_size)
-    utils.save_checkpoint(lab_vae.state_dict(), out / "vae2d_final.pt")
-    results["vae"], encodings["VAE"], recon = vae_answers(lab_vae, test_x, test_y, device)
-    results["vae"].update(train_elbo_per_epoch=training.history["train_elbo"], epochs=args.epochs)
-    recon_rows["VAE"] = recon[show]
-    timings["vae"] = time.perf_counter() - t0     # this run only (a resumed run skips epochs)
-    timings["vae_training_all_epochs"] = sum(training.history["epoch_seconds"])
-
-    geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
-    plot_figures(out, encodings, test_y, recon_rows, results,
-                 (params["ppca_gradient"], params["ppca_closed_form"], curve, eigen[0], cov),
-                 lab_vae, args.seed, device)
-    # The error is a sum over pixels, so digits with more ink have more to get wrong.
-    ink = test_x.double().pow(2).sum(1)
-    ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}
-    metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
-               "test_ink_per_digit": ink_per_digit,
-               "answers": {**lab_answers(results, geometry, ink_per_digit),
-                           **method_verdicts(results, comparison, geometry)},
-               "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
-               "wall_seconds": utils.wall_seconds(), "device": str(device), "args": vars(args)}
-    utils.write_metrics(out / "metrics.json", metrics)
-    print("test squared error: " + ", ".join(f"{k} {results[k]['test_sq_error']:.2f}"
-                                             for k in ("pca", "ppca_gradient", "ppca_closed_form",
-                                                       "vae"))
-          + f"; {timings['pca'] + timings['ppca'] + timings['vae']:.0f} s; outputs in {out}")
-
-
 def spread_labels(points, min_distance: float, steps: int = 200) -> np.ndarray:
     """Label positions near `points` (in axes fractions, shape (n, 2)) with no two closer than
     `min_distance`: pairs that are too close push each other apart along their joining line
@@ -529,6 +467,68 @@ def plot_error_bars(path, results):
     ax.legend(fontsize=6, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     utils.save_figure(fig, path)
+
+
+def main(run: utils.Run, argv=None):
+    args = parse_args(argv)
+    device = utils.device_and_seeds(args.device, args.seed)
+    train_x, _, test_x, test_y = utils.mnist_tensors("unit")
+    train_x, test_x = train_x[:args.train_images].view(-1, D), test_x[:args.test_images].view(-1, D)
+    test_y = test_y[:args.test_images]
+    if len(torch.unique(test_y)) < 10:
+        raise utils.UsageError(f"the first {args.test_images} test images lack a digit; use more "
+                               f"(--test-images)")
+    show = utils.one_per_digit(test_y, utils.SUBSET_SEED)
+
+    # The lab VAE and its resumable state first: a bad checkpoint fails before any work.
+    lab_vae = LabVAE().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(lab_vae.parameters(), lr=args.lr)
+    steps = utils.steps_per_epoch(len(train_x), args.batch_size)
+    scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps, warmup=0.15)
+    config = utils.run_config(args, ignore=("ppca_lr", "ppca_tol", "ppca_max_iter", "test_images"))
+    training = utils.Training(run, args.out, config, args.fresh, args.epochs, steps, "VAE d=2",
+                              model=lab_vae, optimizer=optimizer, scheduler=scheduler)
+    out, timings = training.out, {}
+
+    t0 = time.perf_counter()
+    results, encodings, recon_rows = {}, {}, {"original": test_x[show]}
+    results["pca"], encodings["PCA"], recon, eigen = pca_answers(train_x, test_x, test_y)
+    recon_rows["PCA"] = recon[show]
+    timings["pca"], t0 = time.perf_counter() - t0, time.perf_counter()
+    fit_args = {"lr": args.ppca_lr, "tol": args.ppca_tol, "max_iter": args.ppca_max_iter,
+                "seed": args.seed}
+    ppca, comparison, (encodings["PPCA"], recon), params, curve, cov = ppca_answers(
+        train_x, test_x, test_y, eigen, fit_args)
+    results.update(ppca)
+    recon_rows["PPCA"] = recon[show]
+    timings["ppca"], t0 = time.perf_counter() - t0, time.perf_counter()
+
+    train_lab_vae(training, lab_vae, optimizer, scheduler, train_x.to(device), args.batch_size)
+    utils.save_checkpoint(lab_vae.state_dict(), out / "vae2d_final.pt")
+    results["vae"], encodings["VAE"], recon = vae_answers(lab_vae, test_x, test_y, device)
+    results["vae"].update(train_elbo_per_epoch=training.history["train_elbo"], epochs=args.epochs)
+    recon_rows["VAE"] = recon[show]
+    timings["vae"] = time.perf_counter() - t0     # this run only (a resumed run skips epochs)
+    timings["vae_training_all_epochs"] = sum(training.history["epoch_seconds"])
+
+    geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
+    plot_figures(out, encodings, test_y, recon_rows, results,
+                 (params["ppca_gradient"], params["ppca_closed_form"], curve, eigen[0], cov),
+                 lab_vae, args.seed, device)
+    # The error is a sum over pixels, so digits with more ink have more to get wrong.
+    ink = test_x.double().pow(2).sum(1)
+    ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}
+    metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
+               "test_ink_per_digit": ink_per_digit,
+               "answers": {**lab_answers(results, geometry, ink_per_digit),
+                           **method_verdicts(results, comparison, geometry)},
+               "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
+               "wall_seconds": utils.wall_seconds(), "device": str(device), "args": vars(args)}
+    utils.write_metrics(out / "metrics.json", metrics)
+    print("test squared error: " + ", ".join(f"{k} {results[k]['test_sq_error']:.2f}"
+                                             for k in ("pca", "ppca_gradient", "ppca_closed_form",
+                                                       "vae"))
+          + f"; {timings['pca'] + timings['ppca'] + timings['vae']:.0f} s; outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     parser = utils.script_parser("sup_classification", __doc__.splitlines()[0])
     parser.add_quick_argument("--epochs", 14, 2, "training epochs", type=utils.int_in(1, 10_000))
     parser.add_quick_argument("--per-class", PER_CLASS, 30, "training images per digit",
-                              type=utils.int_in(1, 5421))
+                              type=utils.int_in(1, utils.MAX_PER_CLASS))
     parser.add_quick_argument("--val-images", 10_000, 500, "validation (test) images",
                               type=utils.int_in(1, 10_000))
     parser.add_argument("--batch-size", type=utils.int_in(1, 8192), default=128,
@@ -108,9 +108,12 @@ def main(run: utils.Run, argv=None):
 
     utils.save_checkpoint(model.state_dict(), out / "classifier.pt")
     epochs = list(range(1, args.epochs + 1))
+    # The training loss sits above the validation loss by design: it is measured on augmented
+    # images against smoothed labels, whose cross-entropy cannot fall below their entropy,
+    # 0.50 nats for 10 classes and smoothing 0.1; the validation loss is plain cross-entropy.
     utils.plot_curves(out / "val_curves.png", {
         "cross-entropy loss": {"validation": (epochs, history["val_loss"]),
-                               "training": (epochs, history["train_loss"])},
+                               "training (augmented, smoothed)": (epochs, history["train_loss"])},
         "validation accuracy": {"validation": (epochs, history["val_accuracy"])},
     }, width=5.0, legend_loc="upper right")    # clear of both curves: training starts top left
     metrics = {

@@ -259,6 +259,7 @@ def mnist_tensors(scale: str = "pm1", root: Path | None = None):
 # The subsets are fixed data, like the course skeleton's: the same images whatever --seed a run
 # trains with, so every script recovers them from (per_class, SUBSET_SEED).
 SUBSET_SEED = 0
+MAX_PER_CLASS = 5421                     # MNIST training has 5,421 fives, its smallest class
 VAE_PER_CLASS = 500                      # 10 x 500 = the exercise's 5,000 VAE training images
 SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)     # the epochs Q1 to Q3 show
 MONITOR_PER_CLASS = 100                  # VAE curves: 1,000 fixed training and validation images
@@ -612,7 +613,7 @@ def add_vae_data_arguments(parser) -> None:
     """--per-class and --val-images: the sizes of the VAE questions' data."""
     parser.add_quick_argument("--per-class", VAE_PER_CLASS, 20,
                               "training images per digit (the VAE's balanced subset)",
-                              type=int_in(1, 5421))
+                              type=int_in(1, MAX_PER_CLASS))
     parser.add_quick_argument("--val-images", 10_000, 500, "validation (test) images",
                               type=int_in(10, 10_000))
 

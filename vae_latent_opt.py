@@ -157,7 +157,8 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
     epochs = list(range(1, len(history["train_loss"]) + 1))
     utils.plot_curves(out / "loss_curves.png", {
         "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
-        "reconstruction MSE (mean of q)": {"training (1,000)": (epochs, history["train_recon_mse"])},
+        "reconstruction MSE (mean of q)": {"training (Q1's curve images)":
+                                           (epochs, history["train_recon_mse"])},
         "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
     })
     labels = [f"epoch {e}" for e in snapshots]

@@ -99,7 +99,7 @@ def pct(x, digits: int = 2) -> str:
 
 
 def share(x) -> str:
-    """A share in per cent, or 'n/a' where it could not be measured (k-hat needs M >= 25)."""
+    """A share in per cent, or 'n/a' where it could not be measured (k-hat needs M >= 21)."""
     return "n/a" if x is None else pct(x, 0)
 
 
