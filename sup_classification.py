@@ -115,7 +115,7 @@ def main(run: utils.Run, argv=None):
         "cross-entropy loss": {"validation": (epochs, history["val_loss"]),
                                "training (augmented, smoothed)": (epochs, history["train_loss"])},
         "validation accuracy": {"validation": (epochs, history["val_accuracy"])},
-    }, width=5.0, legend_loc="upper right")    # clear of both curves: training starts top left
+    }, width=5.0, legend_loc="center right")   # clear of both curves: training starts top left
     metrics = {
         **history,
         "test_accuracy": history["val_accuracy"][-1],

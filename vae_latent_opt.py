@@ -173,17 +173,22 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
                           (["amortized"] if with_amortized else []) + ["latent opt."], width=4.4)
 
 
-def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None) -> dict:
+def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None) -> dict:
     """Q3's answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
     the table's mu_i) reconstruct the same training images better; better_decoder: whose
     decoder reconstructs better when both get the same latent fit (the budget taken out);
     prior: whether the latent-optimization samples look as good to the classifier as the
     amortized ones (confidence within 0.05, coverage within one digit); aggregate_near_prior:
     whether the latents the decoder was trained on, taken together, are close to N(0, I)
-    (a moment-matched KL under 0.05 nats per latent dimension)."""
+    (a moment-matched KL under 0.05 nats per latent dimension); codes_overlap: whether the
+    q_i overlap more than they are spread (their means vary less, per dimension on average,
+    than each q_i's own variance), so that the decoder, trained on draws from them, sees the
+    codes of different images in the same place and learns what those images share."""
     verdicts = {"better_q": None, "better_decoder": None, "prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
-                else aggregate_kl < 0.05 * latent_dim}
+                else aggregate_kl < 0.05 * latent_dim,
+                "codes_overlap": None if aggregate is None
+                else aggregate["mu_variance_mean"] < aggregate["sigma2_mean"]}
     if "amortized" in same:
         a, lo = same["amortized"], same["latent_opt"]
         verdicts["better_q"] = ("amortized" if a["proposed_train"] < lo["proposed_train"]
@@ -346,7 +351,7 @@ def main(run: utils.Run, argv=None):
         "device": str(device), "args": vars(args),
     }
     metrics["verdicts"] = q3_verdicts(same, quality, metrics["aggregate_posterior_kl"],
-                                      args.latent_dim)
+                                      args.latent_dim, metrics["aggregate_posterior"])
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")

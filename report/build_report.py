@@ -79,6 +79,12 @@ def num(x, digits: int = 2, sign: bool = False) -> str:
     return text.replace("-", MINUS)
 
 
+def se_decimals(se: float) -> int:
+    """Decimals that show a standard error to two significant figures (16.1 -> 0, 0.93 -> 2):
+    a mean beside it gets the same, no false precision."""
+    return max(0, 1 - math.floor(math.log10(se))) if se > 0 and math.isfinite(se) else 1
+
+
 def decimals_to_tell_apart(a: float, b: float, least: int = 4, most: int = 9) -> int:
     """Decimals enough that two close numbers print differently (their difference's first
     digit shows), within [least, most]."""
@@ -111,8 +117,14 @@ def digit_list(ds) -> str:
 # ----------------------------------------------------------------------------------------------
 # HUJI Exercise 1
 # ----------------------------------------------------------------------------------------------
+def share_cell(s: float) -> str:
+    """A table cell in per cent: '·' for none; one decimal below 10 %, so that the 2 % line that
+    counts a digit as covered can be read off the table."""
+    return "·" if s == 0 else (f"{100 * s:.1f}" if s < 0.1 else f"{100 * s:.0f}")
+
+
 def quality_row(name: str, q: dict) -> dict:
-    return {"name": name, "share": [round(100 * s) for s in q["share"]],
+    return {"name": name, "share": [share_cell(s) for s in q["share"]],
             "entropy": num(q["entropy_bits"]), "confidence": num(q["mean_confidence"]),
             "covered": q["digits_covered"]}
 
@@ -253,6 +265,7 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
         "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
         "agg_kl_small": verdicts["aggregate_near_prior"],
+        "codes_overlap": verdicts.get("codes_overlap"),
         "mu_norm": num(lo["latent_mu_mean_norm"], 1),
         "prior_norm": num(lo["expected_prior_norm"], 1),
         "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
@@ -328,10 +341,14 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
                               if estimate["most_likely_tied_with"] else "",
         f"{prefix}least_tied": digit_list(estimate["least_likely_tied_with"])
                                if estimate["least_likely_tied_with"] else "",
-        f"{prefix}train_se": num(estimate["train_se"], 1),
-        f"{prefix}test_se": num(estimate["test_se"], 1),
-        f"{prefix}diff": num(estimate["train_minus_test"], 1, sign=True),
-        f"{prefix}diff_se": num(estimate["train_minus_test_se"], 1),
+        f"{prefix}train_mean": num(estimate["train_mean"], se_decimals(estimate["train_se"])),
+        f"{prefix}train_se": num(estimate["train_se"], se_decimals(estimate["train_se"])),
+        f"{prefix}test_mean": num(estimate["test_mean"], se_decimals(estimate["test_se"])),
+        f"{prefix}test_se": num(estimate["test_se"], se_decimals(estimate["test_se"])),
+        f"{prefix}diff": num(estimate["train_minus_test"],
+                             se_decimals(estimate["train_minus_test_se"]), sign=True),
+        f"{prefix}diff_se": num(estimate["train_minus_test_se"],
+                                se_decimals(estimate["train_minus_test_se"])),
         f"{prefix}train_vs_test": estimate["train_vs_test"]}
 
 
@@ -358,13 +375,14 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "same_ranking_ends": ll["agreement"]["most"] and ll["agreement"]["least"],
         "ink_corr": num(ll["ink_correlation"]),
         "least_ink_digit": min(range(10), key=lambda d: ll["ink_per_digit"][str(d)]),
-        "paired": num(ll["paired_train_minus_test"], 1, sign=True),
-        "paired_se": num(ll["paired_train_minus_test_se"], 1),
+        "paired": num(ll["paired_train_minus_test"],
+                      se_decimals(ll["paired_train_minus_test_se"]), sign=True),
+        "paired_se": num(ll["paired_train_minus_test_se"],
+                         se_decimals(ll["paired_train_minus_test_se"])),
         "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 0) for d in range(10)],
         "same_most": ll["agreement"]["most"], "same_least": ll["agreement"]["least"],
         "same_train_vs_test": ll["agreement"]["train_vs_test"],
         "changes_within_ties": ll["agreement"]["changes_within_ties"],
-        "eq9_train_mean": num(eq9["train_mean"], 1), "eq9_test_mean": num(eq9["test_mean"], 1),
         "eq9_ink_corr": num(ll["eq9_ink_correlation"]), "eq9_trust": ll["trust"]["eq9"],
         # Is the ablation's model better by the converged estimate (its mean log p(x))?
         "ablation_better": (likelihood_elbo["train_mean"] + likelihood_elbo["test_mean"]
@@ -444,8 +462,10 @@ def apml_values(m: dict) -> dict:
         "init": pg["initialization"], "rule": stopping_rule(p["args"]), "iterations": f"{pg['iterations']:,}",
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
-        "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"])),
-        "sigma2_closed": num(pc["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"])),
+        # one decimal more than tells them apart: the printed values give their difference to
+        # two figures, as the relative difference beside them does
+        "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
+        "sigma2_closed": num(pc["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
         "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",

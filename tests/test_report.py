@@ -20,6 +20,7 @@ import pytest
 from pypdf import PdfReader
 
 from conftest import ROOT, run_script
+from report import build_report  # its number formats
 import log_likelihood  # its agreement(), to edit the metrics as another run would write them
 
 SCRIPTS = ["sup_classification", "vae_amortized", "vae_latent_opt", "log_likelihood",
@@ -68,6 +69,22 @@ def test_every_question_has_its_heading(reports):
         assert q in reports["lab"], q
 
 
+def to_its_se(mean: float, se: float) -> str:
+    """'mean ± se' with the standard error's two significant figures and the mean to match."""
+    decimals = max(0, 1 - math.floor(math.log10(se)))
+    return f"{mean:,.{decimals}f} ± {se:.{decimals}f}"
+
+
+@pytest.mark.parametrize("mean, se, expected", [(-296.02, 14.9, "-296 ± 15"),
+                                                (-3.456, 0.93, "-3.46 ± 0.93"),
+                                                (12.34, 1.5, "12.3 ± 1.5")])
+def test_a_mean_shows_the_digits_its_standard_error_supports(mean, se, expected):
+    assert to_its_se(mean, se) == expected
+    decimals = build_report.se_decimals(se)
+    assert f"{build_report.num(mean, decimals)} ± {build_report.num(se, decimals)}".replace(
+        build_report.MINUS, "-") == expected
+
+
 def test_numbers_in_the_text_are_the_metrics(reports, quick_outputs):
     text = reports["ex1"]
     c = metrics(quick_outputs, "sup_classification")
@@ -76,8 +93,8 @@ def test_numbers_in_the_text_are_the_metrics(reports, quick_outputs):
     assert f"Final accuracy: {100 * c['test_accuracy']:.2f} %" in text
     assert f"the most likely digit is {ll['most_likely_digit']} " in text
     assert f"By Eq. 9 the most likely digit is {ll['eq9']['most_likely_digit']} " in text
-    assert f"Training images average {ll['train_mean']:,.1f} ± {ll['train_se']:.1f}" in text
-    assert f"test images {ll['test_mean']:,.1f} ± {ll['test_se']:.1f}" in text
+    assert f"Training images average {to_its_se(ll['train_mean'], ll['train_se'])}" in text
+    assert f"test images {to_its_se(ll['test_mean'], ll['test_se'])}" in text
     assert f"lower by {ll['gap']['mean']:.1f} nats on average" in text
     assert f"exceeds {min(1 - 1 / math.log10(ll['num_samples']), 0.7):.2f}, the limit" in text
     assert f"with {lo['same_budget']['latent_opt']['proposed_train']:.4f} (Table 2)" in text

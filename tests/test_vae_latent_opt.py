@@ -86,6 +86,13 @@ def test_the_aggregate_posterior_is_near_the_prior_below_005_nats_per_dimension(
     assert vae_latent_opt.q3_verdicts({}, None)["aggregate_near_prior"] is None
 
 
+@pytest.mark.parametrize("mu_variance, overlap", [(0.759, True), (0.761, False)])
+def test_q3_codes_overlap_when_means_vary_less_than_each_q(mu_variance, overlap):
+    aggregate = {"mu_variance_mean": mu_variance, "sigma2_mean": 0.76}
+    assert vae_latent_opt.q3_verdicts({}, None, aggregate=aggregate)["codes_overlap"] is overlap
+    assert vae_latent_opt.q3_verdicts({}, None)["codes_overlap"] is None
+
+
 def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
     out = quick_outputs / "vae_latent_opt"
     m = metrics(out)
