@@ -209,11 +209,12 @@ def test_a_resumed_run_draws_the_same_random_numbers(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def train_two_epochs(out, config=None):
-    """A tiny Training run of 2 epochs, 3 steps each, with a scheduler; returns its checkpoint."""
+def train_two_epochs(out, config=None, scheduler=None):
+    """A tiny Training run of 2 epochs, 3 steps each, with a scheduler (StepLR unless
+    `scheduler(optimizer)` makes another); returns its checkpoint."""
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    sched = (scheduler or (lambda o: torch.optim.lr_scheduler.StepLR(o, 1)))(opt)
     run = utils.Run()
     training = utils.Training(run, out, config or {"lr": 0.1}, False, 2, 3, "t", model=net,
                               optimizer=opt, scheduler=sched)
@@ -433,17 +434,6 @@ def test_a_method_in_a_schedulers_state_stays_out_of_the_checkpoint(tmp_path):
         def state_dict(self):
             return {**super().state_dict(), "anneal_func": self.step}
 
-    net = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    sched = AsInTorch22(opt, max_lr=0.1, total_steps=2 * 3, pct_start=0.3)
-    run = utils.Run()
-    training = utils.Training(run, tmp_path, {"lr": 0.1}, False, 2, 3, "t", model=net,
-                              optimizer=opt, scheduler=sched)
-    for _ in training:
-        for _ in range(3):
-            opt.step()
-            sched.step()
-        training.log(loss=1.0)
-    run.release()
-    ckpt = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    ckpt, _ = train_two_epochs(tmp_path, scheduler=lambda opt: AsInTorch22(
+        opt, max_lr=0.1, total_steps=2 * 3, pct_start=0.3))
     assert "anneal_func" not in ckpt["scheduler"] and ckpt["scheduler"]["last_epoch"] == 6
