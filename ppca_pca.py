@@ -253,8 +253,8 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
     form (test log-likelihoods within 0.01 nats per image, subspaces within one degree); how
     much less PPCA's posterior mean shrinks its second axis than its first (Q4.4: axis i by
     sqrt(lambda_i - sigma^2) / lambda_i); do the VAE's codes separate the digits better and
-    sit on the prior's scale (each coordinate's standard deviation between 0.5 and 2); and the
-    VAE's error relative to PPCA's."""
+    sit on the prior's scale (each coordinate's standard deviation between 0.5 and 2); the
+    VAE's error relative to PPCA's; and is its test ELBO above PPCA's test log-likelihood."""
     grad, closed, vae = results["ppca_gradient"], results["ppca_closed_form"], results["vae"]
     lam, sigma2 = closed["data_eigenvalues"], closed["sigma2"]
     shrink = [math.sqrt(max(v - sigma2, 0.0)) / v for v in lam]
@@ -265,6 +265,9 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
             "vae_separates_better": geometry["vae"]["separation"] > geometry["ppca"]["separation"],
             "vae_on_prior_scale": all(0.5 <= sd <= 2 for sd in geometry["vae"]["std"]),
             "vae_below_ppca": vae["test_sq_error"] < grad["test_sq_error"],
+            # the ELBO is a lower bound on the VAE's log-likelihood: above PPCA's exact one,
+            # the VAE is the better density model of the test images too (Q4.10)
+            "vae_better_density": vae["test_elbo"] > closed["test_log_likelihood"],
             "vae_error_relative_to_ppca": vae["test_sq_error"] / grad["test_sq_error"] - 1}
 
 

@@ -319,8 +319,8 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
         "eq9_move_min": None if move["eq9"] is None else num(move["eq9"]["min"], 1, sign=True),
         "eq9_move_max": None if move["eq9"] is None else num(move["eq9"]["max"], 1, sign=True),
-        "train_mean": num(likelihood["train_mean"], 1), "test_mean": num(likelihood["test_mean"], 1),
-        "mean_all": num((likelihood["train_mean"] + likelihood["test_mean"]) / 2, 1),
+        "train_mean": num(likelihood["train_mean"], 0), "test_mean": num(likelihood["test_mean"], 0),
+        "mean_all": num((likelihood["train_mean"] + likelihood["test_mean"]) / 2, 0),
         "kl": num(mismatch["kl_median"], 1), "kl_mean_part": num(mismatch["kl_mean_part_median"], 1),
         "log_M": num(mismatch["log_M"], 1),
         "q_vs_conditional": num(width["vs_conditional"]),
@@ -494,6 +494,7 @@ def apml_values(m: dict) -> dict:
         "largest_gain_values": ", ".join(num(gains[d], 1) for d in ans["vae_largest_gains"]),
         "smallest_gains": digit_list(ans["vae_smallest_gains"]),
         "vae_below_ppca": ans["vae_below_ppca"],
+        "vae_better_density": ans.get("vae_better_density"),
         "vae_change": (num(abs(100 * ans["vae_error_relative_to_ppca"]), 0) + " % "
                        + ("lower" if ans["vae_error_relative_to_ppca"] <= 0 else "higher")),
         "error_table": [{"method": name, "total": num(r["test_sq_error"]),

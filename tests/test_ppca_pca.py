@@ -207,11 +207,11 @@ def test_relative_error_ranks_divide_by_ink_and_crowding_is_the_nearest_other_me
 
 
 def method_results(ll_gap=0.0, vae_error=40.0, ppca_error=43.0, eigenvalues=(5.0, 3.0),
-                   sigma2=0.05):
+                   sigma2=0.05, vae_elbo=100.0):
     return {"ppca_gradient": {"test_log_likelihood": 14.0 + ll_gap, "test_sq_error": ppca_error},
             "ppca_closed_form": {"test_log_likelihood": 14.0, "data_eigenvalues": list(eigenvalues),
                                  "sigma2": sigma2},
-            "vae": {"test_sq_error": vae_error}}
+            "vae": {"test_sq_error": vae_error, "test_elbo": vae_elbo}}
 
 
 def method_geometry(vae_sd=(1.0, 1.0), vae_separation=2.0, ppca_separation=1.0):
@@ -226,6 +226,13 @@ def test_the_gradient_fit_reaches_the_closed_form_within_001_nats_and_one_degree
     v = ppca_pca.method_verdicts(method_results(ll_gap=gap),
                                  {"subspace_angles_deg": [0.1, angle]}, method_geometry())
     assert v["gradient_reaches_closed_form"] is reaches
+
+
+@pytest.mark.parametrize("elbo, better", [(14.01, True), (13.99, False)])
+def test_the_vae_is_the_better_density_model_when_its_elbo_beats_ppcas_likelihood(elbo, better):
+    v = ppca_pca.method_verdicts(method_results(vae_elbo=elbo), {"subspace_angles_deg": [0.1]},
+                                 method_geometry())
+    assert v["vae_better_density"] is better
 
 
 def test_method_verdicts_scale_separation_shrinkage_and_the_vaes_error():
