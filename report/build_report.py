@@ -466,6 +466,7 @@ def apml_values(m: dict) -> dict:
         # two figures, as the relative difference beside them does
         "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
         "sigma2_closed": num(pc["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
+        "sigma2_ppca": sig(pc["sigma2"], 3),       # beside the VAE's, where 3 figures suffice
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
         "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",
