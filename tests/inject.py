@@ -27,6 +27,11 @@ import utils  # noqa: E402
 
 fault, when, script, *args = sys.argv[1:]
 how, _, moment = fault.partition("-")
+# A process started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, and
+# Python then installs no Ctrl-C handler: restore the one a terminal's Python has, so that `INT`
+# here is the user's Ctrl-C however the test suite was launched.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 count = 0
 
 
