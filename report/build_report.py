@@ -85,6 +85,12 @@ def se_decimals(se: float) -> int:
     return max(0, 1 - math.floor(math.log10(se))) if se > 0 and math.isfinite(se) else 1
 
 
+def with_se(mean: float, se: float, sign: bool = False) -> tuple:
+    """A mean and its standard error, both to the standard error's two significant figures."""
+    decimals = se_decimals(se)
+    return num(mean, decimals, sign=sign), num(se, decimals)
+
+
 def decimals_to_tell_apart(a: float, b: float, least: int = 4, most: int = 9) -> int:
     """Decimals enough that two close numbers print differently (their difference's first
     digit shows), within [least, most]."""
@@ -333,6 +339,9 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
     digits tied with them, and train against test."""
     most, least = estimate["most_likely_digit"], estimate["least_likely_digit"]
     per = estimate["per_digit"]
+    train = with_se(estimate["train_mean"], estimate["train_se"])
+    test = with_se(estimate["test_mean"], estimate["test_se"])
+    diff = with_se(estimate["train_minus_test"], estimate["train_minus_test_se"], sign=True)
     return {
         f"{prefix}most": most, f"{prefix}least": least,
         f"{prefix}most_mean": num(per[str(most)]["mean"], 0),
@@ -341,14 +350,9 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
                               if estimate["most_likely_tied_with"] else "",
         f"{prefix}least_tied": digit_list(estimate["least_likely_tied_with"])
                                if estimate["least_likely_tied_with"] else "",
-        f"{prefix}train_mean": num(estimate["train_mean"], se_decimals(estimate["train_se"])),
-        f"{prefix}train_se": num(estimate["train_se"], se_decimals(estimate["train_se"])),
-        f"{prefix}test_mean": num(estimate["test_mean"], se_decimals(estimate["test_se"])),
-        f"{prefix}test_se": num(estimate["test_se"], se_decimals(estimate["test_se"])),
-        f"{prefix}diff": num(estimate["train_minus_test"],
-                             se_decimals(estimate["train_minus_test_se"]), sign=True),
-        f"{prefix}diff_se": num(estimate["train_minus_test_se"],
-                                se_decimals(estimate["train_minus_test_se"])),
+        f"{prefix}train_mean": train[0], f"{prefix}train_se": train[1],
+        f"{prefix}test_mean": test[0], f"{prefix}test_se": test[1],
+        f"{prefix}diff": diff[0], f"{prefix}diff_se": diff[1],
         f"{prefix}train_vs_test": estimate["train_vs_test"]}
 
 
@@ -375,10 +379,8 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "same_ranking_ends": ll["agreement"]["most"] and ll["agreement"]["least"],
         "ink_corr": num(ll["ink_correlation"]),
         "least_ink_digit": min(range(10), key=lambda d: ll["ink_per_digit"][str(d)]),
-        "paired": num(ll["paired_train_minus_test"],
-                      se_decimals(ll["paired_train_minus_test_se"]), sign=True),
-        "paired_se": num(ll["paired_train_minus_test_se"],
-                         se_decimals(ll["paired_train_minus_test_se"])),
+        **dict(zip(("paired", "paired_se"), with_se(ll["paired_train_minus_test"],
+                                                     ll["paired_train_minus_test_se"], sign=True))),
         "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 0) for d in range(10)],
         "same_most": ll["agreement"]["most"], "same_least": ll["agreement"]["least"],
         "same_train_vs_test": ll["agreement"]["train_vs_test"],
