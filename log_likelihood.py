@@ -570,6 +570,9 @@ def plot_convergence(path, convergence, num_samples):
         # Symmetric log: Eq. 9's misses of hundreds of nats at M = 1 and its last few nats near
         # M = 1,000 in one panel (linear within 1 nat of the reference).
         ax.set_yscale("symlog", linthresh=1.0)
+        # plain numbers (-100, -10, 0, 10) at the body text's size, not small powers of ten
+        ax.yaxis.set_major_formatter(lambda value, _: f"{value:,.0f}".replace("-", "\u2212"))
+        ax.tick_params(labelsize=8)
         ax.set_xlabel("importance samples M")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -106,6 +106,19 @@ def sig(x, figures: int = 2) -> str:
     return num(round(x, digits), digits)
 
 
+def small(x: float) -> str:
+    """A small difference to two significant figures (0.0021, -0.013), signed."""
+    return num(x, se_decimals(abs(x)), sign=True)
+
+
+def most_ink(ink: dict, log_px: dict) -> dict:
+    """The digit with the most ink, its lit pixels, and its rank by mean log p(x) (1 = most
+    likely): whether it bends Q4 (b)'s ink argument."""
+    digit = max(ink, key=ink.get)
+    rank = 1 + sum(v > log_px[digit] for v in log_px.values())
+    return {"most_ink_digit": int(digit), "most_ink": num(ink[digit], 0), "most_ink_rank": rank}
+
+
 def pct(x, digits: int = 2) -> str:
     return num(100 * x, digits) + " %"
 
@@ -379,6 +392,7 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "same_ranking_ends": ll["agreement"]["most"] and ll["agreement"]["least"],
         "ink_corr": num(ll["ink_correlation"]),
         "least_ink_digit": min(range(10), key=lambda d: ll["ink_per_digit"][str(d)]),
+        **most_ink(ll["ink_per_digit"], {str(d): per[str(d)]["eq9_mean"] for d in range(10)}),
         **dict(zip(("paired", "paired_se"), with_se(ll["paired_train_minus_test"],
                                                      ll["paired_train_minus_test_se"], sign=True))),
         "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 0) for d in range(10)],
@@ -482,9 +496,14 @@ def apml_values(m: dict) -> dict:
         "ppca_same_as_pca": ans["ppca_same_as_pca"],
         "ppca_error": num(pg["test_sq_error"]), "ppca_closed_error": num(pc["test_sq_error"]),
         "ppca_not_below_pca": ans["ppca_error_not_below_pca"],
+        # the gaps to PCA are a few thousandths: two significant figures show them
+        "ppca_gap": small(pg["test_sq_error"] - pca["test_sq_error"]),
+        "closed_gap": small(pc["test_sq_error"] - pca["test_sq_error"]),
+        "closed_gap_predicted": small(p["ppca_comparison"]["closed_form_shrinkage_error"]),
         "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
         "pairs_shared": ans["closest_pairs_shared_pca_ppca"],
-        "crowd_worst": num(ans["pca_crowding_worst"]), "crowd_best": num(ans["pca_crowding_best"]),
+        "crowd_rho": num(ans["pca_crowding_spearman"], sign=True),
+        "crowd_p": num(ans["pca_crowding_p"]),
         "crowded_are_worst": ans["pca_crowded_are_worst"],
         "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": ans["vae_separates_better"],
