@@ -284,6 +284,9 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
             # the ELBO is a lower bound on the VAE's log-likelihood: above PPCA's exact one,
             # the VAE is the better density model of the test images too (Q4.10)
             "vae_better_density": vae["test_elbo"] > closed["test_log_likelihood"],
+            # ...but a Gaussian density's normalizer alone moves by D/2 log(sigma2 ratio): how
+            # much of that gap the two noise variances explain, whatever the decoders do
+            "noise_variance_nats": D / 2 * math.log(sigma2 / vae["sigma2"]),
             "vae_error_relative_to_ppca": vae["test_sq_error"] / grad["test_sq_error"] - 1}
 
 
@@ -452,9 +455,10 @@ def plot_encodings(path, encodings, labels):
         return np.stack([z[labels == d].mean(0) for d in range(10)])
 
     fig, axes = plt.subplots(1, len(encodings), figsize=(utils.PAGE_WIDTH, 2.6))
+    order = np.random.default_rng(0).permutation(len(labels))   # no digit drawn over all others
     for ax, (name, z) in zip(axes, encodings.items()):
-        sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=1.5, alpha=0.6,
-                        vmin=-0.5, vmax=9.5, rasterized=True)
+        sc = ax.scatter(z[order, 0], z[order, 1], c=labels[order], cmap="tab10", s=1.5,
+                        alpha=0.6, vmin=-0.5, vmax=9.5, rasterized=True)
         ax.scatter(*digit_means(z).T, marker="x", s=12, c="black", lw=0.8, zorder=3)
         ax.set_title(name)
         ax.set_xlabel("z1")

@@ -284,6 +284,23 @@ def latent_statistics(mu, logvar, latent_dim: int) -> dict:
             "expected_prior_norm": float(latent_dim) ** 0.5}
 
 
+def fits_to_frozen_decoders(out, snapshots, decoder, table_mu, amortized, data, per_digit, fit):
+    """Latents fitted to frozen decoders, the same budget (`fit`) for every fit: the validation
+    images at each snapshot, then both final decoders on the same comparison images. Returns
+    the snapshot rows (training, validation), the validation fits' errors, and the comparison."""
+    steps = fit.keywords["steps"]
+    with tqdm(total=(len(snapshots) + 1 + (amortized is not None)) * steps, unit="step",
+              desc="fitting latents to frozen decoders") as bar:
+        fit = functools.partial(fit, progress=bar)
+        device = table_mu.device
+        rows_train, rows_val, val_fit = snapshot_reconstructions(
+            out, snapshots, vae_model.Decoder(table_mu.shape[1]).to(device).eval(), data, fit,
+            device)
+        same, same_images = same_budget_comparison(decoder, table_mu, amortized, data, per_digit,
+                                                   fit, device)
+    return rows_train, rows_val, val_fit, same, same_images
+
+
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
@@ -324,17 +341,9 @@ def main(run: utils.Run, argv=None):
     final_train = vae_model.vae_evaluate(decoder, latents, train_x)
     table_mu, table_logvar = latents.mu.weight.detach(), latents.logvar.weight.detach()
 
-    # Latents fitted to frozen decoders, the same budget for every fit: the validation images
-    # at each snapshot, then both final decoders on the same comparison images.
-    fit_bar = tqdm(total=(len(snapshots) + 1 + (amortized is not None)) * args.fit_steps,
-                   desc="fitting latents to frozen decoders", unit="step")
-    fit = functools.partial(fit_latents, steps=args.fit_steps, lr=args.fit_lr,
-                            init_seed=args.seed, progress=fit_bar)
-    rows_train, rows_val, val_fit = snapshot_reconstructions(
-        out, snapshots, vae_model.Decoder(args.latent_dim).to(device).eval(), data, fit, device)
-    same, same_images = same_budget_comparison(decoder, table_mu, amortized, data,
-                                               args.compare_per_digit, fit, device)
-    fit_bar.close()
+    rows_train, rows_val, val_fit, same, same_images = fits_to_frozen_decoders(
+        out, snapshots, decoder, table_mu, amortized, data, args.compare_per_digit,
+        functools.partial(fit_latents, steps=args.fit_steps, lr=args.fit_lr, init_seed=args.seed))
     prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_val, args.seed)
     plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)
     quality = judge_priors(classifier, decoder, amortized, args.latent_dim, device)

@@ -138,8 +138,11 @@ def digit_list(ds) -> str:
 # ----------------------------------------------------------------------------------------------
 def share_cell(s: float) -> str:
     """A table cell in per cent: '·' for none; one decimal below 10 %, so that the 2 % line that
-    counts a digit as covered can be read off the table."""
-    return "·" if s == 0 else (f"{100 * s:.1f}" if s < 0.1 else f"{100 * s:.0f}")
+    counts a digit as covered can be read off the table, and above 90 % short of 100, so that a
+    row never sums to more than 100 by rounding (99.5, not 100)."""
+    if s == 0:
+        return "·"
+    return f"{100 * s:.1f}" if s < 0.1 or 0.9 < s < 1 else f"{100 * s:.0f}"
 
 
 def quality_row(name: str, q: dict) -> dict:
@@ -417,8 +420,9 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
 
 def eq7_values(eq7: dict) -> dict:
     return {"at_half": num(eq7["eq7_at_half"], 4), "kl_at_half": num(eq7["kl_at_half"], 4),
-            "eq7_min": num(eq7["eq7_minimizer_sigma2"], 3),
-            "kl_min": num(eq7["kl_minimizer_sigma2"], 3)}
+            # the minimizers are 1/2 and 1: three figures, shown without trailing zeros
+            "eq7_min": f"{eq7['eq7_minimizer_sigma2']:.3g}",
+            "kl_min": f"{eq7['kl_minimizer_sigma2']:.3g}"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +467,7 @@ def apml_values(m: dict) -> dict:
 
     gains = ans["vae_gains_over_ppca"]
     angles = p["ppca_comparison"]["subspace_angles_deg"]
-    errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc), ("VAE, d = 2", vae)]
+    errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc), ("VAE, M = 2", vae)]
     return {
         "quick": bool(p["args"]["quick"]),
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
@@ -508,6 +512,7 @@ def apml_values(m: dict) -> dict:
         "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": ans["vae_separates_better"],
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
+        "noise_nats": num(ans["noise_variance_nats"], 0),
         "vae_sigma2": num(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),

@@ -234,11 +234,11 @@ def test_relative_error_ranks_divide_by_ink_and_crowding_is_the_nearest_other_me
 
 
 def method_results(ll_gap=0.0, vae_error=40.0, ppca_error=43.0, eigenvalues=(5.0, 3.0),
-                   sigma2=0.05, vae_elbo=100.0):
+                   sigma2=0.05, vae_elbo=100.0, vae_sigma2=0.04):
     return {"ppca_gradient": {"test_log_likelihood": 14.0 + ll_gap, "test_sq_error": ppca_error},
             "ppca_closed_form": {"test_log_likelihood": 14.0, "data_eigenvalues": list(eigenvalues),
                                  "sigma2": sigma2},
-            "vae": {"test_sq_error": vae_error, "test_elbo": vae_elbo}}
+            "vae": {"test_sq_error": vae_error, "test_elbo": vae_elbo, "sigma2": vae_sigma2}}
 
 
 def method_geometry(vae_sd=(1.0, 1.0), vae_separation=2.0, ppca_separation=1.0):
@@ -276,6 +276,13 @@ def test_method_verdicts_scale_separation_shrinkage_and_the_vaes_error():
     equal = ppca_pca.method_verdicts(method_results(vae_error=43.0), angles,
                                      method_geometry(vae_separation=1.0))
     assert not equal["vae_below_ppca"] and not equal["vae_separates_better"]
+    # Q4.10: the gap the two noise variances alone make, as torch's Normal gives it at a
+    # residual of zero over the lab's 784 pixels
+    normal = torch.distributions.Normal
+    at_mean = [normal(torch.tensor(0.0, dtype=torch.float64), math.sqrt(s2)).log_prob(
+                   torch.zeros(784, dtype=torch.float64)).sum().item()
+               for s2 in (0.04, 0.05)]
+    assert v["noise_variance_nats"] == pytest.approx(at_mean[0] - at_mean[1])
 
 
 def test_quick_run_writes_every_method_and_figure(quick_outputs):

@@ -349,6 +349,14 @@ def test_no_else_starts_a_line_in_the_templates():
         assert [k + 1 for k, l in enumerate(lines) if re.match(r"\s*else\b", l)] == [], name
 
 
+def test_no_semicolon_is_swallowed_after_an_embedded_expression():
+    """In Typst markup a `;` right after an embedded expression (`#if ... [...];`) ends that
+    expression and is not printed: the sentence loses its semicolon. Write `\\;` instead."""
+    for name in ("ex1.typ", "apml_lab.typ"):
+        text = (ROOT / "report" / name).read_text()
+        assert re.findall(r"\][ \t]*;", text) == [], name
+
+
 def test_every_figure_and_table_is_captioned_labelled_and_cited():
     """A grader meets every figure and table by its number: each has a caption and a label, and
     the text cites each label at least once."""
@@ -361,3 +369,9 @@ def test_every_figure_and_table_is_captioned_labelled_and_cited():
         assert len(labels) == figures, (name, labels)
         for label in labels:
             assert f"@{label}" in source, (name, label)
+
+
+@pytest.mark.parametrize("share, cell", [(0.0, "·"), (0.015, "1.5"), (0.38, "38"),
+                                         (0.995, "99.5"), (1.0, "100")])
+def test_a_share_cell_never_rounds_a_row_past_100(share, cell):
+    assert build_report.share_cell(share) == cell
