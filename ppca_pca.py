@@ -464,6 +464,7 @@ def plot_encodings(path, encodings, labels):
         ax.set_xlabel("z1")
         ax.set_ylabel("z2")
         ax.margins(0.16)                # room around the cloud for the labels that need it
+        ax.set_aspect("equal", adjustable="datalim")   # shapes comparable by eye (Q4.4)
     fig.colorbar(sc, ax=axes, ticks=range(10), label="digit", fraction=0.02, pad=0.01)
     # Labels go where no dot is, so that none hides data: the pairs whose means nearly coincide
     # (4 and 9, 5 and 8) are the ones Q4.7 discusses. Lay out first, then freeze the layout.

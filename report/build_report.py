@@ -284,6 +284,7 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "better_q": verdicts["better_q"], "better_decoder": verdicts["better_decoder"],
         "prior": verdicts["prior"],
         "agg_kl_lo": num(lo["aggregate_posterior_kl"], 1),
+        "agg_kl_lo_dim": num(lo["aggregate_posterior_kl"] / lo["latent_dim"], 3),
         "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
         "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
         "agg_kl_small": verdicts["aggregate_near_prior"],
@@ -486,6 +487,7 @@ def apml_values(m: dict) -> dict:
         # two figures, as the relative difference beside them does
         "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
         "sigma2_closed": num(pc["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
+        "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
         "sigma2_ppca": sig(pc["sigma2"], 3),       # beside the VAE's, where 3 figures suffice
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
