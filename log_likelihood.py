@@ -533,6 +533,14 @@ def why_eq9_degenerates(proposals, logvar, num_samples: int) -> dict:
                                   "kl_min": kl.min().item(), "log_M": math.log(num_samples)}}
 
 
+def most_ink(ink_per_digit: dict, log_px_per_digit: dict) -> dict:
+    """Q4 (b): the digit with the most ink and its rank by mean log p(x) (1 = most likely),
+    which says whether it bends the argument that little ink makes an image likely."""
+    digit = max(ink_per_digit, key=ink_per_digit.get)
+    rank = 1 + sum(v > log_px_per_digit[digit] for v in log_px_per_digit.values())
+    return {"digit": int(digit), "lit_pixels": ink_per_digit[digit], "rank": rank}
+
+
 def plot_per_digit(path, per_digit):
     """Both estimates' mean log p(x) per digit, each with its error bar (one standard error)."""
     plt = utils.pyplot()
@@ -604,6 +612,7 @@ def main(run: utils.Run, argv=None):
     result = answers(estimates, digits, split)
     lap_px, eq9_px = (estimates[k]["log_px"].cpu().numpy() for k in ("laplace", "eq9"))
     ink = (x > -1).flatten(1).sum(1).cpu().numpy()       # lit pixels (above the background)
+    ink_per_digit = {str(d): float(ink[np.asarray(digits) == d].mean()) for d in range(10)}
     diag = {k: diagnostics(estimates[k], args.num_samples) for k in ("laplace", "eq9")}
     metrics = {
         "images": per_image_rows(estimates, digits, split, ink, index), **result,
@@ -614,7 +623,9 @@ def main(run: utils.Run, argv=None):
                                  for k in ("laplace", "eq9")},
         "ink_correlation": float(np.corrcoef(ink, lap_px)[0, 1]),
         "eq9_ink_correlation": float(np.corrcoef(ink, eq9_px)[0, 1]),
-        "ink_per_digit": {str(d): float(ink[np.asarray(digits) == d].mean()) for d in range(10)},
+        "ink_per_digit": ink_per_digit,
+        "most_ink": most_ink(ink_per_digit, {d: v["eq9_mean"] for d, v in
+                                              result["per_digit"].items()}),
         "num_samples": args.num_samples, "sigma_p": args.sigma_p, "latent_dim": vae.latent_dim,
         "seconds": seconds,
         "estimate_seconds": seconds["eq9"] + seconds["laplace_fit"] + seconds["laplace_estimate"],

@@ -111,14 +111,6 @@ def small(x: float) -> str:
     return num(x, se_decimals(abs(x)), sign=True)
 
 
-def most_ink(ink: dict, log_px: dict) -> dict:
-    """The digit with the most ink, its lit pixels, and its rank by mean log p(x) (1 = most
-    likely): whether it bends Q4 (b)'s ink argument."""
-    digit = max(ink, key=ink.get)
-    rank = 1 + sum(v > log_px[digit] for v in log_px.values())
-    return {"most_ink_digit": int(digit), "most_ink": num(ink[digit], 0), "most_ink_rank": rank}
-
-
 def pct(x, digits: int = 2) -> str:
     return num(100 * x, digits) + " %"
 
@@ -396,7 +388,8 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "same_ranking_ends": ll["agreement"]["most"] and ll["agreement"]["least"],
         "ink_corr": num(ll["ink_correlation"]),
         "least_ink_digit": min(range(10), key=lambda d: ll["ink_per_digit"][str(d)]),
-        **most_ink(ll["ink_per_digit"], {str(d): per[str(d)]["eq9_mean"] for d in range(10)}),
+        "most_ink_digit": ll["most_ink"]["digit"], "most_ink": num(ll["most_ink"]["lit_pixels"], 0),
+        "most_ink_rank": ll["most_ink"]["rank"],
         **dict(zip(("paired", "paired_se"), with_se(ll["paired_train_minus_test"],
                                                      ll["paired_train_minus_test_se"], sign=True))),
         "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 0) for d in range(10)],

@@ -320,3 +320,12 @@ def test_movement_is_from_the_exercises_m_to_the_largest():
                                                               "max_abs": 2.0}
     assert log_likelihood.movement(convergence, "eq9", 1000) is None     # M not reached
 
+
+
+def test_the_digit_with_most_ink_is_ranked_by_log_px():
+    """Q4 (b): the most-ink digit and its rank by mean log p(x), 1 = most likely."""
+    ink = {str(d): 100.0 + d for d in range(10)}                  # 9 has the most ink
+    log_px = {str(d): -300.0 + 10 * d for d in range(10)}         # and is the most likely
+    assert log_likelihood.most_ink(ink, log_px) == {"digit": 9, "lit_pixels": 109.0, "rank": 1}
+    log_px["9"] = -299.5                                          # now only 0 is less likely
+    assert log_likelihood.most_ink(ink, log_px)["rank"] == 9

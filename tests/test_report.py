@@ -91,15 +91,6 @@ def test_a_small_difference_shows_two_significant_figures(x, expected):
     assert build_report.small(x).replace(build_report.MINUS, "-") == expected
 
 
-def test_the_digit_with_most_ink_is_ranked_by_log_px():
-    ink = {str(d): 100.0 + d for d in range(10)}                  # 9 has the most ink
-    log_px = {str(d): -300.0 + 10 * d for d in range(10)}         # and is the most likely
-    assert build_report.most_ink(ink, log_px) == {"most_ink_digit": 9, "most_ink": "109",
-                                                  "most_ink_rank": 1}
-    log_px["9"] = -299.5                                          # now only 0 is less likely
-    assert build_report.most_ink(ink, log_px)["most_ink_rank"] == 9
-
-
 def test_numbers_in_the_text_are_the_metrics(reports, quick_outputs):
     text = reports["ex1"]
     c = metrics(quick_outputs, "sup_classification")
