@@ -461,7 +461,7 @@ def apml_values(m: dict) -> dict:
 
     gains = ans["vae_gains_over_ppca"]
     angles = p["ppca_comparison"]["subspace_angles_deg"]
-    errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc), ("VAE, M = 2", vae)]
+    errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc), ("VAE, 2-D latent", vae)]
     return {
         "quick": bool(p["args"]["quick"]),
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",

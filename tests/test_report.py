@@ -346,6 +346,7 @@ def test_no_semicolon_is_swallowed_after_an_embedded_expression():
     for name in ("ex1.typ", "apml_lab.typ"):
         text = (ROOT / "report" / name).read_text()
         assert re.findall(r"\][ \t]*;", text) == [], name
+        assert re.findall(r"#[a-z_][\w.]*;", text) == [], name        # `#v.key;` too
 
 
 def test_every_figure_and_table_is_captioned_labelled_and_cited():
