@@ -153,6 +153,26 @@ def judge_priors(classifier, decoder, amortized, latent_dim, device):
     return quality
 
 
+# Mid-grey: neither background (-1) nor stroke (+1) on the [-1, 1] scale. Blur spreads a stroke
+# into grey, so the share of such pixels measures blur without asking the classifier.
+GREY_LOW, GREY_HIGH = -0.8, 0.8
+
+
+def grey_share(images) -> float:
+    return ((images > GREY_LOW) & (images < GREY_HIGH)).double().mean().item()
+
+
+def grey_shares(decoder, amortized, real, latent_dim, device) -> dict:
+    """Q3's samples judged without the classifier: the share of mid-grey pixels in the same
+    1,000 prior samples through each final generator, and in 1,000 real validation images."""
+    z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim, utils.QUALITY_SEED).to(device)
+    with torch.no_grad():
+        shares = {"latent_opt": grey_share(decoder(z)), "real": grey_share(real[:len(z)])}
+        if amortized is not None:
+            shares["amortized"] = grey_share(amortized.decoder(z))
+    return shares
+
+
 def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with_amortized):
     epochs = list(range(1, len(history["train_loss"]) + 1))
     utils.plot_curves(out / "loss_curves.png", {
@@ -173,7 +193,8 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
                           (["amortized"] if with_amortized else []) + ["latent opt."], width=4.4)
 
 
-def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None) -> dict:
+def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None,
+                grey=None) -> dict:
     """Q3's answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
     the table's mu_i) reconstruct the same training images better; better_decoder: whose
     decoder reconstructs better when both get the same latent fit (the budget taken out);
@@ -183,12 +204,16 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
     (a moment-matched KL under 0.05 nats per latent dimension); codes_overlap: whether the
     q_i overlap more than they are spread (their means vary less, per dimension on average,
     than each q_i's own variance), so that the decoder, trained on draws from them, sees the
-    codes of different images in the same place and learns what those images share."""
+    codes of different images in the same place and learns what those images share;
+    samples_greyer: whether the latent-optimization samples hold more mid-grey pixels (blur)
+    than the amortized ones, a measure that does not use the classifier."""
     verdicts = {"better_q": None, "better_decoder": None, "prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
                 else aggregate_kl < 0.05 * latent_dim,
                 "codes_overlap": None if aggregate is None
-                else aggregate["mu_variance_mean"] < aggregate["sigma2_mean"]}
+                else aggregate["mu_variance_mean"] < aggregate["sigma2_mean"],
+                "samples_greyer": None if not grey or "amortized" not in grey
+                else grey["latent_opt"] > grey["amortized"]}
     if "amortized" in same:
         a, lo = same["amortized"], same["latent_opt"]
         verdicts["better_q"] = ("amortized" if a["proposed_train"] < lo["proposed_train"]
@@ -354,13 +379,16 @@ def main(run: utils.Run, argv=None):
         "same_budget": same, "same_budget_images": {**same_images, "steps": args.fit_steps},
         # Q3's prior question: samples judged by the Part 1 classifier, and how far the latents
         # the decoder was trained on are from N(0, I).
-        "sample_quality": quality, **latent_statistics(table_mu, table_logvar, args.latent_dim),
+        "sample_quality": quality,
+        "grey_share": grey_shares(decoder, amortized, data["val_x"], args.latent_dim, device),
+        **latent_statistics(table_mu, table_logvar, args.latent_dim),
         "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
         "latent_dim": args.latent_dim, "wall_seconds": utils.wall_seconds(),
         "device": str(device), "args": vars(args),
     }
     metrics["verdicts"] = q3_verdicts(same, quality, metrics["aggregate_posterior_kl"],
-                                      args.latent_dim, metrics["aggregate_posterior"])
+                                      args.latent_dim, metrics["aggregate_posterior"],
+                                      metrics["grey_share"])
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")

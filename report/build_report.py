@@ -298,6 +298,10 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
                        "am_fitted_train": num(s["fitted_train"], 4),
                        "am_fitted_val": num(s["fitted_val"], 4)})
     quality = lo.get("sample_quality") or {}
+    grey = latent_opt.get("grey_share", {})
+    if "amortized" in grey:
+        values["grey"] = {k: pct(v, 0) for k, v in grey.items()}
+        values["grey_lo_more"] = verdicts.get("samples_greyer")
     lo_q, am_q = quality.get("latent_opt"), quality.get("amortized")
     if lo_q and am_q:
         lo_top = top_digit(lo_q)

@@ -93,6 +93,18 @@ def test_q3_codes_overlap_when_means_vary_less_than_each_q(mu_variance, overlap)
     assert vae_latent_opt.q3_verdicts({}, None)["codes_overlap"] is None
 
 
+@pytest.mark.parametrize("lo_grey, greyer", [(0.201, True), (0.2, False), (0.199, False)])
+def test_q3_samples_are_greyer_only_above_the_amortized_share(lo_grey, greyer):
+    grey = {"latent_opt": lo_grey, "amortized": 0.2, "real": 0.1}
+    assert vae_latent_opt.q3_verdicts({}, None, grey=grey)["samples_greyer"] is greyer
+    assert vae_latent_opt.q3_verdicts({}, None, grey={"latent_opt": 0.3})["samples_greyer"] is None
+
+
+def test_grey_share_counts_pixels_strictly_between_background_and_stroke():
+    images = torch.tensor([-1.0, -0.8, -0.79, 0.0, 0.79, 0.8, 1.0, 1.0])   # 3 of 8 mid-grey
+    assert vae_latent_opt.grey_share(images) == pytest.approx(3 / 8)
+
+
 def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
     out = quick_outputs / "vae_latent_opt"
     m = metrics(out)
