@@ -174,10 +174,16 @@ class LabVAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-def sq_error(x, recon, labels):
-    """The lab's measure: squared error summed over pixels, averaged over images; per digit too."""
+def sq_error(x, recon, labels) -> dict:
+    """The lab's measure: squared error summed over pixels, averaged over images; per digit too,
+    with each digit's standard error (its images' standard deviation over sqrt(n)), so that a
+    ranking of digits can tell real differences from near-ties."""
     err = (x.double() - recon.double()).pow(2).sum(1)
-    return err.mean().item(), {str(d): err[labels == d].mean().item() for d in range(10)}
+    per = {str(d): err[labels == d] for d in range(10)}
+    return {"test_sq_error": err.mean().item(),
+            "test_sq_error_per_digit": {d: e.mean().item() for d, e in per.items()},
+            "test_sq_error_se_per_digit": {d: (e.std() / len(e) ** 0.5).item()
+                                           for d, e in per.items()}}
 
 
 def shrinkage_error(x, mean, evals, evecs, m: int = LATENT) -> float:
@@ -319,8 +325,7 @@ def pca_answers(train_x, test_x, test_y):
     v = evecs[:, :LATENT]
     z = pca_encode(test_x, mean, v)
     recon = pca_decode(z, mean, v)
-    err, per_digit = sq_error(test_x, recon, test_y)
-    return ({"test_sq_error": err, "test_sq_error_per_digit": per_digit,
+    return ({**sq_error(test_x, recon, test_y),
              "explained_variance": (evals[:LATENT].sum() / evals.sum()).item()},
             z, recon, (mean, evals, evecs))
 
@@ -341,9 +346,8 @@ def ppca_answers(train_x, test_x, test_y, eigen, fit_args):
     for name, (w, mu, log_sigma2) in params.items():
         z_post, cov_post = ppca_posterior(t64, w, mu, log_sigma2)
         posterior[name] = (z_post, z_post @ w.T + mu)        # codes, decoded posterior means
-        err, per_digit = sq_error(test_x, posterior[name][1], test_y)
         results[name] = {
-            "test_sq_error": err, "test_sq_error_per_digit": per_digit,
+            **sq_error(test_x, posterior[name][1], test_y),
             "test_log_likelihood": ppca_log_likelihood(t64, w, mu, log_sigma2).mean().item(),
             "train_log_likelihood": ppca_log_likelihood(x64, w, mu, log_sigma2).mean().item(),
             "sigma2": log_sigma2.exp().item(),
@@ -390,8 +394,7 @@ def vae_answers(lab_vae, test_x, test_y, device):
     test_elbo = torch.cat([lab_vae.elbo(b) for b in td.split(2000)]).mean().item()
     z = torch.cat([lab_vae.encode(b)[0] for b in td.split(2000)]).cpu()
     recon = torch.cat([lab_vae.decode(b.to(device)) for b in z.split(2000)]).cpu()
-    err, per_digit = sq_error(test_x, recon, test_y)
-    return ({"test_sq_error": err, "test_sq_error_per_digit": per_digit, "test_elbo": test_elbo,
+    return ({**sq_error(test_x, recon, test_y), "test_elbo": test_elbo,
              "sigma2": lab_vae.log_sigma2.exp().item()}, z, recon)
 
 
@@ -493,7 +496,9 @@ def plot_error_bars(path, results):
     width = 0.2
     for k, name in enumerate(names):
         vals = [results[name]["test_sq_error_per_digit"][str(d)] for d in range(10)]
-        ax.bar(np.arange(10) + (k - 1.5) * width, vals, width, label=labels[name])
+        ses = [results[name]["test_sq_error_se_per_digit"][str(d)] for d in range(10)]
+        ax.bar(np.arange(10) + (k - 1.5) * width, vals, width, yerr=ses, capsize=1,
+               error_kw={"lw": 0.6}, label=labels[name])
     ax.set_xticks(range(10))
     ax.set_xlabel("digit")
     ax.set_ylabel("squared error per image")

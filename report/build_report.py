@@ -470,6 +470,8 @@ def apml_values(m: dict) -> dict:
         "quick": bool(p["args"]["quick"]),
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
+        "se_range": " to ".join(num(f(r["test_sq_error_se_per_digit"].values()), 1)
+                                for f in (min, max) for r in [pca]),
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
         "ink_corr": num(ans["pca_ink_correlation"]), "ink1": num(ink["1"], 0),

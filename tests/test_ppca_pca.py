@@ -326,3 +326,17 @@ def test_labels_cover_no_point_and_no_other_label():
     assert (spots >= radius).all() and (spots <= 400 - radius).all()
     far = ppca_pca.label_positions(marks[:1], np.array([[1e6, 1e6]]), box, radius)  # a free mark
     assert abs(far - marks[:1]).max() <= radius / 4
+
+
+def test_squared_error_per_digit_with_its_standard_error_matches_numpy():
+    gen = torch.Generator().manual_seed(6)
+    x, recon = torch.rand(200, 5, generator=gen), torch.rand(200, 5, generator=gen)
+    labels = torch.arange(200) % 10
+    result = ppca_pca.sq_error(x, recon, labels)
+    err = ((x - recon).double() ** 2).sum(1).numpy()
+    assert result["test_sq_error"] == pytest.approx(err.mean())
+    for d in range(10):
+        own = err[labels.numpy() == d]
+        assert result["test_sq_error_per_digit"][str(d)] == pytest.approx(own.mean())
+        assert result["test_sq_error_se_per_digit"][str(d)] == pytest.approx(
+            own.std(ddof=1) / np.sqrt(len(own)))
