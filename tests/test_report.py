@@ -349,6 +349,12 @@ def test_no_semicolon_is_swallowed_after_an_embedded_expression():
         assert re.findall(r"#[a-z_][\w.]*;", text) == [], name        # `#v.key;` too
 
 
+def test_no_straight_apostrophe_after_a_digit():
+    """Typst sets `1's` with a prime-like mark after a digit (Part 1´s): write `1’s`."""
+    for name in ("ex1.typ", "apml_lab.typ"):
+        assert re.findall(r"\d's", (ROOT / "report" / name).read_text()) == [], name
+
+
 def test_every_figure_and_table_is_captioned_labelled_and_cited():
     """A grader meets every figure and table by its number: each has a caption and a label, and
     the text cites each label at least once."""
