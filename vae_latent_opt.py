@@ -130,13 +130,25 @@ def same_budget(decoder, x, n_train, proposed_train, proposed_val, fit) -> dict:
     method."""
     mu, _ = fit(decoder, x)
 
-    def mse(m, images):
-        return vae_model.reconstruction_mse(decoder, m, images)
+    @torch.no_grad()
+    def mse(m, images):                 # per image, the mean over its pixels
+        return (decoder(m) - images).pow(2).flatten(1).mean(1).double().cpu()
 
-    return {"proposed_train": mse(proposed_train, x[:n_train]),
-            "proposed_val": None if proposed_val is None else mse(proposed_val, x[n_train:]),
-            "fitted_train": mse(mu[:n_train], x[:n_train]),
-            "fitted_val": mse(mu[n_train:], x[n_train:])}
+    per_image = {"proposed_train": mse(proposed_train, x[:n_train]),
+                 "fitted_train": mse(mu[:n_train], x[:n_train]),
+                 "fitted_val": mse(mu[n_train:], x[n_train:])}
+    if proposed_val is not None:
+        per_image["proposed_val"] = mse(proposed_val, x[n_train:])
+    return {**{k: v.mean().item() for k, v in per_image.items()},
+            "proposed_val": None if proposed_val is None else per_image["proposed_val"].mean().item(),
+            "per_image": per_image}
+
+
+def paired_difference(a, b) -> dict:
+    """Mean of a - b over the same images, and its standard error (the differences' standard
+    deviation over sqrt(n)): whether two methods differ by more than chance on these images."""
+    diff = a - b
+    return {"mean": diff.mean().item(), "se": (diff.std() / len(diff) ** 0.5).item()}
 
 
 def judge_priors(classifier, decoder, amortized, latent_dim, device):
@@ -280,6 +292,11 @@ def same_budget_comparison(decoder, table_mu, amortized, data, per_digit, fit, d
             encoded = amortized.encoder(x)[0]
         same["amortized"] = same_budget(amortized.decoder, x, n_train, encoded[:n_train],
                                         encoded[n_train:], fit)
+    per_image = {method: errors.pop("per_image") for method, errors in same.items()}
+    if amortized is not None:           # latent optimization minus amortized, image by image
+        same["paired"] = {k: paired_difference(per_image["latent_opt"][k],
+                                               per_image["amortized"][k])
+                          for k in ("proposed_train", "fitted_train", "fitted_val")}
     return same, {"train": n_train, "val": len(x) - n_train}
 
 

@@ -291,6 +291,9 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
     if "lo_agg" in values and "am_agg" in values:
         values["kl_dim_ratio"] = num(values["am_agg"]["kl_dim_x"]
                                      / max(values["lo_agg"]["kl_dim_x"], 1e-12), 0)
+    if "paired" in same:            # latent optimization minus amortized, image by image
+        values["paired"] = {k: dict(zip(("mean", "se"), with_se(v["mean"], v["se"], sign=True)))
+                            for k, v in same["paired"].items()}
     if "amortized" in same:
         s = same["amortized"]
         values.update({"am_proposed": num(s["proposed_train"], 4),

@@ -100,6 +100,15 @@ def test_q3_samples_are_greyer_only_above_the_amortized_share(lo_grey, greyer):
     assert vae_latent_opt.q3_verdicts({}, None, grey={"latent_opt": 0.3})["samples_greyer"] is None
 
 
+def test_paired_difference_is_the_mean_and_standard_error_of_the_differences():
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.rand(50, generator=gen).double(), torch.rand(50, generator=gen).double()
+    result = vae_latent_opt.paired_difference(a, b)
+    diff = (a - b).numpy()
+    assert result["mean"] == pytest.approx(diff.mean())
+    assert result["se"] == pytest.approx(diff.std(ddof=1) / len(diff) ** 0.5)
+
+
 def test_grey_share_counts_pixels_strictly_between_background_and_stroke():
     images = torch.tensor([-1.0, -0.8, -0.79, 0.0, 0.79, 0.8, 1.0, 1.0])   # 3 of 8 mid-grey
     assert vae_latent_opt.grey_share(images) == pytest.approx(3 / 8)
