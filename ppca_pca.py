@@ -453,16 +453,15 @@ def plot_encodings(path, encodings, labels):
     plt = utils.pyplot()
     labels = labels.numpy()
     encodings = {name: z.double().numpy() for name, z in encodings.items()}
-
-    def digit_means(z):
-        return np.stack([z[labels == d].mean(0) for d in range(10)])
+    means = {name: np.stack([z[labels == d].mean(0) for d in range(10)])
+             for name, z in encodings.items()}
 
     fig, axes = plt.subplots(1, len(encodings), figsize=(utils.PAGE_WIDTH, 2.6))
     order = np.random.default_rng(0).permutation(len(labels))   # no digit drawn over all others
     for ax, (name, z) in zip(axes, encodings.items()):
         sc = ax.scatter(z[order, 0], z[order, 1], c=labels[order], cmap="tab10", s=1.5,
                         alpha=0.6, vmin=-0.5, vmax=9.5, rasterized=True)
-        ax.scatter(*digit_means(z).T, marker="x", s=12, c="black", lw=0.8, zorder=3)
+        ax.scatter(*means[name].T, marker="x", s=12, c="black", lw=0.8, zorder=3)
         ax.set_title(name)
         ax.set_xlabel("z1")
         ax.set_ylabel("z2")
@@ -474,13 +473,13 @@ def plot_encodings(path, encodings, labels):
     fig.canvas.draw()
     fig.set_layout_engine("none")
     radius = 6.0 * fig.dpi / 72           # a 7 pt digit in a round badge, in display pixels
-    for ax, z in zip(axes, encodings.values()):
-        means = digit_means(z)
+    for ax, (name, z) in zip(axes, encodings.items()):
         to_px, bbox = ax.transData, ax.get_window_extent()
-        spots = label_positions(to_px.transform(means), to_px.transform(np.vstack([z, means])),
+        spots = label_positions(to_px.transform(means[name]),
+                                to_px.transform(np.vstack([z, means[name]])),
                                 bbox.get_points(), radius)
         for d, spot in enumerate(to_px.inverted().transform(spots)):
-            ax.annotate(str(d), means[d], xytext=spot, fontsize=7, weight="bold", ha="center",
+            ax.annotate(str(d), means[name][d], xytext=spot, fontsize=7, weight="bold", ha="center",
                         va="center", zorder=4, bbox={"boxstyle": "circle,pad=0.12", "fc": "white"},
                         arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "black",
                                     "shrinkA": 0, "shrinkB": 2})

@@ -135,12 +135,10 @@ def same_budget(decoder, x, n_train, proposed_train, proposed_val, fit) -> dict:
         return (decoder(m) - images).pow(2).flatten(1).mean(1).double().cpu()
 
     per_image = {"proposed_train": mse(proposed_train, x[:n_train]),
+                 "proposed_val": None if proposed_val is None else mse(proposed_val, x[n_train:]),
                  "fitted_train": mse(mu[:n_train], x[:n_train]),
                  "fitted_val": mse(mu[n_train:], x[n_train:])}
-    if proposed_val is not None:
-        per_image["proposed_val"] = mse(proposed_val, x[n_train:])
-    return {**{k: v.mean().item() for k, v in per_image.items()},
-            "proposed_val": None if proposed_val is None else per_image["proposed_val"].mean().item(),
+    return {**{k: None if v is None else v.mean().item() for k, v in per_image.items()},
             "per_image": per_image}
 
 
@@ -151,18 +149,23 @@ def paired_difference(a, b) -> dict:
     return {"mean": diff.mean().item(), "se": (diff.std() / len(diff) ** 0.5).item()}
 
 
-def judge_priors(classifier, decoder, amortized, latent_dim, device):
-    """The same 1,000 prior latents through both final generators, judged by Part 1's
-    classifier (None without it)."""
-    if classifier is None:
-        return None
+@torch.no_grad()
+def prior_samples(decoder, amortized, latent_dim, device) -> dict:
+    """The same 1,000 prior latents (Q2's) through both final generators, by method."""
     z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
                                 utils.QUALITY_SEED).to(device)
-    with torch.no_grad():
-        quality = {"latent_opt": utils.classify_samples(classifier, decoder(z))}
-        if amortized is not None:
-            quality["amortized"] = utils.classify_samples(classifier, amortized.decoder(z))
-    return quality
+    samples = {"latent_opt": decoder(z)}
+    if amortized is not None:
+        samples["amortized"] = amortized.decoder(z)
+    return samples
+
+
+def judge_priors(classifier, samples: dict):
+    """Both generators' prior samples judged by Part 1's classifier (None without it)."""
+    if classifier is None:
+        return None
+    return {method: utils.classify_samples(classifier, images)
+            for method, images in samples.items()}
 
 
 # Mid-grey: neither background (-1) nor stroke (+1) on the [-1, 1] scale. Blur spreads a stroke
@@ -174,15 +177,11 @@ def grey_share(images) -> float:
     return ((images > GREY_LOW) & (images < GREY_HIGH)).double().mean().item()
 
 
-def grey_shares(decoder, amortized, real, latent_dim, device) -> dict:
-    """Q3's samples judged without the classifier: the share of mid-grey pixels in the same
-    1,000 prior samples through each final generator, and in 1,000 real validation images."""
-    z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim, utils.QUALITY_SEED).to(device)
-    with torch.no_grad():
-        shares = {"latent_opt": grey_share(decoder(z)), "real": grey_share(real[:len(z)])}
-        if amortized is not None:
-            shares["amortized"] = grey_share(amortized.decoder(z))
-    return shares
+def grey_shares(samples: dict, real) -> dict:
+    """Q3's samples judged without the classifier: the share of mid-grey pixels in each
+    generator's prior samples, and in as many real validation images."""
+    return {**{method: grey_share(images) for method, images in samples.items()},
+            "real": grey_share(real[:len(samples["latent_opt"])])}
 
 
 def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with_amortized):
@@ -388,7 +387,8 @@ def main(run: utils.Run, argv=None):
         functools.partial(fit_latents, steps=args.fit_steps, lr=args.fit_lr, init_seed=args.seed))
     prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_val, args.seed)
     plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)
-    quality = judge_priors(classifier, decoder, amortized, args.latent_dim, device)
+    samples = prior_samples(decoder, amortized, args.latent_dim, device)
+    quality = judge_priors(classifier, samples)
 
     metrics = {
         **history, "snapshot_epochs": snapshots, "final_train": final_train,
@@ -397,7 +397,7 @@ def main(run: utils.Run, argv=None):
         # Q3's prior question: samples judged by the Part 1 classifier, and how far the latents
         # the decoder was trained on are from N(0, I).
         "sample_quality": quality,
-        "grey_share": grey_shares(decoder, amortized, data["val_x"], args.latent_dim, device),
+        "grey_share": grey_shares(samples, data["val_x"]),
         **latent_statistics(table_mu, table_logvar, args.latent_dim),
         "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
         "latent_dim": args.latent_dim, "wall_seconds": utils.wall_seconds(),

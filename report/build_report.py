@@ -91,13 +91,6 @@ def with_se(mean: float, se: float, sign: bool = False) -> tuple:
     return num(mean, decimals, sign=sign), num(se, decimals)
 
 
-def decimals_to_tell_apart(a: float, b: float, least: int = 4, most: int = 9) -> int:
-    """Decimals enough that two close numbers print differently (their difference's first
-    digit shows), within [least, most]."""
-    diff = abs(a - b)
-    return least if diff == 0 else min(most, max(least, math.ceil(-math.log10(diff))))
-
-
 def sig(x, figures: int = 2) -> str:
     """x with `figures` significant figures (never a string of zeros: 3e-6 -> '0.0000030')."""
     if x == 0 or not math.isfinite(x):
@@ -468,13 +461,13 @@ def apml_values(m: dict) -> dict:
 
     gains = ans["vae_gains_over_ppca"]
     angles = p["ppca_comparison"]["subspace_angles_deg"]
+    pca_se = pca["test_sq_error_se_per_digit"].values()
     errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc), ("VAE, 2-D latent", vae)]
     return {
         "quick": bool(p["args"]["quick"]),
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
-        "se_range": " to ".join(num(f(r["test_sq_error_se_per_digit"].values()), 1)
-                                for f in (min, max) for r in [pca]),
+        "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
         "ink_corr": num(ans["pca_ink_correlation"]), "ink1": num(ink["1"], 0),
@@ -485,10 +478,6 @@ def apml_values(m: dict) -> dict:
         "init": pg["initialization"], "rule": stopping_rule(p["args"]), "iterations": f"{pg['iterations']:,}",
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
-        # one decimal more than tells them apart: the printed values give their difference to
-        # two figures, as the relative difference beside them does
-        "sigma2_grad": num(pg["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
-        "sigma2_closed": num(pc["sigma2"], decimals_to_tell_apart(pg["sigma2"], pc["sigma2"]) + 1),
         "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
         "sigma2_ppca": sig(pc["sigma2"], 3),       # beside the VAE's, where 3 figures suffice
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
