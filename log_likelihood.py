@@ -554,11 +554,11 @@ def plot_per_digit(path, per_digit):
            error_kw={"lw": 0.8}, label="Eq. 9")
     ax.set_xticks(d)
     ax.set_xlabel("digit")
-    ax.set_ylabel("mean log p(x) [nats]")
+    ax.set_ylabel(r"mean $\log p(x)$ [nats]")
     ax.grid(axis="y", alpha=0.3)
     # The bars hang down from 0 to about -400: the legend goes above the axes, never on a bar.
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=7,
-              title="bars: mean; whiskers: \u00b1 1 standard error", title_fontsize=7)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False,
+              title="bars: mean; whiskers: \u00b1 1 standard error", title_fontsize=8)
     utils.save_figure(fig, path)
 
 
@@ -580,14 +580,14 @@ def plot_convergence(path, convergence, num_samples):
         ax.set_yscale("symlog", linthresh=1.0)
         # plain numbers (-100, -10, 0, 10) at the body text's size, not small powers of ten
         ax.yaxis.set_major_formatter(lambda value, _: f"{value:,.0f}".replace("-", "\u2212"))
-        ax.tick_params(labelsize=8)
+        ax.set_ymargin(0.08)              # the extreme points whole, not cut by the frame
         ax.set_xlabel("importance samples M")
+        ax.set_ylabel("estimate minus reference [nats]")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("estimate minus reference [nats]")
     # Beside the axes, not on them: the lines may end anywhere in the panel.
     axes[1].legend(title="digit", ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5),
-                   fontsize=7, title_fontsize=7, frameon=False)
+                   title_fontsize=8, frameon=False)
     utils.save_figure(fig, path)
 
 

@@ -277,17 +277,22 @@ def vae_evaluate(decoder, posterior, x, batch_size=500, **loss_kwargs):
     """The loss of Eq. 5/6 with a sampled z (and its mse and kl parts), and the reconstruction
     MSE with the mean of q, from one pass over x. posterior(idx, x[idx]) -> (mu, logvar) is the
     encoder (amortized, Eq. 5) or a lookup in per-image latent tables (latent optimization,
-    Eq. 6). Averages over images."""
-    sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0, "recon_mse": 0.0}
+    Eq. 6). Averages over images, and the reconstruction MSE's standard error over them (so
+    that training and validation images can be compared)."""
+    sums = {"loss": 0.0, "mse": 0.0, "kl": 0.0}
+    recon = []
     for idx in torch.arange(len(x), device=x.device).split(batch_size):
         xb = x[idx]
         mu, logvar = posterior(idx, xb)
         loss, mse, kl = vae_loss(xb, decoder(reparameterize(mu, logvar)), mu, logvar,
                                  **loss_kwargs)
-        recon = F.mse_loss(decoder(mu), xb)
-        for key, value in zip(sums, (loss, mse, kl, recon)):
+        recon.append(F.mse_loss(decoder(mu), xb, reduction="none").flatten(1).mean(1).double())
+        for key, value in zip(sums, (loss, mse, kl)):
             sums[key] += value.item() * len(xb)
-    return {key: value / len(x) for key, value in sums.items()}
+    recon = torch.cat(recon)
+    return {**{key: value / len(x) for key, value in sums.items()},
+            "recon_mse": recon.mean().item(),
+            "recon_mse_se": (recon.std() / len(recon) ** 0.5).item() if len(recon) > 1 else 0.0}
 
 
 @torch.no_grad()

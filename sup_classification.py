@@ -114,7 +114,7 @@ def main(run: utils.Run, argv=None):
     utils.plot_curves(out / "val_curves.png", {
         "cross-entropy loss": {"validation": (epochs, history["val_loss"]),
                                "training": (epochs, history["train_loss"])},
-        "validation accuracy": {"validation": (epochs, history["val_accuracy"])},
+        "validation accuracy [%]": {"validation": (epochs, [100 * a for a in history["val_accuracy"]])},
     }, width=5.0, legend_loc="upper right")    # short labels keep it clear of epoch 1, top left
     metrics = {
         **history,

@@ -434,7 +434,7 @@ def classify_samples(classifier, images) -> dict:
 
 
 # Figures are drawn at the size the reports show them (Typst places a PNG at its own size), so
-# their 7 to 8 pt text stays 7 to 8 pt on the page: a full text width, and half of it, in inches.
+# their 8 pt text stays 8 pt on the page: a full text width, and half of it, in inches.
 PAGE_WIDTH, HALF_WIDTH = 6.7, 3.3
 
 
@@ -445,7 +445,7 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
-                         "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
+                         "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8,
                          "figure.constrained_layout.use": True, "savefig.dpi": 200})
     return plt
 
@@ -457,22 +457,32 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = PAGE_WIDTH,
-                height: float = 2.1, log_panels=(), legend_loc: str = "best") -> None:
+                height: float = 2.1, log_panels=(), legend_loc: str = "best", dashed=()) -> None:
     """One subplot per panel, a panel being {ylabel: {series label: (x, y)}}; the panels named
-    in log_panels get a logarithmic y axis; legend_loc puts the legends where no curve runs."""
+    in log_panels get a logarithmic y axis; legend_loc puts the legends where no curve runs
+    ("above": one legend for all panels over them, outside the axes, where no curve can run).
+    A series label keeps its colour in every panel; the labels in `dashed` are drawn dashed, so
+    that a curve they overlap still shows."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+    colours = {}
     for ax, (ylabel, series) in zip(axes[0], panels.items()):
         for label, (x, y) in series.items():
-            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label)
+            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label,
+                    color=colours.setdefault(label, f"C{len(colours)}"),
+                    linestyle="--" if label in dashed else "-")
         if ylabel in log_panels:
             ax.set_yscale("log")
         if xlabel == "epoch":                   # whole epochs only (no tick at epoch 2.5)
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 and legend_loc != "above":
             ax.legend(loc=legend_loc)
+    if legend_loc == "above":
+        handles = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(handles.values(), handles.keys(), loc="outside upper center", ncol=len(handles),
+                   frameon=False)
     save_figure(fig, path)
 
 
@@ -498,7 +508,8 @@ def plot_image_rows(path: Path, rows: list, row_labels: list, col_labels=None, c
     epoch, say), labelled on the left; column labels on top, or a title over every image
     (cell_titles, one list of strings per row)."""
     n_cols, cell = len(rows[0]), 30                     # 28 pixels + 2 of padding
-    label_in = 0.75 if max(len(str(label)) for label in row_labels) > 8 else 0.5
+    # room for the longest row label at 8 pt (up to 0.075 in a character), at least half an inch
+    label_in = max(0.5, 0.075 * max(len(str(label)) for label in row_labels) + 0.1)
     row_h = (width - label_in) / n_cols
     plt = pyplot()
     if cell_titles is None:                 # one picture; column labels on top

@@ -115,15 +115,18 @@ def plot_loss_curves(path, history, monitor, loss, sigma_p) -> None:
     loss_name = ("loss (Eq. 5: MSE + mean KL)" if loss == "exercise"
                  else f"negative ELBO, sigma_p = {sigma_p:g} [nats]")
     epochs = list(range(1, len(history["train_loss"]) + 1))
-    val, train = f"validation ({len(monitor['val']):,})", f"train ({len(monitor['train']):,})"
+    # Two protocols, told apart in the legend (the caption says how): the training loss averaged
+    # over the epoch's minibatches as it trains, and fixed images scored after the epoch (the
+    # middle panel scores training and validation images alike).
+    val = f"validation ({len(monitor['val']):,} images)"
+    train, running = f"training ({len(monitor['train']):,} images)", "training (epoch average)"
     utils.plot_curves(path, {
-        loss_name: {"train (running)": (epochs, history["train_loss"]),
-                    val: (epochs, history["val_loss"])},
+        loss_name: {running: (epochs, history["train_loss"]), val: (epochs, history["val_loss"])},
         "reconstruction MSE (mean of q)": {train: (epochs, history["train_recon_mse"]),
                                            val: (epochs, history["val_recon_mse"])},
-        "KL per latent dimension": {"train (running)": (epochs, history["train_kl"]),
+        "KL per latent dimension": {running: (epochs, history["train_kl"]),
                                     val: (epochs, history["val_kl"])},
-    })
+    }, height=2.3, legend_loc="above", dashed=(val,))
 
 
 def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, device) -> dict:
@@ -173,13 +176,15 @@ def classifier_baselines(classifier, train_x, val_x, seed: int) -> dict:
 def reconstructions_read_by_classifier(classifier, vae, x, labels) -> dict:
     """Q1: does a reconstruction still show the digit it came from? The share of reconstructions
     G(mu(x)) that the Part 1 classifier reads as the true digit (the originals' share beside it),
-    and the predicted digit of each reconstruction."""
+    and the predicted digit of each reconstruction; the share's binomial standard error
+    sqrt(p (1 - p) / n) over the n images, so that training and validation can be compared."""
     recon = torch.cat([vae.reconstruct(b) for b in x.split(500)])
     predicted = torch.cat([classifier(b).argmax(1) for b in recon.split(500)]).cpu()
     original = torch.cat([classifier(b).argmax(1) for b in x.split(500)]).cpu()
     labels = labels.cpu()
-    return {"accuracy": float((predicted == labels).double().mean()),
-            "original_accuracy": float((original == labels).double().mean()),
+    share = float((predicted == labels).double().mean())
+    return {"accuracy": share, "accuracy_se": math.sqrt(share * (1 - share) / len(labels)),
+            "images": len(labels), "original_accuracy": float((original == labels).double().mean()),
             "predicted": predicted.tolist()}
 
 
@@ -196,8 +201,15 @@ def reconstructions_read(classifier, out, snapshots, vae, data, show_val_x, devi
     for split, x, y in (("train", data["train_x"], data["train_y"]),
                         ("val", data["val_x"], data["val_y"])):
         result = reconstructions_read_by_classifier(classifier, vae, x, y)
-        read[split] = {k: result[k] for k in ("accuracy", "original_accuracy")}
+        read[split] = {k: result[k] for k in ("accuracy", "accuracy_se", "images", "original_accuracy")}
+    read["train_val_tie"] = shares_tie(read["train"], read["val"])
     return read
+
+
+def shares_tie(a: dict, b: dict) -> bool:
+    """Q1: are two shares read right ({accuracy, accuracy_se}) within two standard errors of
+    their difference, so that neither set of images keeps its digits measurably more often?"""
+    return abs(a["accuracy"] - b["accuracy"]) < 2 * math.hypot(a["accuracy_se"], b["accuracy_se"])
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ training and validation images, separating the optimizer's budget from the metho
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -177,6 +178,32 @@ def grey_share(images) -> float:
     return ((images > GREY_LOW) & (images < GREY_HIGH)).double().mean().item()
 
 
+def grey_per_image(images) -> torch.Tensor:
+    """Each image's share of mid-grey pixels."""
+    return ((images > GREY_LOW) & (images < GREY_HIGH)).double().flatten(1).mean(1)
+
+
+def not_greyer(a: dict, b: dict) -> bool:
+    """Are images `a` ({share, se}) no greyer than `b`: not above them by two standard errors
+    of the difference or more?"""
+    return a["share"] - b["share"] < 2 * math.hypot(a["se"], b["se"])
+
+
+@torch.no_grad()
+def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed: int) -> dict:
+    """Q3's prior tested directly: does the decoder render prior draws as well as draws from
+    the latents it was trained on (the aggregate posterior: the q_i of a random training image)?
+    As many draws of each, judged by their mid-grey share per image (mean, standard error)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(table_mu), (len(prior_images),), generator=gen).to(table_mu.device)
+    eps = torch.randn(len(prior_images), table_mu.shape[1], generator=gen).to(table_mu.device)
+    z = table_mu[pick] + (0.5 * table_logvar[pick]).exp() * eps
+    result = {name: {"share": g.mean().item(), "se": (g.std() / len(g) ** 0.5).item()}
+              for name, g in (("prior", grey_per_image(prior_images)),
+                              ("aggregate", grey_per_image(decoder(z))))}
+    return {**result, "prior_not_greyer": not_greyer(result["prior"], result["aggregate"])}
+
+
 def grey_shares(samples: dict, real) -> dict:
     """Q3's samples judged without the classifier: the share of mid-grey pixels in each
     generator's prior samples, and in as many real validation images."""
@@ -193,11 +220,11 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
         "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
     })
     labels = [f"epoch {e}" for e in snapshots]
+    amortized_row = ["Q1 amortized"] if with_amortized else []
     utils.plot_image_rows(out / "q3_reconstructions_train.png", rows_train,
-                          ["original"] + labels, col_labels=list(range(10)))
+                          ["original"] + labels + amortized_row, col_labels=list(range(10)))
     utils.plot_image_rows(out / "q3_reconstructions_val.png", rows_val,
-                          ["original"] + labels + (["Q1 amortized"] if with_amortized else []),
-                          col_labels=list(range(10)))
+                          ["original"] + labels + amortized_row, col_labels=list(range(10)))
     # Wider than half a page: the report sets it beside a narrower text column, so each digit
     # prints at about 1 cm.
     utils.plot_image_rows(out / "q3_prior_samples.png", prior_rows,
@@ -205,7 +232,7 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
 
 
 def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None,
-                grey=None) -> dict:
+                grey=None, versus=None) -> dict:
     """Q3's answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
     the table's mu_i) reconstruct the same training images better; better_decoder: whose
     decoder reconstructs better when both get the same latent fit (the budget taken out);
@@ -217,20 +244,31 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
     than each q_i's own variance), so that the decoder, trained on draws from them, sees the
     codes of different images in the same place and learns what those images share;
     samples_greyer: whether the latent-optimization samples hold more mid-grey pixels (blur)
-    than the amortized ones, a measure that does not use the classifier."""
+    than the amortized ones, a measure that does not use the classifier; encoder_nearer_best:
+    whether the encoder's proposals gain less from the same refit to their own decoder than
+    the learned mu_i do (the proposals compared without their decoders); blur_mostly_decoder:
+    whether more of the grey gap between the two generators' prior samples lies between the
+    amortized samples and this decoder's own training latents (the decoder's part) than between
+    those latents and prior draws (the prior's part), from prior_against_aggregate (`versus`)."""
     verdicts = {"better_q": None, "better_decoder": None, "prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
                 else aggregate_kl < 0.05 * latent_dim,
                 "codes_overlap": None if aggregate is None
                 else aggregate["mu_variance_mean"] < aggregate["sigma2_mean"],
                 "samples_greyer": None if not grey or "amortized" not in grey
-                else grey["latent_opt"] > grey["amortized"]}
+                else grey["latent_opt"] > grey["amortized"],
+                "blur_mostly_decoder": None if not versus or not grey or "amortized" not in grey
+                else (versus["aggregate"]["share"] - grey["amortized"]
+                      > versus["prior"]["share"] - versus["aggregate"]["share"])}
     if "amortized" in same:
         a, lo = same["amortized"], same["latent_opt"]
         verdicts["better_q"] = ("amortized" if a["proposed_train"] < lo["proposed_train"]
                                 else "latent_opt")
         verdicts["better_decoder"] = ("amortized" if a["fitted_train"] < lo["fitted_train"]
                                       else "latent_opt")
+        # the proposals alone: whose own q gains less from a refit to its own decoder
+        verdicts["encoder_nearer_best"] = (a["proposed_train"] - a["fitted_train"]
+                                           < lo["proposed_train"] - lo["fitted_train"])
     if quality is not None and "amortized" in quality:
         lo_q, a_q = quality["latent_opt"], quality["amortized"]
         good = (lo_q["mean_confidence"] >= a_q["mean_confidence"] - 0.05
@@ -300,14 +338,15 @@ def same_budget_comparison(decoder, table_mu, amortized, data, per_digit, fit, d
 
 
 @torch.no_grad()
-def beside_q1_and_q2(amortized, decoder, rows_val, seed: int):
+def beside_q1_and_q2(amortized, decoder, rows_train, rows_val, seed: int):
     """The rows that set Q3's figures beside Q1's and Q2's: the amortized VAE's reconstructions
-    of the validation images (appended to rows_val, whose first row holds them) and both
-    generators' samples from the same 10 prior latents as Q2's. Returns (prior rows, the
-    amortized reconstruction error of those images)."""
+    of the training and validation images (appended to rows_train and rows_val, whose first
+    rows hold them) and both generators' samples from the same 10 prior latents as Q2's.
+    Returns (prior rows, the amortized reconstruction error of the validation images)."""
     show_val_x, prior_rows, amortized_val10 = rows_val[0], [], None
     z_prior = vae_model.prior_latents(10, decoder.latent_dim, seed).to(show_val_x.device)
     if amortized is not None:
+        rows_train.append(amortized.reconstruct(rows_train[0]))
         rows_val.append(amortized.reconstruct(show_val_x))
         amortized_val10 = vae_model.reconstruction_mse(
             amortized.decoder, amortized.encoder(show_val_x)[0], show_val_x)
@@ -385,7 +424,7 @@ def main(run: utils.Run, argv=None):
     rows_train, rows_val, val_fit, same, same_images = fits_to_frozen_decoders(
         out, snapshots, decoder, table_mu, amortized, data, args.compare_per_digit,
         functools.partial(fit_latents, steps=args.fit_steps, lr=args.fit_lr, init_seed=args.seed))
-    prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_val, args.seed)
+    prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_train, rows_val, args.seed)
     plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)
     samples = prior_samples(decoder, amortized, args.latent_dim, device)
     quality = judge_priors(classifier, samples)
@@ -398,6 +437,8 @@ def main(run: utils.Run, argv=None):
         # the decoder was trained on are from N(0, I).
         "sample_quality": quality,
         "grey_share": grey_shares(samples, data["val_x"]),
+        "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
+                                                      samples["latent_opt"], utils.QUALITY_SEED),
         **latent_statistics(table_mu, table_logvar, args.latent_dim),
         "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
         "latent_dim": args.latent_dim, "wall_seconds": utils.wall_seconds(),
@@ -405,7 +446,7 @@ def main(run: utils.Run, argv=None):
     }
     metrics["verdicts"] = q3_verdicts(same, quality, metrics["aggregate_posterior_kl"],
                                       args.latent_dim, metrics["aggregate_posterior"],
-                                      metrics["grey_share"])
+                                      metrics["grey_share"], metrics["prior_vs_aggregate"])
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")

@@ -179,12 +179,15 @@ def q1_values(amortized: dict) -> dict:
     values = {
         "latent_dim": a["latent_dim"], "lr": f"{a['args']['lr']:g}", "epochs": a["args"]["epochs"],
         "batch": a["args"]["batch_size"], "train_images": f"{a['train_images']:,}",
+        "val_images": f"{a['args']['val_images']:,}",
         "monitor_train": f"{a['monitor_images']['train']:,}",
         "monitor_val": f"{a['monitor_images']['val']:,}",
         "loss_train": num(a["final_train"]["loss"], 4), "loss_val": num(a["final_val"]["loss"], 4),
         "recon_train": num(a["final_train"]["recon_mse"], 4),
         "recon_val": num(a["final_val"]["recon_mse"], 4),
         "recon_gap": num(100 * overfit["recon_gap"], 1, sign=True) + " %",
+        "recon_train_se": with_se(a["final_train"]["recon_mse"], a["final_train"]["recon_mse_se"]),
+        "recon_val_se": with_se(a["final_val"]["recon_mse"], a["final_val"]["recon_mse_se"]),
         "best_val_epoch": overfit["best_val_epoch"],
         "val_rise": num(100 * overfit["val_loss_rise"], 1) + " %",
         "verdict": overfit["verdict"], "steps": f"{a['steps']:,}",
@@ -195,14 +198,13 @@ def q1_values(amortized: dict) -> dict:
         "read": None}
     read = a.get("reconstructions_read")
     if read:
-        labels = read["shown_val_labels"]
-        last = read["shown_val"][str(a["snapshot_epochs"][-1])]
-        misread = [(t, p) for t, p in zip(labels, last) if t != p]
+        val, train = read["val"], read["train"]
         values["read"] = {
-            "val": pct(read["val"]["accuracy"], 1), "train": pct(read["train"]["accuracy"], 1),
-            "val_orig": pct(read["val"]["original_accuracy"], 1),
-            "misread_n": len(misread),
-            "misread": digit_list([f"{t} as {p}" for t, p in misread]) if misread else ""}
+            "val": pct(val["accuracy"], 1), "val_se": pct(val["accuracy_se"], 1),
+            "val_n": f"{val['images']:,}",
+            "train": pct(train["accuracy"], 1), "train_se": pct(train["accuracy_se"], 1),
+            "train_n": f"{train['images']:,}",
+            "val_orig": pct(val["original_accuracy"], 1), "same": read["train_val_tie"]}
     return values
 
 
@@ -258,6 +260,7 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
     lo, same, verdicts = latent_opt, latent_opt["same_budget"], latent_opt["verdicts"]
     values = {
         "lr": f"{lo['args']['lr']:g}", "latent_lr": f"{lo['args']['latent_lr']:g}",
+        "batch": lo["args"]["batch_size"],
         "epochs": lo["args"]["epochs"], "fit_steps": lo["args"]["fit_steps"],
         "fit_lr": f"{lo['args']['fit_lr']:g}",
         "loss_train": num(lo["final_train"]["loss"], 4),
@@ -267,9 +270,13 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "lo_fitted_train": num(same["latent_opt"]["fitted_train"], 4),
         "lo_fitted_val": num(same["latent_opt"]["fitted_val"], 4),
         "better_q": verdicts["better_q"], "better_decoder": verdicts["better_decoder"],
+        "encoder_nearer_best": verdicts.get("encoder_nearer_best"),
+        "blur_mostly_decoder": verdicts.get("blur_mostly_decoder"),
         "prior": verdicts["prior"],
         "agg_kl_lo": num(lo["aggregate_posterior_kl"], 1),
         "agg_kl_lo_dim": num(lo["aggregate_posterior_kl"] / lo["latent_dim"], 3),
+        # the same KL as a unit Gaussian's shift: KL(N(m, 1) || N(0, 1)) = m^2 / 2
+        "agg_kl_shift": num(math.sqrt(2 * lo["aggregate_posterior_kl"] / lo["latent_dim"])),
         "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
         "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
         "agg_kl_small": verdicts["aggregate_near_prior"],
@@ -293,6 +300,12 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
                        "am_proposed_val": num(s["proposed_val"], 4),
                        "am_fitted_train": num(s["fitted_train"], 4),
                        "am_fitted_val": num(s["fitted_val"], 4)})
+    versus = lo.get("prior_vs_aggregate")
+    values["vs_agg_ok"] = versus["prior_not_greyer"] if versus else None
+    if versus:                      # mid-grey share per image, in per cent, with its SE
+        values["vs_agg"] = {k: dict(zip(("share", "se"), with_se(100 * versus[k]["share"],
+                                                                 100 * versus[k]["se"])))
+                            for k in ("prior", "aggregate")}
     quality = lo.get("sample_quality") or {}
     grey = latent_opt.get("grey_share", {})
     if "amortized" in grey:
@@ -445,6 +458,45 @@ def both_ends(end: str, digits: list) -> dict:
     return {f"both_{end}": digit_list(digits) if digits else "", f"both_{end}_n": len(digits)}
 
 
+def ordinal(n: int) -> str:
+    return f"{n}" + ("th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th"))
+
+
+def tie_note(per: dict, se: dict, ties: list, end: list, parens: bool = True) -> str:
+    """' (3 ties with 8 within two standard errors)' for the digits just outside a ranking's
+    end that it cannot tell from the end's last digit ('; 3 ties ...' without parentheses);
+    '' when there are none."""
+    if not ties:
+        return ""
+    verb = "ties" if len(ties) == 1 else "tie"
+    note = f"{digit_list(ties)} {verb} with {end[-1]} within two standard errors"
+    return f" ({note})" if parens else f"; {note}"
+
+
+def survival(named: dict, lost: dict, order: list) -> dict:
+    """Which digits a method's reconstructions keep (by the nearest training image), with the
+    shares kept, and what the lost ones come back as most often, grouped by what they become."""
+    per = named["per_digit"]
+    kept = [d for d in order if d not in lost]
+    into = {}
+    for d in order:
+        if d in lost:
+            into.setdefault(lost[d], []).append(d)
+    groups = sorted(into.items(), key=lambda item: -len(item[1]))
+    return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
+            "kept_n": len(kept), "lost_n": len(lost), "lost_words": count_word(len(lost)),
+            "lost": digit_list([d for d in order if d in lost]) if lost else "",
+            "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
+            "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
+            "into": "; ".join(f"{digit_list(ds)} as a {t}" for t, ds in groups),
+            "lost_detail": ", ".join(f"{d} ({num(100 * per[d]['kept'], 0)} % kept, most often read as "
+                                     f"a {lost[d]})" for d in order if d in lost)}
+
+
+def count_word(n: int) -> str:
+    return ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"][n]
+
+
 def apml_values(m: dict) -> dict:
     p = m["ppca_pca"]
     ans, enc = p["answers"], p["encodings"]
@@ -456,10 +508,20 @@ def apml_values(m: dict) -> dict:
         return {"x": f"[{num(lo[0])}, {num(hi[0])}]", "y": f"[{num(lo[1])}, {num(hi[1])}]",
                 "sd": f"{num(sd[0])} and {num(sd[1])}"}
 
-    def pairs(k):
-        return ", ".join(f"{q['digits'][0]}–{q['digits'][1]}" for q in enc[k]["closest_pairs"][:3])
+    def pairs(k):                   # distances relative to the mean distance between digit means
+        return ", ".join(f"{q['digits'][0]}–{q['digits'][1]} ({num(q['relative'])})"
+                         for q in enc[k]["closest_pairs"][:3])
 
-    gains = ans["vae_gains_over_ppca"]
+    gains, gains_se = ans["vae_gains_over_ppca"], ans["vae_gains_over_ppca_se"]
+
+    def gain_list(digits):
+        return ", ".join("{} ± {}".format(*with_se(gains[d], gains_se[d])) for d in digits)
+
+    def ties(k):
+        per, se = p[k]["test_sq_error_per_digit"], p[k]["test_sq_error_se_per_digit"]
+        return {end: tie_note(per, se, ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
+    lost_pca = ans["lost"]["pca"]
+    elbo_curve = vae["train_elbo_per_epoch"]
     angles = p["ppca_comparison"]["subspace_angles_deg"]
     pca_se = pca["test_sq_error_se_per_digit"].values()
     errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc), ("VAE, 2-D latent", vae)]
@@ -468,9 +530,16 @@ def apml_values(m: dict) -> dict:
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
         "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
+        "se_range_all": "{} to {}".format(*(sig(f(se for _, r in errors for se in
+                                                   r["test_sq_error_se_per_digit"].values()), 1)
+                                            for f in (min, max))),
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
         "ink_corr": num(ans["pca_ink_correlation"]), "ink1": num(ink["1"], 0),
+        # the p-value as a power of ten it is below (p < 10^-3), or to two figures
+        "ink_corr_p_exp": (math.ceil(math.log10(ans["pca_ink_correlation_p"]))
+                           if ans["pca_ink_correlation_p"] < 0.001 else None),
+        "ink_corr_p": sig(ans["pca_ink_correlation_p"], 2),
         "ink0": num(ink["0"], 0),
         "rel_best": digit_list(ans["pca_relative_best"]),
         "rel_worst": digit_list(ans["pca_relative_worst"]),
@@ -479,7 +548,8 @@ def apml_values(m: dict) -> dict:
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
         "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
-        "sigma2_ppca": sig(pc["sigma2"], 3),       # beside the VAE's, where 3 figures suffice
+        # four figures, so that D/2 log of the two sigma^2's ratio can be checked from them
+        "sigma2_ppca": sig(pc["sigma2"], 4),
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
         "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",
@@ -504,15 +574,51 @@ def apml_values(m: dict) -> dict:
         "crowded_are_worst": ans["pca_crowded_are_worst"],
         "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": ans["vae_separates_better"],
+        "vae_closest_pair_closer": ans["vae_closest_pair_closer"],
+        "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
+        "closest_pair": {k: "–".join(map(str, enc[k]["closest_pairs"][0]["digits"])) for k in ("ppca", "vae")},
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
         "noise_nats": num(ans["noise_variance_nats"], 0),
-        "vae_sigma2": num(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
+        "vae_sigma2": sig(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
         "improved": ans["vae_improved_digits"],
         "largest_gains": digit_list(ans["vae_largest_gains"]),
-        "largest_gain_values": ", ".join(num(gains[d], 1) for d in ans["vae_largest_gains"]),
+        "largest_gain_values": gain_list(ans["vae_largest_gains"]),
         "smallest_gains": digit_list(ans["vae_smallest_gains"]),
+        "smallest_gain_values": gain_list(ans["vae_smallest_gains"]),
+        "ties": {k: ties(k) for k in ("pca", "ppca_gradient", "vae")},
+        "neighbour_images": f"{p['original_images']['reference_images']:,}",
+        "namer_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
+        "survival": {k: survival(p[k]["nearest_digit"], ans["lost"][k], ans["kept_order"][k])
+                     for k in ("pca", "ppca_gradient", "vae")},
+        "best_but_lost": digit_list(ans["pca_best_error_but_lost"]) if ans["pca_best_error_but_lost"] else "",
+        "worst_but_kept": digit_list(ans["pca_worst_error_but_kept"]) if ans["pca_worst_error_but_kept"] else "",
+        "ppca_loses_same": ans["ppca_loses_the_same_as_pca"],
+        # '4 becomes a 9 (its nearest), 3 a 1 (its 5th nearest), ...'
+        "lost_ranks": ", ".join(f"{d} {'becomes ' if k == 0 else ''}a {lost_pca[d]} "
+                                f"({'its nearest' if r == 1 else 'its ' + ordinal(r) + ' nearest'})"
+                                for k, (d, r) in enumerate(sorted(ans["pca_lost_neighbour_rank"].items(),
+                                                                  key=lambda item: item[1]))),
+        "lost_n": len(lost_pca), "lost_n_words": count_word(len(lost_pca)),
+        "lost_to_nearest": count_word(ans["pca_lost_to_nearest"]),
+        "lost_to_nearest_p": num(ans["pca_lost_to_nearest_p"]),
+        "lost_follow_codes": ans["pca_lost_follow_codes"],
+        "gain_ties": tie_note(gains, gains_se, ans["vae_gain_ties"]["best"], ans["vae_smallest_gains"],
+                              parens=False),
+        "gain_ties_largest": "" if not ans["vae_gain_ties"]["worst"] else
+            f" Digit{'s' if len(ans['vae_gain_ties']['worst']) > 1 else ''} "
+            f"{digit_list(ans['vae_gain_ties']['worst'])} "
+            f"{'ties' if len(ans['vae_gain_ties']['worst']) == 1 else 'tie'} with "
+            f"{ans['vae_largest_gains'][-1]} among the largest gains, within two standard errors.",
+        # the figure's one VAE reconstruction per digit that its nearest training image names wrong
+        "vae_shown_lost": digit_list([str(d) for d in range(10) if vae["shown_named"][d] != d])
+                          if any(vae["shown_named"][d] != d for d in range(10)) else "",
+        "closed_max_diff": sig(max(abs(pg["test_sq_error_per_digit"][str(d)] - pc["test_sq_error_per_digit"][str(d)])
+                                   for d in range(10)), 1),
+        "vae_epoch_rise_last": num(elbo_curve[-1] - elbo_curve[-2], 1) if len(elbo_curve) > 1 else "",
+        "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 1) if len(elbo_curve) > 1 else "",
+        "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],
         "vae_below_ppca": ans["vae_below_ppca"],
         "vae_better_density": ans.get("vae_better_density"),
         "vae_change": (num(abs(100 * ans["vae_error_relative_to_ppca"]), 0) + " % "

@@ -7,6 +7,7 @@ saving and loading them (every field of a snapshot checked like a flag)."""
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -369,3 +370,17 @@ def test_encoder_and_decoder_match_a_plain_sequential_reference(latent_dim, batc
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_vae_evaluate_reconstruction_error_and_its_standard_error_over_images():
+    """A 'decoder' that reshapes a 784-d latent into the image, and a posterior whose mean is
+    half the image: each image's reconstruction MSE is mean((x/2 - x)^2) = mean(x^2)/4. Its
+    mean and standard error over the images against numpy's, across batch boundaries."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(30, 1, 28, 28, generator=gen) * 2 - 1
+    result = model.vae_evaluate(lambda z: z.view(-1, 1, 28, 28),
+                                lambda idx, xb: (xb.flatten(1) / 2, torch.zeros(len(xb), 784)),
+                                x, batch_size=7)
+    per_image = (x.double() ** 2).flatten(1).mean(1).numpy() / 4
+    assert result["recon_mse"] == pytest.approx(per_image.mean())
+    assert result["recon_mse_se"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(30))

@@ -151,12 +151,22 @@ def test_gradient_fit_converges_to_the_closed_form(data):
     torch.testing.assert_close(mu, mean, rtol=0, atol=1e-3)
 
 
-def crafted_results(pca, ppca, vae):
-    """Per-digit errors for PCA, PPCA and the VAE (dicts digit -> error) in metrics' shape."""
-    def method(per):
+def crafted_results(pca, ppca, vae, se=0.01, named=None):
+    """Per-digit errors for PCA, PPCA and the VAE (dicts digit -> error) in metrics' shape, each
+    digit's standard error `se`, and the digit its reconstructions are named most (`named`:
+    digit -> digit, for PCA; every digit survives by default)."""
+    named = named or {}
+
+    def method(per, named):
         return {"test_sq_error": sum(per.values()) / 10,
-                "test_sq_error_per_digit": {str(d): v for d, v in per.items()}}
-    return {"pca": method(pca), "ppca_gradient": method(ppca), "vae": method(vae)}
+                "test_sq_error_per_digit": {str(d): v for d, v in per.items()},
+                "test_sq_error_se_per_digit": {str(d): se for d in per},
+                "nearest_digit": {"per_digit": {
+                    str(d): {"kept": 0.2 if d in named else 0.9, "named_most": named.get(d, d)}
+                    for d in per}}}
+    results = {"pca": method(pca, named), "ppca_gradient": method(ppca, {}), "vae": method(vae, {})}
+    results["vae"]["gain_over_ppca"] = {str(d): {"mean": ppca[d] - vae[d], "se": se} for d in pca}
+    return results
 
 
 def crafted_geometry(offset):
@@ -176,6 +186,8 @@ def test_lab_answers_rank_digits_and_compare_methods_from_the_errors():
     assert answers["ppca_same_as_pca"] and answers["ppca_error_not_below_pca"]
     assert answers["vae_improved_digits"] == 10
     assert set(answers["vae_largest_gains"]) == {"7", "8", "9"}
+    # seven digits gain 0.5 each: the three smallest tie with the other four
+    assert sorted(answers["vae_gain_ties"]["best"]) == sorted(set("0123456") - set(answers["vae_smallest_gains"]))
     assert answers["closest_pairs_shared_pca_ppca"] == 3
     # one swap in PPCA's best three changes the verdict; an error below PCA's flips the other
     ppca[2], ppca[5] = ppca[5], ppca[2]
@@ -233,6 +245,75 @@ def test_relative_error_ranks_divide_by_ink_and_crowding_is_the_nearest_other_me
     assert answers["pca_ink_correlation"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("gap,tied", [(0.28, True), (0.29, False)])
+def test_a_digit_ties_with_the_last_of_the_best_three_within_two_standard_errors(gap, tied):
+    """Two standard errors of a difference of means with SE 0.1 each: 2 * sqrt(0.02) = 0.283."""
+    per = {str(d): 10.0 + d for d in range(10)}
+    per["3"] = per["2"] + gap                              # the first digit outside the best three
+    per["6"] = per["7"] - gap                              # ...and the last outside the worst three
+    ties = ppca_pca.boundary_ties(per, {str(d): 0.1 for d in range(10)})
+    assert ties == {"best": ["3"] if tied else [], "worst": ["6"] if tied else []}
+
+
+def test_lost_digits_and_the_ones_that_turn_into_their_closest_partner():
+    """A digit is lost when under half its reconstructions keep it. What it turns into is
+    ranked among the other nine digits by the distance of their mean codes to its own (1: the
+    nearest), and the count of nearest ones is tested against chance (1 in 9, scipy's binomial
+    test as the oracle)."""
+    pca = {d: 10.0 + d for d in range(10)}
+    geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
+    # mean codes (d, d^1.5) lie on a curve whose steps grow: each digit's nearest is the one before
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca, named={4: 3, 7: 6, 2: 9}), geometry,
+                                   {str(d): 1.0 + d for d in range(10)})
+    assert answers["lost"]["pca"] == {"2": 9, "4": 3, "7": 6} and answers["lost"]["vae"] == {}
+    assert answers["pca_lost_neighbour_rank"] == {"2": 9, "4": 1, "7": 1}   # 9 is 2's farthest
+    assert answers["pca_lost_to_nearest"] == 2
+    assert answers["pca_lost_to_nearest_p"] == pytest.approx(
+        scipy.stats.binomtest(2, 3, 1 / 9, alternative="greater").pvalue)
+    assert answers["pca_lost_to_nearest_p"] < 0.05 and answers["pca_lost_follow_codes"]
+    # one nearest of three is what chance gives: no evidence
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca, named={4: 3, 7: 9, 2: 9}), geometry,
+                                   {str(d): 1.0 + d for d in range(10)})
+    assert answers["pca_lost_to_nearest"] == 1 and not answers["pca_lost_follow_codes"]
+    assert answers["kept_order"]["pca"][-3:] == ["2", "4", "7"]
+    # errors rise with the digit: 0, 1, 2 best and 9, 8, 7 worst; 2 is lost, 9 and 8 are kept
+    assert answers["pca_best_error_but_lost"] == ["2"]
+    assert answers["pca_worst_error_but_kept"] == ["9", "8"]
+    assert not answers["ppca_loses_the_same_as_pca"]           # PPCA's crafted digits all survive
+
+
+def test_nearest_digit_is_the_label_of_the_closest_reference_image():
+    """scikit-learn's 1-NN against a plain distance matrix and argmin (torch.cdist)."""
+    gen = torch.Generator().manual_seed(7)
+    reference, queries = torch.rand(300, 20, generator=gen), torch.rand(50, 20, generator=gen)
+    labels = torch.randint(0, 10, (300,), generator=gen)
+    expected = labels[torch.cdist(queries.double(), reference.double()).argmin(1)]
+    assert torch.equal(ppca_pca.nearest_digit(queries, reference, labels), expected)
+
+
+def test_kept_digits_counts_each_digits_survivors_and_what_it_turns_into():
+    labels = torch.tensor([0] * 4 + [1] * 5 + list(range(2, 10)))
+    named = labels.clone()
+    named[:3] = 6                                        # three of the four 0s come back as 6
+    named[4] = 7                                         # one 1 of five as 7
+    kept = ppca_pca.kept_digits(named, labels)
+    assert kept["kept"] == pytest.approx(13 / 17)
+    assert kept["per_digit"]["0"] == {"kept": 0.25, "named_most": 6, "named_most_share": 0.75}
+    assert kept["per_digit"]["1"] == {"kept": 0.8, "named_most": 1, "named_most_share": 0.8}
+
+
+def test_paired_gain_is_the_mean_and_standard_error_of_per_image_differences():
+    gen = torch.Generator().manual_seed(8)
+    x, a, b = (torch.rand(300, 6, generator=gen) for _ in range(3))
+    labels = torch.arange(300) % 10
+    gain = ppca_pca.paired_gain(x, a, b, labels)
+    diff = (((x - a) ** 2).sum(1) - ((x - b) ** 2).sum(1)).double().numpy()
+    for d in range(10):
+        own = diff[labels.numpy() == d]
+        assert gain[str(d)]["mean"] == pytest.approx(own.mean())
+        assert gain[str(d)]["se"] == pytest.approx(scipy.stats.sem(own))
+
+
 def method_results(ll_gap=0.0, vae_error=40.0, ppca_error=43.0, eigenvalues=(5.0, 3.0),
                    sigma2=0.05, vae_elbo=100.0, vae_sigma2=0.04):
     return {"ppca_gradient": {"test_log_likelihood": 14.0 + ll_gap, "test_sq_error": ppca_error},
@@ -241,9 +322,18 @@ def method_results(ll_gap=0.0, vae_error=40.0, ppca_error=43.0, eigenvalues=(5.0
             "vae": {"test_sq_error": vae_error, "test_elbo": vae_elbo, "sigma2": vae_sigma2}}
 
 
-def method_geometry(vae_sd=(1.0, 1.0), vae_separation=2.0, ppca_separation=1.0):
-    return {"vae": {"std": list(vae_sd), "separation": vae_separation},
-            "ppca": {"separation": ppca_separation}}
+def method_geometry(vae_sd=(1.0, 1.0), vae_separation=2.0, ppca_separation=1.0,
+                    vae_closest=0.1, ppca_closest=0.1):
+    return {"vae": {"std": list(vae_sd), "separation": vae_separation,
+                    "closest_pairs": [{"relative": vae_closest}]},
+            "ppca": {"separation": ppca_separation, "closest_pairs": [{"relative": ppca_closest}]}}
+
+
+@pytest.mark.parametrize("vae_closest,closer", [(0.0999, True), (0.1, False), (0.1001, False)])
+def test_the_vaes_closest_pair_is_closer_only_below_ppcas_relative_distance(vae_closest, closer):
+    v = ppca_pca.method_verdicts(method_results(), {"subspace_angles_deg": [0.1, 0.1]},
+                                 method_geometry(vae_closest=vae_closest))
+    assert v["vae_closest_pair_closer"] is closer
 
 
 @pytest.mark.parametrize("gap,angle,reaches", [(0.0099, 0.99, True), (0.0101, 0.5, False),
@@ -320,10 +410,18 @@ def test_labels_cover_no_point_and_no_other_label():
     box, radius = ((0.0, 0.0), (400.0, 400.0)), 8.0
     spots = ppca_pca.label_positions(marks, points, box, radius)
     nearest_point = torch.cdist(torch.from_numpy(spots), torch.from_numpy(points)).min(1).values
-    assert (nearest_point >= radius).all()
+    assert (nearest_point >= 1.5 * radius).all()
     between = torch.cdist(torch.from_numpy(spots), torch.from_numpy(spots))
     assert (between + torch.eye(10) * 1e9 >= 2 * radius).all()
     assert (spots >= radius).all() and (spots <= 400 - radius).all()
+    # no two leader lines (mark to label) cross: segments p-q and r-s cross when each pair's
+    # ends lie on opposite sides of the other's line
+    def side(a, b, c):
+        return np.sign((b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]))
+    for i in range(10):
+        for j in range(i + 1, 10):
+            p, q, r, s = marks[i], spots[i], marks[j], spots[j]
+            assert not (side(p, q, r) * side(p, q, s) < 0 and side(r, s, p) * side(r, s, q) < 0), (i, j)
     far = ppca_pca.label_positions(marks[:1], np.array([[1e6, 1e6]]), box, radius)  # a free mark
     assert abs(far - marks[:1]).max() <= radius / 4
 

@@ -71,7 +71,7 @@ def test_quick_run_writes_curves_snapshots_and_sample_quality(quick_outputs):
     m = metrics(amortized)
     for key in ("train_loss", "val_loss", "train_mse", "val_kl", "train_recon_mse", "val_recon_mse"):
         assert len(m[key]) == 2
-    assert set(m["final_val"]) == {"loss", "mse", "kl", "recon_mse"}
+    assert set(m["final_val"]) == {"loss", "mse", "kl", "recon_mse", "recon_mse_se"}
     assert m["final_val"]["loss"] == pytest.approx(m["final_val"]["mse"] + m["final_val"]["kl"])
     assert m["snapshot_epochs"] == [1, 2]
     assert set(m["sample_quality"]) == {"1", "2", "real test images"}
@@ -92,3 +92,30 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, quick_outpu
     assert proc.returncode == 137 and not (killed / "metrics.json").exists()
     run_script("vae_amortized.py", *args, "--out", killed)
     assert comparable(killed) == comparable(whole)
+
+
+def test_reconstructions_read_share_with_its_binomial_standard_error():
+    """A classifier that reads the first ten pixels as logits, and a 'VAE' whose reconstruction
+    moves the lit pixel of the first three images: 17 of 20 read right, SE sqrt(p (1 - p) / n)."""
+    labels = torch.arange(20) % 10
+    x = torch.zeros(20, 1, 28, 28)
+    x[torch.arange(20), 0, 0, labels] = 1.0
+
+    class ShiftFirstThree:
+        def reconstruct(self, batch):
+            out = batch.clone()
+            out[:3] = batch[:3].roll(1, dims=-1)
+            return out
+
+    read = vae_amortized.reconstructions_read_by_classifier(
+        lambda b: b.reshape(len(b), -1)[:, :10], ShiftFirstThree(), x, labels)
+    assert read["accuracy"] == pytest.approx(17 / 20) and read["original_accuracy"] == 1.0
+    assert read["accuracy_se"] == pytest.approx(math.sqrt(0.85 * 0.15 / 20))
+    assert read["images"] == 20 and read["predicted"][:3] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("gap,tie", [(0.0282, True), (0.0284, False)])
+def test_two_shares_tie_within_two_standard_errors_of_their_difference(gap, tie):
+    """SEs 0.01 each: the difference's SE is sqrt(2) * 0.01, two of them 0.02828."""
+    a, b = {"accuracy": 0.70, "accuracy_se": 0.01}, {"accuracy": 0.70 + gap, "accuracy_se": 0.01}
+    assert vae_amortized.shares_tie(a, b) is tie

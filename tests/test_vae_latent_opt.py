@@ -6,6 +6,7 @@ their boundaries, the file arguments, and the script end to end in --quick mode.
 # this note true: say which parts you wrote, changed or had written for you.
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,14 @@ def test_better_q_follows_the_lower_error_of_the_proposals_alone(a, lo, expected
 def test_better_decoder_follows_the_lower_error_of_the_same_budget_fits_alone(a, lo, expected):
     v = vae_latent_opt.q3_verdicts(same(0.1, 0.2, a, lo), None)      # proposals: amortized wins
     assert v["better_decoder"] == expected and v["better_q"] == "amortized"
+
+
+@pytest.mark.parametrize("lo_gain,nearer", [(0.0101, True), (0.0099, False)])
+def test_the_encoder_is_nearer_its_best_when_a_refit_gains_it_less(lo_gain, nearer):
+    """The amortized proposals gain 0.01 from the refit (0.13 -> 0.12); the learned mu_i gain
+    lo_gain: just above it, the encoder's proposals were the nearer to their decoder's best."""
+    v = vae_latent_opt.q3_verdicts(same(0.13, 0.16, 0.12, 0.16 - lo_gain), None)
+    assert v["encoder_nearer_best"] is nearer
 
 
 @pytest.mark.parametrize("lo_conf,lo_cover,expected", [
@@ -152,3 +161,36 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, quick_outpu
     assert proc.returncode == 137 and not (killed / "metrics.json").exists()
     run_script("vae_latent_opt.py", *args, "--out", killed)
     assert comparable(killed) == comparable(whole)
+
+
+@pytest.mark.parametrize("gap,not_greyer", [(0.0282, True), (0.0284, False), (-0.5, True)])
+def test_prior_draws_are_no_greyer_unless_two_standard_errors_above(gap, not_greyer):
+    """SEs 0.01 each: two standard errors of the difference are 0.02828."""
+    b = {"share": 0.30, "se": 0.01}
+    assert vae_latent_opt.not_greyer({"share": 0.30 + gap, "se": 0.01}, b) is not_greyer
+
+
+def test_prior_against_aggregate_draws_from_the_training_latents():
+    """A 'decoder' that copies its latent into the pixels: draws from latents at 0.5 with a
+    tiny sigma are all mid-grey, prior images of -1 none; the shares and their standard errors
+    are numpy's."""
+    decoder = lambda z: z.unsqueeze(1)                        # noqa: E731 (a stand-in network)
+    mu, logvar = torch.full((30, 4), 0.5), torch.full((30, 4), -20.0)
+    prior = -torch.ones(40, 1, 4)
+    prior[:10] = 0.0                                            # a quarter of them grey
+    result = vae_latent_opt.prior_against_aggregate(decoder, mu, logvar, prior, seed=0)
+    assert result["aggregate"] == {"share": 1.0, "se": 0.0}
+    grey = np.array([1.0] * 10 + [0.0] * 30)
+    assert result["prior"]["share"] == pytest.approx(grey.mean())
+    assert result["prior"]["se"] == pytest.approx(grey.std(ddof=1) / np.sqrt(40))
+    assert result["prior_not_greyer"]                           # less grey than the aggregate
+
+
+@pytest.mark.parametrize("aggregate,mostly", [(0.2501, True), (0.25, False), (0.2499, False)])
+def test_blur_is_mostly_the_decoders_when_its_own_latents_already_decode_greyer(aggregate, mostly):
+    """Amortized samples 0.2 grey, prior draws through this decoder 0.3: with its own training
+    latents at 0.25 the two parts are equal; above that the decoder's part is the larger."""
+    grey = {"latent_opt": 0.3, "amortized": 0.2}
+    versus = {"prior": {"share": 0.3}, "aggregate": {"share": aggregate}}
+    assert vae_latent_opt.q3_verdicts({}, None, grey=grey, versus=versus)["blur_mostly_decoder"] is mostly
+    assert vae_latent_opt.q3_verdicts({}, None, grey=grey)["blur_mostly_decoder"] is None
