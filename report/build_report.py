@@ -303,6 +303,8 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
     versus = lo.get("prior_vs_aggregate")
     values["vs_agg_ok"] = versus["prior_not_greyer"] if versus else None
     if versus:                      # mid-grey share per image, in per cent, with its SE
+        values["vs_agg_z"] = num((versus["prior"]["share"] - versus["aggregate"]["share"])
+                                 / math.hypot(versus["prior"]["se"], versus["aggregate"]["se"]), 0)
         values["vs_agg"] = {k: dict(zip(("share", "se"), with_se(100 * versus[k]["share"],
                                                                  100 * versus[k]["se"])))
                             for k in ("prior", "aggregate")}
@@ -590,6 +592,10 @@ def apml_values(m: dict) -> dict:
         "ties": {k: ties(k) for k in ("pca", "ppca_gradient", "vae")},
         "neighbour_images": f"{p['original_images']['reference_images']:,}",
         "namer_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
+        # the rule's bias on blurs: the same test images blurred by a 5x5 box filter
+        "namer_blur_ok": ans["namer_keeps_blurred_digits"],
+        "blur_accuracy": pct(p["blurred_test_images"]["nearest_digit"]["kept"], 0),
+        "blur_min": pct(min(v["kept"] for v in p["blurred_test_images"]["nearest_digit"]["per_digit"].values()), 0),
         "survival": {k: survival(p[k]["nearest_digit"], ans["lost"][k], ans["kept_order"][k])
                      for k in ("pca", "ppca_gradient", "vae")},
         "best_but_lost": digit_list(ans["pca_best_error_but_lost"]) if ans["pca_best_error_but_lost"] else "",

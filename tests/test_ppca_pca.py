@@ -151,11 +151,11 @@ def test_gradient_fit_converges_to_the_closed_form(data):
     torch.testing.assert_close(mu, mean, rtol=0, atol=1e-3)
 
 
-def crafted_results(pca, ppca, vae, se=0.01, named=None):
+def crafted_results(pca, ppca, vae, se=0.01, named=None, blurred_kept=None):
     """Per-digit errors for PCA, PPCA and the VAE (dicts digit -> error) in metrics' shape, each
     digit's standard error `se`, and the digit its reconstructions are named most (`named`:
     digit -> digit, for PCA; every digit survives by default)."""
-    named = named or {}
+    named, blurred_kept = named or {}, blurred_kept or {}
 
     def method(per, named):
         return {"test_sq_error": sum(per.values()) / 10,
@@ -164,7 +164,9 @@ def crafted_results(pca, ppca, vae, se=0.01, named=None):
                 "nearest_digit": {"per_digit": {
                     str(d): {"kept": 0.2 if d in named else 0.9, "named_most": named.get(d, d)}
                     for d in per}}}
-    results = {"pca": method(pca, named), "ppca_gradient": method(ppca, {}), "vae": method(vae, {})}
+    results = {"pca": method(pca, named), "ppca_gradient": method(ppca, {}), "vae": method(vae, {}),
+               "blurred_test_images": {"nearest_digit": {"per_digit": {
+                   str(d): {"kept": blurred_kept.get(d, 0.8)} for d in range(10)}}}}
     results["vae"]["gain_over_ppca"] = {str(d): {"mean": ppca[d] - vae[d], "se": se} for d in pca}
     return results
 
@@ -438,3 +440,13 @@ def test_squared_error_per_digit_with_its_standard_error_matches_numpy():
         assert result["test_sq_error_per_digit"][str(d)] == pytest.approx(own.mean())
         assert result["test_sq_error_se_per_digit"][str(d)] == pytest.approx(
             own.std(ddof=1) / np.sqrt(len(own)))
+
+
+@pytest.mark.parametrize("kept,keeps", [(0.5, True), (0.4999, False)])
+def test_the_naming_rule_keeps_blurred_digits_only_if_each_keeps_half(kept, keeps):
+    """A blurred digit named right less than half the time means blur alone defeats the rule."""
+    pca = {d: 10.0 + d for d in range(10)}
+    geometry = {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca, blurred_kept={8: kept}), geometry,
+                                   {str(d): 1.0 + d for d in range(10)})
+    assert answers["namer_keeps_blurred_digits"] is keeps
