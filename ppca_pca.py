@@ -184,11 +184,10 @@ def sq_error(x, recon, labels) -> dict:
     with each digit's standard error (its images' standard deviation over sqrt(n)), so that a
     ranking of digits can tell real differences from near-ties."""
     err = (x.double() - recon.double()).pow(2).sum(1)
-    per = {str(d): err[labels == d] for d in range(10)}
+    per = {str(d): utils.mean_and_se(err[labels == d]) for d in range(10)}
     return {"test_sq_error": err.mean().item(),
-            "test_sq_error_per_digit": {d: e.mean().item() for d, e in per.items()},
-            "test_sq_error_se_per_digit": {d: (e.std() / len(e) ** 0.5).item()
-                                           for d, e in per.items()}}
+            "test_sq_error_per_digit": {d: e["mean"] for d, e in per.items()},
+            "test_sq_error_se_per_digit": {d: e["se"] for d, e in per.items()}}
 
 
 def paired_gain(x, recon_from, recon_to, labels) -> dict:
@@ -197,9 +196,7 @@ def paired_gain(x, recon_from, recon_to, labels) -> dict:
     that what the two methods share about an image cancels)."""
     diff = ((x.double() - recon_from.double()).pow(2).sum(1)
             - (x.double() - recon_to.double()).pow(2).sum(1))
-    per = {str(d): diff[labels == d] for d in range(10)}
-    return {d: {"mean": e.mean().item(), "se": (e.std() / len(e) ** 0.5).item()}
-            for d, e in per.items()}
+    return {str(d): utils.mean_and_se(diff[labels == d]) for d in range(10)}
 
 
 def nearest_digit(images, reference, reference_labels) -> torch.Tensor:
@@ -260,7 +257,7 @@ def boundary_ties(per: dict, se: dict, ends: int = 3) -> dict:
     order = sorted(per, key=per.get)
 
     def tied(inside, outside):
-        return [d for d in outside if abs(per[d] - per[inside]) < 2 * math.hypot(se[d], se[inside])]
+        return [d for d in outside if utils.within_two_se(per[d], per[inside], se[d], se[inside])]
     return {"best": tied(order[ends - 1], order[ends:]), "worst": tied(order[-ends], order[:-ends])}
 
 

@@ -416,6 +416,18 @@ def read_metrics(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def mean_and_se(values) -> dict:
+    """The mean of per-image values (a 1-D tensor) and its standard error, the standard
+    deviation over sqrt(n): whether a difference between two means is more than chance."""
+    return {"mean": values.mean().item(), "se": (values.std() / len(values) ** 0.5).item()}
+
+
+def within_two_se(a: float, b: float, se_a: float, se_b: float) -> bool:
+    """Two independent means that no comparison can tell apart: less than two standard errors
+    of their difference, 2 sqrt(se_a^2 + se_b^2), apart (the reports call them tied)."""
+    return abs(a - b) < 2 * math.hypot(se_a, se_b)
+
+
 # How a set of generated images looks to Part 1's classifier (Q2 and Q3 judge their samples so).
 QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345
 

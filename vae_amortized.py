@@ -209,7 +209,7 @@ def reconstructions_read(classifier, out, snapshots, vae, data, show_val_x, devi
 def shares_tie(a: dict, b: dict) -> bool:
     """Q1: are two shares read right ({accuracy, accuracy_se}) within two standard errors of
     their difference, so that neither set of images keeps its digits measurably more often?"""
-    return abs(a["accuracy"] - b["accuracy"]) < 2 * math.hypot(a["accuracy_se"], b["accuracy_se"])
+    return utils.within_two_se(a["accuracy"], b["accuracy"], a["accuracy_se"], b["accuracy_se"])
 
 
 @torch.no_grad()

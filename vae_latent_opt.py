@@ -146,8 +146,7 @@ def same_budget(decoder, x, n_train, proposed_train, proposed_val, fit) -> dict:
 def paired_difference(a, b) -> dict:
     """Mean of a - b over the same images, and its standard error (the differences' standard
     deviation over sqrt(n)): whether two methods differ by more than chance on these images."""
-    diff = a - b
-    return {"mean": diff.mean().item(), "se": (diff.std() / len(diff) ** 0.5).item()}
+    return utils.mean_and_se(a - b)
 
 
 @torch.no_grad()
@@ -174,13 +173,17 @@ def judge_priors(classifier, samples: dict):
 GREY_LOW, GREY_HIGH = -0.8, 0.8
 
 
+def mid_grey(images) -> torch.Tensor:
+    return ((images > GREY_LOW) & (images < GREY_HIGH)).double()
+
+
 def grey_share(images) -> float:
-    return ((images > GREY_LOW) & (images < GREY_HIGH)).double().mean().item()
+    return mid_grey(images).mean().item()
 
 
 def grey_per_image(images) -> torch.Tensor:
     """Each image's share of mid-grey pixels."""
-    return ((images > GREY_LOW) & (images < GREY_HIGH)).double().flatten(1).mean(1)
+    return mid_grey(images).flatten(1).mean(1)
 
 
 def not_greyer(a: dict, b: dict) -> bool:
@@ -198,9 +201,9 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
     pick = torch.randint(len(table_mu), (len(prior_images),), generator=gen).to(table_mu.device)
     eps = torch.randn(len(prior_images), table_mu.shape[1], generator=gen).to(table_mu.device)
     z = table_mu[pick] + (0.5 * table_logvar[pick]).exp() * eps
-    result = {name: {"share": g.mean().item(), "se": (g.std() / len(g) ** 0.5).item()}
-              for name, g in (("prior", grey_per_image(prior_images)),
-                              ("aggregate", grey_per_image(decoder(z))))}
+    grey = {"prior": utils.mean_and_se(grey_per_image(prior_images)),
+            "aggregate": utils.mean_and_se(grey_per_image(decoder(z)))}
+    result = {name: {"share": g["mean"], "se": g["se"]} for name, g in grey.items()}
     return {**result, "prior_not_greyer": not_greyer(result["prior"], result["aggregate"])}
 
 

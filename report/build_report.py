@@ -464,14 +464,18 @@ def ordinal(n: int) -> str:
     return f"{n}" + ("th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th"))
 
 
-def tie_note(per: dict, se: dict, ties: list, end: list, parens: bool = True) -> str:
+def ties_with(ties: list, last: str) -> str:
+    """'3 ties with 8' or '3 and 5 tie with 8'."""
+    return f"{digit_list(ties)} {'ties' if len(ties) == 1 else 'tie'} with {last}"
+
+
+def tie_note(ties: list, end: list, parens: bool = True) -> str:
     """' (3 ties with 8 within two standard errors)' for the digits just outside a ranking's
     end that it cannot tell from the end's last digit ('; 3 ties ...' without parentheses);
     '' when there are none."""
     if not ties:
         return ""
-    verb = "ties" if len(ties) == 1 else "tie"
-    note = f"{digit_list(ties)} {verb} with {end[-1]} within two standard errors"
+    note = f"{ties_with(ties, end[-1])} within two standard errors"
     return f" ({note})" if parens else f"; {note}"
 
 
@@ -486,8 +490,7 @@ def survival(named: dict, lost: dict, order: list) -> dict:
             into.setdefault(lost[d], []).append(d)
     groups = sorted(into.items(), key=lambda item: -len(item[1]))
     return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
-            "kept_n": len(kept), "lost_n": len(lost), "lost_words": count_word(len(lost)),
-            "lost": digit_list([d for d in order if d in lost]) if lost else "",
+            "lost_n": len(lost), "lost_words": count_word(len(lost)),
             "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
             "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
             "into": "; ".join(f"{digit_list(ds)} as a {t}" for t, ds in groups),
@@ -520,8 +523,7 @@ def apml_values(m: dict) -> dict:
         return ", ".join("{} ± {}".format(*with_se(gains[d], gains_se[d])) for d in digits)
 
     def ties(k):
-        per, se = p[k]["test_sq_error_per_digit"], p[k]["test_sq_error_se_per_digit"]
-        return {end: tie_note(per, se, ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
+        return {end: tie_note(ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
     lost_pca = ans["lost"]["pca"]
     elbo_curve = vae["train_elbo_per_epoch"]
     angles = p["ppca_comparison"]["subspace_angles_deg"]
@@ -610,13 +612,11 @@ def apml_values(m: dict) -> dict:
         "lost_to_nearest": count_word(ans["pca_lost_to_nearest"]),
         "lost_to_nearest_p": num(ans["pca_lost_to_nearest_p"]),
         "lost_follow_codes": ans["pca_lost_follow_codes"],
-        "gain_ties": tie_note(gains, gains_se, ans["vae_gain_ties"]["best"], ans["vae_smallest_gains"],
-                              parens=False),
+        "gain_ties": tie_note(ans["vae_gain_ties"]["best"], ans["vae_smallest_gains"], parens=False),
         "gain_ties_largest": "" if not ans["vae_gain_ties"]["worst"] else
             f" Digit{'s' if len(ans['vae_gain_ties']['worst']) > 1 else ''} "
-            f"{digit_list(ans['vae_gain_ties']['worst'])} "
-            f"{'ties' if len(ans['vae_gain_ties']['worst']) == 1 else 'tie'} with "
-            f"{ans['vae_largest_gains'][-1]} among the largest gains, within two standard errors.",
+            f"{ties_with(ans['vae_gain_ties']['worst'], ans['vae_largest_gains'][-1])} "
+            f"among the largest gains, within two standard errors.",
         # the figure's one VAE reconstruction per digit that its nearest training image names wrong
         "vae_shown_lost": digit_list([str(d) for d in range(10) if vae["shown_named"][d] != d])
                           if any(vae["shown_named"][d] != d for d in range(10)) else "",
