@@ -630,8 +630,7 @@ def main(run: utils.Run, argv=None):
         "seconds": seconds,
         "estimate_seconds": seconds["eq9"] + seconds["laplace_fit"] + seconds["laplace_estimate"],
         "peak_rss_mb": peak_memory_mb(),           # the whole process, data loading included
-        "checkpoint": str(checkpoint), "wall_seconds": utils.wall_seconds(),
-        "device": str(device), "args": vars(args),
+        "checkpoint": str(checkpoint), **utils.run_facts(run, device, args),
     }
     plot_examples(out / "q4_log_px_examples.png", x, digits, split, lap_px, eq9_px)
     plot_per_digit(out / "q4_log_px_per_digit.png", result["per_digit"])

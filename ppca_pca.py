@@ -15,6 +15,7 @@ import math
 import time
 
 import numpy as np
+import scipy.cluster.hierarchy
 import scipy.spatial
 import scipy.stats
 import torch
@@ -30,6 +31,10 @@ D = 784
 # Training images a reconstruction is compared with to name its digit (1-nearest neighbour):
 # 10,000 name about 95 % of the original test images right, in seconds; all 60,000 take 4x as long.
 NEIGHBOUR_IMAGES = 10_000
+# The decoded lattice of 4.9: LATTICE x LATTICE latents, evenly spaced over [-2, 2]^2.
+LATTICE = 15
+# Test images drawn in the encodings' scatter plots (all 10,000 are used for every number).
+SCATTER_POINTS = 2_500
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,13 +236,16 @@ def shrinkage_error(x, mean, evals, evecs, m: int = LATENT) -> float:
 
 
 def digit_geometry(z, labels):
-    """Mean encoding per digit, the encodings' ranges, and the digit pairs whose mean encodings
-    are closest (pairwise Euclidean distance, relative to the mean distance so methods with
+    """Mean encoding per digit, the encodings' ranges, how well the digits separate, and the
+    digit pairs whose mean encodings are closest (pairwise Euclidean distance, relative to the mean distance so methods with
     different scales compare)."""
     means = torch.stack([z[labels == d].mean(0) for d in range(10)]).double()
-    # Fisher-style separation: variance of the digit means over the mean within-digit variance.
-    within = torch.stack([z[labels == d].var(0).sum() for d in range(10)]).mean()
-    between = means.var(0).sum()
+    # Fisher's criterion, tr(S_W^-1 S_B): the covariance of the ten digit means against the
+    # average covariance within a digit. No invertible linear map of the codes changes it, so
+    # PPCA (a linear map of PCA's codes, Q4.4) scores as PCA does, and the VAE is compared with
+    # them on shape, not on the axes' scales.
+    within = torch.stack([z[labels == d].double().T.cov() for d in range(10)]).mean(0)
+    between = means.T.cov()
     dist = torch.cdist(means, means)
     pairs = sorted(((dist[i, j].item(), i, j) for i in range(10) for j in range(i + 1, 10)))
     mean_dist = dist[torch.triu_indices(10, 10, 1).unbind()].mean().item()
@@ -245,10 +253,23 @@ def digit_geometry(z, labels):
         "mean_encoding": {str(d): means[d].tolist() for d in range(10)},
         "range_min": z.min(0).values.tolist(), "range_max": z.max(0).values.tolist(),
         "std": z.double().std(0).tolist(),
-        "separation": (between / within).item(),
+        "separation": torch.linalg.solve(within, between).trace().item(),
         "closest_pairs": [{"digits": [i, j], "distance": dd, "relative": dd / mean_dist}
                           for dd, i, j in pairs[:5]],
     }
+
+
+def code_groups(mean_codes) -> list[list[int]]:
+    """The digits whose mean codes crowd together (4.7): single-linkage clustering of the ten
+    mean codes (scipy), cut where the distance between successive merges jumps most, so that
+    the cut is the data's widest gap, not a threshold of ours. A group of one is a digit that
+    lies apart. Largest groups first."""
+    tree = scipy.cluster.hierarchy.linkage(np.asarray(mean_codes, dtype=float), "single")
+    heights = tree[:, 2]
+    k = int(np.argmax(np.diff(heights)))
+    labels = scipy.cluster.hierarchy.fcluster(tree, (heights[k] + heights[k + 1]) / 2, "distance")
+    groups = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
+    return sorted(groups, key=lambda g: (-len(g), g))
 
 
 def boundary_ties(per: dict, se: dict, ends: int = 3) -> dict:
@@ -265,7 +286,8 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
     """The rankings and comparisons that questions 4.1 to 4.10 ask for, from the measured errors
     and encodings: best and worst digits per method and the digits tied with them, the error's
     correlation with ink (the error is a sum over pixels), error relative to ink, which digits
-    survive reconstruction and what the lost ones turn into, closest mean encodings, crowding
+    survive reconstruction and what the lost ones turn into, closest mean encodings, the
+    groups they crowd into and whether the digits apart survive more often, crowding
     (distance to the nearest other digit's mean code) against error and against the digits
     lost, and the VAE's gains over PPCA per digit."""
     def order(per):                 # digits from best (lowest) to worst
@@ -294,10 +316,22 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
     closest = {k: {tuple(p["digits"]) for p in geometry[k]["closest_pairs"][:3]} for k in geometry}
     # Does a lost digit turn into the digit whose mean code is nearest to its own? By chance
     # (what it turns into unrelated to the codes) one in nine would: a one-sided binomial test.
-    lost_rank = {d: neighbour_rank[(int(d), int(v))] for d, v in lost["pca"].items()}
+    # (a lost digit still named most often as itself, by a plurality under half, turns into no
+    # one digit and is left out)
+    lost_rank = {d: neighbour_rank[(int(d), int(v))] for d, v in lost["pca"].items() if int(d) != int(v)}
     to_nearest = sum(r == 1 for r in lost_rank.values())
     to_nearest_p = (scipy.stats.binomtest(to_nearest, len(lost_rank), 1 / 9, alternative="greater").pvalue
                     if lost_rank else 1.0)
+    # Do the digits whose codes lie apart survive PCA more often than the crowded ones? Fisher's
+    # exact test on the 2 x 2 table (apart or crowded, kept or lost), one-sided.
+    groups = {k: code_groups([geometry[k]["mean_encoding"][d] for d in digits]) for k in geometry}
+    apart = [str(g[0]) for g in groups["pca"] if len(g) == 1]
+    crowded = [str(d) for g in groups["pca"] if len(g) > 1 for d in g]
+    apart_kept = sum(d not in lost["pca"] for d in apart)
+    crowded_kept = sum(d not in lost["pca"] for d in crowded)
+    apart_p = scipy.stats.fisher_exact([[apart_kept, len(apart) - apart_kept],
+                                        [crowded_kept, len(crowded) - crowded_kept]],
+                                       alternative="greater").pvalue
     best, worst = rank["pca"][:3], rank["pca"][-3:][::-1]
 
     def both(ends, relative_ends):       # the digits both error measures put at one end
@@ -334,6 +368,10 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
         # the naming rule's bias on blurs: does it still keep every digit of blurred test images?
         "namer_keeps_blurred_digits": all(v["kept"] >= 0.5 for v in
                                           results["blurred_test_images"]["nearest_digit"]["per_digit"].values()),
+        "code_groups": groups,
+        "pca_apart_kept": apart_kept, "pca_crowded_kept": crowded_kept,
+        "pca_apart_kept_p": float(apart_p),
+        "pca_apart_kept_more": bool(apart_p < 0.05),
         "pca_lost_neighbour_rank": lost_rank,
         "pca_lost_to_nearest": to_nearest,
         "pca_lost_to_nearest_p": float(to_nearest_p),
@@ -517,14 +555,12 @@ def plot_figures(out, encodings, test_y, recon_rows, results, ppca, lab_vae, see
                                        "closed form": ([1, len(curve)], [closed] * 2)},
         "closed form minus fit [nats]": {"gradient fit (all training images)": (iters, gap)}},
         xlabel="iteration", log_panels=("closed form minus fit [nats]",))
-    lattice = torch.tensor(np.stack(np.meshgrid(np.linspace(2, -2, 15), np.linspace(-2, 2, 15),
+    lattice = torch.tensor(np.stack(np.meshgrid(np.linspace(2, -2, LATTICE), np.linspace(-2, 2, LATTICE),
                                                 indexing="ij")[::-1], -1).reshape(-1, 2))
-    utils.save_image_grid(out / "lattice_ppca.png", (lattice @ w.T + mu).clamp(0, 1), 15,
-                          value_range=(0, 1))
     with torch.no_grad():
-        utils.save_image_grid(out / "lattice_vae.png",
-                              lab_vae.decode(lattice.float().to(device)).cpu(), 15,
-                              value_range=(0, 1))
+        plot_lattices(out / "lattices.png", {
+            "PPCA": (lattice @ w.T + mu).clamp(0, 1),
+            "VAE": lab_vae.decode(lattice.float().to(device)).cpu()})
         z_prior = torch.randn(20, LATENT, generator=torch.Generator().manual_seed(seed))
         samples = [(z_prior.double() @ w.T + mu).clamp(0, 1), lab_vae.decode(z_prior.to(device)).cpu()]
     utils.plot_image_rows(out / "samples.png", [s[:10] for s in samples] + [s[10:] for s in samples],
@@ -564,6 +600,8 @@ def label_positions(marks, points, box, radius: float) -> np.ndarray:
 
 
 def plot_encodings(path, encodings, labels):
+    from matplotlib.patches import Ellipse
+
     plt = utils.pyplot()
     labels = labels.numpy()
     encodings = {name: z.double().numpy() for name, z in encodings.items()}
@@ -571,10 +609,19 @@ def plot_encodings(path, encodings, labels):
              for name, z in encodings.items()}
 
     fig, axes = plt.subplots(1, len(encodings), figsize=(utils.PAGE_WIDTH, 2.6))
-    order = np.random.default_rng(0).permutation(len(labels))   # no digit drawn over all others
+    # A random subset, in random order (no digit drawn over all others): all 10,000 points hide
+    # one another where digits overlap. Each digit's ellipse (one standard deviation of all its
+    # codes) shows its spread under the dots.
+    order = np.random.default_rng(0).permutation(len(labels))[:SCATTER_POINTS]
+    colours = plt.get_cmap("tab10")
     for ax, (name, z) in zip(axes, encodings.items()):
-        sc = ax.scatter(z[order, 0], z[order, 1], c=labels[order], cmap="tab10", s=1.0,
-                        alpha=0.6, vmin=-0.5, vmax=9.5, rasterized=True)
+        sc = ax.scatter(z[order, 0], z[order, 1], c=labels[order], cmap="tab10", s=1.5,
+                        alpha=0.7, vmin=-0.5, vmax=9.5, rasterized=True, lw=0)
+        for d in range(10):
+            evals, evecs = np.linalg.eigh(np.cov(z[labels == d].T))
+            ax.add_patch(Ellipse(
+                means[name][d], *(2 * np.sqrt(evals[::-1])), fill=False, lw=0.8,
+                angle=np.degrees(np.arctan2(evecs[1, 1], evecs[0, 1])), color=colours(d)))
         ax.scatter(*means[name].T, marker="x", s=12, c="black", lw=0.8, zorder=3)
         ax.set_title(name)
         ax.set_xlabel("$z_1$")
@@ -590,13 +637,31 @@ def plot_encodings(path, encodings, labels):
     for ax, (name, z) in zip(axes, encodings.items()):
         to_px, bbox = ax.transData, ax.get_window_extent()
         spots = label_positions(to_px.transform(means[name]),
-                                to_px.transform(np.vstack([z, means[name]])),
+                                to_px.transform(np.vstack([z[order], means[name]])),
                                 bbox.get_points(), radius)
         for d, spot in enumerate(to_px.inverted().transform(spots)):
             ax.annotate(str(d), means[name][d], xytext=spot, fontsize=8, weight="bold", ha="center",
                         va="center", zorder=4, bbox={"boxstyle": "circle,pad=0.12", "fc": "white"},
                         arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "black",
                                     "shrinkA": 0, "shrinkB": 2})
+    utils.save_figure(fig, path)
+
+
+def plot_lattices(path, decoded: dict) -> None:
+    """Each method's decoded lattice (LATTICE^2 images, rows from z_2 = 2 down to -2) as one
+    panel, with z_1 and z_2 ticks at each image's centre, so that it reads against Fig. 3."""
+    plt = utils.pyplot()
+    fig, axes = plt.subplots(1, len(decoded), figsize=(utils.PAGE_WIDTH, 3.3))
+    step = 4 / (LATTICE - 1)                    # latent units between neighbouring images
+    half = 2 + (2 + 14) * step / 30             # image_grid: 2 px padding, 28 px images
+    for ax, (name, images) in zip(axes, decoded.items()):
+        ax.imshow(utils.image_grid(images, LATTICE, value_range=(0, 1)).numpy(), cmap="gray",
+                  vmin=0, vmax=1, extent=(-half, half, -half, half), interpolation="none")
+        ax.set_xticks(range(-2, 3))
+        ax.set_yticks(range(-2, 3))
+        ax.set_xlabel("$z_1$")
+        ax.set_ylabel("$z_2$")
+        ax.set_title(name)
     utils.save_figure(fig, path)
 
 
@@ -675,7 +740,8 @@ def main(run: utils.Run, argv=None):
                "answers": {**lab_answers(results, geometry, ink_per_digit),
                            **method_verdicts(results, comparison, geometry)},
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
-               "wall_seconds": utils.wall_seconds(), "device": str(device), "args": vars(args)}
+               "lattice": LATTICE, "scatter_points": min(SCATTER_POINTS, len(test_x)),
+               **utils.run_facts(run, device, args)}
     utils.write_metrics(out / "metrics.json", metrics)
     print("test squared error: " + ", ".join(f"{k} {results[k]['test_sq_error']:.2f}"
                                              for k in ("pca", "ppca_gradient", "ppca_closed_form",

@@ -119,14 +119,12 @@ def main(run: utils.Run, argv=None):
     metrics = {
         **history,
         "test_accuracy": history["val_accuracy"][-1],
-        "above_course_bar": history["val_accuracy"][-1] >= COURSE_BAR,
+        "course_bar": COURSE_BAR, "above_course_bar": history["val_accuracy"][-1] >= COURSE_BAR,
         "train_seconds": sum(history["epoch_seconds"]),
         "train_images": len(train_x),
         "val_images": len(val_x),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "wall_seconds": utils.wall_seconds(),
-        "device": str(device),
-        "args": vars(args),
+        **utils.run_facts(run, device, args),
     }
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"test accuracy {metrics['test_accuracy']:.4f} after {args.epochs} epochs, "

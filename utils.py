@@ -54,7 +54,7 @@ torch = _import_on_first_use("torch")
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR, OUTPUTS_DIR = ROOT / "data", ROOT / "outputs"
-START = time.perf_counter()      # for wall_seconds(): the script's time since its imports
+START = time.perf_counter()      # for run_facts(): the script's time since its imports
 
 # The experiments of `make all`, in its order: each output folder, its script and the flags it
 # runs with besides --device and --out. "{out}" stands for the outputs folder. The Makefile and
@@ -433,14 +433,14 @@ QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345
 
 
 def classify_samples(classifier, images) -> dict:
-    """How a set of generated images looks to the Part 1 classifier: the share of each predicted
-    digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
+    """How a set of generated images looks to the Part 1 classifier: their number, the share of
+    each predicted digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
     2 % of the samples, and the mean confidence (largest softmax probability)."""
     with torch.no_grad():
         probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
     share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
     nonzero = share[share > 0]
-    return {"share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
+    return {"images": len(images), "share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
             "digits_covered": int((share >= 0.02).sum()),
             "mean_confidence": float(probs.max(1).values.mean())}
 
@@ -698,6 +698,7 @@ class Run:
     def __init__(self, product: str = "its metrics.json"):
         self.out = self.lock = None
         self.saved_epoch = None      # last epoch with a complete checkpoint; None: not resumable
+        self.resumed_epochs = 0      # epochs trained by an earlier run and resumed, not redone
         self.product = product       # what the run writes last
 
     def claim(self, out: Path) -> Path:
@@ -821,9 +822,15 @@ def run_main(main, argv=None, product: str = "its metrics.json") -> None:
         sys.exit(130 if isinstance(err, KeyboardInterrupt) else 143)
 
 
-def wall_seconds() -> float:
-    """Seconds since this process imported utils: the script's whole wall time (this run's)."""
-    return time.perf_counter() - START
+def run_facts(run: Run, device, args) -> dict:
+    """What a metrics.json records of the run itself: the script's whole wall time (since this
+    process imported utils), the epochs it resumed instead of training them (its wall time
+    then says little), where it ran (the device; on a CPU, the instruction set torch
+    dispatched to, which sets its speed), torch's version and the arguments. Timings compare
+    only between whole runs on the same instruction set (tests/benchmark_cpu.py checks both)."""
+    return {"wall_seconds": time.perf_counter() - START, "resumed_epochs": run.resumed_epochs,
+            "device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, "args": vars(args)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -957,7 +964,7 @@ class Training:
         self.epochs, self.steps = epochs, steps
         self.next_epoch, history = (1, {}) if fresh or not self.path.is_file() else self.resume()
         self.run, self.out = run, run.claim(out)     # a bad checkpoint failed before this line
-        run.saved_epoch = self.next_epoch - 1
+        run.saved_epoch = run.resumed_epochs = self.next_epoch - 1
         self.history = history or {"epoch_seconds": []}
         from tqdm import tqdm
 

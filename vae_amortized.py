@@ -297,7 +297,7 @@ def main(run: utils.Run, argv=None):
         **aggregate_posterior(vae, train_x), "eq7": eq7_check(), **data_facts(data),
         "train_seconds": sum(history["epoch_seconds"]), "steps": args.epochs * steps,
         "latent_dim": args.latent_dim, "loss": args.loss, "sigma_p": args.sigma_p,
-        "wall_seconds": utils.wall_seconds(), "device": str(device), "args": vars(args),
+        **utils.run_facts(run, device, args),
     }
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"last epoch: train loss {final['train']['loss']:.4f}, validation loss "

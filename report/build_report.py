@@ -131,9 +131,12 @@ def share_cell(s: float) -> str:
 
 
 def quality_row(name: str, q: dict) -> dict:
+    """One row of Table 1, with its number of images and the largest standard error of its
+    shares, sqrt(p (1 - p) / n), in percentage points (a binomial share)."""
     return {"name": name, "share": [share_cell(s) for s in q["share"]],
             "entropy": num(q["entropy_bits"]), "confidence": num(q["mean_confidence"]),
-            "covered": q["digits_covered"]}
+            "covered": q["digits_covered"], "images": q["images"],
+            "se_max": max(100 * math.sqrt(s * (1 - s) / q["images"]) for s in q["share"])}
 
 
 def top_digit(quality: dict) -> int:
@@ -169,7 +172,8 @@ def part1_values(classifier: dict) -> dict:
         "per_class": f"{classifier['train_images'] // 10:,}",
         "lr": f"{classifier['args']['lr']:g}", "batch": classifier["args"]["batch_size"],
         "val_images": f"{classifier['val_images']:,}", "accuracy": pct(acc),
-        "above_bar": classifier["above_course_bar"], "best_accuracy": pct(val_acc[best]),
+        "above_bar": classifier["above_course_bar"], "bar": pct(classifier["course_bar"], 0),
+        "best_accuracy": pct(val_acc[best]),
         "best_epoch": best + 1, "seconds": num(classifier["train_seconds"], 0),
         "device": device_name(classifier["device"])}
 
@@ -194,7 +198,9 @@ def q1_values(amortized: dict) -> dict:
         "val_fall_last5": (None if overfit["val_loss_fall_last5"] is None
                            else pct(overfit["val_loss_fall_last5"], 1)),
         "val_falling": overfit["still_improving"],
-        "implied_sigma2": num(784 / (2 * a["latent_dim"])),
+        "implied_sigma2": num(784 / (2 * a["latent_dim"])), "sigma_p": f"{a['sigma_p']:g}",
+        # the KL part of the final training loss: per latent dimension and over all of them
+        "kl_dim": sig(a["final_train"]["kl"], 2), "kl_total": num(a["final_train"]["kl"] * a["latent_dim"], 1),
         "read": None}
     read = a.get("reconstructions_read")
     if read:
@@ -217,7 +223,7 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
         epochs = [str(e) for e in amortized["snapshot_epochs"]]
         first, last, real = quality[epochs[0]], quality[epochs[-1]], quality["real test images"]
         values.update({
-            "first_epoch": epochs[0], "last_epoch": epochs[-1],
+            "first_epoch": epochs[0], "last_epoch": epochs[-1], "samples": f"{first['images']:,}",
             "first_conf": num(first["mean_confidence"]), "last_conf": num(last["mean_confidence"]),
             "real_conf": num(real["mean_confidence"]),
             "first_covered": first["digits_covered"], "last_covered": last["digits_covered"],
@@ -245,6 +251,10 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
     if "latent_opt" in latent_opt_quality and "amortized" in latent_opt_quality:
         values.setdefault("rows", []).append(
             quality_row("latent optimization, final", latent_opt_quality["latent_opt"]))
+    if values.get("rows"):
+        sizes = sorted({r["images"] for r in values["rows"]})
+        values["images"] = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
+        values["share_se_max"] = num(max(r["se_max"] for r in values["rows"]), 1)
     return values
 
 
@@ -308,10 +318,14 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         values["vs_agg"] = {k: dict(zip(("share", "se"), with_se(100 * versus[k]["share"],
                                                                  100 * versus[k]["se"])))
                             for k in ("prior", "aggregate")}
+        values["vs_agg_images"] = f"{versus['images']:,}"
+        values["vs_agg_bands_same"] = versus["same_verdict_every_band"]
+        values["vs_agg_bands"] = " or ".join(f"±{b}" for b in versus["other_bands_not_greyer"])
     quality = lo.get("sample_quality") or {}
     grey = latent_opt.get("grey_share", {})
     if "amortized" in grey:
         values["grey"] = {k: pct(v, 0) for k, v in grey.items()}
+        values["grey_band"] = f"{latent_opt['grey_band']:g}"
         values["grey_lo_more"] = verdicts.get("samples_greyer")
     lo_q, am_q = quality.get("latent_opt"), quality.get("amortized")
     if lo_q and am_q:
@@ -323,7 +337,8 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
                        "am_entropy": num(am_q["entropy_bits"]),
                        "lo_conf": num(lo_q["mean_confidence"]),
                        "am_conf": num(am_q["mean_confidence"]),
-                       "lo_covered": lo_q["digits_covered"], "am_covered": am_q["digits_covered"]})
+                       "lo_covered": lo_q["digits_covered"], "am_covered": am_q["digits_covered"],
+                       "lo_images": f"{lo_q['images']:,}"})
     return values
 
 
@@ -391,6 +406,7 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         **ranking_values(eq9, "eq9_"),
         "M": f"{ll['num_samples']:,}", "M_max": f"{ll['convergence']['M'][-1]:,}",
         "n_images": len(ll["images"]), "per_digit_n": ll["args"]["per_digit"],
+        "vae_train_images": f"{amortized['train_images']:,}",
         "sigma_p": f"{ll['sigma_p']:g}", "adam_steps": ll["args"]["adam_steps"],
         "newton_steps": ll["args"]["newton_steps"], "bootstrap": f"{ll['args']['bootstrap']:,}",
         "seconds": num(ll["estimate_seconds"], 1),
@@ -486,7 +502,7 @@ def survival(named: dict, lost: dict, order: list) -> dict:
     kept = [d for d in order if d not in lost]
     into = {}
     for d in order:
-        if d in lost:
+        if d in lost and lost[d] != int(d):     # a digit read as itself by a plurality turns into none
             into.setdefault(lost[d], []).append(d)
     groups = sorted(into.items(), key=lambda item: -len(item[1]))
     return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
@@ -494,12 +510,21 @@ def survival(named: dict, lost: dict, order: list) -> dict:
             "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
             "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
             "into": "; ".join(f"{digit_list(ds)} as a {t}" for t, ds in groups),
-            "lost_detail": ", ".join(f"{d} ({num(100 * per[d]['kept'], 0)} % kept, most often read as "
-                                     f"a {lost[d]})" for d in order if d in lost)}
+            "lost_detail": ", ".join(
+                f"{d} ({num(100 * per[d]['kept'], 0)} % kept, "
+                + ("read as itself most often, but under half the time)" if lost[d] == int(d)
+                   else f"most often read as a {lost[d]})") for d in order if d in lost)}
 
 
 def count_word(n: int) -> str:
     return ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"][n]
+
+
+def some_of(k: int, n: int, things: str) -> str:
+    """'both digits that lie apart', 'all three ...', 'one of the eight ...', 'none of the ...'."""
+    if k == n:
+        return f"both {things}" if n == 2 else f"the {things}" if n == 1 else f"all {count_word(n)} {things}"
+    return f"{'none' if k == 0 else count_word(k)} of the {count_word(n)} {things}"
 
 
 def apml_values(m: dict) -> dict:
@@ -524,7 +549,8 @@ def apml_values(m: dict) -> dict:
 
     def ties(k):
         return {end: tie_note(ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
-    lost_pca = ans["lost"]["pca"]
+    groups = ans["code_groups"]
+    apart = [g[0] for g in groups["pca"] if len(g) == 1]
     elbo_curve = vae["train_elbo_per_epoch"]
     angles = p["ppca_comparison"]["subspace_angles_deg"]
     pca_se = pca["test_sq_error_se_per_digit"].values()
@@ -532,6 +558,7 @@ def apml_values(m: dict) -> dict:
     return {
         "quick": bool(p["args"]["quick"]),
         "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
+        "lattice": p["lattice"], "scatter_points": f"{p['scatter_points']:,}",
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
         "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
         "se_range_all": "{} to {}".format(*(sig(f(se for _, r in errors for se in
@@ -573,6 +600,15 @@ def apml_values(m: dict) -> dict:
         "closed_gap_predicted": small(p["ppca_comparison"]["closed_form_shrinkage_error"]),
         "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
         "pairs_shared": ans["closest_pairs_shared_pca_ppca"],
+        # 4.7's crowded groups ('{2, 3, 5, 6, 8} and {4, 7, 9}') and the digits apart ('0 and 1')
+        "groups": {k: digit_list(["{" + ", ".join(map(str, g)) + "}" for g in groups[k] if len(g) > 1])
+                   for k in ("pca", "ppca")},
+        "groups_same": groups["pca"] == groups["ppca"],
+        "apart": digit_list(apart) if apart else "",
+        "apart_kept": some_of(ans["pca_apart_kept"], len(apart), "digits that lie apart"),
+        "crowded_kept": some_of(ans["pca_crowded_kept"], 10 - len(apart), "crowded ones"),
+        "apart_p": num(ans["pca_apart_kept_p"]),
+        "apart_survive": ans["pca_apart_kept_more"],
         "crowd_rho": num(ans["pca_crowding_spearman"], sign=True),
         "crowd_p": num(ans["pca_crowding_p"]),
         "crowded_are_worst": ans["pca_crowded_are_worst"],
@@ -603,12 +639,9 @@ def apml_values(m: dict) -> dict:
         "best_but_lost": digit_list(ans["pca_best_error_but_lost"]) if ans["pca_best_error_but_lost"] else "",
         "worst_but_kept": digit_list(ans["pca_worst_error_but_kept"]) if ans["pca_worst_error_but_kept"] else "",
         "ppca_loses_same": ans["ppca_loses_the_same_as_pca"],
-        # '4 becomes a 9 (its nearest), 3 a 1 (its 5th nearest), ...'
-        "lost_ranks": ", ".join(f"{d} {'becomes ' if k == 0 else ''}a {lost_pca[d]} "
-                                f"({'its nearest' if r == 1 else 'its ' + ordinal(r) + ' nearest'})"
-                                for k, (d, r) in enumerate(sorted(ans["pca_lost_neighbour_rank"].items(),
-                                                                  key=lambda item: item[1]))),
-        "lost_n": len(lost_pca), "lost_n_words": count_word(len(lost_pca)),
+        # the lost digits that come back most often as another digit
+        "lost_n": len(ans["pca_lost_neighbour_rank"]),
+        "lost_n_words": count_word(len(ans["pca_lost_neighbour_rank"])),
         "lost_to_nearest": count_word(ans["pca_lost_to_nearest"]),
         "lost_to_nearest_p": num(ans["pca_lost_to_nearest_p"]),
         "lost_follow_codes": ans["pca_lost_follow_codes"],

@@ -520,34 +520,49 @@ def main():
     outputs = ARGS.outputs or ROOT / "outputs"
     print(f"\n{'output folder':20s} {'FLOP limit':>10s} {'its steps':>10s} "
           f"{'wall (make all)':>16s}   (wall times from {outputs})")
-    total = [0.0, 0.0, 0.0]
+    total, walls, notes = [0.0, 0.0, 0.0], {}, set()
+    capability = torch.backends.cpu.get_cpu_capability()
     for script, (at_peak, measured) in per_script.items():
-        wall = script_wall_seconds(outputs, script)
+        wall, note = script_wall_seconds(outputs, script, capability)
+        walls[script] = wall
+        notes |= {note} - {None}
         total[0] += at_peak
         total[1] += measured
         total[2] += wall or 0.0
         print(f"{script:20s} {at_peak:9.1f}s {measured:9.1f}s "
               f"{'' if wall is None else f'{wall:15.1f}s'}")
-    print(f"{'chain':20s} {total[0]:9.1f}s {total[1]:9.1f}s {total[2]:15.1f}s")
-    if total[2]:
+    complete = all(w is not None for w in walls.values())
+    print(f"{'chain':20s} {total[0]:9.1f}s {total[1]:9.1f}s "
+          f"{f'{total[2]:15.1f}s' if complete else ''}")
+    for note in sorted(notes):
+        print(note)
+    if complete:
         print(f"\nmake all's scripts took {total[2]:.0f} s, {total[2] / total[0]:.1f}x the "
               f"chain's FLOP limit (target: at most 2x); the counted steps at their median "
               f"rate alone {total[1] / total[0]:.1f}x; the rest ({total[2] - total[1]:.0f} s) is "
               f"evaluation, figures, data and imports")
     else:
-        print(f"\nno finished make all in {outputs}: the counted steps at their median rate "
-              f"take {total[1] / total[0]:.1f}x the chain's FLOP limit")
+        print(f"\nno finished make all on this instruction set in {outputs}: the counted steps "
+              f"at their median rate take {total[1] / total[0]:.1f}x the chain's FLOP limit")
 
 
-def script_wall_seconds(outputs: Path, folder: str):
+def script_wall_seconds(outputs: Path, folder: str, capability: str):
     """The wall time a finished `make all` recorded in outputs/<folder>/metrics.json (imports,
-    data, training, evaluation, figures; None if absent or if that run resumed a finished
-    one, whose own time says nothing)."""
+    data, training, evaluation, figures), and None with a note where there is none to compare:
+    no such file, a run on another instruction set (an AVX-512 run against AVX2's peak, say)
+    or on another device, or a run that resumed epochs an earlier one trained."""
     path = outputs / folder / "metrics.json"
     if not path.is_file():
-        return None
+        return None, None
     m = json.loads(path.read_text())
-    return m.get("wall_seconds")
+    ran_on = (m.get("device"), m.get("cpu_capability"))
+    if ran_on != ("cpu", capability):
+        return None, (f"(not compared: {outputs} was written on {ran_on[0]}, "
+                      f"{ran_on[1] or 'instruction set not recorded'}; this run is cpu, {capability})")
+    if m.get("resumed_epochs", 0):
+        return None, (f"(not compared: {folder} resumed {m['resumed_epochs']} epochs of an "
+                      f"earlier run; time a make all in a fresh --out)")
+    return m.get("wall_seconds"), None
 
 
 if __name__ == "__main__":

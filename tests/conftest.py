@@ -40,7 +40,7 @@ def metrics(folder):
 
 
 NONDETERMINISTIC = {"train_seconds", "epoch_seconds", "seconds", "estimate_seconds", "wall_seconds",
-                    "peak_rss_mb", "args"}
+                    "resumed_epochs", "peak_rss_mb", "args"}
 
 
 def comparable(folder):

@@ -282,6 +282,65 @@ def test_lost_digits_and_the_ones_that_turn_into_their_closest_partner():
     assert answers["pca_best_error_but_lost"] == ["2"]
     assert answers["pca_worst_error_but_kept"] == ["9", "8"]
     assert not answers["ppca_loses_the_same_as_pca"]           # PPCA's crafted digits all survive
+    # a lost digit still named most often as itself (a plurality under half) turns into no other
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca, named={4: 3, 7: 7}), geometry,
+                                   {str(d): 1.0 + d for d in range(10)})
+    assert answers["lost"]["pca"] == {"4": 3, "7": 7}
+    assert answers["pca_lost_neighbour_rank"] == {"4": 1} and answers["pca_lost_to_nearest"] == 1
+
+
+def groups_geometry(codes):
+    return {k: {"mean_encoding": {str(d): list(c) for d, c in enumerate(codes)},
+                "closest_pairs": [{"digits": [0, 1]}]} for k in ("pca", "ppca", "vae")}
+
+
+# two tight groups, {0, 1, 2} and {5, 6, 7, 8, 9}, and digits 3 and 4 far from both and apart
+GROUPED_CODES = [(0, 0), (0.1, 0), (0, 0.1), (-11, 0), (10, 12),
+                 (10, 0), (10.1, 0), (10, 0.1), (10.2, 0), (10, 0.2)]
+
+
+def test_separation_is_fishers_criterion_and_no_linear_map_changes_it():
+    """tr(S_W^-1 S_B) against numpy (np.cov of the ten means, the mean of the per-digit
+    covariances), and the same for the codes through an invertible linear map (PPCA's codes
+    are PCA's so mapped)."""
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.arange(10).repeat(40)
+    z = torch.randn(400, 2, generator=gen, dtype=torch.float64) + 3 * torch.randn(10, 2, generator=gen, dtype=torch.float64)[labels]
+    zn, ln = z.numpy(), labels.numpy()
+    s_b = np.cov(np.stack([zn[ln == d].mean(0) for d in range(10)]).T)
+    s_w = np.mean([np.cov(zn[ln == d].T) for d in range(10)], axis=0)
+    separation = ppca_pca.digit_geometry(z, labels)["separation"]
+    assert separation == pytest.approx(np.trace(np.linalg.solve(s_w, s_b)), rel=1e-10)
+    mapped = z @ torch.tensor([[0.3, -1.2], [0.8, 0.5]], dtype=torch.float64) + 7.0
+    assert ppca_pca.digit_geometry(mapped, labels)["separation"] == pytest.approx(separation, rel=1e-10)
+
+
+def test_code_groups_cut_the_single_linkage_tree_at_its_widest_gap():
+    """Hand-made codes: two tight groups and two digits apart. scipy merges at heights of 0.1
+    or less inside the groups, then 9.9 (the groups), 11 (digit 3) and 11.8 (digit 4): the
+    widest gap, 0.1 to 9.9, is the cut. Moving digit 3 next to group {0, 1, 2} joins it."""
+    assert ppca_pca.code_groups(GROUPED_CODES) == [[5, 6, 7, 8, 9], [0, 1, 2], [3], [4]]
+    moved = list(GROUPED_CODES)
+    moved[3] = (0.1, 0.1)
+    assert ppca_pca.code_groups(moved) == [[5, 6, 7, 8, 9], [0, 1, 2, 3], [4]]
+
+
+@pytest.mark.parametrize("lost, p_below", [((0, 1, 2, 5, 6, 7, 8, 9), True), ((0, 1, 2, 5, 6, 7, 8), False)])
+def test_digits_apart_kept_more_often_by_fishers_exact_test(lost, p_below):
+    """Digits 3 and 4 lie apart. Losing every crowded digit and neither digit apart: 2 of 2
+    apart kept, 0 of 8 crowded; scipy's fisher_exact is the oracle, p = 1/45 < 0.05. Keeping
+    one crowded digit more: 2 of 2 against 1 of 8, p = 3/45 > 0.05, no evidence."""
+    pca = {d: 10.0 + d for d in range(10)}
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca, named={d: 4 for d in lost}),
+                                   groups_geometry(GROUPED_CODES), {str(d): 1.0 + d for d in range(10)})
+    assert answers["code_groups"]["pca"] == [[5, 6, 7, 8, 9], [0, 1, 2], [3], [4]]
+    apart_kept = sum(d not in lost for d in (3, 4))
+    crowded_kept = sum(d not in lost for d in (0, 1, 2, 5, 6, 7, 8, 9))
+    assert (answers["pca_apart_kept"], answers["pca_crowded_kept"]) == (apart_kept, crowded_kept)
+    expected = scipy.stats.fisher_exact([[apart_kept, 2 - apart_kept], [crowded_kept, 8 - crowded_kept]],
+                                        alternative="greater").pvalue
+    assert answers["pca_apart_kept_p"] == pytest.approx(expected)
+    assert answers["pca_apart_kept_more"] is p_below and bool(expected < 0.05) is p_below
 
 
 def test_nearest_digit_is_the_label_of_the_closest_reference_image():
@@ -388,7 +447,7 @@ def test_quick_run_writes_every_method_and_figure(quick_outputs):
     assert m["ppca_gradient"]["converged"]
     assert abs(m["ppca_comparison"]["sigma2_relative_error"]) < 0.02
     for name in ("encodings.png", "reconstructions.png", "sq_error_per_digit.png",
-                 "ppca_log_likelihood.png", "lattice_ppca.png", "lattice_vae.png", "samples.png"):
+                 "ppca_log_likelihood.png", "lattices.png", "samples.png"):
         assert (out / name).is_file(), name
 
 

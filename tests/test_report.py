@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import scipy.stats
 from pypdf import PdfReader
 
 from conftest import ROOT, run_script
@@ -373,3 +374,27 @@ def test_every_figure_and_table_is_captioned_labelled_and_cited():
                                          (0.995, "99.5"), (1.0, "100")])
 def test_a_share_cell_never_rounds_a_row_past_100(share, cell):
     assert build_report.share_cell(share) == cell
+
+
+def test_a_table_rows_largest_standard_error_is_the_binomial_one():
+    """sqrt(p (1 - p) / n) in percentage points, scipy's binomial distribution the oracle."""
+    q = {"share": [0.5, 0.3, 0.2] + [0.0] * 7, "images": 400, "entropy_bits": 1.5,
+         "mean_confidence": 0.9, "digits_covered": 3}
+    row = build_report.quality_row("x", q)
+    assert row["images"] == 400
+    assert row["se_max"] == pytest.approx(100 * scipy.stats.binom(400, 0.5).std() / 400)
+
+
+def test_the_lab_names_the_crowded_groups_and_the_digits_apart(reports, quick_outputs):
+    groups = metrics(quick_outputs, "ppca_pca")["answers"]["code_groups"]["pca"]
+    text = " ".join(reports["lab"].split())
+    for group in groups:
+        if len(group) > 1:
+            assert "{" + ", ".join(map(str, group)) + "}" in text, group
+
+
+@pytest.mark.parametrize("k, n, phrase", [(2, 2, "both digits"), (3, 3, "all three digits"),
+                                          (1, 8, "one of the eight digits"),
+                                          (0, 8, "none of the eight digits"), (1, 1, "the digits")])
+def test_a_count_reads_as_words(k, n, phrase):
+    assert build_report.some_of(k, n, "digits") == phrase

@@ -37,6 +37,8 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path):
     run_script("sup_classification.py", *args, "--out", killed)    # the same command resumes
     assert comparable(killed) == comparable(whole)
     assert len(metrics(killed)["epoch_seconds"]) == 3
+    # the resumed run says so (its wall time covers one epoch of three), the whole one does not
+    assert (metrics(killed)["resumed_epochs"], metrics(whole)["resumed_epochs"]) == (2, 0)
 
 
 def test_help_shows_the_defaults():

@@ -5,6 +5,7 @@ their field checks, resuming, seeding, devices, metrics and figures."""
 # assistant (the design, the code and its comments), and checked by running it and by the
 # tests in tests/, which compare it with independent references. If you hand it in, keep
 # this note true: say which parts you wrote, changed or had written for you.
+import argparse
 import gzip
 import io
 import json
@@ -332,9 +333,23 @@ def test_classify_samples_counts_shares_entropy_and_coverage():
             return logits
 
     q = utils.classify_samples(Fixed(), torch.zeros(10, 1, 28, 28))
+    assert q["images"] == 10
     assert q["share"][3] == q["share"][7] == 0.5 and q["digits_covered"] == 2
     assert q["entropy_bits"] == pytest.approx(1.0)
     assert q["mean_confidence"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_run_facts_name_the_instruction_set_torch_runs_and_its_version():
+    """What a metrics.json says of where it ran: tests/benchmark_cpu.py compares a run's wall
+    time with a benchmark only on the same instruction set."""
+    args = argparse.Namespace(seed=3, out="x")
+    run = utils.Run()
+    facts = utils.run_facts(run, torch.device("cpu"), args)
+    assert facts["device"] == "cpu" and facts["args"] == {"seed": 3, "out": "x"}
+    assert facts["resumed_epochs"] == 0
+    assert facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert facts["torch"] == torch.__version__
+    assert 0 < facts["wall_seconds"] < 3600
 
 
 def test_figures_are_drawn_at_the_size_the_report_shows():

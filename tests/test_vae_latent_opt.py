@@ -184,6 +184,15 @@ def test_prior_against_aggregate_draws_from_the_training_latents():
     assert result["prior"]["share"] == pytest.approx(grey.mean())
     assert result["prior"]["se"] == pytest.approx(grey.std(ddof=1) / np.sqrt(40))
     assert result["prior_not_greyer"]                           # less grey than the aggregate
+    # latents at 0.7: mid-grey for the bands 0.8 and 0.95, not for 0.5, where the prior's
+    # quarter of grey images makes it the greyer one
+    mu = torch.full((30, 4), 0.7)
+    result = vae_latent_opt.prior_against_aggregate(decoder, mu, logvar, prior, seed=0)
+    assert result["prior_not_greyer"] and result["other_bands_not_greyer"] == {"0.5": False, "0.95": True}
+    assert not result["same_verdict_every_band"]
+    mu = torch.full((30, 4), 0.3)                               # grey in every band: the same verdict
+    result = vae_latent_opt.prior_against_aggregate(decoder, mu, logvar, prior, seed=0)
+    assert result["other_bands_not_greyer"] == {"0.5": True, "0.95": True} and result["same_verdict_every_band"]
 
 
 @pytest.mark.parametrize("aggregate,mostly", [(0.2501, True), (0.25, False), (0.2499, False)])
