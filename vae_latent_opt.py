@@ -226,6 +226,19 @@ def grey_shares(samples: dict, real) -> dict:
             "real": grey_share(real[:len(samples["latent_opt"])])}
 
 
+def prior_question(decoder, amortized, classifier, table_mu, table_logvar, val_x) -> dict:
+    """Q3's prior question: the same prior latents through both final generators, judged by the
+    Part 1 classifier and by their mid-grey pixels; this decoder's prior draws against draws
+    from the latents it was trained on; and how far those latents are from N(0, I)."""
+    latent_dim = table_mu.shape[1]
+    samples = prior_samples(decoder, amortized, latent_dim, table_mu.device)
+    return {"sample_quality": judge_priors(classifier, samples),
+            "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
+            "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
+                                                          samples["latent_opt"], utils.QUALITY_SEED),
+            **latent_statistics(table_mu, table_logvar, latent_dim)}
+
+
 def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with_amortized):
     epochs = list(range(1, len(history["train_loss"]) + 1))
     utils.plot_curves(out / "loss_curves.png", {
@@ -441,24 +454,16 @@ def main(run: utils.Run, argv=None):
         functools.partial(fit_latents, steps=args.fit_steps, lr=args.fit_lr, init_seed=args.seed))
     prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_train, rows_val, args.seed)
     plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)
-    samples = prior_samples(decoder, amortized, args.latent_dim, device)
-    quality = judge_priors(classifier, samples)
 
     metrics = {
         **history, "snapshot_epochs": snapshots, "final_train": final_train,
         "val_fit_recon_mse": val_fit, "amortized_val10_recon_mse": amortized_val10,
         "same_budget": same, "same_budget_images": {**same_images, "steps": args.fit_steps},
-        # Q3's prior question: samples judged by the Part 1 classifier, and how far the latents
-        # the decoder was trained on are from N(0, I).
-        "sample_quality": quality,
-        "grey_share": grey_shares(samples, data["val_x"]), "grey_band": GREY_BAND,
-        "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
-                                                      samples["latent_opt"], utils.QUALITY_SEED),
-        **latent_statistics(table_mu, table_logvar, args.latent_dim),
+        **prior_question(decoder, amortized, classifier, table_mu, table_logvar, data["val_x"]),
         "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
         "latent_dim": args.latent_dim, **utils.run_facts(run, device, args),
     }
-    metrics["verdicts"] = q3_verdicts(same, quality, metrics["aggregate_posterior_kl"],
+    metrics["verdicts"] = q3_verdicts(same, metrics["sample_quality"], metrics["aggregate_posterior_kl"],
                                       args.latent_dim, metrics["aggregate_posterior"],
                                       metrics["grey_share"], metrics["prior_vs_aggregate"])
     utils.write_metrics(out / "metrics.json", metrics)
