@@ -309,7 +309,10 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         values.update({"am_proposed": num(s["proposed_train"], 4),
                        "am_proposed_val": num(s["proposed_val"], 4),
                        "am_fitted_train": num(s["fitted_train"], 4),
-                       "am_fitted_val": num(s["fitted_val"], 4)})
+                       "am_fitted_val": num(s["fitted_val"], 4),
+                       # does the latent fit raise either method's training MSE (it lowers MSE + KL)?
+                       "fit_raised_mse": any(same[k]["fitted_train"] > same[k]["proposed_train"]
+                                             for k in ("amortized", "latent_opt"))})
     versus = lo.get("prior_vs_aggregate")
     values["vs_agg_ok"] = versus["prior_not_greyer"] if versus else None
     if versus:                      # mid-grey share per image, in per cent, with its SE
