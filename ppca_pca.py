@@ -237,8 +237,8 @@ def shrinkage_error(x, mean, evals, evecs, m: int = LATENT) -> float:
 
 def digit_geometry(z, labels):
     """Mean encoding per digit, the encodings' ranges, how well the digits separate, and the
-    digit pairs whose mean encodings are closest (pairwise Euclidean distance, relative to the mean distance so methods with
-    different scales compare)."""
+    digit pairs whose mean encodings are closest (pairwise Euclidean distance, relative to the
+    mean distance so methods with different scales compare)."""
     means = torch.stack([z[labels == d].mean(0) for d in range(10)]).double()
     # Fisher's criterion, tr(S_W^-1 S_B): the covariance of the ten digit means against the
     # average covariance within a digit. No invertible linear map of the codes changes it, so

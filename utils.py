@@ -546,12 +546,6 @@ def plot_image_rows(path: Path, rows: list, row_labels: list, col_labels=None, c
     save_figure(fig, path)
 
 
-def save_image_grid(path: Path, images, nrow: int, value_range=(-1.0, 1.0)) -> None:
-    """Images tiled by `image_grid`, one pixel per pixel, as an 8-bit grey PNG (a pure picture:
-    its title belongs in the report's caption), written atomically."""
-    pixels = (image_grid(images, nrow, value_range) * 255 + 0.5).clamp(0, 255).byte().numpy()
-    write_atomic(path, lambda tmp: pyplot().imsave(tmp, pixels, cmap="gray", vmin=0, vmax=255,
-                                                   format="png"))
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------

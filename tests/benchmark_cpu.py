@@ -23,7 +23,7 @@ do, and the median step, what a run sustains; the scripts are compared with the 
 a shared machine do not inflate (they still share caches). --adam-fused and
 --keep-freed-memory measure two changes the scripts could make (see --help).
 
-    .venv/bin/python tests/benchmark_cpu.py                 # native ISA, a few minutes
+    .venv/bin/python tests/benchmark_cpu.py                 # native ISA, a minute or two
     .venv/bin/python tests/benchmark_cpu.py --isa avx2      # the same with AVX2 forced
     .venv/bin/python tests/benchmark_cpu.py --plain         # model.py's layers replaced by torch's
 """
@@ -542,23 +542,24 @@ def main():
               f"rate alone {total[1] / total[0]:.1f}x; the rest ({total[2] - total[1]:.0f} s) is "
               f"evaluation, figures, data and imports")
     else:
-        print(f"\nno finished make all on this instruction set in {outputs}: the counted steps "
-              f"at their median rate take {total[1] / total[0]:.1f}x the chain's FLOP limit")
+        print(f"\nno whole make all to compare in {outputs} (see above): the counted steps at "
+              f"their median rate take {total[1] / total[0]:.1f}x the chain's FLOP limit")
 
 
 def script_wall_seconds(outputs: Path, folder: str, capability: str):
     """The wall time a finished `make all` recorded in outputs/<folder>/metrics.json (imports,
     data, training, evaluation, figures), and None with a note where there is none to compare:
-    no such file, a run on another instruction set (an AVX-512 run against AVX2's peak, say)
-    or on another device, or a run that resumed epochs an earlier one trained."""
+    no such file, a run on another device, instruction set (an AVX-512 run against AVX2's
+    peak, say) or torch version, or a run that resumed epochs an earlier one trained."""
     path = outputs / folder / "metrics.json"
     if not path.is_file():
         return None, None
     m = json.loads(path.read_text())
-    ran_on = (m.get("device"), m.get("cpu_capability"))
-    if ran_on != ("cpu", capability):
-        return None, (f"(not compared: {outputs} was written on {ran_on[0]}, "
-                      f"{ran_on[1] or 'instruction set not recorded'}; this run is cpu, {capability})")
+    ran_on = (m.get("device"), m.get("cpu_capability"), m.get("torch"))
+    if ran_on != ("cpu", capability, torch.__version__):
+        return None, (f"(not compared: {folder} ran on {ran_on[0]}, "
+                      f"{ran_on[1] or 'instruction set not recorded'}, torch {ran_on[2]}; "
+                      f"this benchmark runs on cpu, {capability}, torch {torch.__version__})")
     if m.get("resumed_epochs", 0):
         return None, (f"(not compared: {folder} resumed {m['resumed_epochs']} epochs of an "
                       f"earlier run; time a make all in a fresh --out)")
