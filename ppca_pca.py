@@ -543,9 +543,10 @@ def plot_figures(out, encodings, test_y, recon_rows, results, ppca, lab_vae, see
     """Every figure of the lab: the codes (4.2, 4.4, 4.7), reconstructions, errors per digit,
     the PPCA fit's convergence, the decoded lattices (4.9) and prior samples (4.10)."""
     plot_encodings(out / "encodings.png", encodings, test_y)
-    # over each reconstruction, the digit its nearest training image shows (4.1's rule)
+    # over each reconstruction, "read as" the digit its nearest training image shows (4.1's rule)
     named = {"PCA": "pca", "PPCA": "ppca_gradient", "VAE": "vae"}
-    titles = [list(range(10))] + [results[named[k]]["shown_named"] for k in list(recon_rows)[1:]]
+    titles = [list(range(10))] + [[f"→{d}" for d in results[named[k]]["shown_named"]]
+                                  for k in list(recon_rows)[1:]]
     utils.plot_image_rows(out / "reconstructions.png", list(recon_rows.values()),
                           list(recon_rows.keys()), cell_titles=titles, value_range=(0, 1))
     plot_error_bars(out / "sq_error_per_digit.png", results)
