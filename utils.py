@@ -473,16 +473,20 @@ def plot_curves(path: Path, panels: dict, xlabel: str = "epoch", width: float = 
     """One subplot per panel, a panel being {ylabel: {series label: (x, y)}}; the panels named
     in log_panels get a logarithmic y axis; legend_loc puts the legends where no curve runs
     ("above": one legend for all panels over them, outside the axes, where no curve can run).
-    A series label keeps its colour in every panel; the labels in `dashed` are drawn dashed, so
-    that a curve they overlap still shows."""
+    A series label keeps its colour in every panel; the labels in `dashed` are drawn dashed
+    over the others, which their panel draws wide and pale, so that both show where they
+    coincide."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     colours = {}
     for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        under = any(label in dashed for label in series)
         for label, (x, y) in series.items():
-            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=2.5, label=label,
-                    color=colours.setdefault(label, f"C{len(colours)}"),
-                    linestyle="--" if label in dashed else "-")
+            wide = under and label not in dashed
+            ax.plot(x, y, marker="o" if len(x) <= 50 else None, markersize=4 if wide else 2.5,
+                    label=label, color=colours.setdefault(label, f"C{len(colours)}"),
+                    linestyle="--" if label in dashed else "-", lw=3.5 if wide else 1.5,
+                    alpha=0.45 if wide else 1.0, zorder=1 if wide else 2)
         if ylabel in log_panels:
             ax.set_yscale("log")
         if xlabel == "epoch":                   # whole epochs only (no tick at epoch 2.5)
