@@ -603,6 +603,8 @@ def apml_values(m: dict) -> dict:
         "closed_gap": small(pc["test_sq_error"] - pca["test_sq_error"]),
         "closed_gap_predicted": small(p["ppca_comparison"]["closed_form_shrinkage_error"]),
         "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
+        "pairs_plain": {k: digit_list([f"{q['digits'][0]}–{q['digits'][1]}" for q in enc[k]["closest_pairs"][:3]])
+                        for k in ("pca", "ppca")},
         "pairs_shared": ans["closest_pairs_shared_pca_ppca"],
         # 4.7's crowded groups ('{2, 3, 5, 6, 8} and {4, 7, 9}') and the digits apart ('0 and 1')
         "groups": {k: digit_list(["{" + ", ".join(map(str, g)) + "}" for g in groups[k] if len(g) > 1])
