@@ -618,14 +618,19 @@ def plot_encodings(path, encodings, labels):
     # codes) shows its spread under the dots.
     order = np.random.default_rng(0).permutation(len(labels))[:SCATTER_POINTS]
     colours = plt.get_cmap("tab10")
+    turn = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+    outlines = {}                   # points along each ellipse, which the labels avoid too
     for ax, (name, z) in zip(axes, encodings.items()):
         sc = ax.scatter(z[order, 0], z[order, 1], c=labels[order], cmap="tab10", s=1.5,
                         alpha=0.7, vmin=-0.5, vmax=9.5, rasterized=True, lw=0)
+        outlines[name] = []
         for d in range(10):
             evals, evecs = np.linalg.eigh(np.cov(z[labels == d].T))
             ax.add_patch(Ellipse(
                 means[name][d], *(2 * np.sqrt(evals[::-1])), fill=False, lw=0.8,
                 angle=np.degrees(np.arctan2(evecs[1, 1], evecs[0, 1])), color=colours(d)))
+            outlines[name].append(means[name][d][:, None] + (evecs * np.sqrt(evals))
+                                  @ np.stack([np.cos(turn), np.sin(turn)]))
         ax.scatter(*means[name].T, marker="x", s=12, c="black", lw=0.8, zorder=3)
         ax.set_title(name)
         ax.set_xlabel("$z_1$")
@@ -633,15 +638,17 @@ def plot_encodings(path, encodings, labels):
         ax.margins(0.16)                # room around the cloud for the labels that need it
         ax.set_aspect("equal", adjustable="datalim")   # shapes comparable by eye (Q4.4)
     fig.colorbar(sc, ax=axes, ticks=range(10), label="digit", fraction=0.02, pad=0.01)
-    # Labels go where no dot is, so that none hides data: the pairs whose means nearly coincide
-    # (4 and 9, 5 and 8) are the ones Q4.7 discusses. Lay out first, then freeze the layout.
+    # Labels go where no code (drawn or not) and no ellipse is, so that none sits on the data:
+    # the pairs whose means nearly coincide (4 and 9, 5 and 8) are the ones Q4.7 discusses.
+    # Lay out first, then freeze the layout.
     fig.canvas.draw()
     fig.set_layout_engine("none")
     radius = 7.0 * fig.dpi / 72           # an 8 pt digit in a round badge, in display pixels
     for ax, (name, z) in zip(axes, encodings.items()):
         to_px, bbox = ax.transData, ax.get_window_extent()
         spots = label_positions(to_px.transform(means[name]),
-                                to_px.transform(np.vstack([z[order], means[name]])),
+                                to_px.transform(np.vstack([z, means[name],
+                                                           *(o.T for o in outlines[name])])),
                                 bbox.get_points(), radius)
         for d, spot in enumerate(to_px.inverted().transform(spots)):
             ax.annotate(str(d), means[name][d], xytext=spot, fontsize=8, weight="bold", ha="center",
