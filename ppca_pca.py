@@ -604,8 +604,6 @@ def label_positions(marks, points, box, radius: float) -> np.ndarray:
 
 
 def plot_encodings(path, encodings, labels):
-    from matplotlib.patches import Ellipse
-
     plt = utils.pyplot()
     labels = labels.numpy()
     encodings = {name: z.double().numpy() for name, z in encodings.items()}
@@ -618,7 +616,8 @@ def plot_encodings(path, encodings, labels):
     # codes) shows its spread under the dots.
     order = np.random.default_rng(0).permutation(len(labels))[:SCATTER_POINTS]
     colours = plt.get_cmap("tab10")
-    turn = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+    turn = np.linspace(0, 2 * np.pi, 91)
+    circle = np.stack([np.cos(turn), np.sin(turn)])      # mapped onto each digit's ellipse
     outlines = {}                   # points along each ellipse, which the labels avoid too
     for ax, (name, z) in zip(axes, encodings.items()):
         sc = ax.scatter(z[order, 0], z[order, 1], c=labels[order], cmap="tab10", s=1.5,
@@ -626,11 +625,9 @@ def plot_encodings(path, encodings, labels):
         outlines[name] = []
         for d in range(10):
             evals, evecs = np.linalg.eigh(np.cov(z[labels == d].T))
-            ax.add_patch(Ellipse(
-                means[name][d], *(2 * np.sqrt(evals[::-1])), fill=False, lw=0.8,
-                angle=np.degrees(np.arctan2(evecs[1, 1], evecs[0, 1])), color=colours(d)))
-            outlines[name].append(means[name][d][:, None] + (evecs * np.sqrt(evals))
-                                  @ np.stack([np.cos(turn), np.sin(turn)]))
+            outline = means[name][d][:, None] + (evecs * np.sqrt(evals)) @ circle
+            ax.plot(*outline, lw=0.8, color=colours(d))
+            outlines[name].append(outline)
         ax.scatter(*means[name].T, marker="x", s=12, c="black", lw=0.8, zorder=3)
         ax.set_title(name)
         ax.set_xlabel("$z_1$")

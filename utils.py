@@ -434,13 +434,15 @@ QUALITY_SAMPLES, QUALITY_SEED = 1000, 12345
 
 def classify_samples(classifier, images) -> dict:
     """How a set of generated images looks to the Part 1 classifier: their number, the share of
-    each predicted digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the digits with at least
-    2 % of the samples, and the mean confidence (largest softmax probability)."""
+    each predicted digit, its entropy in bits (log2 10 = 3.32 for all digits equally), the
+    digits with at least 2 % of the samples, and the mean confidence (largest softmax
+    probability)."""
     with torch.no_grad():
         probs = torch.cat([torch.softmax(classifier(b), dim=1) for b in images.split(500)])
     share = torch.bincount(probs.argmax(1), minlength=10).double() / len(images)
     nonzero = share[share > 0]
-    return {"images": len(images), "share": share.tolist(), "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
+    return {"images": len(images), "share": share.tolist(),
+            "entropy_bits": float(-(nonzero * nonzero.log2()).sum()) + 0.0,
             "digits_covered": int((share >= 0.02).sum()),
             "mean_confidence": float(probs.max(1).values.mean())}
 

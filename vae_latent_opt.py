@@ -213,10 +213,11 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
     def verdict(s):
         return not_greyer(s["prior"], s["aggregate"])
     result = shares(GREY_BAND)
+    main_verdict = verdict(result)
     other = {str(band): verdict(shares(band)) for band in OTHER_GREY_BANDS}
-    return {**result, "images": len(prior_images), "prior_not_greyer": verdict(result),
+    return {**result, "images": len(prior_images), "prior_not_greyer": main_verdict,
             "other_bands_not_greyer": other,
-            "same_verdict_every_band": all(v == verdict(result) for v in other.values())}
+            "same_verdict_every_band": all(v == main_verdict for v in other.values())}
 
 
 def grey_shares(samples: dict, real) -> dict:

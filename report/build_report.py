@@ -542,9 +542,11 @@ def apml_values(m: dict) -> dict:
         return {"x": f"[{num(lo[0])}, {num(hi[0])}]", "y": f"[{num(lo[1])}, {num(hi[1])}]",
                 "sd": f"{num(sd[0])} and {num(sd[1])}"}
 
+    def pair(q):                    # '4–9'
+        return "–".join(map(str, q["digits"]))
+
     def pairs(k):                   # distances relative to the mean distance between digit means
-        return ", ".join(f"{q['digits'][0]}–{q['digits'][1]} ({num(q['relative'])})"
-                         for q in enc[k]["closest_pairs"][:3])
+        return ", ".join(f"{pair(q)} ({num(q['relative'])})" for q in enc[k]["closest_pairs"][:3])
 
     gains, gains_se = ans["vae_gains_over_ppca"], ans["vae_gains_over_ppca_se"]
 
@@ -603,7 +605,7 @@ def apml_values(m: dict) -> dict:
         "closed_gap": small(pc["test_sq_error"] - pca["test_sq_error"]),
         "closed_gap_predicted": small(p["ppca_comparison"]["closed_form_shrinkage_error"]),
         "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
-        "pairs_plain": {k: digit_list([f"{q['digits'][0]}–{q['digits'][1]}" for q in enc[k]["closest_pairs"][:3]])
+        "pairs_plain": {k: digit_list([pair(q) for q in enc[k]["closest_pairs"][:3]])
                         for k in ("pca", "ppca")},
         "pairs_shared": ans["closest_pairs_shared_pca_ppca"],
         # 4.7's crowded groups ('{2, 3, 5, 6, 8} and {4, 7, 9}') and the digits apart ('0 and 1')
@@ -622,7 +624,7 @@ def apml_values(m: dict) -> dict:
         "vae_separates_better": ans["vae_separates_better"],
         "vae_closest_pair_closer": ans["vae_closest_pair_closer"],
         "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
-        "closest_pair": {k: "–".join(map(str, enc[k]["closest_pairs"][0]["digits"])) for k in ("ppca", "vae")},
+        "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
         "noise_nats": num(ans["noise_variance_nats"], 0),
         "vae_sigma2": sig(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
