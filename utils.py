@@ -614,6 +614,14 @@ def float_in(low: float, high: float):
     return number_in(low, high, float)
 
 
+def path_in(text: str) -> Path:
+    """argparse type: a path. An empty one (an unset shell variable, say) is refused: it would
+    mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a path, got {text!r}")
+    return Path(text)
+
+
 def script_parser(script: str, description: str, resumable: bool = True) -> OneLineParser:
     """A parser with the flags every script has: --seed --device --out --quick --fresh."""
     parser = OneLineParser(prog=f"{script}.py", description=description)
@@ -621,7 +629,7 @@ def script_parser(script: str, description: str, resumable: bool = True) -> OneL
                         help="random seed (python, numpy, torch)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to compute; auto = cuda, else mps, else cpu")
-    parser.add_argument("--out", type=Path, default=OUTPUTS_DIR / script,
+    parser.add_argument("--out", type=path_in, default=OUTPUTS_DIR / script,
                         help="output folder (checkpoints, figures, metrics.json)")
     parser.add_argument("--quick", action="store_true", help="smoke mode: every size below "
                         "that says so is smaller, and the run finishes in seconds")
@@ -643,7 +651,7 @@ def add_vae_data_arguments(parser) -> None:
 
 def add_file_argument(parser, flag: str, default: Path, help: str, required: bool = False):
     """A file argument whose default is another script's output; `input_file` checks it."""
-    parser.add_argument(flag, type=Path, default=None, metavar="PATH",
+    parser.add_argument(flag, type=path_in, default=None, metavar="PATH",
                         help=f"{help}; a folder means the {default.name} inside it (default: "
                              f"{display_path(default)}{'' if required else ', if it exists'})")
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # utils imports torch only on first use, and this builder never uses it
 from utils import (OneLineParser, UsageError, display_path, experiment_command,  # noqa: E402
-                   run_main, sha256, write_atomic)
+                   path_in, run_main, sha256, write_atomic)
 
 TEMPLATES = ROOT / "report"
 REPORTS = {  # template -> (PDF, the experiments whose metrics.json it reads)
@@ -727,7 +727,7 @@ def typeset(template: Path, root: Path) -> tuple:
 
 def parse_args(argv=None):
     parser = OneLineParser(prog="build_report.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
+    parser.add_argument("--outputs", type=path_in, default=ROOT / "outputs",
                         help="folder holding the scripts' output folders")
     return parser.parse_args(argv)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import OneLineParser, UsageError, run_main, write_atomic  # noqa: E402  (torch: never)
+from utils import OneLineParser, UsageError, path_in, run_main, write_atomic  # noqa: E402  (torch: never)
 
 PART1 = ["sup_classification.py"]
 VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
@@ -112,7 +112,7 @@ def _order(path: str):
 
 def main(argv=None) -> Path:
     parser = OneLineParser(prog="submission.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
+    parser.add_argument("--outputs", type=path_in, default=ROOT / "outputs",
                         help="folder holding report/ex1_report.pdf; the zip is written there")
     parser.add_argument("--name", default="", help="your name, as the README should show it")
     parser.add_argument("--cse", default="", help="your CSE username")

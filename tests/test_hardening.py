@@ -145,6 +145,8 @@ CASES = [
     (P, ["--quick", "--lr", "0.001"], "{ppca_ckpt}", "other settings (lr)"),
     ("report/build_report.py", ["--outputs", "{dir}/nothing"], None, "is missing: run"),
     ("report/build_report.py", ["--bogus"], None, "unrecognized arguments"),
+    ("report/build_report.py", ["--outputs", ""], None, "must name a path"),
+    (L, ["--quick", "--amortized", ""], None, "must name a path, got ''"),
 ]
 
 

@@ -14,6 +14,7 @@ import pickle
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,6 +377,17 @@ def test_unwritable_out_is_a_usage_error(tmp_path):
         utils.Run().claim(blocker / "out")
 
 
+@pytest.mark.parametrize("flags", [["--out", ""], ["--out", "  "], ["--classifier", ""]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(flags, capsys):
+    parser = utils.script_parser("demo", "demo")
+    utils.add_file_argument(parser, "--classifier", Path("outputs/classifier.pt"), "classifier")
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(flags)
+    assert exit_.value.code == 2
+    assert f"{flags[0]}: must name a path, got {flags[1]!r}" in capsys.readouterr().err
+    assert parser.parse_args(["--out", "."]).out == Path(".")       # the folder itself, if named
+
+
 # ---- the folder lock ---------------------------------------------------------------------------
 def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
     first, second = utils.Run(), utils.Run()
@@ -399,6 +411,7 @@ def test_the_lock_holds_with_fcntl_and_msvcrt_hidden(tmp_path):
     a second run into a locked folder is still refused."""
     code = f"""
 import sys
+from pathlib import Path
 sys.modules["fcntl"] = None
 sys.modules["msvcrt"] = None
 sys.path.insert(0, {str(utils.ROOT)!r})
