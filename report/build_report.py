@@ -40,13 +40,16 @@ EX1_MAX_PAGES = 5
 # ----------------------------------------------------------------------------------------------
 class Metrics(dict):
     """A metrics.json object that names its script when a key is missing (an output written by
-    an older or interrupted run), so the report says what to run instead of a traceback."""
+    an older or interrupted run), so the report says what to run instead of a traceback. Every
+    read is noted in `reads` (shared by all the files of one build), so that a value of the
+    wrong type can be traced to the file it came from: the one read last."""
 
-    def __init__(self, data, path: Path, writer: str):
+    def __init__(self, data, path: Path, writer: str, reads: dict):
         super().__init__(data)
-        self.path, self.writer = path, writer
+        self.path, self.writer, self.reads = path, writer, reads
 
     def __getitem__(self, key):
+        self.reads["last"] = self
         try:
             return super().__getitem__(key)
         except KeyError:
@@ -54,15 +57,21 @@ class Metrics(dict):
                              f"run {self.writer} again") from None
 
 
-def read_metrics(outputs: Path, script: str) -> dict:
+def refuse_constant(name: str):
+    raise ValueError(f"it holds {name}")      # NaN or infinity: a script never writes them
+
+
+def read_metrics(outputs: Path, script: str, reads: dict) -> dict:
     path = outputs / script / "metrics.json"
     writer = experiment_command(script, display_path(outputs))
     try:
-        metrics = json.loads(path.read_text(), object_hook=lambda d: Metrics(d, path, writer))
+        metrics = json.loads(path.read_text(), parse_constant=refuse_constant,
+                             object_hook=lambda d: Metrics(d, path, writer, reads))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing: run {writer} first (or make all)")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path} is unreadable ({type(err).__name__}): run {writer} again")
+    except (OSError, UnicodeDecodeError, ValueError) as err:      # JSONDecodeError is one
+        raise UsageError(f"{path} is unreadable ({' '.join(str(err).split())[:80]}): run "
+                         f"{writer} again")
     if not isinstance(metrics, dict) or "args" not in metrics:
         raise UsageError(f"{path} is not a complete metrics file: run {writer} again")
     return metrics
@@ -736,8 +745,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     outputs = args.outputs.resolve()
     # Read and check everything first: a missing or broken input changes nothing on disk.
-    metrics = {s: read_metrics(outputs, s) for _, scripts in REPORTS.values() for s in scripts}
-    values = {"ex1": ex1_values(metrics), "apml_lab": apml_values(metrics)}
+    reads = {}
+    metrics = {s: read_metrics(outputs, s, reads) for _, scripts in REPORTS.values() for s in scripts}
+    try:
+        values = {"ex1": ex1_values(metrics), "apml_lab": apml_values(metrics)}
+    except (TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as err:
+        source = reads["last"]          # a hand-edited or damaged file: name it, not a traceback
+        raise UsageError(f"{source.path} holds a value of the wrong type or size "
+                         f"({' '.join(str(err).split())[:80]}): run {source.writer} again")
     out = outputs / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,7 @@ def test_report_reads_only(quick_outputs):
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "not json", "{}",
-                                    "lacks a key"])
+                                    "lacks a key", "wrong type", "NaN"])
 def test_a_bad_metrics_file_is_one_line_and_keeps_the_pdfs(quick_outputs, tmp_path, damage):
     copy = tmp_path / "outputs"
     shutil.copytree(quick_outputs, copy)
@@ -185,9 +185,13 @@ def test_a_bad_metrics_file_is_one_line_and_keeps_the_pdfs(quick_outputs, tmp_pa
     if damage == "missing":
         path.unlink()
     else:
-        lacking = json.dumps({k: v for k, v in json.loads(text).items() if k != "same_budget"})
+        metrics = json.loads(text)
+        lacking = json.dumps({k: v for k, v in metrics.items() if k != "same_budget"})
+        wrong_type = json.dumps({**metrics, "same_budget": "oops"})
+        nan = json.dumps({**metrics, "wall_seconds": float("nan")})      # json writes NaN
         path.write_text({"empty": "", "truncated": text[: len(text) // 2], "not json": "\x00\xff",
-                         "{}": "{}", "lacks a key": lacking}[damage])
+                         "{}": "{}", "lacks a key": lacking, "wrong type": wrong_type,
+                         "NaN": nan}[damage])
     before = {p.name: p.read_bytes() for p in (copy / "report").iterdir()}
     proc = run_script("report/build_report.py", "--outputs", copy, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
