@@ -35,6 +35,9 @@ NEIGHBOUR_IMAGES = 10_000
 LATTICE = 15
 # Test images drawn in the encodings' scatter plots (all 10,000 are used for every number).
 SCATTER_POINTS = 2_500
+# Q4.10's prior samples, judged by blur: the share of mid-grey pixels (strictly between
+# GREY_BAND and 1 - GREY_BAND, neither background nor stroke) in PRIOR_SAMPLES draws.
+GREY_BAND, PRIOR_SAMPLES = 0.1, 1_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +420,23 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
             "vae_error_relative_to_ppca": vae["test_sq_error"] / grad["test_sq_error"] - 1}
 
 
+def mid_grey_share(images) -> float:
+    """The share of pixels (images in [0, 1]) that are neither background nor stroke: a
+    measure of blur that needs no classifier (HUJI Q3 uses the same band on its [-1, 1] scale)."""
+    return ((images > GREY_BAND) & (images < 1 - GREY_BAND)).double().mean().item()
+
+
+def prior_sample_blur(w, mu, lab_vae, test_x, seed: int, device) -> dict:
+    """Q4.10: mid-grey shares of PRIOR_SAMPLES prior draws through PPCA's and the VAE's
+    decoders (the same z for both), and of the test images for reference."""
+    z = torch.randn(PRIOR_SAMPLES, LATENT, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        ppca = (z.double() @ w.T + mu).clamp(0, 1)
+        vae = lab_vae.decode(z.to(device)).cpu()
+    return {"ppca": mid_grey_share(ppca), "vae": mid_grey_share(vae),
+            "test_images": mid_grey_share(test_x), "samples": PRIOR_SAMPLES, "band": GREY_BAND}
+
+
 def parse_args(argv=None):
     parser = utils.script_parser("ppca_pca", __doc__.splitlines()[0])
     parser.add_argument("--ppca-lr", type=utils.float_in(1e-6, 1.0), default=0.01,
@@ -743,8 +763,9 @@ def main(run: utils.Run, argv=None):
     # The error is a sum over pixels, so digits with more ink have more to get wrong.
     ink = test_x.double().pow(2).sum(1)
     ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}
+    blur = prior_sample_blur(*params["ppca_gradient"][:2], lab_vae, test_x, args.seed, device)
     metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
-               "test_ink_per_digit": ink_per_digit,
+               "test_ink_per_digit": ink_per_digit, "prior_sample_mid_grey": blur,
                "answers": {**lab_answers(results, geometry, ink_per_digit),
                            **method_verdicts(results, comparison, geometry)},
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),

@@ -558,6 +558,11 @@ def apml_values(m: dict) -> dict:
         return ", ".join(f"{pair(q)} ({num(q['relative'])})" for q in enc[k]["closest_pairs"][:3])
 
     gains, gains_se = ans["vae_gains_over_ppca"], ans["vae_gains_over_ppca_se"]
+    shown_lost = [str(d) for d in range(10)
+                  if vae["shown_named"][d] != d and str(d) not in ans["lost"]["vae"]]
+    kept_rows = [("test images", p["original_images"]), ("the same, blurred", p["blurred_test_images"]),
+                 ("PCA", pca), ("PPCA, gradient fit", pg), ("VAE, 2-D latent", vae)]
+    blur = p["prior_sample_mid_grey"]
 
     def gain_list(digits):
         return ", ".join("{} ± {}".format(*with_se(gains[d], gains_se[d])) for d in digits)
@@ -668,8 +673,17 @@ def apml_values(m: dict) -> dict:
             f"{ties_with(ans['vae_gain_ties']['worst'], ans['vae_largest_gains'][-1])} "
             f"among the largest gains, within two standard errors.",
         # the figure's one VAE reconstruction per digit that its nearest training image names wrong
-        "vae_shown_lost": digit_list([str(d) for d in range(10) if vae["shown_named"][d] != d])
-                          if any(vae["shown_named"][d] != d for d in range(10)) else "",
+        # (only digits the VAE keeps: a lost digit's image being lost is no surprise)
+        "vae_shown_lost": digit_list(shown_lost) if shown_lost else "",
+        "vae_shown_lost_n": len(shown_lost),
+        # Table 2: the share of each digit's test images kept, by the rule of Q4.1
+        "kept_table": [{"method": name, "all": num(100 * r["nearest_digit"]["kept"], 0),
+                        "per_digit": [num(100 * r["nearest_digit"]["per_digit"][str(d)]["kept"], 0)
+                                      for d in range(10)]} for name, r in kept_rows],
+        # Q4.10: the prior samples' blur, by their mid-grey pixels
+        "grey": {k: pct(blur[k], 0) for k in ("ppca", "vae", "test_images")},
+        "grey_band": num(blur["band"], 1), "grey_samples": f"{blur['samples']:,}",
+        "vae_samples_sharper": blur["vae"] < blur["ppca"],
         "closed_max_diff": sig(max(abs(pg["test_sq_error_per_digit"][str(d)] - pc["test_sq_error_per_digit"][str(d)])
                                    for d in range(10)), 1),
         "vae_epoch_rise_last": num(elbo_curve[-1] - elbo_curve[-2], 1) if len(elbo_curve) > 1 else "",

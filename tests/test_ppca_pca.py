@@ -509,3 +509,22 @@ def test_the_naming_rule_keeps_blurred_digits_only_if_each_keeps_half(kept, keep
     answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca, blurred_kept={8: kept}), geometry,
                                    {str(d): 1.0 + d for d in range(10)})
     assert answers["namer_keeps_blurred_digits"] is keeps
+
+
+def test_mid_grey_share_counts_pixels_strictly_inside_the_band():
+    images = torch.tensor([0.0, 0.1, 0.11, 0.5, 0.89, 0.9, 1.0, 0.05])
+    assert ppca_pca.mid_grey_share(images) == pytest.approx(3 / 8)          # 0.11, 0.5, 0.89
+
+
+def test_prior_samples_of_a_constant_decoder_are_judged_by_its_image():
+    """PPCA with W = 0 decodes every z to mu; a VAE stand-in decodes every z to the same image:
+    each share is then that image's share of mid-grey pixels."""
+    class Flat(torch.nn.Module):
+        def decode(self, z):
+            return torch.full((len(z), 784), 0.5)
+
+    mu = torch.cat([torch.zeros(392), torch.full((392,), 0.3)]).double()
+    blur = ppca_pca.prior_sample_blur(torch.zeros(784, 2).double(), mu, Flat(),
+                                      torch.ones(5, 784), seed=0, device="cpu")
+    assert blur["ppca"] == pytest.approx(0.5) and blur["vae"] == 1.0
+    assert blur["test_images"] == 0.0 and blur["samples"] == ppca_pca.PRIOR_SAMPLES

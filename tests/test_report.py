@@ -389,6 +389,33 @@ def test_a_table_rows_largest_standard_error_is_the_binomial_one():
     assert row["se_max"] == pytest.approx(100 * scipy.stats.binom(400, 0.5).std() / 400)
 
 
+def test_the_labs_kept_table_and_sample_blur_are_the_metrics(quick_outputs):
+    p = metrics(quick_outputs, "ppca_pca")
+    values = json.loads((quick_outputs / "report" / "apml_lab_values.json").read_text())
+    rows = {r["method"]: r for r in values["kept_table"]}
+    for name, key in [("PCA", "pca"), ("VAE, 2-D latent", "vae"), ("test images", "original_images")]:
+        kept = p[key]["nearest_digit"]
+        assert rows[name]["all"] == f"{100 * kept['kept']:.0f}"
+        assert rows[name]["per_digit"] == [f"{100 * kept['per_digit'][str(d)]['kept']:.0f}"
+                                           for d in range(10)]
+    blur = p["prior_sample_mid_grey"]
+    assert values["grey"]["vae"] == f"{100 * blur['vae']:.0f} %"
+    assert values["vae_samples_sharper"] == (blur["vae"] < blur["ppca"])
+
+
+def test_the_figures_lost_images_are_named_only_for_digits_the_vae_keeps(quick_outputs, tmp_path):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / "ppca_pca" / "metrics.json"
+    p = json.loads(path.read_text())
+    p["vae"]["shown_named"] = [1, 1, 2, 8, 9, 5, 6, 7, 8, 9]         # 0, 3 and 4 named wrong
+    p["answers"]["lost"]["vae"] = {"4": 9}                            # ...of which 4 is lost
+    path.write_text(json.dumps(p))
+    run_script("report/build_report.py", "--outputs", copy)
+    text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
+    assert "names the VAE's 0 and 3 as other digits" in text
+
+
 def test_the_lab_names_the_crowded_groups_and_the_digits_apart(reports, quick_outputs):
     groups = metrics(quick_outputs, "ppca_pca")["answers"]["code_groups"]["pca"]
     text = " ".join(reports["lab"].split())
