@@ -28,6 +28,7 @@ DEFAULT_AMORTIZED = utils.default_input(utils.AMORTIZED_VAE)
 # Flags that change only what happens after training: a checkpoint made with others resumes.
 AFTER_TRAINING = ("amortized", "classifier", "fit_steps", "fit_lr", "compare_per_digit")
 DEFAULT_CLASSIFIER = utils.default_input(utils.CLASSIFIER)
+Q_LOSS_DRAWS = 64       # z ~ q per image when a whole q is judged by the loss (q_loss)
 
 
 def init_latents(n: int, latent_dim: int, seed: int, device=None):
@@ -141,6 +142,22 @@ def same_budget(decoder, x, n_train, proposed_train, proposed_val, fit) -> dict:
                  "fitted_val": mse(mu[n_train:], x[n_train:])}
     return {**{k: None if v is None else v.mean().item() for k, v in per_image.items()},
             "per_image": per_image}
+
+
+@torch.no_grad()
+def q_loss(decoder, mu, logvar, x, draws: int = Q_LOSS_DRAWS) -> torch.Tensor:
+    """Per image, the exercise's loss (Eq. 5 and 6, the objective both methods minimize) at the
+    q a method proposes, N(mu, diag exp(logvar)): the pixel-mean squared error expected under
+    z ~ q (over `draws` samples, a fixed generator) plus the KL averaged over latent
+    dimensions. It judges the whole q, its spread as well as its mean."""
+    gen = torch.Generator(device=mu.device).manual_seed(0)
+    mse = torch.zeros(len(x), dtype=torch.float64, device=mu.device)
+    for _ in range(draws):
+        z = vae_model.reparameterize(mu, logvar, torch.randn(mu.shape, generator=gen,
+                                                             device=mu.device))
+        mse += (decoder(z) - x).pow(2).flatten(1).mean(1).double()
+    kl = vae_model.kl_std_normal(mu, logvar).mean(1).double()
+    return (mse / draws + kl).cpu()
 
 
 def paired_difference(a, b) -> dict:
@@ -266,7 +283,9 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
     the table's mu_i) reconstruct the same training images better; better_decoder: whose
     decoder reconstructs better when both get the same latent fit (the budget taken out);
     prior: whether the latent-optimization samples look as good to the classifier as the
-    amortized ones (confidence within 0.05, coverage within one digit); aggregate_near_prior:
+    amortized ones (confidence within 0.05, coverage within one digit); better_q_by_loss:
+    whose whole q (mean and spread) has the lower loss on the same training images (`q_loss`);
+    aggregate_near_prior:
     whether the latents the decoder was trained on, taken together, are close to N(0, I)
     (a moment-matched KL under 0.05 nats per latent dimension); codes_overlap: whether the
     q_i overlap more than they are spread (their means vary less, per dimension on average,
@@ -293,6 +312,9 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
         a, lo = same["amortized"], same["latent_opt"]
         verdicts["better_q"] = ("amortized" if a["proposed_train"] < lo["proposed_train"]
                                 else "latent_opt")
+        if "proposed_train_loss" in a:      # the whole q (mean and spread), by the loss
+            verdicts["better_q_by_loss"] = ("amortized" if a["proposed_train_loss"]
+                                            < lo["proposed_train_loss"] else "latent_opt")
         verdicts["better_decoder"] = ("amortized" if a["fitted_train"] < lo["fitted_train"]
                                       else "latent_opt")
         # the proposals alone: whose own q gains less from a refit to its own decoder
@@ -344,25 +366,36 @@ def load_amortized(path, latent_dim, device):
     return amortized
 
 
-def same_budget_comparison(decoder, table_mu, amortized, data, per_digit, fit, device):
+def same_budget_comparison(decoder, table, amortized, data, per_digit, fit, device):
     """Both final decoders on the same images, per_digit training and validation images of each
     digit: the reconstruction error from the latents each method proposes, and from the same
-    fresh latent fit for both (`same_budget`). Returns ({method: errors}, image counts)."""
+    fresh latent fit for both (`same_budget`); and the loss at each method's whole q on the
+    training images (`q_loss`). table = (mu, logvar) of every training image's q. Returns
+    ({method: errors}, image counts)."""
+    table_mu, table_logvar = table
     compare = {"train": utils.monitor_subset(data["train_y"], per_digit).to(device),
                "val": utils.monitor_subset(data["val_y"], per_digit).to(device)}
     x = torch.cat([data["train_x"][compare["train"]], data["val_x"][compare["val"]]])
     n_train = len(compare["train"])
     same = {"latent_opt": same_budget(decoder, x, n_train, table_mu[compare["train"]], None, fit)}
+    losses = {"latent_opt": q_loss(decoder, table_mu[compare["train"]],
+                                   table_logvar[compare["train"]], x[:n_train])}
     if amortized is not None:
         with torch.no_grad():
-            encoded = amortized.encoder(x)[0]
+            encoded, encoded_logvar = amortized.encoder(x)
         same["amortized"] = same_budget(amortized.decoder, x, n_train, encoded[:n_train],
                                         encoded[n_train:], fit)
+        losses["amortized"] = q_loss(amortized.decoder, encoded[:n_train],
+                                     encoded_logvar[:n_train], x[:n_train])
     per_image = {method: errors.pop("per_image") for method, errors in same.items()}
+    for method, loss in losses.items():
+        same[method]["proposed_train_loss"] = loss.mean().item()
+        per_image[method]["proposed_train_loss"] = loss
     if amortized is not None:           # latent optimization minus amortized, image by image
         same["paired"] = {k: paired_difference(per_image["latent_opt"][k],
                                                per_image["amortized"][k])
-                          for k in ("proposed_train", "fitted_train", "fitted_val")}
+                          for k in ("proposed_train", "fitted_train", "fitted_val",
+                                    "proposed_train_loss")}
     return same, {"train": n_train, "val": len(x) - n_train}
 
 
@@ -393,7 +426,7 @@ def latent_statistics(mu, logvar, latent_dim: int) -> dict:
             "expected_prior_norm": float(latent_dim) ** 0.5}
 
 
-def fits_to_frozen_decoders(out, snapshots, decoder, table_mu, amortized, data, per_digit, fit):
+def fits_to_frozen_decoders(out, snapshots, decoder, table, amortized, data, per_digit, fit):
     """Latents fitted to frozen decoders, the same budget (`fit`) for every fit: the validation
     images at each snapshot, then both final decoders on the same comparison images. Returns
     the snapshot rows (training, validation), the validation fits' errors, and the comparison."""
@@ -401,11 +434,11 @@ def fits_to_frozen_decoders(out, snapshots, decoder, table_mu, amortized, data, 
     with tqdm(total=(len(snapshots) + 1 + (amortized is not None)) * steps, unit="step",
               desc="fitting latents to frozen decoders") as bar:
         fit = functools.partial(fit, progress=bar)
-        device = table_mu.device
+        device = table[0].device
         rows_train, rows_val, val_fit = snapshot_reconstructions(
-            out, snapshots, vae_model.Decoder(table_mu.shape[1]).to(device).eval(), data, fit,
+            out, snapshots, vae_model.Decoder(table[0].shape[1]).to(device).eval(), data, fit,
             device)
-        same, same_images = same_budget_comparison(decoder, table_mu, amortized, data, per_digit,
+        same, same_images = same_budget_comparison(decoder, table, amortized, data, per_digit,
                                                    fit, device)
     return rows_train, rows_val, val_fit, same, same_images
 
@@ -451,7 +484,7 @@ def main(run: utils.Run, argv=None):
     table_mu, table_logvar = latents.mu.weight.detach(), latents.logvar.weight.detach()
 
     rows_train, rows_val, val_fit, same, same_images = fits_to_frozen_decoders(
-        out, snapshots, decoder, table_mu, amortized, data, args.compare_per_digit,
+        out, snapshots, decoder, (table_mu, table_logvar), amortized, data, args.compare_per_digit,
         functools.partial(fit_latents, steps=args.fit_steps, lr=args.fit_lr, init_seed=args.seed))
     prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_train, rows_val, args.seed)
     plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)

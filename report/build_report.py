@@ -316,6 +316,10 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
     if "amortized" in same:
         s = same["amortized"]
         values.update({"am_proposed": num(s["proposed_train"], 4),
+                       # the whole q (mean and spread) by the loss both methods minimize
+                       "am_loss": num(s["proposed_train_loss"], 4),
+                       "lo_loss": num(same["latent_opt"]["proposed_train_loss"], 4),
+                       "better_q_by_loss": verdicts["better_q_by_loss"],
                        "am_proposed_val": num(s["proposed_val"], 4),
                        "am_fitted_train": num(s["fitted_train"], 4),
                        "am_fitted_val": num(s["fitted_val"], 4),

@@ -75,6 +75,38 @@ def test_better_decoder_follows_the_lower_error_of_the_same_budget_fits_alone(a,
     assert v["better_decoder"] == expected and v["better_q"] == "amortized"
 
 
+@pytest.mark.parametrize("a_loss,lo_loss,expected", [(0.50, 0.51, "amortized"),
+                                                      (0.51, 0.50, "latent_opt"),
+                                                      (0.50, 0.50, "latent_opt")])    # a tie: no win
+def test_better_q_by_loss_follows_the_lower_loss_of_the_whole_q(a_loss, lo_loss, expected):
+    errors = same(0.1, 0.2, 0.1, 0.2)                       # by the means alone: amortized
+    errors["amortized"]["proposed_train_loss"] = a_loss
+    errors["latent_opt"]["proposed_train_loss"] = lo_loss
+    v = vae_latent_opt.q3_verdicts(errors, None)
+    assert v["better_q_by_loss"] == expected and v["better_q"] == "amortized"
+    assert "better_q_by_loss" not in vae_latent_opt.q3_verdicts(same(0.1, 0.2, 0.1, 0.2), None)
+
+
+def test_q_loss_is_the_expected_mse_under_q_plus_the_mean_kl():
+    """A linear decoder G(z) = A z + b has a closed form: E||A z + b - x||^2 / D =
+    (||A mu + b - x||^2 + sum_j (A^2)_ij sigma_j^2) / D; the KL is torch.distributions'."""
+    torch.manual_seed(0)
+    d, pixels = 3, 784
+    linear = torch.nn.Linear(d, pixels).double()
+    decoder = lambda z: linear(z).view(-1, 1, 28, 28)           # noqa: E731
+    mu, logvar = torch.randn(4, d).double(), torch.randn(4, d).double()
+    x = torch.randn(4, 1, 28, 28).double()
+    with torch.no_grad():
+        mean_err = (linear(mu) - x.flatten(1)).pow(2).sum(1)
+        spread = (linear.weight.pow(2) @ logvar.exp().T).T.sum(1)
+        q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+        kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).mean(1)
+    expected = (mean_err + spread) / pixels + kl
+    got = vae_latent_opt.q_loss(decoder, mu, logvar, x, draws=20_000)
+    assert torch.allclose(got, expected, rtol=0.01)
+    assert torch.equal(got, vae_latent_opt.q_loss(decoder, mu, logvar, x, draws=20_000))
+
+
 @pytest.mark.parametrize("lo_gain,nearer", [(0.0101, True), (0.0099, False)])
 def test_the_encoder_is_nearer_its_best_when_a_refit_gains_it_less(lo_gain, nearer):
     """The amortized proposals gain 0.01 from the refit (0.13 -> 0.12); the learned mu_i gain
