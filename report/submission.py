@@ -5,7 +5,9 @@ the PDF report from <outputs>/report/.
     python report/submission.py --outputs outputs --name "Ada Lovelace" --cse ada01
 
 (or `make submission NAME="Ada Lovelace" CSE=ada01`). It reads files only: no torch, no script
-is imported. A missing or empty name or username is one line and exit 2, and no zip is written.
+is imported. A missing or empty name or username, a report whose template still shows a
+placeholder (name, username, the FILL IN box of "Use of AI tools"), or a PDF older than the
+edited template is one line and exit 2, and no zip is written.
 """
 # Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
 # assistant and checked by running it; if you hand it in, keep this note true.
@@ -24,7 +26,11 @@ from utils import OneLineParser, UsageError, path_in, run_main, write_atomic  # 
 PART1 = ["sup_classification.py"]
 VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
 EXTRA = ["requirements.txt", "requirements-data.txt"]
-PDF = "ex1_report.pdf"
+PDF, TEMPLATE = "ex1_report.pdf", "ex1.typ"
+# What the student must replace in the template before handing in (Sec. 4.3.3 and 4.1.1).
+PLACEHOLDERS = {"name": '#let student-name = "Student name"',
+                "CSE username": '#let cse-username = "CSE username"',
+                "FILL IN box of the AI-tools section": "*FILL IN (Sec. 4.1.1).*"}
 CSE_USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -87,9 +93,18 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     if not CSE_USERNAME.fullmatch(cse):
         raise UsageError(f"{cse!r} is not a CSE username (letters, digits, '.', '_', '-'): "
                          f"pass CSE=username")
-    pdf = outputs / "report" / PDF
-    if not pdf.is_file():
-        raise UsageError(f"{pdf} is missing: run make all (or make report) first")
+    pdf, template = outputs / "report" / PDF, outputs / "report" / TEMPLATE
+    if not pdf.is_file() or not template.is_file():
+        raise UsageError(f"{pdf if not pdf.is_file() else template} is missing: run make all (or "
+                         f"make report) first")
+    unfilled = [what for what, mark in PLACEHOLDERS.items() if mark in template.read_text()]
+    if unfilled:
+        listed = ", ".join(unfilled[:-1]) + " and " * (len(unfilled) > 1) + unfilled[-1]
+        raise UsageError(f"{template} still shows the template's {listed} (its first lines and "
+                         f"its last section): fill them in, run make report, then pack again")
+    if template.stat().st_mtime > pdf.stat().st_mtime:
+        raise UsageError(f"{pdf} is older than your edits to {template}: run make report, then "
+                         f"pack again")
     code = sorted(set().union(*(local_imports(s) for s in PART1 + VAE)), key=_order)
     shared = [f for f in code if f not in PART1 + VAE]
     target = target or outputs / f"ex1_submission_{cse}.zip"

@@ -300,17 +300,31 @@ def make_submission(outputs, *assignments):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs):
-    proc = make_submission(quick_outputs, "NAME=Ada Lovelace", "CSE=ada01")
+def filled_in(outputs, tmp_path):
+    """A copy of the outputs whose ex1.typ a student has filled in (name, username, AI tools)."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(outputs, copy)
+    template = copy / "report" / "ex1.typ"
+    template.write_text(template.read_text().replace('"Student name"', '"Ada Lovelace"')
+                        .replace('"CSE username"', '"ada01"')
+                        .replace("*FILL IN (Sec. 4.1.1).*", "*My account.*"))
+    return copy
+
+
+def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs, tmp_path):
+    outputs = filled_in(quick_outputs, tmp_path)
+    proc = make_submission(outputs, "NAME=Ada Lovelace", "CSE=ada01")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    path = quick_outputs / "ex1_submission_ada01.zip"
+    path = outputs / "ex1_submission_ada01.zip"
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
         readme = zf.read("README.txt").decode()
         pdf = zf.read("ex1_report.pdf")
         code = {n: zf.read(n).decode() for n in names if n.endswith(".py")}
     assert "Ada Lovelace" in readme and "ada01" in readme
-    assert pdf == (quick_outputs / "report" / "ex1_report.pdf").read_bytes()
+    # make rebuilt the PDF from the edited template before packing it
+    assert pdf == (outputs / "report" / "ex1_report.pdf").read_bytes()
+    assert "Ada Lovelace" in pdf_text(outputs / "report" / "ex1_report.pdf")
     assert {"sup_classification.py", "vae_amortized.py", "vae_latent_opt.py",
             "log_likelihood.py", "model.py", "utils.py", "requirements.txt",
             "requirements-data.txt"} <= names
@@ -325,6 +339,28 @@ def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs):
                 for mod in mods:
                     if mod.split(".")[0] in local:
                         assert f"{mod.split('.')[0]}.py" in names, (name, mod)
+
+
+@pytest.mark.parametrize("unfilled, expected", [
+    ('"Ada Lovelace"', "template's name (its first lines"),
+    ("*My account.*", "template's FILL IN box"),
+    (None, "is older than your edits")])
+def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick_outputs, tmp_path,
+                                                                            unfilled, expected):
+    outputs = filled_in(quick_outputs, tmp_path)
+    run_script("report/build_report.py", "--outputs", outputs)
+    template = outputs / "report" / "ex1.typ"
+    text = template.read_text()
+    if unfilled:
+        text = text.replace(unfilled, {'"Ada Lovelace"': '"Student name"'}.get(
+            unfilled, "*FILL IN (Sec. 4.1.1).*"))
+    template.write_text(text + "\n")
+    os.utime(template, (template.stat().st_atime, template.stat().st_mtime + 5))
+    proc = run_script("report/submission.py", "--outputs", outputs, "--name", "Ada",
+                      "--cse", "ada01", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(outputs.glob("*.zip"))
 
 
 @pytest.mark.parametrize("assignments", [["CSE=ada01"], ["NAME=  ", "CSE=ada01"],
