@@ -347,7 +347,7 @@ def convergence_in_m(x, digits, split, proposals, decoder, sampling: Sampling, l
                 for d in range(10)]
     ms = sorted({m for m in (*CONVERGENCE_M, sampling.num_samples) if m <= largest_m}
                 | {largest_m})
-    convergence = {"M": ms, "digits": [digits[i] for i in conv_idx]}
+    convergence = {"M": ms, "digits": [digits[i] for i in conv_idx], "images": conv_idx}
     for name, (mean, sc) in tqdm(proposals.items(), desc=f"Q4: convergence up to M = "
                                  f"{largest_m:,}", unit="proposal"):
         log_w = importance_log_likelihood(x[conv_idx], mean[conv_idx], sc[conv_idx], decoder,
@@ -366,6 +366,18 @@ def movement(convergence, name, num_samples):
     shifts = [row[-1] - row[at] for row in convergence[name]]
     return {"min": float(min(shifts)), "max": float(max(shifts)),
             "max_abs": float(max(map(abs, shifts)))}
+
+
+def stream_disagreement(convergence, estimates, num_samples):
+    """At M = num_samples, how far each proposal's convergence stream (fresh samples) lands from
+    the main estimate of the same image, at most over the images: the sampling noise of one
+    estimate, which Figure 9 shows beside Figure 7."""
+    if num_samples not in convergence["M"]:
+        return None
+    at = convergence["M"].index(num_samples)
+    return {name: float(max(abs(row[at] - estimates[name]["log_px"][i].item())
+                            for row, i in zip(convergence[name], convergence["images"])))
+            for name in ("laplace", "eq9")}
 
 
 def proposal_width(scale, logvar) -> dict:
@@ -621,6 +633,7 @@ def main(run: utils.Run, argv=None):
         "convergence": convergence,
         "convergence_movement": {k: movement(convergence, k, args.num_samples)
                                  for k in ("laplace", "eq9")},
+        "stream_disagreement": stream_disagreement(convergence, estimates, args.num_samples),
         "ink_correlation": float(np.corrcoef(ink, lap_px)[0, 1]),
         "eq9_ink_correlation": float(np.corrcoef(ink, eq9_px)[0, 1]),
         "ink_per_digit": ink_per_digit,

@@ -379,6 +379,9 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "gap_max": num(likelihood["gap"]["max"], 0),
         "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
         "eq9_move_min": None if move["eq9"] is None else num(move["eq9"]["min"], 1, sign=True),
+        # the same images' estimates from the curves' fresh samples against Figure 7's, at M
+        "stream": None if likelihood["stream_disagreement"] is None else
+            {k: num(v, 1) for k, v in likelihood["stream_disagreement"].items()},
         "eq9_move_max": None if move["eq9"] is None else num(move["eq9"]["max"], 1, sign=True),
         "train_mean": num(likelihood["train_mean"], 0), "test_mean": num(likelihood["test_mean"], 0),
         "mean_all": num((likelihood["train_mean"] + likelihood["test_mean"]) / 2, 0),
@@ -684,6 +687,12 @@ def apml_values(m: dict) -> dict:
         "kept_table": [{"method": name, "all": num(100 * r["nearest_digit"]["kept"], 0),
                         "per_digit": [num(100 * r["nearest_digit"]["per_digit"][str(d)]["kept"], 0)
                                       for d in range(10)]} for name, r in kept_rows],
+        # ...and the digit that each digit's reconstructions are read as most often
+        "read_as_table": [{"method": name, "per_digit": [
+            str(r["nearest_digit"]["per_digit"][str(d)]["named_most"]) for d in range(10)]}
+            for name, r in (("PCA", pca), ("VAE, 2-D latent", vae))],
+        # each digit's ink, the mean over its test images of the summed squared pixels (Q4.1)
+        "ink_row": [num(ink[str(d)], 0) for d in range(10)],
         # Q4.10: the prior samples' blur, by their mid-grey pixels
         "grey": {k: pct(blur[k], 0) for k in ("ppca", "vae", "test_images")},
         "grey_band": num(blur["band"], 1), "grey_samples": f"{blur['samples']:,}",

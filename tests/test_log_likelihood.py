@@ -321,6 +321,17 @@ def test_movement_is_from_the_exercises_m_to_the_largest():
     assert log_likelihood.movement(convergence, "eq9", 1000) is None     # M not reached
 
 
+def test_stream_disagreement_compares_each_stream_with_its_own_images_estimate():
+    """Two streams, for the images at positions 2 and 0 of the main estimates."""
+    convergence = {"M": [1, 10], "images": [2, 0],
+                   "eq9": [[0.0, -5.0], [0.0, -1.0]], "laplace": [[0.0, -3.5], [0.0, -2.0]]}
+    estimates = {"eq9": {"log_px": torch.tensor([-3.0, 99.0, -7.0])},      # image 1: no stream
+                 "laplace": {"log_px": torch.tensor([-2.25, 99.0, -3.0])}}
+    assert log_likelihood.stream_disagreement(convergence, estimates, 10) == {
+        "eq9": 2.0, "laplace": 0.5}                                    # |-1 - -3|, |-3.5 - -3|
+    assert log_likelihood.stream_disagreement(convergence, estimates, 1000) is None
+
+
 
 def test_the_digit_with_most_ink_is_ranked_by_log_px():
     """Q4 (b): the most-ink digit and its rank by mean log p(x), 1 = most likely."""
