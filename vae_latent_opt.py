@@ -231,10 +231,24 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
         return not_greyer(s["prior"], s["aggregate"])
     result = shares(GREY_BAND)
     main_verdict = verdict(result)
-    other = {str(band): verdict(shares(band)) for band in OTHER_GREY_BANDS}
+    other_shares = {str(band): shares(band) for band in OTHER_GREY_BANDS}
+    other = {band: verdict(s) for band, s in other_shares.items()}
     return {**result, "images": len(prior_images), "prior_not_greyer": main_verdict,
-            "other_bands_not_greyer": other,
+            "other_bands_not_greyer": other, "other_bands": other_shares,
             "same_verdict_every_band": all(v == main_verdict for v in other.values())}
+
+
+def prior_gap(versus: dict, versus_amortized: dict) -> str:
+    """How this decoder's prior shortfall (prior draws' mid-grey share minus its training
+    latents') compares with Q1's VAE's, from two prior_against_aggregate results (or their
+    shares at one band): 'same' within two standard errors of the difference of the two
+    shortfalls, else 'larger' or 'smaller'."""
+    gap = [v["prior"]["share"] - v["aggregate"]["share"] for v in (versus, versus_amortized)]
+    se = math.sqrt(sum(v[k]["se"] ** 2 for v in (versus, versus_amortized)
+                       for k in ("prior", "aggregate")))
+    if abs(gap[0] - gap[1]) < 2 * se:
+        return "same"
+    return "larger" if gap[0] > gap[1] else "smaller"
 
 
 def grey_shares(samples: dict, real) -> dict:
@@ -244,17 +258,27 @@ def grey_shares(samples: dict, real) -> dict:
             "real": grey_share(real[:len(samples["latent_opt"])])}
 
 
-def prior_question(decoder, amortized, classifier, table_mu, table_logvar, val_x) -> dict:
+def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train_x, val_x) -> dict:
     """Q3's prior question: the same prior latents through both final generators, judged by the
-    Part 1 classifier and by their mid-grey pixels; this decoder's prior draws against draws
-    from the latents it was trained on; and how far those latents are from N(0, I)."""
+    Part 1 classifier and by their mid-grey pixels; each decoder's prior draws against draws
+    from the latents it was trained on (this decoder's table; Q1's encoder's q of the same
+    training images), so that the prior's part and the decoder's part of the difference
+    between the two generators' samples can be told apart; and how far the latents are from
+    N(0, I)."""
     latent_dim = table_mu.shape[1]
     samples = prior_samples(decoder, amortized, latent_dim, table_mu.device)
-    return {"sample_quality": judge_priors(classifier, samples),
-            "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
-            "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
-                                                          samples["latent_opt"], utils.QUALITY_SEED),
-            **latent_statistics(table_mu, table_logvar, latent_dim)}
+    result = {"sample_quality": judge_priors(classifier, samples),
+              "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
+              "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
+                                                            samples["latent_opt"],
+                                                            utils.QUALITY_SEED),
+              **latent_statistics(table_mu, table_logvar, latent_dim)}
+    if amortized is not None:
+        with torch.no_grad():
+            mu, logvar = (torch.cat(t) for t in zip(*map(amortized.encoder, train_x.split(1000))))
+        result["amortized_prior_vs_aggregate"] = prior_against_aggregate(
+            amortized.decoder, mu, logvar, samples["amortized"], utils.QUALITY_SEED)
+    return result
 
 
 def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with_amortized):
@@ -278,7 +302,7 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
 
 
 def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None,
-                grey=None, versus=None) -> dict:
+                grey=None, versus=None, versus_amortized=None) -> dict:
     """Q3's answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
     the table's mu_i) reconstruct the same training images better; better_decoder: whose
     decoder reconstructs better when both get the same latent fit (the budget taken out);
@@ -297,7 +321,11 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
     the learned mu_i do (the proposals compared without their decoders); blur_mostly_decoder:
     whether more of the grey gap between the two generators' prior samples lies between the
     amortized samples and this decoder's own training latents (the decoder's part) than between
-    those latents and prior draws (the prior's part), from prior_against_aggregate (`versus`)."""
+    those latents and prior draws (the prior's part), from prior_against_aggregate (`versus`);
+    prior_gap: is this decoder's shortfall of prior draws against its own training latents
+    'same' as Q1's VAE's (`versus_amortized`), 'larger' or 'smaller' (`prior_gap`), and is that
+    verdict the same at every grey band; decoder_greyer: does this decoder, fed its own training
+    latents, give more mid-grey pixels than Q1's fed its own, by two standard errors or more."""
     verdicts = {"better_q": None, "better_decoder": None, "prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
                 else aggregate_kl < 0.05 * latent_dim,
@@ -308,6 +336,13 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
                 "blur_mostly_decoder": None if not versus or not grey or "amortized" not in grey
                 else (versus["aggregate"]["share"] - grey["amortized"]
                       > versus["prior"]["share"] - versus["aggregate"]["share"])}
+    if versus and versus_amortized:
+        verdicts["prior_gap"] = prior_gap(versus, versus_amortized)
+        verdicts["prior_gap_same_every_band"] = all(
+            prior_gap(versus["other_bands"][band], versus_amortized["other_bands"][band])
+            == verdicts["prior_gap"] for band in versus["other_bands"])
+        verdicts["decoder_greyer"] = not not_greyer(versus["aggregate"],
+                                                    versus_amortized["aggregate"])
     if "amortized" in same:
         a, lo = same["amortized"], same["latent_opt"]
         verdicts["better_q"] = ("amortized" if a["proposed_train"] < lo["proposed_train"]
@@ -493,13 +528,15 @@ def main(run: utils.Run, argv=None):
         **history, "snapshot_epochs": snapshots, "final_train": final_train,
         "val_fit_recon_mse": val_fit, "amortized_val10_recon_mse": amortized_val10,
         "same_budget": same, "same_budget_images": {**same_images, "steps": args.fit_steps},
-        **prior_question(decoder, amortized, classifier, table_mu, table_logvar, data["val_x"]),
+        **prior_question(decoder, amortized, classifier, table_mu, table_logvar, train_x,
+                         data["val_x"]),
         "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
         "latent_dim": args.latent_dim, **utils.run_facts(run, device, args),
     }
     metrics["verdicts"] = q3_verdicts(same, metrics["sample_quality"], metrics["aggregate_posterior_kl"],
                                       args.latent_dim, metrics["aggregate_posterior"],
-                                      metrics["grey_share"], metrics["prior_vs_aggregate"])
+                                      metrics["grey_share"], metrics["prior_vs_aggregate"],
+                                      metrics.get("amortized_prior_vs_aggregate"))
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")

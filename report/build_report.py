@@ -337,6 +337,21 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         values["vs_agg_images"] = f"{versus['images']:,}"
         values["vs_agg_bands_same"] = versus["same_verdict_every_band"]
         values["vs_agg_bands"] = " or ".join(f"±{b}" for b in versus["other_bands_not_greyer"])
+    versus_am = lo.get("amortized_prior_vs_aggregate")
+    if versus and versus_am:        # the same test for Q1's decoder, fed its encoder's q
+        values["am_vs_agg"] = {k: dict(zip(("share", "se"), with_se(100 * versus_am[k]["share"],
+                                                                    100 * versus_am[k]["se"])))
+                               for k in ("prior", "aggregate")}
+        gaps = [100 * (v["prior"]["share"] - v["aggregate"]["share"]) for v in (versus, versus_am)]
+        gap_se = 100 * math.sqrt(sum(v[k]["se"] ** 2 for v in (versus, versus_am)
+                                     for k in ("prior", "aggregate")))
+        values["vs_agg_bands_same"] &= verdicts["prior_gap_same_every_band"]
+        values.update({"prior_gap": verdicts["prior_gap"],
+                       "prior_gap_bands_same": verdicts["prior_gap_same_every_band"],
+                       "decoder_greyer": verdicts["decoder_greyer"],
+                       "gap_lo": num(gaps[0], 1, sign=True), "gap_am": num(gaps[1], 1, sign=True),
+                       "gap_diff": dict(zip(("mean", "se"), with_se(gaps[0] - gaps[1], gap_se,
+                                                                    sign=True)))})
     quality = lo.get("sample_quality") or {}
     grey = latent_opt.get("grey_share", {})
     if "amortized" in grey:

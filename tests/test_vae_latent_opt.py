@@ -164,6 +164,8 @@ def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
         assert m["same_budget"][method]["fitted_train"] > 0
     assert set(m["sample_quality"]) == {"amortized", "latent_opt"}
     assert m["verdicts"]["better_q"] in ("amortized", "latent_opt")
+    assert m["verdicts"]["prior_gap"] in ("same", "larger", "smaller")     # both decoders tested
+    assert m["amortized_prior_vs_aggregate"]["images"] == m["prior_vs_aggregate"]["images"]
     for name in ("loss_curves.png", "q3_reconstructions_train.png", "q3_reconstructions_val.png",
                  "q3_prior_samples.png", "decoder_final.pt"):
         assert (out / name).is_file(), name
@@ -193,6 +195,38 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, quick_outpu
     assert proc.returncode == 137 and not (killed / "metrics.json").exists()
     run_script("vae_latent_opt.py", *args, "--out", killed)
     assert comparable(killed) == comparable(whole)
+
+
+def versus(prior, aggregate, se=0.01):
+    return {"prior": {"share": prior, "se": se}, "aggregate": {"share": aggregate, "se": se},
+            "other_bands": {"0.5": {"prior": {"share": prior, "se": se},
+                                    "aggregate": {"share": aggregate, "se": se}}}}
+
+
+@pytest.mark.parametrize("lo_gap,expected", [(0.0999, "same"), (0.1401, "larger"),
+                                             (0.0599, "smaller"), (0.1399, "same")])
+def test_the_prior_gap_is_the_same_as_q1s_within_two_standard_errors(lo_gap, expected):
+    """Q1's prior draws are 0.1 greyer than its training latents; four SEs of 0.01 make two
+    standard errors of the difference of the two gaps 2 * sqrt(4) * 0.01 = 0.04."""
+    v = vae_latent_opt.q3_verdicts({}, None, versus=versus(0.3 + lo_gap, 0.3),
+                                   versus_amortized=versus(0.3, 0.2))
+    assert v["prior_gap"] == expected and v["prior_gap_same_every_band"]
+    assert "prior_gap" not in vae_latent_opt.q3_verdicts({}, None, versus=versus(0.4, 0.3))
+
+
+@pytest.mark.parametrize("lo_aggregate,greyer", [(0.2283, True), (0.2282, False)])
+def test_the_decoder_is_greyer_when_its_own_latents_decode_two_ses_greyer(lo_aggregate, greyer):
+    """Fed their own training latents: 2 sqrt(2) 0.01 = 0.02828 above Q1's 0.2."""
+    v = vae_latent_opt.q3_verdicts({}, None, versus=versus(0.4, lo_aggregate),
+                                   versus_amortized=versus(0.3, 0.2))
+    assert v["decoder_greyer"] is greyer
+
+
+def test_the_prior_gap_verdict_names_a_band_where_it_differs():
+    lo, am = versus(0.4, 0.3), versus(0.3, 0.2)                # the same gap at the main band
+    lo["other_bands"]["0.5"]["prior"]["share"] = 0.6          # ...but not at 0.5
+    assert not vae_latent_opt.q3_verdicts({}, None, versus=lo,
+                                          versus_amortized=am)["prior_gap_same_every_band"]
 
 
 @pytest.mark.parametrize("gap,not_greyer", [(0.0282, True), (0.0284, False), (-0.5, True)])
