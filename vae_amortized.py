@@ -67,14 +67,20 @@ def overfit_verdict(history, final) -> dict:
     """Q1's 'did it overfit?': 'yes' if the validation loss ends more than 1 % above its minimum,
     else 'no' if the reconstruction error on unseen images is within 5 % of the training
     images', else 'mildly' (a generalization gap without the validation loss rising). Also
-    whether it is still improving: the validation loss fell over the last five epochs."""
+    whether that gap is within two standard errors of the difference (no gap can be measured,
+    where the standard errors are known), and whether the model is still improving: the
+    validation loss fell over the last five epochs."""
     val = history["val_loss"]
     gap = (final["val"]["recon_mse"] - final["train"]["recon_mse"]) / final["train"]["recon_mse"]
     rise = val[-1] / min(val) - 1
     verdict = "yes" if rise > 0.01 else ("no" if gap < 0.05 else "mildly")
     # Still learning at the end? The validation loss's fall over the last five epochs.
     fall = (val[-6] - val[-1]) / val[-6] if len(val) > 5 else None
-    return {"verdict": verdict, "recon_gap": gap, "val_loss_rise": rise,
+    seen, unseen = final["train"], final["val"]
+    within = (utils.within_two_se(unseen["recon_mse"], seen["recon_mse"], unseen["recon_mse_se"],
+                                  seen["recon_mse_se"]) if "recon_mse_se" in unseen else None)
+    return {"verdict": verdict, "recon_gap": gap, "recon_gap_within_two_se": within,
+            "val_loss_rise": rise,
             "best_val_epoch": int(min(range(len(val)), key=val.__getitem__)) + 1,
             "val_loss_fall_last5": fall, "still_improving": fall is not None and fall > 0}
 

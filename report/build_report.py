@@ -199,6 +199,7 @@ def q1_values(amortized: dict) -> dict:
         "recon_train": num(a["final_train"]["recon_mse"], 4),
         "recon_val": num(a["final_val"]["recon_mse"], 4),
         "recon_gap": num(100 * overfit["recon_gap"], 1, sign=True) + " %",
+        "recon_gap_within": overfit["recon_gap_within_two_se"],
         "recon_train_se": with_se(a["final_train"]["recon_mse"], a["final_train"]["recon_mse_se"]),
         "recon_val_se": with_se(a["final_val"]["recon_mse"], a["final_val"]["recon_mse_se"]),
         "best_val_epoch": overfit["best_val_epoch"],

@@ -43,6 +43,16 @@ def test_overfit_is_mildly_once_unseen_images_reconstruct_5_percent_worse(val_re
     assert v["verdict"] == expected and v["recon_gap"] == pytest.approx(val_recon / 0.1 - 1)
 
 
+@pytest.mark.parametrize("val_recon,within", [(0.10282, True), (0.10284, False)])
+def test_the_reconstruction_gap_is_measurable_from_two_standard_errors(val_recon, within):
+    """SEs of 0.001 each: two standard errors of the difference are 0.002828."""
+    v = vae_amortized.overfit_verdict({"val_loss": [2.0, 1.0]},
+                                      {"train": {"recon_mse": 0.1, "recon_mse_se": 0.001},
+                                       "val": {"recon_mse": val_recon, "recon_mse_se": 0.001}})
+    assert v["recon_gap_within_two_se"] is within and v["verdict"] == "no"
+    assert verdict([2.0, 1.0], 0.1, 0.1)["recon_gap_within_two_se"] is None    # SEs unknown
+
+
 def test_eq7_as_printed_is_two_kl_plus_log_sigma_and_has_the_wrong_minimum():
     mu, logvar = torch.randn(64, 8) * 3, torch.randn(64, 8) * 4
     kl = model.kl_std_normal(mu, logvar)
