@@ -8,9 +8,11 @@ Two estimates per image, both through the same log-sum-exp estimator of Eq. 9 wi
   Laplace (converged)          z_i ~ N(z*, H^-1), fitted to each image's own posterior: z* the
                                mode of log p(x|z) + log p(z), H = I + J^T J / sigma_p^2.
 Per image and estimator: the effective sample size, the Pareto k-hat of the largest weights
-(above min(1 - 1/log10 M, 0.7): not trustworthy) and a bootstrap standard deviation. Q4 (a)
-to (c) are answered from the converged estimate with Eq. 9's beside it; their difference is a
-finding of its own.
+(above min(1 - 1/log10 M, 0.7): not trustworthy) and a bootstrap standard deviation. The
+top-level answers in metrics.json (most and least likely digit, training against test) are the
+converged estimate's; Eq. 9's are under "eq9". The report answers Q4 (a) to (c) by Eq. 9, as
+the exercise asks, then says what the converged estimate changes: their difference is a finding
+of its own.
 """
 # Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
 # assistant (the design, the code and its comments), and checked by running it and by the

@@ -4,7 +4,8 @@ Full MNIST (60,000 training, 10,000 test images), pixels in [0, 1], images as 78
 M = 2 latent dimensions. Answers lab questions 4.1 to 4.10 with figures and metrics.json; the
 derivations 3.1 to 3.5 are in the report.
 """
-# Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
+# Use of AI tools (the Uppsala lab asks for no such note; HUJI's Sec. 4.1.1 does, and this
+# repository keeps one in every file): this file was written with an AI coding
 # assistant (the design, the code and its comments), and checked by running it and by the
 # tests in tests/, which compare it with independent references. If you hand it in, keep
 # this note true: say which parts you wrote, changed or had written for you.

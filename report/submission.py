@@ -6,8 +6,8 @@ the PDF report from <outputs>/report/.
 
 (or `make submission NAME="Ada Lovelace" CSE=ada01`). It reads files only: no torch, no script
 is imported. A missing or empty name or username, a report whose template still shows a
-placeholder (name, username, the FILL IN box of "Use of AI tools"), or a PDF older than the
-edited template is one line and exit 2, and no zip is written.
+placeholder (name, username, the FILL IN box or the default account of "Use of AI tools"), or a
+PDF older than the edited template is one line and exit 2, and no zip is written.
 """
 # Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
 # assistant and checked by running it; if you hand it in, keep this note true.
@@ -30,7 +30,8 @@ PDF, TEMPLATE = "ex1_report.pdf", "ex1.typ"
 # What the student must replace in the template before handing in (Sec. 4.3.3 and 4.1.1).
 PLACEHOLDERS = {"name": '#let student-name = "Student name"',
                 "CSE username": '#let cse-username = "CSE username"',
-                "FILL IN box of the AI-tools section": "*FILL IN (Sec. 4.1.1).*"}
+                "FILL IN box of the AI-tools section": "*FILL IN (Sec. 4.1.1).*",
+                "default account of the AI-tools section": "_Default, true of how this solution"}
 CSE_USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 

@@ -307,7 +307,8 @@ def filled_in(outputs, tmp_path):
     template = copy / "report" / "ex1.typ"
     template.write_text(template.read_text().replace('"Student name"', '"Ada Lovelace"')
                         .replace('"CSE username"', '"ada01"')
-                        .replace("*FILL IN (Sec. 4.1.1).*", "*My account.*"))
+                        .replace("*FILL IN (Sec. 4.1.1).*", "*My account.*")
+                        .replace("_Default, true of how this solution", "_Mine, true of how this solution"))
     return copy
 
 
@@ -344,6 +345,7 @@ def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs, tmp_path):
 @pytest.mark.parametrize("unfilled, expected", [
     ('"Ada Lovelace"', "template's name (its first lines"),
     ("*My account.*", "template's FILL IN box"),
+    ("_Mine, true of how this solution", "default account of the AI-tools section"),
     (None, "is older than your edits")])
 def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick_outputs, tmp_path,
                                                                             unfilled, expected):
@@ -352,8 +354,9 @@ def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick
     template = outputs / "report" / "ex1.typ"
     text = template.read_text()
     if unfilled:
-        text = text.replace(unfilled, {'"Ada Lovelace"': '"Student name"'}.get(
-            unfilled, "*FILL IN (Sec. 4.1.1).*"))
+        text = text.replace(unfilled, {'"Ada Lovelace"': '"Student name"',
+                                       "*My account.*": "*FILL IN (Sec. 4.1.1).*"}.get(
+            unfilled, "_Default, true of how this solution"))
     template.write_text(text + "\n")
     os.utime(template, (template.stat().st_atime, template.stat().st_mtime + 5))
     proc = run_script("report/submission.py", "--outputs", outputs, "--name", "Ada",
