@@ -39,6 +39,7 @@ SCATTER_POINTS = 2_500
 # Q4.10's prior samples, judged by blur: the share of mid-grey pixels (strictly between
 # GREY_BAND and 1 - GREY_BAND, neither background nor stroke) in PRIOR_SAMPLES draws.
 GREY_BAND, PRIOR_SAMPLES = 0.1, 1_000
+DIGITS = [str(d) for d in range(10)]     # the keys of every per-digit table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,83 +287,67 @@ def boundary_ties(per: dict, se: dict, ends: int = 3) -> dict:
     return {"best": tied(order[ends - 1], order[ends:]), "worst": tied(order[-ends], order[:-ends])}
 
 
+def order(per: dict) -> list:
+    """Digits from best (lowest value) to worst."""
+    return sorted(per, key=per.get)
+
+
 def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
     """The rankings and comparisons that questions 4.1 to 4.10 ask for, from the measured errors
-    and encodings: best and worst digits per method and the digits tied with them, the error's
-    correlation with ink (the error is a sum over pixels), error relative to ink, which digits
-    survive reconstruction and what the lost ones turn into, closest mean encodings, the
-    groups they crowd into and whether the digits apart survive more often, crowding
-    (distance to the nearest other digit's mean code) against error and against the digits
-    lost, and the VAE's gains over PPCA per digit."""
-    def order(per):                 # digits from best (lowest) to worst
-        return sorted(per, key=per.get)
+    and encodings: best and worst digits per method with their ties and the error's link with
+    ink (`ranking_answers`), which digits survive reconstruction (`survival_answers`), the
+    closest mean codes and the groups they crowd into (`crowding_answers`), and the VAE's
+    gains over PPCA per digit (`gain_answers`)."""
+    survival = survival_answers(results)
+    return {**ranking_answers(results, ink), **survival,
+            **crowding_answers(results, geometry, survival["lost"]["pca"]),
+            **gain_answers(results)}
 
-    digits = [str(d) for d in range(10)]
+
+def ranking_answers(results: dict, ink: dict) -> dict:
+    """Best and worst digits by squared error per method and the digits tied with them; the
+    error's correlation with ink (the error is a sum over pixels) and the ranking relative to
+    ink; the digits both measures put at one end."""
     methods = ("pca", "ppca_gradient", "vae")
     errors = {k: results[k]["test_sq_error_per_digit"] for k in methods}
     rank = {k: order(v) for k, v in errors.items()}
-    named = {k: results[k]["nearest_digit"]["per_digit"] for k in methods}
-    # a digit is lost when fewer than half of its reconstructions are named as itself
-    lost = {k: {d: v[d]["named_most"] for d in digits if v[d]["kept"] < 0.5} for k, v in named.items()}
     pca = errors["pca"]
-    relative = order({d: pca[d] / ink[d] for d in digits})
-    crowding = {}
-    for name, g in geometry.items():
-        means = torch.tensor([g["mean_encoding"][d] for d in digits], dtype=torch.float64)
-        dist = torch.cdist(means, means).fill_diagonal_(float("inf"))
-        crowding[name] = {d: dist[int(d)].min().item() for d in digits}
-        if name == "pca":           # digit j's rank among the other nine by closeness to i's code
-            neighbour_rank = {(i, int(j)): r for i in range(10)
-                              for r, j in enumerate(dist[i].argsort()[:9].tolist(), 1)}
-    crowd_rho, crowd_p = (float(v) for v in scipy.stats.spearmanr(
-        [crowding["pca"][d] for d in digits], [pca[d] for d in digits]))
-    gains = {d: g["mean"] for d, g in results["vae"]["gain_over_ppca"].items()}
-    closest = {k: {tuple(p["digits"]) for p in geometry[k]["closest_pairs"][:3]} for k in geometry}
-    # Does a lost digit turn into the digit whose mean code is nearest to its own? By chance
-    # (what it turns into unrelated to the codes) one in nine would: a one-sided binomial test.
-    # (a lost digit still named most often as itself, by a plurality under half, turns into no
-    # one digit and is left out)
-    lost_rank = {d: neighbour_rank[(int(d), int(v))] for d, v in lost["pca"].items() if int(d) != int(v)}
-    to_nearest = sum(r == 1 for r in lost_rank.values())
-    to_nearest_p = (scipy.stats.binomtest(to_nearest, len(lost_rank), 1 / 9, alternative="greater").pvalue
-                    if lost_rank else 1.0)
-    # Do the digits whose codes lie apart survive PCA more often than the crowded ones? Fisher's
-    # exact test on the 2 x 2 table (apart or crowded, kept or lost), one-sided.
-    groups = {k: code_groups([geometry[k]["mean_encoding"][d] for d in digits]) for k in geometry}
-    apart = [str(g[0]) for g in groups["pca"] if len(g) == 1]
-    crowded = [str(d) for g in groups["pca"] if len(g) > 1 for d in g]
-    apart_kept = sum(d not in lost["pca"] for d in apart)
-    crowded_kept = sum(d not in lost["pca"] for d in crowded)
-    apart_p = scipy.stats.fisher_exact([[apart_kept, len(apart) - apart_kept],
-                                        [crowded_kept, len(crowded) - crowded_kept]],
-                                       alternative="greater").pvalue
+    relative = order({d: pca[d] / ink[d] for d in DIGITS})
     best, worst = rank["pca"][:3], rank["pca"][-3:][::-1]
 
     def both(ends, relative_ends):       # the digits both error measures put at one end
         return sorted(set(ends) & set(relative_ends), key=ends.index)
-
     return {
         "best": {k: v[:3] for k, v in rank.items()},
         "worst": {k: v[-3:][::-1] for k, v in rank.items()},
         "ppca_same_as_pca": set(rank["ppca_gradient"][:3]) == set(best)
                             and set(rank["ppca_gradient"][-3:]) == set(worst),
-        "pca_ink_correlation": float(np.corrcoef([ink[d] for d in digits],
-                                                 [pca[d] for d in digits])[0, 1]),
+        "pca_ink_correlation": float(np.corrcoef([ink[d] for d in DIGITS],
+                                                 [pca[d] for d in DIGITS])[0, 1]),
         # its two-sided p-value over ten digits (scipy's Pearson test)
-        "pca_ink_correlation_p": float(scipy.stats.pearsonr([ink[d] for d in digits],
-                                                            [pca[d] for d in digits]).pvalue),
+        "pca_ink_correlation_p": float(scipy.stats.pearsonr([ink[d] for d in DIGITS],
+                                                            [pca[d] for d in DIGITS]).pvalue),
         "pca_relative_best": relative[:3], "pca_relative_worst": relative[-3:][::-1],
         "pca_best_by_both": both(best, relative[:3]),
         "pca_worst_by_both": both(worst, relative[-3:][::-1]),
-        "closest_pairs_shared_pca_ppca": len(closest["pca"] & closest["ppca"]),
-        # Crowding ranks the errors only if the two orders agree beyond chance over the ten
-        # digits: a negative Spearman correlation with p < 0.05 (|rho| > 0.65 for n = 10).
-        "pca_crowding_spearman": crowd_rho,
-        "pca_crowding_p": crowd_p,
-        "pca_crowded_are_worst": crowd_rho < 0 and crowd_p < 0.05,
         "ties": {k: boundary_ties(errors[k], results[k]["test_sq_error_se_per_digit"])
                  for k in methods},
-        "kept_order": {k: sorted(digits, key=lambda d, v=v: -v[d]["kept"]) for k, v in named.items()},
+        "ppca_error_not_below_pca": results["ppca_gradient"]["test_sq_error"]
+                                    >= results["pca"]["test_sq_error"],
+    }
+
+
+def survival_answers(results: dict) -> dict:
+    """Which digits each method keeps (most of their reconstructions nearest to a training image
+    of the same digit) and what the lost ones are read as; where the two measures of 4.1
+    disagree; and whether the naming rule still keeps every digit of blurred test images."""
+    named = {k: results[k]["nearest_digit"]["per_digit"] for k in ("pca", "ppca_gradient", "vae")}
+    # a digit is lost when fewer than half of its reconstructions are named as itself
+    lost = {k: {d: v[d]["named_most"] for d in DIGITS if v[d]["kept"] < 0.5} for k, v in named.items()}
+    rank = order(results["pca"]["test_sq_error_per_digit"])
+    best, worst = rank[:3], rank[-3:][::-1]
+    return {
+        "kept_order": {k: sorted(DIGITS, key=lambda d, v=v: -v[d]["kept"]) for k, v in named.items()},
         "lost": lost,
         # the two measures of 4.1 disagree on a digit with a small error that is lost, or a
         # large one that survives
@@ -372,6 +357,51 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
         # the naming rule's bias on blurs: does it still keep every digit of blurred test images?
         "namer_keeps_blurred_digits": all(v["kept"] >= 0.5 for v in
                                           results["blurred_test_images"]["nearest_digit"]["per_digit"].values()),
+    }
+
+
+def crowding_answers(results: dict, geometry: dict, pca_lost: dict) -> dict:
+    """4.7: the closest mean codes (shared by PCA and PPCA?), crowding (distance to the nearest
+    other digit's mean code) against PCA's error, the groups the codes crowd into and whether
+    the digits apart survive more often, and whether a lost digit turns into its nearest
+    neighbour's digit."""
+    pca = results["pca"]["test_sq_error_per_digit"]
+    crowding = {}
+    for name, g in geometry.items():
+        means = torch.tensor([g["mean_encoding"][d] for d in DIGITS], dtype=torch.float64)
+        dist = torch.cdist(means, means).fill_diagonal_(float("inf"))
+        crowding[name] = {d: dist[int(d)].min().item() for d in DIGITS}
+        if name == "pca":           # digit j's rank among the other nine by closeness to i's code
+            neighbour_rank = {(i, int(j)): r for i in range(10)
+                              for r, j in enumerate(dist[i].argsort()[:9].tolist(), 1)}
+    crowd_rho, crowd_p = (float(v) for v in scipy.stats.spearmanr(
+        [crowding["pca"][d] for d in DIGITS], [pca[d] for d in DIGITS]))
+    closest = {k: {tuple(p["digits"]) for p in geometry[k]["closest_pairs"][:3]} for k in geometry}
+    # Does a lost digit turn into the digit whose mean code is nearest to its own? By chance
+    # (what it turns into unrelated to the codes) one in nine would: a one-sided binomial test.
+    # (a lost digit still named most often as itself, by a plurality under half, turns into no
+    # one digit and is left out)
+    lost_rank = {d: neighbour_rank[(int(d), int(v))] for d, v in pca_lost.items() if int(d) != int(v)}
+    to_nearest = sum(r == 1 for r in lost_rank.values())
+    to_nearest_p = (scipy.stats.binomtest(to_nearest, len(lost_rank), 1 / 9, alternative="greater").pvalue
+                    if lost_rank else 1.0)
+    # Do the digits whose codes lie apart survive PCA more often than the crowded ones? Fisher's
+    # exact test on the 2 x 2 table (apart or crowded, kept or lost), one-sided.
+    groups = {k: code_groups([geometry[k]["mean_encoding"][d] for d in DIGITS]) for k in geometry}
+    apart = [str(g[0]) for g in groups["pca"] if len(g) == 1]
+    crowded = [str(d) for g in groups["pca"] if len(g) > 1 for d in g]
+    apart_kept = sum(d not in pca_lost for d in apart)
+    crowded_kept = sum(d not in pca_lost for d in crowded)
+    apart_p = scipy.stats.fisher_exact([[apart_kept, len(apart) - apart_kept],
+                                        [crowded_kept, len(crowded) - crowded_kept]],
+                                       alternative="greater").pvalue
+    return {
+        "closest_pairs_shared_pca_ppca": len(closest["pca"] & closest["ppca"]),
+        # Crowding ranks the errors only if the two orders agree beyond chance over the ten
+        # digits: a negative Spearman correlation with p < 0.05 (|rho| > 0.65 for n = 10).
+        "pca_crowding_spearman": crowd_rho,
+        "pca_crowding_p": crowd_p,
+        "pca_crowded_are_worst": crowd_rho < 0 and crowd_p < 0.05,
         "code_groups": groups,
         "pca_apart_kept": apart_kept, "pca_crowded_kept": crowded_kept,
         "pca_apart_kept_p": float(apart_p),
@@ -380,14 +410,21 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
         "pca_lost_to_nearest": to_nearest,
         "pca_lost_to_nearest_p": float(to_nearest_p),
         "pca_lost_follow_codes": bool(to_nearest_p < 0.05),
+    }
+
+
+def gain_answers(results: dict) -> dict:
+    """4.9: the VAE's gain over PPCA per digit (a paired mean with its standard error), the
+    digits it improves, the largest and smallest gains and the digits tied with them."""
+    gain = results["vae"]["gain_over_ppca"]
+    gains, gains_se = {d: g["mean"] for d, g in gain.items()}, {d: g["se"] for d, g in gain.items()}
+    return {
         "vae_gains_over_ppca": gains,
-        "vae_gains_over_ppca_se": {d: g["se"] for d, g in results["vae"]["gain_over_ppca"].items()},
+        "vae_gains_over_ppca_se": gains_se,
         "vae_improved_digits": sum(g > 0 for g in gains.values()),
         "vae_largest_gains": sorted(gains, key=gains.get, reverse=True)[:3],
         "vae_smallest_gains": sorted(gains, key=gains.get)[:3],
-        "vae_gain_ties": boundary_ties(gains, {d: g["se"] for d, g in results["vae"]["gain_over_ppca"].items()}),
-        "ppca_error_not_below_pca": results["ppca_gradient"]["test_sq_error"]
-                                    >= results["pca"]["test_sq_error"],
+        "vae_gain_ties": boundary_ties(gains, gains_se),
     }
 
 

@@ -564,10 +564,118 @@ def some_of(k: int, n: int, things: str) -> str:
 
 
 def apml_values(m: dict) -> dict:
+    """Every value of the lab report, from ppca_pca's metrics, question by question."""
     p = m["ppca_pca"]
-    ans, enc = p["answers"], p["encodings"]
+    return {"quick": bool(p["args"]["quick"]),
+            "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
+            "lattice": p["lattice"], "scatter_points": f"{p['scatter_points']:,}",
+            **lab_tables(p), **lab_pca_values(p), **lab_ppca_values(p), **lab_code_values(p),
+            **lab_vae_values(p)}
+
+
+def lab_tables(p: dict) -> dict:
+    """Tables 1 and 2: squared error per digit (and each digit's ink), and the share of each
+    digit's test images kept by the rule of Q4.1 (with what each digit is read as)."""
     pca, pg, pc, vae = p["pca"], p["ppca_gradient"], p["ppca_closed_form"], p["vae"]
-    ink = p["test_ink_per_digit"]
+    errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc),
+              ("VAE, 2-D latent", vae)]
+    kept_rows = [("test images", p["original_images"]), ("the same, blurred", p["blurred_test_images"]),
+                 ("PCA", pca), ("PPCA, gradient fit", pg), ("VAE, 2-D latent", vae)]
+    return {
+        "error_table": [{"method": name, "total": num(r["test_sq_error"]),
+                         "per_digit": [num(r["test_sq_error_per_digit"][str(d)], 1)
+                                       for d in range(10)]} for name, r in errors],
+        "se_range_all": "{} to {}".format(*(sig(f(se for _, r in errors for se in
+                                                   r["test_sq_error_se_per_digit"].values()), 1)
+                                            for f in (min, max))),
+        "closed_max_diff": sig(max(abs(pg["test_sq_error_per_digit"][str(d)] - pc["test_sq_error_per_digit"][str(d)])
+                                   for d in range(10)), 1),
+        # each digit's ink, the mean over its test images of the summed squared pixels (Q4.1)
+        "ink_row": [num(p["test_ink_per_digit"][str(d)], 0) for d in range(10)],
+        "kept_table": [{"method": name, "all": num(100 * r["nearest_digit"]["kept"], 0),
+                        "per_digit": [num(100 * r["nearest_digit"]["per_digit"][str(d)]["kept"], 0)
+                                      for d in range(10)]} for name, r in kept_rows],
+        # ...and the digit that each digit's reconstructions are read as most often
+        "read_as_table": [{"method": name, "per_digit": [
+            str(r["nearest_digit"]["per_digit"][str(d)]["named_most"]) for d in range(10)]}
+            for name, r in (("PCA", pca), ("VAE, 2-D latent", vae))],
+    }
+
+
+def lab_pca_values(p: dict) -> dict:
+    """Q4.1 and Q4.2 (and the rankings 4.5 and 4.9 share): best and worst digits with their
+    ties, which digits survive (kept or lost by the nearest training image, the rule's own
+    accuracy and its bias on blur), and the error's link with ink."""
+    ans, pca, ink = p["answers"], p["pca"], p["test_ink_per_digit"]
+    pca_se = pca["test_sq_error_se_per_digit"].values()
+
+    def ties(k):
+        return {end: tie_note(ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
+    return {
+        "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
+        "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
+        "best": {k: digit_list(v) for k, v in ans["best"].items()},
+        "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
+        "ties": {k: ties(k) for k in ("pca", "ppca_gradient", "vae")},
+        "ink_corr": num(ans["pca_ink_correlation"]), "ink1": num(ink["1"], 0),
+        # the p-value as a power of ten it is below (p < 10^-3), or to two figures
+        "ink_corr_p_exp": (math.ceil(math.log10(ans["pca_ink_correlation_p"]))
+                           if ans["pca_ink_correlation_p"] < 0.001 else None),
+        "ink_corr_p": sig(ans["pca_ink_correlation_p"], 2),
+        "ink0": num(ink["0"], 0),
+        "rel_best": digit_list(ans["pca_relative_best"]),
+        "rel_worst": digit_list(ans["pca_relative_worst"]),
+        **both_ends("best", ans["pca_best_by_both"]), **both_ends("worst", ans["pca_worst_by_both"]),
+        "neighbour_images": f"{p['original_images']['reference_images']:,}",
+        "namer_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
+        # the rule's bias on blurs: the same test images blurred by a 5x5 box filter
+        "namer_blur_ok": ans["namer_keeps_blurred_digits"],
+        "blur_accuracy": pct(p["blurred_test_images"]["nearest_digit"]["kept"], 0),
+        "blur_min": pct(min(v["kept"] for v in p["blurred_test_images"]["nearest_digit"]["per_digit"].values()), 0),
+        "survival": {k: survival(p[k]["nearest_digit"], ans["lost"][k], ans["kept_order"][k])
+                     for k in ("pca", "ppca_gradient", "vae")},
+        "best_but_lost": digit_list(ans["pca_best_error_but_lost"]) if ans["pca_best_error_but_lost"] else "",
+        "worst_but_kept": digit_list(ans["pca_worst_error_but_kept"]) if ans["pca_worst_error_but_kept"] else "",
+    }
+
+
+def lab_ppca_values(p: dict) -> dict:
+    """Q4.3, Q4.5 and Q4.6: the gradient fit against the closed form, and PPCA's error
+    against PCA's (the shrinkage of its posterior mean)."""
+    ans, pca, pg, pc = p["answers"], p["pca"], p["ppca_gradient"], p["ppca_closed_form"]
+    angles, comparison = p["ppca_comparison"]["subspace_angles_deg"], p["ppca_comparison"]
+    return {
+        "init": pg["initialization"], "rule": stopping_rule(p["args"]), "iterations": f"{pg['iterations']:,}",
+        "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
+        "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
+        "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
+        # four figures, so that D/2 log of the two sigma^2's ratio can be checked from them
+        "sigma2_ppca": sig(pc["sigma2"], 4),
+        "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
+        "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
+        "eig_err": sig(100 * max(map(abs, comparison["w_eigenvalue_relative_errors"])), 1) + " %",
+        "sigma2_err": sig(100 * abs(comparison["sigma2_relative_error"]), 1) + " %",
+        "ll_diff": sig(abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]), 1),
+        "matches_closed": ans["gradient_reaches_closed_form"],
+        "data_eig": " and ".join(num(e, 2) for e in pc["data_eigenvalues"]),
+        "angles": f"{num(angles[0])} and {num(angles[1])}", "max_angle": num(max(angles)),
+        "ppca_same_as_pca": ans["ppca_same_as_pca"],
+        "ppca_loses_same": ans["ppca_loses_the_same_as_pca"],
+        "ppca_error": num(pg["test_sq_error"]), "ppca_closed_error": num(pc["test_sq_error"]),
+        "ppca_not_below_pca": ans["ppca_error_not_below_pca"],
+        # the gaps to PCA are a few thousandths: two significant figures show them
+        "ppca_gap": small(pg["test_sq_error"] - pca["test_sq_error"]),
+        "closed_gap": small(pc["test_sq_error"] - pca["test_sq_error"]),
+        "closed_gap_predicted": small(comparison["closed_form_shrinkage_error"]),
+    }
+
+
+def lab_code_values(p: dict) -> dict:
+    """Q4.4, Q4.7 and Q4.8: the codes' ranges and scales, the closest digit means and the groups
+    they crowd into, whether the lost digits follow them, and how well each method separates
+    the digits."""
+    ans, enc, groups = p["answers"], p["encodings"], p["answers"]["code_groups"]
+    apart = [g[0] for g in groups["pca"] if len(g) == 1]
 
     def span(k):
         lo, hi, sd = enc[k]["range_min"], enc[k]["range_max"], enc[k]["std"]
@@ -579,68 +687,9 @@ def apml_values(m: dict) -> dict:
 
     def pairs(k):                   # distances relative to the mean distance between digit means
         return ", ".join(f"{pair(q)} ({num(q['relative'])})" for q in enc[k]["closest_pairs"][:3])
-
-    gains, gains_se = ans["vae_gains_over_ppca"], ans["vae_gains_over_ppca_se"]
-    shown_lost = [str(d) for d in range(10)
-                  if vae["shown_named"][d] != d and str(d) not in ans["lost"]["vae"]]
-    kept_rows = [("test images", p["original_images"]), ("the same, blurred", p["blurred_test_images"]),
-                 ("PCA", pca), ("PPCA, gradient fit", pg), ("VAE, 2-D latent", vae)]
-    blur = p["prior_sample_mid_grey"]
-
-    def gain_list(digits):
-        return ", ".join("{} ± {}".format(*with_se(gains[d], gains_se[d])) for d in digits)
-
-    def ties(k):
-        return {end: tie_note(ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
-    groups = ans["code_groups"]
-    apart = [g[0] for g in groups["pca"] if len(g) == 1]
-    elbo_curve = vae["train_elbo_per_epoch"]
-    angles = p["ppca_comparison"]["subspace_angles_deg"]
-    pca_se = pca["test_sq_error_se_per_digit"].values()
-    errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc), ("VAE, 2-D latent", vae)]
     return {
-        "quick": bool(p["args"]["quick"]),
-        "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
-        "lattice": p["lattice"], "scatter_points": f"{p['scatter_points']:,}",
-        "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
-        "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
-        "se_range_all": "{} to {}".format(*(sig(f(se for _, r in errors for se in
-                                                   r["test_sq_error_se_per_digit"].values()), 1)
-                                            for f in (min, max))),
-        "best": {k: digit_list(v) for k, v in ans["best"].items()},
-        "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
-        "ink_corr": num(ans["pca_ink_correlation"]), "ink1": num(ink["1"], 0),
-        # the p-value as a power of ten it is below (p < 10^-3), or to two figures
-        "ink_corr_p_exp": (math.ceil(math.log10(ans["pca_ink_correlation_p"]))
-                           if ans["pca_ink_correlation_p"] < 0.001 else None),
-        "ink_corr_p": sig(ans["pca_ink_correlation_p"], 2),
-        "ink0": num(ink["0"], 0),
-        "rel_best": digit_list(ans["pca_relative_best"]),
-        "rel_worst": digit_list(ans["pca_relative_worst"]),
-        **both_ends("best", ans["pca_best_by_both"]), **both_ends("worst", ans["pca_worst_by_both"]),
-        "init": pg["initialization"], "rule": stopping_rule(p["args"]), "iterations": f"{pg['iterations']:,}",
-        "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
-        "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
-        "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
-        # four figures, so that D/2 log of the two sigma^2's ratio can be checked from them
-        "sigma2_ppca": sig(pc["sigma2"], 4),
-        "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
-        "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
-        "eig_err": sig(100 * max(map(abs, p["ppca_comparison"]["w_eigenvalue_relative_errors"])), 1) + " %",
-        "sigma2_err": sig(100 * abs(p["ppca_comparison"]["sigma2_relative_error"]), 1) + " %",
-        "ll_diff": sig(abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]), 1),
-        "matches_closed": ans["gradient_reaches_closed_form"],
-        "data_eig": " and ".join(num(e, 2) for e in pc["data_eigenvalues"]),
-        "axis_ratio": num(ans["ppca_second_axis_shrink_ratio"]),
-        "angles": f"{num(angles[0])} and {num(angles[1])}", "max_angle": num(max(angles)),
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
-        "ppca_same_as_pca": ans["ppca_same_as_pca"],
-        "ppca_error": num(pg["test_sq_error"]), "ppca_closed_error": num(pc["test_sq_error"]),
-        "ppca_not_below_pca": ans["ppca_error_not_below_pca"],
-        # the gaps to PCA are a few thousandths: two significant figures show them
-        "ppca_gap": small(pg["test_sq_error"] - pca["test_sq_error"]),
-        "closed_gap": small(pc["test_sq_error"] - pca["test_sq_error"]),
-        "closed_gap_predicted": small(p["ppca_comparison"]["closed_form_shrinkage_error"]),
+        "axis_ratio": num(ans["ppca_second_axis_shrink_ratio"]),
         "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
         "pairs_plain": {k: digit_list([pair(q) for q in enc[k]["closest_pairs"][:3]])
                         for k in ("pca", "ppca")},
@@ -657,74 +706,63 @@ def apml_values(m: dict) -> dict:
         "crowd_rho": num(ans["pca_crowding_spearman"], sign=True),
         "crowd_p": num(ans["pca_crowding_p"]),
         "crowded_are_worst": ans["pca_crowded_are_worst"],
-        "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
-        "vae_separates_better": ans["vae_separates_better"],
-        "vae_closest_pair_closer": ans["vae_closest_pair_closer"],
-        "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
-        "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
-        "vae_on_prior_scale": ans["vae_on_prior_scale"],
-        "noise_nats": num(ans["noise_variance_nats"], 0),
-        "vae_sigma2": sig(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
-        "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
-        "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
-        "improved": ans["vae_improved_digits"],
-        "largest_gains": digit_list(ans["vae_largest_gains"]),
-        "largest_gain_values": gain_list(ans["vae_largest_gains"]),
-        "smallest_gains": digit_list(ans["vae_smallest_gains"]),
-        "smallest_gain_values": gain_list(ans["vae_smallest_gains"]),
-        "ties": {k: ties(k) for k in ("pca", "ppca_gradient", "vae")},
-        "neighbour_images": f"{p['original_images']['reference_images']:,}",
-        "namer_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
-        # the rule's bias on blurs: the same test images blurred by a 5x5 box filter
-        "namer_blur_ok": ans["namer_keeps_blurred_digits"],
-        "blur_accuracy": pct(p["blurred_test_images"]["nearest_digit"]["kept"], 0),
-        "blur_min": pct(min(v["kept"] for v in p["blurred_test_images"]["nearest_digit"]["per_digit"].values()), 0),
-        "survival": {k: survival(p[k]["nearest_digit"], ans["lost"][k], ans["kept_order"][k])
-                     for k in ("pca", "ppca_gradient", "vae")},
-        "best_but_lost": digit_list(ans["pca_best_error_but_lost"]) if ans["pca_best_error_but_lost"] else "",
-        "worst_but_kept": digit_list(ans["pca_worst_error_but_kept"]) if ans["pca_worst_error_but_kept"] else "",
-        "ppca_loses_same": ans["ppca_loses_the_same_as_pca"],
         # the lost digits that come back most often as another digit
         "lost_n": len(ans["pca_lost_neighbour_rank"]),
         "lost_n_words": count_word(len(ans["pca_lost_neighbour_rank"])),
         "lost_to_nearest": count_word(ans["pca_lost_to_nearest"]),
         "lost_to_nearest_p": num(ans["pca_lost_to_nearest_p"]),
         "lost_follow_codes": ans["pca_lost_follow_codes"],
+        "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
+        "vae_separates_better": ans["vae_separates_better"],
+        "vae_closest_pair_closer": ans["vae_closest_pair_closer"],
+        "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
+        "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
+        "vae_on_prior_scale": ans["vae_on_prior_scale"],
+    }
+
+
+def lab_vae_values(p: dict) -> dict:
+    """The lab VAE (its training) and Q4.9 and Q4.10: its gains over PPCA per digit, the
+    digits it loses, its prior samples' blur, and the two models as densities."""
+    ans, vae = p["answers"], p["vae"]
+    gains, gains_se = ans["vae_gains_over_ppca"], ans["vae_gains_over_ppca_se"]
+    elbo_curve = vae["train_elbo_per_epoch"]
+    # the figure's one VAE reconstruction per digit that its nearest training image names wrong
+    # (only digits the VAE keeps: a lost digit's image being lost is no surprise)
+    shown_lost = [str(d) for d in range(10)
+                  if vae["shown_named"][d] != d and str(d) not in ans["lost"]["vae"]]
+    blur = p["prior_sample_mid_grey"]
+
+    def gain_list(digits):
+        return ", ".join("{} ± {}".format(*with_se(gains[d], gains_se[d])) for d in digits)
+    return {
+        "vae_sigma2": sig(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
+        "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
+        "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
+        "vae_epoch_rise_last": num(elbo_curve[-1] - elbo_curve[-2], 1) if len(elbo_curve) > 1 else "",
+        "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 1) if len(elbo_curve) > 1 else "",
+        "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],
+        "improved": ans["vae_improved_digits"],
+        "largest_gains": digit_list(ans["vae_largest_gains"]),
+        "largest_gain_values": gain_list(ans["vae_largest_gains"]),
+        "smallest_gains": digit_list(ans["vae_smallest_gains"]),
+        "smallest_gain_values": gain_list(ans["vae_smallest_gains"]),
         "gain_ties": tie_note(ans["vae_gain_ties"]["best"], ans["vae_smallest_gains"], parens=False),
         "gain_ties_largest": "" if not ans["vae_gain_ties"]["worst"] else
             f" Digit{'s' if len(ans['vae_gain_ties']['worst']) > 1 else ''} "
             f"{ties_with(ans['vae_gain_ties']['worst'], ans['vae_largest_gains'][-1])} "
             f"among the largest gains, within two standard errors.",
-        # the figure's one VAE reconstruction per digit that its nearest training image names wrong
-        # (only digits the VAE keeps: a lost digit's image being lost is no surprise)
         "vae_shown_lost": digit_list(shown_lost) if shown_lost else "",
         "vae_shown_lost_n": len(shown_lost),
-        # Table 2: the share of each digit's test images kept, by the rule of Q4.1
-        "kept_table": [{"method": name, "all": num(100 * r["nearest_digit"]["kept"], 0),
-                        "per_digit": [num(100 * r["nearest_digit"]["per_digit"][str(d)]["kept"], 0)
-                                      for d in range(10)]} for name, r in kept_rows],
-        # ...and the digit that each digit's reconstructions are read as most often
-        "read_as_table": [{"method": name, "per_digit": [
-            str(r["nearest_digit"]["per_digit"][str(d)]["named_most"]) for d in range(10)]}
-            for name, r in (("PCA", pca), ("VAE, 2-D latent", vae))],
-        # each digit's ink, the mean over its test images of the summed squared pixels (Q4.1)
-        "ink_row": [num(ink[str(d)], 0) for d in range(10)],
         # Q4.10: the prior samples' blur, by their mid-grey pixels
         "grey": {k: pct(blur[k], 0) for k in ("ppca", "vae", "test_images")},
         "grey_band": num(blur["band"], 1), "grey_samples": f"{blur['samples']:,}",
         "vae_samples_sharper": blur["vae"] < blur["ppca"],
-        "closed_max_diff": sig(max(abs(pg["test_sq_error_per_digit"][str(d)] - pc["test_sq_error_per_digit"][str(d)])
-                                   for d in range(10)), 1),
-        "vae_epoch_rise_last": num(elbo_curve[-1] - elbo_curve[-2], 1) if len(elbo_curve) > 1 else "",
-        "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 1) if len(elbo_curve) > 1 else "",
-        "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],
         "vae_below_ppca": ans["vae_below_ppca"],
         "vae_better_density": ans.get("vae_better_density"),
         "vae_change": (num(abs(100 * ans["vae_error_relative_to_ppca"]), 0) + " % "
                        + ("lower" if ans["vae_error_relative_to_ppca"] <= 0 else "higher")),
-        "error_table": [{"method": name, "total": num(r["test_sq_error"]),
-                         "per_digit": [num(r["test_sq_error_per_digit"][str(d)], 1)
-                                       for d in range(10)]} for name, r in errors],
+        "noise_nats": num(ans["noise_variance_nats"], 0),
     }
 
 
