@@ -767,6 +767,8 @@ def main(run: utils.Run, argv=None):
     steps = utils.steps_per_epoch(len(train_x), args.batch_size)
     scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps, warmup=0.15)
     config = utils.run_config(args, ignore=("ppca_lr", "ppca_tol", "ppca_max_iter", "test_images"))
+    # Bookkeeping (utils.Training): the objects named below are restored from checkpoint_last.pt
+    # if an earlier run was interrupted, and saved there after each epoch. The loop is the algorithm.
     training = utils.Training(run, args.out, config, args.fresh, args.epochs, steps, "VAE d=2",
                               model=lab_vae, optimizer=optimizer, scheduler=scheduler)
     out, timings = training.out, {}

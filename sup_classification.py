@@ -96,6 +96,8 @@ def main(run: utils.Run, argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     steps = utils.steps_per_epoch(len(train_x), args.batch_size)
     scheduler = utils.one_cycle(optimizer, args.lr, args.epochs * steps, warmup=0.2)
+    # Bookkeeping (utils.Training): the objects named below are restored from checkpoint_last.pt
+    # if an earlier run was interrupted, and saved there after each epoch. The loop is the algorithm.
     training = utils.Training(run, args.out, utils.run_config(args), args.fresh, args.epochs,
                               steps, "classifier", model=model, optimizer=optimizer,
                               scheduler=scheduler)

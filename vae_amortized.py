@@ -262,6 +262,8 @@ def main(run: utils.Run, argv=None):
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.lr)
     snapshots = utils.snapshot_epochs(args.epochs)
     steps = utils.steps_per_epoch(len(train_x), args.batch_size)
+    # Bookkeeping (utils.Training): the objects named below are restored from checkpoint_last.pt
+    # if an earlier run was interrupted, and saved there after each epoch. The loop is the algorithm.
     training = utils.Training(run, args.out, utils.run_config(args, ignore=("classifier",)),
                               args.fresh, args.epochs, steps, "amortized VAE", model=vae,
                               optimizer=optimizer)

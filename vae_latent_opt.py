@@ -496,6 +496,8 @@ def main(run: utils.Run, argv=None):
     opt_latents = torch.optim.SparseAdam(list(latents.parameters()), lr=args.latent_lr)
     snapshots = utils.snapshot_epochs(args.epochs)
     monitor = utils.monitor_subset(data["train_y"]).to(device)    # Q1's 1,000 curve images
+    # Bookkeeping (utils.Training): the objects named below are restored from checkpoint_last.pt
+    # if an earlier run was interrupted, and saved there after each epoch. The loop is the algorithm.
     training = utils.Training(run, args.out, utils.run_config(args, ignore=AFTER_TRAINING),
                               args.fresh, args.epochs,
                               utils.steps_per_epoch(len(train_x), args.batch_size),
