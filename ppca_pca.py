@@ -280,11 +280,11 @@ def code_groups(mean_codes) -> list[list[int]]:
 def boundary_ties(per: dict, se: dict, ends: int = 3) -> dict:
     """The digits outside a ranking's best (or worst) `ends` that it cannot tell from the last
     digit inside: their means differ by less than two standard errors of the difference."""
-    order = sorted(per, key=per.get)
+    ranked = order(per)
 
     def tied(inside, outside):
         return [d for d in outside if utils.within_two_se(per[d], per[inside], se[d], se[inside])]
-    return {"best": tied(order[ends - 1], order[ends:]), "worst": tied(order[-ends], order[:-ends])}
+    return {"best": tied(ranked[ends - 1], ranked[ends:]), "worst": tied(ranked[-ends], ranked[:-ends])}
 
 
 def order(per: dict) -> list:
@@ -311,8 +311,9 @@ def ranking_answers(results: dict, ink: dict) -> dict:
     methods = ("pca", "ppca_gradient", "vae")
     errors = {k: results[k]["test_sq_error_per_digit"] for k in methods}
     rank = {k: order(v) for k, v in errors.items()}
-    pca = errors["pca"]
-    relative = order({d: pca[d] / ink[d] for d in DIGITS})
+    pca, pca_se = errors["pca"], results["pca"]["test_sq_error_se_per_digit"]
+    per_ink = {d: pca[d] / ink[d] for d in DIGITS}
+    relative = order(per_ink)
     best, worst = rank["pca"][:3], rank["pca"][-3:][::-1]
 
     def both(ends, relative_ends):       # the digits both error measures put at one end
@@ -328,6 +329,9 @@ def ranking_answers(results: dict, ink: dict) -> dict:
         "pca_ink_correlation_p": float(scipy.stats.pearsonr([ink[d] for d in DIGITS],
                                                             [pca[d] for d in DIGITS]).pvalue),
         "pca_relative_best": relative[:3], "pca_relative_worst": relative[-3:][::-1],
+        # the digits the ranking relative to ink cannot tell from its ends (the error's standard
+        # error divided by the ink, which is the same images' mean)
+        "pca_relative_ties": boundary_ties(per_ink, {d: pca_se[d] / ink[d] for d in DIGITS}),
         "pca_best_by_both": both(best, relative[:3]),
         "pca_worst_by_both": both(worst, relative[-3:][::-1]),
         "ties": {k: boundary_ties(errors[k], results[k]["test_sq_error_se_per_digit"])

@@ -625,6 +625,8 @@ def lab_pca_values(p: dict) -> dict:
         "ink0": num(ink["0"], 0),
         "rel_best": digit_list(ans["pca_relative_best"]),
         "rel_worst": digit_list(ans["pca_relative_worst"]),
+        "rel_ties": {end: tie_note(ans["pca_relative_ties"][end], ans[f"pca_relative_{end}"])
+                     for end in ("best", "worst")},
         **both_ends("best", ans["pca_best_by_both"]), **both_ends("worst", ans["pca_worst_by_both"]),
         "neighbour_images": f"{p['original_images']['reference_images']:,}",
         "namer_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
