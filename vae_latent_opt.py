@@ -303,37 +303,58 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
 
 def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None,
                 grey=None, versus=None, versus_amortized=None) -> dict:
-    """Q3's answers as named outcomes. better_q: whose own proposals (the encoder's mu(x) or
-    the table's mu_i) reconstruct the same training images better; better_decoder: whose
-    decoder reconstructs better when both get the same latent fit (the budget taken out);
-    prior: whether the latent-optimization samples look as good to the classifier as the
-    amortized ones (confidence within 0.05, coverage within one digit); better_q_by_loss:
-    whose whole q (mean and spread) has the lower loss on the same training images (`q_loss`);
-    aggregate_near_prior:
-    whether the latents the decoder was trained on, taken together, are close to N(0, I)
-    (a moment-matched KL under 0.05 nats per latent dimension); codes_overlap: whether the
-    q_i overlap more than they are spread (their means vary less, per dimension on average,
-    than each q_i's own variance), so that the decoder, trained on draws from them, sees the
-    codes of different images in the same place and learns what those images share;
-    samples_greyer: whether the latent-optimization samples hold more mid-grey pixels (blur)
-    than the amortized ones, a measure that does not use the classifier; encoder_nearer_best:
-    whether the encoder's proposals gain less from the same refit to their own decoder than
-    the learned mu_i do (the proposals compared without their decoders); blur_mostly_decoder:
-    whether more of the grey gap between the two generators' prior samples lies between the
-    amortized samples and this decoder's own training latents (the decoder's part) than between
-    those latents and prior draws (the prior's part), from prior_against_aggregate (`versus`);
-    prior_gap: is this decoder's shortfall of prior draws against its own training latents
-    'same' as Q1's VAE's (`versus_amortized`), 'larger' or 'smaller' (`prior_gap`), and is that
-    verdict the same at every grey band; decoder_greyer: does this decoder, fed its own training
-    latents, give more mid-grey pixels than Q1's fed its own, by two standard errors or more."""
-    verdicts = {"better_q": None, "better_decoder": None, "prior": None,
+    """Q3's answers as named outcomes: which method proposes better q (`proposal_verdicts`),
+    and whether the initialization established a good prior (`prior_verdicts`)."""
+    return {**proposal_verdicts(same),
+            **prior_verdicts(quality, aggregate_kl, latent_dim, aggregate, grey, versus,
+                             versus_amortized)}
+
+
+def proposal_verdicts(same: dict) -> dict:
+    """Q3 (a), from the same-budget comparison (None without Q1's VAE). better_q: whose own
+    proposals (the encoder's mu(x) or the table's mu_i) reconstruct the same training images
+    better; better_q_by_loss: whose whole q (mean and spread) has the lower loss (`q_loss`);
+    better_decoder: whose decoder reconstructs better when both get the same latent fit (the
+    budget taken out); encoder_nearer_best: whether the encoder's proposals gain less from the
+    same refit to their own decoder than the learned mu_i do (the proposals without their
+    decoders)."""
+    if "amortized" not in same:
+        return {"better_q": None, "better_decoder": None}
+    a, lo = same["amortized"], same["latent_opt"]
+    verdicts = {"better_q": "amortized" if a["proposed_train"] < lo["proposed_train"] else "latent_opt",
+                "better_decoder": "amortized" if a["fitted_train"] < lo["fitted_train"] else "latent_opt",
+                "encoder_nearer_best": (a["proposed_train"] - a["fitted_train"]
+                                        < lo["proposed_train"] - lo["fitted_train"])}
+    if "proposed_train_loss" in a:
+        verdicts["better_q_by_loss"] = ("amortized" if a["proposed_train_loss"]
+                                        < lo["proposed_train_loss"] else "latent_opt")
+    return verdicts
+
+
+def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, grey=None,
+                   versus=None, versus_amortized=None) -> dict:
+    """Q3 (b), each None where its measurement is missing. prior: whether the
+    latent-optimization samples look as good to the classifier as the amortized ones
+    (confidence within 0.05, coverage within one digit); aggregate_near_prior: whether the
+    latents the decoder was trained on, taken together, are close to N(0, I) (a moment-matched
+    KL under 0.05 nats per latent dimension); codes_overlap: whether the q_i overlap more than
+    they are spread (their means vary less, per dimension on average, than each q_i's own
+    variance); samples_greyer: whether the latent-optimization samples hold more mid-grey
+    pixels (blur) than the amortized ones; blur_mostly_decoder: whether more of that grey gap
+    lies between the amortized samples and this decoder's own training latents than between
+    those latents and prior draws (`versus`, from prior_against_aggregate); prior_gap: is this
+    decoder's shortfall of prior draws against its own training latents the 'same' as Q1's
+    VAE's (`versus_amortized`), 'larger' or 'smaller' (`prior_gap`), and is that verdict the
+    same at every grey band; decoder_greyer: does this decoder, fed its own training latents,
+    give more mid-grey pixels than Q1's fed its own, by two standard errors or more."""
+    has_grey = bool(grey) and "amortized" in grey
+    verdicts = {"prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
                 else aggregate_kl < 0.05 * latent_dim,
                 "codes_overlap": None if aggregate is None
                 else aggregate["mu_variance_mean"] < aggregate["sigma2_mean"],
-                "samples_greyer": None if not grey or "amortized" not in grey
-                else grey["latent_opt"] > grey["amortized"],
-                "blur_mostly_decoder": None if not versus or not grey or "amortized" not in grey
+                "samples_greyer": grey["latent_opt"] > grey["amortized"] if has_grey else None,
+                "blur_mostly_decoder": None if not (versus and has_grey)
                 else (versus["aggregate"]["share"] - grey["amortized"]
                       > versus["prior"]["share"] - versus["aggregate"]["share"])}
     if versus and versus_amortized:
@@ -343,18 +364,6 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
             == verdicts["prior_gap"] for band in versus["other_bands"])
         verdicts["decoder_greyer"] = not not_greyer(versus["aggregate"],
                                                     versus_amortized["aggregate"])
-    if "amortized" in same:
-        a, lo = same["amortized"], same["latent_opt"]
-        verdicts["better_q"] = ("amortized" if a["proposed_train"] < lo["proposed_train"]
-                                else "latent_opt")
-        if "proposed_train_loss" in a:      # the whole q (mean and spread), by the loss
-            verdicts["better_q_by_loss"] = ("amortized" if a["proposed_train_loss"]
-                                            < lo["proposed_train_loss"] else "latent_opt")
-        verdicts["better_decoder"] = ("amortized" if a["fitted_train"] < lo["fitted_train"]
-                                      else "latent_opt")
-        # the proposals alone: whose own q gains less from a refit to its own decoder
-        verdicts["encoder_nearer_best"] = (a["proposed_train"] - a["fitted_train"]
-                                           < lo["proposed_train"] - lo["fitted_train"])
     if quality is not None and "amortized" in quality:
         lo_q, a_q = quality["latent_opt"], quality["amortized"]
         good = (lo_q["mean_confidence"] >= a_q["mean_confidence"] - 0.05
