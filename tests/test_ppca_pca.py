@@ -249,11 +249,11 @@ def test_relative_error_ranks_divide_by_ink_and_crowding_is_the_nearest_other_me
 
 @pytest.mark.parametrize("ink6,tied", [(7.0, False), (7.85, True)])
 def test_the_ranking_relative_to_ink_names_its_ties_by_the_scaled_standard_errors(ink6, tied):
-    """Errors 1 with SE 0.01 everywhere, digit d's ink d + 1: error per ink 1 / ink with SE
-    0.01 / ink. The best three are 9, 8, 7 (0.100, 0.111, 0.125). Digit 6 at ink 7 (0.143) is
+    """Errors about 1 with SE 0.01 everywhere, digit d's ink d + 1: error per ink about 1 / ink
+    with SE 0.01 / ink. The best three are 9, 8, 7 (0.100, 0.111, 0.125). Digit 6 at ink 7 (0.143) is
     0.018 behind 7, far beyond two SEs of the difference (0.0038); at ink 7.85 (0.127) it is
     0.0024 behind, within them (0.0036): tied."""
-    pca = {d: 1.0 for d in range(10)}
+    pca = {d: 1.0 + 0.001 * d for d in range(10)}       # not constant: the correlations exist
     ink = {str(d): float(d + 1) for d in range(10)}
     ink["6"] = ink6
     answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca),
