@@ -654,7 +654,7 @@ def main(run: utils.Run, argv=None):
     print(f"{len(x)} images, M = {args.num_samples}: {metrics['estimate_seconds']:.1f} s. "
           f"Most likely digit {result['most_likely_digit']}; train "
           f"{result['train_mean']:.1f} vs test {result['test_mean']:.1f} nats (Laplace); "
-          f"Eq. 9 lower by {metrics['gap']['mean']:.1f} on average; outputs in {out}")
+          f"Eq. 9 minus Laplace {-metrics['gap']['mean']:+.1f} on average; outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -391,6 +391,8 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "eq9_median_sd": num(diag["eq9"]["median_sd"], 1),
         "eq9_max_sd": num(diag["eq9"]["max_sd"], 1),
         "gap_mean": num(likelihood["gap"]["mean"], 1),
+        "gap_mean_abs": num(abs(likelihood["gap"]["mean"]), 1),
+        "eq9_lower": likelihood["gap"]["mean"] > 0,     # as Jensen's inequality expects
         "gap_median": num(likelihood["gap"]["median"], 1),
         "gap_max": num(likelihood["gap"]["max"], 0),
         "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
