@@ -288,6 +288,7 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "n_train": lo["same_budget_images"]["train"], "n_val": lo["same_budget_images"]["val"],
         "lo_proposed": num(same["latent_opt"]["proposed_train"], 4),
         "lo_fitted_train": num(same["latent_opt"]["fitted_train"], 4),
+        "lo_fit_lowers": same["latent_opt"]["fitted_train"] < same["latent_opt"]["proposed_train"],
         "lo_fitted_val": num(same["latent_opt"]["fitted_val"], 4),
         "better_q": verdicts["better_q"], "better_decoder": verdicts["better_decoder"],
         "encoder_nearer_best": verdicts.get("encoder_nearer_best"),

@@ -152,6 +152,23 @@ def test_the_text_follows_a_different_outcome(quick_outputs, tmp_path):
     assert "Yes, it starts to overfit" in text
 
 
+@pytest.mark.parametrize("gap, opening", [("same", "Yes, in the end, though not by the initialization"),
+                                          ("smaller", "Yes, in the end, though not by the initialization"),
+                                          ("larger", "No. The initialization only sets where")])
+def test_q3s_prior_answer_follows_the_measured_prior_gap(quick_outputs, tmp_path, gap, opening):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / "vae_latent_opt" / "metrics.json"
+    lo = json.loads(path.read_text())
+    lo["verdicts"]["prior_gap"] = gap
+    path.write_text(json.dumps(lo))
+    run_script("report/build_report.py", "--outputs", copy)
+    text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
+    assert f"Answer. {opening}" in text
+    middle = {"same": "as well as", "smaller": "better than", "larger": "less well than"}[gap]
+    assert f"suit this decoder {middle}" in text
+
+
 def test_report_reads_only(quick_outputs):
     """Nothing under report/ imports torch, the model or a script (only utils' torch-free pieces,
     and a real build never loads torch); no script imports another script."""
