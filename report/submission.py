@@ -7,13 +7,15 @@ the PDF report from <outputs>/report/.
 (or `make submission NAME="Ada Lovelace" CSE=ada01`). It reads files only: no torch, no script
 is imported. A missing or empty name or username, a report whose template still shows a
 placeholder (name, username, the FILL IN box or the default account of "Use of AI tools"), or a
-PDF older than the edited template is one line and exit 2, and no zip is written.
+PDF older than the edited template is one line and exit 2, and no zip is written. A --quick run
+(OUT=outputs/quick), whose PDF is never handed in, is packed despite its placeholders, with a note.
 """
 # Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
 # assistant and checked by running it; if you hand it in, keep this note true.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 import zipfile
@@ -83,6 +85,14 @@ top of each code file.
 """
 
 
+def quick_run(outputs: Path) -> bool:
+    """Whether the report in `outputs` was built from --quick runs (its values say so)."""
+    try:
+        return json.loads((outputs / "report" / "ex1_values.json").read_text()).get("quick") is True
+    except (OSError, ValueError):
+        return False
+
+
 def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path:
     name, cse = " ".join(name.split()), cse.strip()
     if not name:
@@ -101,8 +111,12 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     unfilled = [what for what, mark in PLACEHOLDERS.items() if mark in template.read_text()]
     if unfilled:
         listed = ", ".join(unfilled[:-1]) + " and " * (len(unfilled) > 1) + unfilled[-1]
-        raise UsageError(f"{template} still shows the template's {listed} (its first lines and "
-                         f"its last section): fill them in, run make report, then pack again")
+        problem = (f"{template} still shows the template's {listed} (its first lines and its "
+                   f"last section)")
+        if not quick_run(outputs):
+            raise UsageError(f"{problem}: fill them in, run make report, then pack again")
+        # A --quick run's zip is never handed in (its PDF says so): it tries the packing.
+        print(f"note: {problem}; packed anyway, since this is a --quick run")
     if template.stat().st_mtime > pdf.stat().st_mtime:
         raise UsageError(f"{pdf} is older than your edits to {template}: run make report, then "
                          f"pack again")

@@ -370,6 +370,8 @@ def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick
                                                                             unfilled, expected):
     outputs = filled_in(quick_outputs, tmp_path)
     run_script("report/build_report.py", "--outputs", outputs)
+    values = outputs / "report" / "ex1_values.json"         # as a full run's report
+    values.write_text(json.dumps({**json.loads(values.read_text()), "quick": False}))
     template = outputs / "report" / "ex1.typ"
     text = template.read_text()
     if unfilled:
@@ -383,6 +385,15 @@ def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert not list(outputs.glob("*.zip"))
+
+
+def test_a_quick_runs_report_is_packed_despite_its_placeholders_with_a_note(quick_outputs,
+                                                                            tmp_path):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    proc = run_script("report/submission.py", "--outputs", copy, "--name", "Ada", "--cse", "ada01")
+    assert "note:" in proc.stdout and "--quick run" in proc.stdout
+    assert (copy / "ex1_submission_ada01.zip").is_file()
 
 
 @pytest.mark.parametrize("assignments", [["CSE=ada01"], ["NAME=  ", "CSE=ada01"],
