@@ -120,6 +120,10 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     if template.stat().st_mtime > pdf.stat().st_mtime:
         raise UsageError(f"{pdf} is older than your edits to {template}: run make report, then "
                          f"pack again")
+    shown = re.search(r'#let student-name = "([^"]*)"', template.read_text())
+    if shown and "name" not in unfilled and " ".join(shown.group(1).split()) != name:
+        print(f"note: the report shows the name {shown.group(1)!r}, the zip's README {name!r}; "
+              f"make them the same if that is not what you meant")
     code = sorted(set().union(*(local_imports(s) for s in PART1 + VAE)), key=_order)
     shared = [f for f in code if f not in PART1 + VAE]
     target = target or outputs / f"ex1_submission_{cse}.zip"

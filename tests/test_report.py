@@ -344,6 +344,10 @@ def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs, tmp_path):
     assert "Ada Lovelace" in readme and "ada01" in readme
     # make rebuilt the PDF from the edited template before packing it
     assert pdf == (outputs / "report" / "ex1_report.pdf").read_bytes()
+    assert "note: the report shows" not in proc.stdout       # the same name in both places
+    proc = run_script("report/submission.py", "--outputs", outputs, "--name", "Ada King",
+                      "--cse", "ada01")
+    assert "note: the report shows the name 'Ada Lovelace', the zip's README 'Ada King'" in proc.stdout
     assert "Ada Lovelace" in pdf_text(outputs / "report" / "ex1_report.pdf")
     assert {"sup_classification.py", "vae_amortized.py", "vae_latent_opt.py",
             "log_likelihood.py", "model.py", "utils.py", "requirements.txt",
