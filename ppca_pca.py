@@ -298,8 +298,9 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
     ink (`ranking_answers`), which digits survive reconstruction (`survival_answers`), the
     closest mean codes and the groups they crowd into (`crowding_answers`), and the VAE's
     gains over PPCA per digit (`gain_answers`)."""
-    survival = survival_answers(results)
-    return {**ranking_answers(results, ink), **survival,
+    ranking = ranking_answers(results, ink)
+    survival = survival_answers(results, ranking["best"]["pca"], ranking["worst"]["pca"])
+    return {**ranking, **survival,
             **crowding_answers(results, geometry, survival["lost"]["pca"]),
             **gain_answers(results)}
 
@@ -341,15 +342,14 @@ def ranking_answers(results: dict, ink: dict) -> dict:
     }
 
 
-def survival_answers(results: dict) -> dict:
+def survival_answers(results: dict, best: list, worst: list) -> dict:
     """Which digits each method keeps (most of their reconstructions nearest to a training image
     of the same digit) and what the lost ones are read as; where the two measures of 4.1
-    disagree; and whether the naming rule still keeps every digit of blurred test images."""
+    disagree (PCA's `best` and `worst` digits by squared error); and whether the naming rule
+    still keeps every digit of blurred test images."""
     named = {k: results[k]["nearest_digit"]["per_digit"] for k in ("pca", "ppca_gradient", "vae")}
     # a digit is lost when fewer than half of its reconstructions are named as itself
     lost = {k: {d: v[d]["named_most"] for d in DIGITS if v[d]["kept"] < 0.5} for k, v in named.items()}
-    rank = order(results["pca"]["test_sq_error_per_digit"])
-    best, worst = rank[:3], rank[-3:][::-1]
     return {
         "kept_order": {k: sorted(DIGITS, key=lambda d, v=v: -v[d]["kept"]) for k, v in named.items()},
         "lost": lost,

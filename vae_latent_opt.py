@@ -238,17 +238,24 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
             "same_verdict_every_band": all(v == main_verdict for v in other.values())}
 
 
-def prior_gap(versus: dict, versus_amortized: dict) -> str:
-    """How this decoder's prior shortfall (prior draws' mid-grey share minus its training
-    latents') compares with Q1's VAE's, from two prior_against_aggregate results (or their
-    shares at one band): 'same' within two standard errors of the difference of the two
-    shortfalls, else 'larger' or 'smaller'."""
-    gap = [v["prior"]["share"] - v["aggregate"]["share"] for v in (versus, versus_amortized)]
+def prior_gaps(versus: dict, versus_amortized: dict) -> dict:
+    """Each decoder's prior shortfall (prior draws' mid-grey share minus its training latents'),
+    from two prior_against_aggregate results (or their shares at one band), and the standard
+    error of the difference of the two shortfalls."""
+    gap = {name: v["prior"]["share"] - v["aggregate"]["share"]
+           for name, v in (("latent_opt", versus), ("amortized", versus_amortized))}
     se = math.sqrt(sum(v[k]["se"] ** 2 for v in (versus, versus_amortized)
                        for k in ("prior", "aggregate")))
-    if abs(gap[0] - gap[1]) < 2 * se:
+    return {**gap, "difference": gap["latent_opt"] - gap["amortized"], "difference_se": se}
+
+
+def prior_gap(versus: dict, versus_amortized: dict) -> str:
+    """How this decoder's prior shortfall compares with Q1's VAE's (`prior_gaps`): 'same' within
+    two standard errors of their difference, else 'larger' or 'smaller'."""
+    gaps = prior_gaps(versus, versus_amortized)
+    if abs(gaps["difference"]) < 2 * gaps["difference_se"]:
         return "same"
-    return "larger" if gap[0] > gap[1] else "smaller"
+    return "larger" if gaps["difference"] > 0 else "smaller"
 
 
 def grey_shares(samples: dict, real) -> dict:
@@ -278,6 +285,8 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
             mu, logvar = (torch.cat(t) for t in zip(*map(amortized.encoder, train_x.split(1000))))
         result["amortized_prior_vs_aggregate"] = prior_against_aggregate(
             amortized.decoder, mu, logvar, samples["amortized"], utils.QUALITY_SEED)
+        result["prior_gaps"] = prior_gaps(result["prior_vs_aggregate"],
+                                          result["amortized_prior_vs_aggregate"])
     return result
 
 

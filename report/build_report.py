@@ -344,15 +344,15 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         values["am_vs_agg"] = {k: dict(zip(("share", "se"), with_se(100 * versus_am[k]["share"],
                                                                     100 * versus_am[k]["se"])))
                                for k in ("prior", "aggregate")}
-        gaps = [100 * (v["prior"]["share"] - v["aggregate"]["share"]) for v in (versus, versus_am)]
-        gap_se = 100 * math.sqrt(sum(v[k]["se"] ** 2 for v in (versus, versus_am)
-                                     for k in ("prior", "aggregate")))
+        gaps = {k: 100 * v for k, v in lo["prior_gaps"].items()}     # in points of per cent
         values["vs_agg_bands_same"] &= verdicts["prior_gap_same_every_band"]
         values.update({"prior_gap": verdicts["prior_gap"],
                        "prior_gap_bands_same": verdicts["prior_gap_same_every_band"],
                        "decoder_greyer": verdicts["decoder_greyer"],
-                       "gap_lo": num(gaps[0], 1, sign=True), "gap_am": num(gaps[1], 1, sign=True),
-                       "gap_diff": dict(zip(("mean", "se"), with_se(gaps[0] - gaps[1], gap_se,
+                       "gap_lo": num(gaps["latent_opt"], 1, sign=True),
+                       "gap_am": num(gaps["amortized"], 1, sign=True),
+                       "gap_diff": dict(zip(("mean", "se"), with_se(gaps["difference"],
+                                                                    gaps["difference_se"],
                                                                     sign=True)))})
     quality = lo.get("sample_quality") or {}
     grey = latent_opt.get("grey_share", {})

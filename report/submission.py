@@ -108,7 +108,8 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     if not pdf.is_file() or not template.is_file():
         raise UsageError(f"{pdf if not pdf.is_file() else template} is missing: run make all (or "
                          f"make report) first")
-    unfilled = [what for what, mark in PLACEHOLDERS.items() if mark in template.read_text()]
+    text = template.read_text()
+    unfilled = [what for what, mark in PLACEHOLDERS.items() if mark in text]
     if unfilled:
         listed = ", ".join(unfilled[:-1]) + " and " * (len(unfilled) > 1) + unfilled[-1]
         problem = (f"{template} still shows the template's {listed} (its first lines and its "
@@ -120,7 +121,7 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     if template.stat().st_mtime > pdf.stat().st_mtime:
         raise UsageError(f"{pdf} is older than your edits to {template}: run make report, then "
                          f"pack again")
-    shown = re.search(r'#let student-name = "([^"]*)"', template.read_text())
+    shown = re.search(r'#let student-name = "([^"]*)"', text)
     if shown and "name" not in unfilled and " ".join(shown.group(1).split()) != name:
         print(f"note: the report shows the name {shown.group(1)!r}, the zip's README {name!r}; "
               f"make them the same if that is not what you meant")
