@@ -131,12 +131,12 @@ def digit_list(ds) -> str:
 # HUJI Exercise 1
 # ----------------------------------------------------------------------------------------------
 def share_cell(s: float) -> str:
-    """A table cell in per cent: '·' for none; one decimal below 10 %, so that the 2 % line that
-    counts a digit as covered can be read off the table, and above 90 % short of 100, so that a
-    row never sums to more than 100 by rounding (99.5, not 100)."""
+    """A table cell in per cent: '·' for none, 100 for all, else one decimal. 1,000 images make
+    every share a whole number of tenths, so the cells of a row add up to exactly 100, and the
+    2 % line that counts a digit as covered can be read off the table."""
     if s == 0:
         return "·"
-    return f"{100 * s:.1f}" if s < 0.1 or 0.9 < s < 1 else f"{100 * s:.0f}"
+    return "100" if s == 1 else f"{100 * s:.1f}"
 
 
 def quality_row(name: str, q: dict) -> dict:
@@ -306,6 +306,12 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "prior_norm": num(lo["expected_prior_norm"], 1),
         "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
         "sigma2_mean": num(lo["latent_sigma2_mean"])}
+    if lo.get("val_fit_recon_mse"):     # Figure 5's ten validation images, epoch by epoch
+        epochs = sorted(lo["val_fit_recon_mse"], key=int)
+        values["val_fit_epochs"] = digit_list(epochs)
+        values["val_fit"] = digit_list([num(lo["val_fit_recon_mse"][e], 3) for e in epochs])
+        shown = lo.get("amortized_val10_recon_mse")
+        values["am_val10"] = None if shown is None else num(shown, 3)
     for key, method in (("lo", lo), ("am", amortized)):
         if method.get("aggregate_posterior"):
             values[f"{key}_agg"] = aggregate_values(method["aggregate_posterior"])
@@ -430,6 +436,8 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
         f"{prefix}train_mean": train[0], f"{prefix}train_se": train[1],
         f"{prefix}test_mean": test[0], f"{prefix}test_se": test[1],
         f"{prefix}diff": diff[0], f"{prefix}diff_se": diff[1],
+        # the smallest difference these few images could have shown: two standard errors
+        f"{prefix}detectable": num(2 * estimate["train_minus_test_se"], 0),
         f"{prefix}train_vs_test": estimate["train_vs_test"]}
 
 

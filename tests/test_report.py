@@ -107,6 +107,9 @@ def test_numbers_in_the_text_are_the_metrics(reports, quick_outputs):
             f"Eq. 9 is higher by {-gap:.1f} nats on average, so here the Laplace") in text
     assert f"exceeds {min(1 - 1 / math.log10(ll['num_samples']), 0.7):.2f}, the limit" in text
     assert f"with {lo['same_budget']['latent_opt']['proposed_train']:.4f} (Table 2)" in text
+    fits = lo["val_fit_recon_mse"]          # Figure 5's validation rows, epoch by epoch
+    shown = ", ".join(f"{fits[e]:.3f}" for e in sorted(fits, key=int)[:-1])
+    assert f"reconstruct with MSE {shown} and {fits[max(fits, key=int)]:.3f}" in text
     tied = ll["eq9"]["least_likely_tied_with"]       # (b) names Eq. 9's least likely digit's ties
     least = f"the least likely {ll['eq9']['least_likely_digit']} "
     assert least in text
@@ -152,8 +155,8 @@ def test_the_text_follows_a_different_outcome(quick_outputs, tmp_path):
     assert "Yes, it starts to overfit" in text
 
 
-@pytest.mark.parametrize("gap, opening", [("same", "Yes, in the end, though not by the initialization"),
-                                          ("smaller", "Yes, in the end, though not by the initialization"),
+@pytest.mark.parametrize("gap, opening", [("same", "No, not by itself: the initialization only sets"),
+                                          ("smaller", "No, not by itself: the initialization only sets"),
                                           ("larger", "No. The initialization only sets where")])
 def test_q3s_prior_answer_follows_the_measured_prior_gap(quick_outputs, tmp_path, gap, opening):
     copy = tmp_path / "outputs"
@@ -449,10 +452,17 @@ def test_every_figure_and_table_is_captioned_labelled_and_cited():
             assert f"@{label}" in source, (name, label)
 
 
-@pytest.mark.parametrize("share, cell", [(0.0, "·"), (0.015, "1.5"), (0.38, "38"),
-                                         (0.995, "99.5"), (1.0, "100")])
+@pytest.mark.parametrize("share, cell", [(0.0, "·"), (0.015, "1.5"), (0.38, "38.0"),
+                                         (0.414, "41.4"), (0.995, "99.5"), (1.0, "100")])
 def test_a_share_cell_never_rounds_a_row_past_100(share, cell):
     assert build_report.share_cell(share) == cell
+
+
+def test_table_1s_cells_add_up_to_100_for_1000_images():
+    """Shares of 1,000 images are whole tenths of a per cent: one decimal shows them exactly."""
+    counts = [146, 37, 16, 81, 37, 15, 23, 81, 414, 150]
+    cells = [build_report.share_cell(c / 1000) for c in counts]
+    assert sum(float(c) for c in cells) == pytest.approx(100.0)
 
 
 def test_a_table_rows_largest_standard_error_is_the_binomial_one():
