@@ -30,10 +30,11 @@ SCRIPTS = ["sup_classification", "vae_amortized", "vae_latent_opt", "log_likelih
 
 def pdf_text(path: Path) -> str:
     """The PDF's text on one line: Typst's Unicode minus becomes '-', its typographic apostrophe
-    "'", any whitespace one space."""
+    "'", any whitespace one space; older pypdf (5.1) puts a space after a '(' that opens a
+    link ("( Table 2)"), which goes."""
     text = " ".join(page.extract_text() for page in PdfReader(path).pages)
     text = text.replace("\u2212", "-").replace("\u2019", "'")
-    return re.sub(r"\s+", " ", text)
+    return re.sub(r"\(\s+", "(", re.sub(r"\s+", " ", text))
 
 
 def metrics(outputs, script):
