@@ -24,7 +24,21 @@ METRICS := $(foreach s,sup_classification vae_amortized vae_amortized_elbo vae_l
              log_likelihood log_likelihood_elbo ppca_pca,$(OUT)/$(s)/metrics.json)
 REPORTS := $(OUT)/report/ex1_report.pdf $(OUT)/report/apml_lab_report.pdf
 
+# A folder with a space cannot be a make target, and an empty OUT or DEVICE would reach a script
+# as a missing value: refused when make reads this file, before anything runs.
+ifneq ($(words $(OUT)),1)
+$(error OUT must name one folder without spaces, got "$(OUT)": make all OUT=outputs)
+endif
+ifneq ($(words $(DEVICE)),1)
+$(error DEVICE must be one of auto, cpu, cuda or mps, got "$(DEVICE)")
+endif
+# A name reaches the shell as one single-quoted word: quotes, $ and backquotes in it stay text.
+quote = '$(subst ','\'',$(value $(1)))'
+
 .PHONY: all quick test venv report submission
+# Ctrl-C while a script or the report runs: make must not delete its metrics.json or PDFs. They
+# are written atomically, so each is the old complete file or the new one.
+.PRECIOUS: $(METRICS) $(REPORTS)
 all: $(REPORTS)
 
 quick:
@@ -83,4 +97,4 @@ $(error CSE is missing or empty: make submission NAME="Your Name" CSE=username)
 endif
 endif
 submission: $(OUT)/report/ex1_report.pdf | $(VENV_DEP)
-	$(PY) report/submission.py --outputs $(OUT) --name "$(NAME)" --cse "$(CSE)"
+	$(PY) report/submission.py --outputs $(OUT) --name $(call quote,NAME) --cse $(call quote,CSE)

@@ -687,7 +687,7 @@ def plot_encodings(path, encodings, labels):
         outlines[name] = []
         for d in range(10):
             evals, evecs = np.linalg.eigh(np.cov(z[labels == d].T))
-            outline = means[name][d][:, None] + (evecs * np.sqrt(evals)) @ circle
+            outline = means[name][d][:, None] + (evecs * np.sqrt(evals.clip(min=0))) @ circle  # rounding: -1e-17
             ax.plot(*outline, lw=0.8, color=colours(d))
             outlines[name].append(outline)
         ax.scatter(*means[name].T, marker="x", s=12, c="black", lw=0.8, zorder=3)
@@ -760,9 +760,11 @@ def main(run: utils.Run, argv=None):
     train_x, train_y, test_x, test_y = utils.mnist_tensors("unit")
     train_x, test_x = train_x[:args.train_images].view(-1, D), test_x[:args.test_images].view(-1, D)
     train_y, test_y = train_y[:args.train_images], test_y[:args.test_images]
-    if len(torch.unique(test_y)) < 10:
-        raise utils.UsageError(f"the first {args.test_images} test images lack a digit; use more "
-                               f"(--test-images)")
+    fewest = int(torch.bincount(test_y, minlength=10).min())
+    if fewest < 2:      # a digit's spread (its ellipse, its error's standard error) needs two
+        raise utils.UsageError(f"the first {args.test_images} test images hold {fewest} of digit "
+                               f"{int(torch.bincount(test_y, minlength=10).argmin())}, and each "
+                               f"digit needs at least 2; use more (--test-images)")
     show = utils.one_per_digit(test_y, utils.SUBSET_SEED)
 
     # The lab VAE and its resumable state first: a bad checkpoint fails before any work.

@@ -76,11 +76,12 @@ EXPERIMENTS = {
 }
 
 
-def experiment_command(folder: str, outputs="outputs") -> str:
-    """The command that writes outputs/<folder>, as the README lists it."""
+def experiment_command(folder: str, outputs="outputs", quick: bool = False) -> str:
+    """The command that writes outputs/<folder>, as the README lists it (with --quick for the
+    folders of `make quick`)."""
     script, *flags = EXPERIMENTS[folder]
     return " ".join([f"python {script}", *(f.format(out=outputs) for f in flags),
-                     f"--out {outputs}/{folder}"])
+                     *(["--quick"] if quick else []), f"--out {outputs}/{folder}"])
 
 
 def default_input(template: str) -> Path:
@@ -368,6 +369,8 @@ def one_cycle(optimizer, max_lr: float, total_steps: int, warmup: float):
 # ----------------------------------------------------------------------------------------------
 # The disk cannot take a write: full, over quota, read-only, failing.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+# A path that cannot be a file: a name too long, a folder where a file goes or the reverse, a loop.
+PATH_ERRORS = {errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.ELOOP}
 
 
 def write_atomic(path: Path, write) -> None:
@@ -378,6 +381,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())     # as open() would: mkstemp's 0600 is private
         for attempt in range(10):
             try:
                 os.replace(tmp, path)                     # atomic on every OS
@@ -390,6 +394,12 @@ def write_atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)       # the only way to read it is to set it, and then set it back
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,11 +419,11 @@ def write_metrics(path: Path, metrics: dict) -> None:
     except ValueError:
         raise UsageError(f"{path} not written: the results contain NaN or infinity (the run "
                          f"diverged or an input is out of range)")
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_metrics(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def mean_and_se(values) -> dict:
@@ -453,6 +463,7 @@ PAGE_WIDTH, HALF_WIDTH = 6.7, 3.3
 
 
 def pyplot():
+    os.environ["MPLBACKEND"] = "Agg"     # files only; a bad MPLBACKEND would fail the import
     import matplotlib
 
     matplotlib.use("Agg")
@@ -669,6 +680,8 @@ def input_file(named: Path | None, default: Path, required: bool = False) -> Pat
         print(f"note: {display_path(default)} not found; the parts that need it are skipped")
         return None
     path = named / default.name if named.is_dir() else named
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path} is not a regular file; name a file written by its script")
     if not path.is_file():
         raise UsageError(f"{path} not found" + (f" (the folder {named} holds no {default.name})"
                                                 if named.is_dir() else "")
@@ -703,7 +716,8 @@ class Run:
     """One run of a script: the output folder it holds and the last epoch it saved. `run_main`
     makes it, hands it to the script's main, and releases it at the end."""
 
-    def __init__(self, product: str = "its metrics.json"):
+    def __init__(self, product: str = "its metrics.json", script: str = ""):
+        self.script = script         # the file name of the script that runs, for run_facts
         self.out = self.lock = None
         self.saved_epoch = None      # last epoch with a complete checkpoint; None: not resumable
         self.resumed_epochs = 0      # epochs trained by an earlier run and resumed, not redone
@@ -714,6 +728,7 @@ class Run:
         second run; remove the temporary files a killed run of ours left. Called once every
         input is checked, so that bad input leaves the folder as it was."""
         out = Path(out)
+        self.refuse_to_overwrite(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
@@ -731,6 +746,25 @@ class Run:
             if stale.is_file():
                 stale.unlink(missing_ok=True)
         return out
+
+    def refuse_to_overwrite(self, out: Path) -> None:
+        """--out must not hold another script's results (they would be overwritten), nor a
+        folder where this run writes its metrics or checkpoint."""
+        for name in ("metrics.json", "checkpoint_last.pt"):
+            if (out / name).exists() and not (out / name).is_file():
+                raise UsageError(f"{out / name} is not a file, but this run writes one there; "
+                                 f"remove it or choose another --out")
+        owner = None
+        if (out / "metrics.json").is_file():
+            try:
+                owner = read_metrics(out / "metrics.json").get("script")
+            except (OSError, ValueError, AttributeError, RecursionError):
+                pass                    # unreadable: nothing there worth keeping is known
+            if owner is None and out.name in EXPERIMENTS:     # written before runs named their script
+                owner = EXPERIMENTS[out.name][0]
+        if owner not in (None, self.script):
+            raise UsageError(f"--out {out} holds the results of {owner}, which this run would "
+                             f"overwrite; choose another folder")
 
     def release(self) -> None:
         if self.lock is not None:
@@ -805,7 +839,7 @@ def run_main(main, argv=None, product: str = "its metrics.json") -> None:
     name = Path(sys.argv[0]).name
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_terminated)
-    run = Run(product)
+    run = Run(product, script=name)
     try:
         try:
             main(run, argv)
@@ -819,6 +853,10 @@ def run_main(main, argv=None, product: str = "its metrics.json") -> None:
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
+        if err.errno in PATH_ERRORS:
+            print(f"{name}: error: {err.filename or 'a path'}: {err.strerror}; choose another "
+                  f"path", file=sys.stderr)
+            sys.exit(2)
         if err.errno not in DISK_ERRORS:
             raise
         print(f"{name}: error: could not write {err.filename or 'a file'} ({err.strerror}); free "
@@ -826,17 +864,20 @@ def run_main(main, argv=None, product: str = "its metrics.json") -> None:
               file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Terminated) as err:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C while exiting: no traceback
         print(f"{name}: {run.interruption_message()}", file=sys.stderr)
         sys.exit(130 if isinstance(err, KeyboardInterrupt) else 143)
 
 
 def run_facts(run: Run, device, args) -> dict:
-    """What a metrics.json records of the run itself: the script's whole wall time (since this
+    """What a metrics.json records of the run itself: the script that wrote it (so that no
+    other script's run overwrites it: `Run.refuse_to_overwrite`), its whole wall time (since this
     process imported utils), the epochs it resumed instead of training them (its wall time
     then says little), where it ran (the device; on a CPU, the instruction set torch
     dispatched to, which sets its speed), torch's version and the arguments. Timings compare
     only between whole runs on the same instruction set (tests/benchmark_cpu.py checks both)."""
-    return {"wall_seconds": time.perf_counter() - START, "resumed_epochs": run.resumed_epochs,
+    return {"script": run.script, "wall_seconds": time.perf_counter() - START,
+            "resumed_epochs": run.resumed_epochs,
             "device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "args": vars(args)}
 
@@ -922,6 +963,68 @@ def check_fields(ckpt, path: Path, fields: dict, advice: str) -> None:
                                   f"{check.wants}; {advice}")
 
 
+def same_kind(value, reference) -> bool:
+    """`value` is built like `reference`: the same types (any finite real for a number), keys,
+    lengths and tensor shapes, every float finite. A dict may lack a key whose reference is a
+    flag (bool or None), which torch fills in for states saved by an older version."""
+    if reference is None or isinstance(reference, (bool, str)):
+        return type(value) is type(reference)
+    if isinstance(reference, (int, float)):
+        return type(value) in (int, float) and math.isfinite(value)
+    if isinstance(reference, torch.Tensor):
+        return (isinstance(value, torch.Tensor) and value.shape == reference.shape
+                and value.dtype == reference.dtype
+                and (not value.is_floating_point() or bool(torch.isfinite(value).all())))
+    if isinstance(reference, dict):
+        return isinstance(value, dict) and all(
+            same_kind(value[k], r) if k in value else r is None or isinstance(r, bool)
+            for k, r in reference.items())
+    if isinstance(reference, (list, tuple)):
+        return (isinstance(value, (list, tuple)) and len(value) == len(reference)
+                and all(map(same_kind, value, reference)))
+    return True
+
+
+# A scheduler's state that moves as it steps; the rest is set by the run's settings.
+SCHEDULER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
+                      "_is_initial"}
+
+
+def state_unfit(obj, state) -> str | None:
+    """Why an optimizer's or scheduler's saved state cannot resume `obj` (None: it can), judged
+    against the fresh state of `obj`, which this run built from the same settings: an optimizer's
+    hyperparameters of the right types and finite, its moment tensors of its parameters' shapes;
+    a scheduler's settings equal to the fresh one's (its length, its shape of schedule)."""
+    fresh = obj.state_dict()
+    if not isinstance(state, dict):
+        return "is not a dictionary"
+    if "param_groups" in fresh:                                   # an optimizer
+        if not same_kind(state.get("param_groups"), fresh["param_groups"]):
+            return "has hyperparameters of the wrong type, count or value"
+        params = [p for group in obj.param_groups for p in group["params"]]
+        moments = state.get("state")
+        if not isinstance(moments, dict):
+            return "has no per-parameter state"
+        for index, per_param in moments.items():
+            if type(index) is not int or not 0 <= index < len(params) or not isinstance(per_param, dict):
+                return "has per-parameter state for parameters this model does not have"
+            for value in per_param.values():
+                if isinstance(value, torch.Tensor):       # a moment, or the step as a scalar
+                    fits = same_kind(value, params[index] if value.dim() else value)
+                else:                                     # the step as a number (older torch)
+                    fits = same_kind(value, 0.0)
+                if not fits:
+                    return "has moments of the wrong shape or not finite"
+        return None
+    for key, reference in fresh.items():                          # a scheduler
+        if key == "anneal_func" or key not in state:
+            continue
+        if not same_kind(state[key], reference) or (key not in SCHEDULER_PROGRESS
+                                                     and state[key] != reference):
+            return f"has {key} = {str(state[key])[:40]}, not what these settings make"
+    return None
+
+
 def load_state_dict_checked(module, state, path: Path, advice: str = RESUME_ADVICE) -> None:
     """load_state_dict, with one line when the architecture or sizes differ or a weight is not
     finite."""
@@ -1005,6 +1108,9 @@ class Training:
             if hasattr(obj, "parameters"):
                 load_state_dict_checked(obj, state, path)
                 continue
+            unfit = state_unfit(obj, state)
+            if unfit:
+                raise CheckpointError(f"{path}: its {name} state {unfit}; {RESUME_ADVICE}")
             try:
                 obj.load_state_dict(state)
             except Exception as err:  # noqa: BLE001 - another script's optimizer, a damaged state

@@ -61,14 +61,28 @@ def refuse_constant(name: str):
     raise ValueError(f"it holds {name}")      # NaN or infinity: a script never writes them
 
 
-def read_metrics(outputs: Path, script: str, reads: dict) -> dict:
+def quick_outputs(outputs: Path) -> bool:
+    """Whether `outputs` holds --quick runs (as any readable metrics.json there says), so that
+    the advice to run a script again includes --quick."""
+    for path in outputs.glob("*/metrics.json"):
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+            return metrics["args"]["quick"] is True
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):
+            continue
+    return False
+
+
+def read_metrics(outputs: Path, script: str, reads: dict, quick: bool = False) -> dict:
     path = outputs / script / "metrics.json"
-    writer = experiment_command(script, display_path(outputs))
+    writer = experiment_command(script, display_path(outputs), quick)
     try:
-        metrics = json.loads(path.read_text(), parse_constant=refuse_constant,
+        metrics = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_constant,
                              object_hook=lambda d: Metrics(d, path, writer, reads))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing: run {writer} first (or make all)")
+    except RecursionError:
+        raise UsageError(f"{path} is nested too deeply to be a metrics file: run {writer} again")
     except (OSError, UnicodeDecodeError, ValueError) as err:      # JSONDecodeError is one
         raise UsageError(f"{path} is unreadable ({' '.join(str(err).split())[:80]}): run "
                          f"{writer} again")
@@ -788,7 +802,8 @@ def install_template(name: str, out: Path) -> tuple:
     Returns (path, kept_edits)."""
     source, target = TEMPLATES / f"{name}.typ", out / f"{name}.typ"
     stamp = out / f".{name}.typ.sha256"
-    if target.is_file() and (not stamp.is_file() or stamp.read_text().strip() != sha256(target.read_bytes())):
+    if target.is_file() and (not stamp.is_file() or stamp.read_bytes().strip().decode(errors="replace")
+                             != sha256(target.read_bytes())):
         return target, True
     write_bytes(target, source.read_bytes())
     write_bytes(stamp, (sha256(target.read_bytes()) + "\n").encode())
@@ -799,9 +814,11 @@ def write_bytes(path: Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def typst_error_line(err: Exception, template: Path) -> str:
+def typst_error_line(err: Exception, template: Path, edited: bool = True) -> str:
     """One line from a Typst error: where in the template it is (line and column, from the first
-    diagnostic Typst prints as '┌─ file:line:col') and what it is."""
+    diagnostic Typst prints as '┌─ file:line:col'), what it is, and what to do: in a template
+    the student edited, fix it (or move the copy aside: deleting it would lose the edits); in
+    the repository's own, a value it reads is at fault, from a metrics.json edited by hand."""
     message = " ".join(str(getattr(err, "message", None) or err).split())[:200]
     diagnostic = getattr(err, "diagnostic", None) or ""
     where = re.search(r"┌─ (.+?):(\d+):(\d+)", diagnostic)
@@ -809,12 +826,16 @@ def typst_error_line(err: Exception, template: Path) -> str:
         file = Path(where.group(1)).name
         place = (f"line {where.group(2)}, column {where.group(3)}" if file == template.name
                  else f"{file} line {where.group(2)}, column {where.group(3)}")
-        return (f"{template}: {place}: {message} (fix it there, or delete the file to get the "
-                f"repository's template)")
+        if not edited:
+            return (f"{template}: {place}: {message} (the template is the repository's own, so "
+                    f"a value it reads from {template.stem}_values.json is wrong: a metrics.json "
+                    f"was edited or is another version's; run its script again, or make -B all)")
+        return (f"{template}: {place}: {message} (fix it there, or move your edited copy aside "
+                f"to get the repository's template back)")
     return f"Typst could not typeset {template}: {message}"
 
 
-def typeset(template: Path, root: Path) -> tuple:
+def typeset(template: Path, root: Path, edited: bool) -> tuple:
     """Compile with Typst (the project root is the outputs folder, so the template reaches every
     figure). Returns (the PDF's bytes, its number of pages); writes nothing."""
     import typst
@@ -824,7 +845,7 @@ def typeset(template: Path, root: Path) -> tuple:
         pages = json.loads(typst.query(str(template), "<page-count>", field="value", root=str(root),
                                        one=True))
     except Exception as err:  # noqa: BLE001 - Typst reports a syntax or missing-file problem
-        raise UsageError(typst_error_line(err, template))
+        raise UsageError(typst_error_line(err, template, edited))
     return data, int(pages)
 
 
@@ -840,7 +861,9 @@ def main(argv=None) -> dict:
     outputs = args.outputs.resolve()
     # Read and check everything first: a missing or broken input changes nothing on disk.
     reads = {}
-    metrics = {s: read_metrics(outputs, s, reads) for _, scripts in REPORTS.values() for s in scripts}
+    quick = quick_outputs(outputs)
+    metrics = {s: read_metrics(outputs, s, reads, quick)
+               for _, scripts in REPORTS.values() for s in scripts}
     try:
         values = {"ex1": ex1_values(metrics), "apml_lab": apml_values(metrics)}
     except (TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as err:
@@ -858,8 +881,9 @@ def main(argv=None) -> dict:
                      (json.dumps(values[name], indent=1, ensure_ascii=False) + "\n").encode())
         template, kept = install_template(name, out)
         if kept:
-            print(f"note: kept your edited {template} (delete it to get the repository's template)")
-        pdfs[name], pages[name] = typeset(template, outputs)
+            print(f"note: kept your edited {template} (move it aside to get the repository's "
+                  f"template)")
+        pdfs[name], pages[name] = typeset(template, outputs, edited=kept)
     # Both compiled: only now is either PDF replaced, so an error leaves both as they were.
     for name, (pdf, _) in REPORTS.items():
         write_bytes(out / pdf, pdfs[name])

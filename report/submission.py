@@ -46,7 +46,7 @@ def local_imports(script: str) -> list:
         if name in seen:
             continue
         seen.append(name)
-        tree = ast.parse((ROOT / name).read_text(), filename=name)
+        tree = ast.parse((ROOT / name).read_text(encoding="utf-8"), filename=name)
         for node in ast.walk(tree):
             modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
                        else [node.module] if isinstance(node, ast.ImportFrom) and node.module
@@ -88,9 +88,10 @@ top of each code file.
 def quick_run(outputs: Path) -> bool:
     """Whether the report in `outputs` was built from --quick runs (its values say so)."""
     try:
-        return json.loads((outputs / "report" / "ex1_values.json").read_text()).get("quick") is True
-    except (OSError, ValueError):
+        values = json.loads((outputs / "report" / "ex1_values.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):      # UnicodeDecodeError is a ValueError
         return False
+    return isinstance(values, dict) and values.get("quick") is True
 
 
 def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path:
@@ -108,7 +109,11 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     if not pdf.is_file() or not template.is_file():
         raise UsageError(f"{pdf if not pdf.is_file() else template} is missing: run make all (or "
                          f"make report) first")
-    text = template.read_text()
+    try:
+        text = template.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{template} is not UTF-8 text (byte {err.start}); save it as UTF-8 in "
+                         f"your editor, run make report, then pack again")
     unfilled = [what for what, mark in PLACEHOLDERS.items() if mark in text]
     if unfilled:
         listed = ", ".join(unfilled[:-1]) + " and " * (len(unfilled) > 1) + unfilled[-1]

@@ -199,7 +199,7 @@ def test_report_reads_only(quick_outputs):
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "not json", "{}",
-                                    "lacks a key", "wrong type", "NaN"])
+                                    "lacks a key", "wrong type", "NaN", "nested deep"])
 def test_a_bad_metrics_file_is_one_line_and_keeps_the_pdfs(quick_outputs, tmp_path, damage):
     copy = tmp_path / "outputs"
     shutil.copytree(quick_outputs, copy)
@@ -214,7 +214,7 @@ def test_a_bad_metrics_file_is_one_line_and_keeps_the_pdfs(quick_outputs, tmp_pa
         nan = json.dumps({**metrics, "wall_seconds": float("nan")})      # json writes NaN
         path.write_text({"empty": "", "truncated": text[: len(text) // 2], "not json": "\x00\xff",
                          "{}": "{}", "lacks a key": lacking, "wrong type": wrong_type,
-                         "NaN": nan}[damage])
+                         "NaN": nan, "nested deep": "[" * 100_000 + "]" * 100_000}[damage])
     before = {p.name: p.read_bytes() for p in (copy / "report").iterdir()}
     proc = run_script("report/build_report.py", "--outputs", copy, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -312,8 +312,50 @@ def test_a_typst_error_names_the_templates_line_and_column(quick_outputs, tmp_pa
     proc = run_script("report/build_report.py", "--outputs", copy, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"line {target + 2}, column " in proc.stderr and "apml_lab.typ" in proc.stderr
+    assert "move your edited copy aside" in proc.stderr and "delete" not in proc.stderr
     assert "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")} == before
+
+
+def test_a_metric_of_the_wrong_type_is_not_blamed_on_an_unedited_template(quick_outputs, tmp_path):
+    """A verdict edited into a string reaches Typst, which stops in the template: the message
+    must say that the value is at fault (the template is the repository's), and never advise
+    deleting the student's file."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / "sup_classification" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "above_course_bar": "yes"}))
+    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "the template is the repository's own" in proc.stderr and "delete" not in proc.stderr
+
+
+def test_the_advice_to_run_a_script_again_keeps_quick(quick_outputs, tmp_path):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    (copy / "ppca_pca" / "metrics.json").unlink()
+    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
+    assert proc.returncode == 2 and "python ppca_pca.py --quick --out " in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["values a list", "values nested deep", "template not utf-8"])
+def test_a_damaged_report_folder_is_one_line_for_the_submission(quick_outputs, tmp_path, damage):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    report = copy / "report"
+    if damage == "values a list":
+        (report / "ex1_values.json").write_text("[]")
+    elif damage == "values nested deep":
+        (report / "ex1_values.json").write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        with open(report / "ex1.typ", "ab") as f:
+            f.write(b"\xff\xfe")
+    proc = run_script("report/submission.py", "--outputs", copy, "--name", "Ada", "--cse",
+                      "ada01", check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0 or proc.stderr.count("\n") == 1, proc.stderr
+    if damage == "template not utf-8":
+        assert proc.returncode == 2 and "is not UTF-8 text" in proc.stderr
 
 
 def make_submission(outputs, *assignments):
