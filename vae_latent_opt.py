@@ -290,6 +290,43 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
     return result
 
 
+# Q3 (b)'s control: the same training with the latents' means started WIDE_START times wider than
+# the prior (mu_i ~ N(0, WIDE_START^2 I)). Each q_i is updated once per epoch, so where the
+# latents end tells the initialization's part in the prior from the KL term's.
+WIDE_START = 3.0
+
+
+def wide_start_control(train_x, latent_dim: int, epochs: int, batch_size: int, lr: float,
+                       latent_lr: float, seed: int, device) -> dict:
+    """Q3's training again, its latent means started WIDE_START times wider: how far its
+    trained latents end from N(0, I) (moment-matched KL), and its decoder's prior draws against
+    draws from those latents (`prior_against_aggregate`). Seeded on its own generator state, so
+    that it changes nothing else in the run."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        decoder = vae_model.Decoder(latent_dim).to(device)
+        latents = LatentTable(len(train_x), latent_dim, seed).to(device)
+        with torch.no_grad():
+            latents.mu.weight.mul_(WIDE_START)
+        optimizers = [torch.optim.Adam(decoder.parameters(), lr=lr),
+                      torch.optim.SparseAdam(list(latents.parameters()), lr=latent_lr)]
+        steps = utils.steps_per_epoch(len(train_x), batch_size)
+        with tqdm(total=epochs * steps, desc="Q3 control: latents started wider",
+                  unit="batch") as progress:
+            for _ in range(epochs):
+                train_epoch(decoder, latents, optimizers, train_x, batch_size, progress)
+        decoder.eval()
+        mu, logvar = latents.mu.weight.detach(), latents.logvar.weight.detach()
+        with torch.no_grad():
+            prior_images = decoder(vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
+                                                           utils.QUALITY_SEED).to(device))
+        versus = prior_against_aggregate(decoder, mu, logvar, prior_images, utils.QUALITY_SEED)
+    return {"start_scale": WIDE_START, "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
+            "marginal_variance_mean": vae_model.aggregate_posterior_per_dimension(
+                mu, logvar)["marginal_variance_mean"],
+            "prior_vs_aggregate": {k: versus[k] for k in ("prior", "aggregate", "images")}}
+
+
 def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with_amortized):
     epochs = list(range(1, len(history["train_loss"]) + 1))
     utils.plot_curves(out / "loss_curves.png", {
@@ -311,12 +348,12 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
 
 
 def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None,
-                grey=None, versus=None, versus_amortized=None) -> dict:
+                grey=None, versus=None, versus_amortized=None, control=None) -> dict:
     """Q3's answers as named outcomes: which method proposes better q (`proposal_verdicts`),
     and whether the initialization established a good prior (`prior_verdicts`)."""
     return {**proposal_verdicts(same),
             **prior_verdicts(quality, aggregate_kl, latent_dim, aggregate, grey, versus,
-                             versus_amortized)}
+                             versus_amortized, control)}
 
 
 def proposal_verdicts(same: dict) -> dict:
@@ -341,7 +378,7 @@ def proposal_verdicts(same: dict) -> dict:
 
 
 def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, grey=None,
-                   versus=None, versus_amortized=None) -> dict:
+                   versus=None, versus_amortized=None, control=None) -> dict:
     """Q3 (b), each None where its measurement is missing. prior: whether the
     latent-optimization samples look as good to the classifier as the amortized ones
     (confidence within 0.05, coverage within one digit); aggregate_near_prior: whether the
@@ -355,7 +392,12 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
     decoder's shortfall of prior draws against its own training latents the 'same' as Q1's
     VAE's (`versus_amortized`), 'larger' or 'smaller' (`prior_gap`), and is that verdict the
     same at every grey band; decoder_greyer: does this decoder, fed its own training latents,
-    give more mid-grey pixels than Q1's fed its own, by two standard errors or more."""
+    give more mid-grey pixels than Q1's fed its own, by two standard errors or more;
+    start_decides: whether the latents of the control started wider (`wide_start_control`)
+    end far from N(0, I) (by the same 0.05 nats per dimension) while Q3's end close, so that
+    the initialization, not the KL term, placed them; control_prior_greyer: whether the
+    control's decoder renders prior draws greyer than its own training latents by more than
+    Q3's decoder does (two standard errors of the difference of the two shortfalls)."""
     has_grey = bool(grey) and "amortized" in grey
     verdicts = {"prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
@@ -373,6 +415,12 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
             == verdicts["prior_gap"] for band in versus["other_bands"])
         verdicts["decoder_greyer"] = not not_greyer(versus["aggregate"],
                                                     versus_amortized["aggregate"])
+    if control is not None and aggregate_kl is not None:
+        near = aggregate_kl < 0.05 * latent_dim
+        verdicts["start_decides"] = near and control["aggregate_posterior_kl"] >= 0.05 * latent_dim
+        if versus:
+            gaps = prior_gaps(control["prior_vs_aggregate"], versus)   # the control minus Q3's
+            verdicts["control_prior_greyer"] = gaps["difference"] > 2 * gaps["difference_se"]
     if quality is not None and "amortized" in quality:
         lo_q, a_q = quality["latent_opt"], quality["amortized"]
         good = (lo_q["mean_confidence"] >= a_q["mean_confidence"] - 0.05
@@ -550,13 +598,16 @@ def main(run: utils.Run, argv=None):
         "same_budget": same, "same_budget_images": {**same_images, "steps": args.fit_steps},
         **prior_question(decoder, amortized, classifier, table_mu, table_logvar, train_x,
                          data["val_x"]),
+        "wide_start": wide_start_control(train_x, args.latent_dim, args.epochs, args.batch_size,
+                                         args.lr, args.latent_lr, args.seed, device),
         "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
         "latent_dim": args.latent_dim, **utils.run_facts(run, device, args),
     }
     metrics["verdicts"] = q3_verdicts(same, metrics["sample_quality"], metrics["aggregate_posterior_kl"],
                                       args.latent_dim, metrics["aggregate_posterior"],
                                       metrics["grey_share"], metrics["prior_vs_aggregate"],
-                                      metrics.get("amortized_prior_vs_aggregate"))
+                                      metrics.get("amortized_prior_vs_aggregate"),
+                                      metrics["wide_start"])
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")

@@ -374,6 +374,16 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
                        "gap_diff": dict(zip(("mean", "se"), with_se(gaps["difference"],
                                                                     gaps["difference_se"],
                                                                     sign=True)))})
+    wide = lo.get("wide_start")
+    if wide and verdicts.get("start_decides") is not None:   # the control started wider (Q3 b)
+        versus_wide = wide["prior_vs_aggregate"]
+        values.update({"start_decides": verdicts["start_decides"],
+                       "control_greyer": verdicts.get("control_prior_greyer"),
+                       "wide_scale": f"{wide['start_scale']:g}",
+                       "wide_kl": num(wide["aggregate_posterior_kl"], 0),
+                       "wide_var": num(wide["marginal_variance_mean"], 1),
+                       "wide_gap": num(100 * (versus_wide["prior"]["share"]
+                                              - versus_wide["aggregate"]["share"]), 1, sign=True)})
     quality = lo.get("sample_quality") or {}
     grey = latent_opt.get("grey_share", {})
     if "amortized" in grey:

@@ -173,6 +173,30 @@ def test_q3s_prior_answer_follows_the_measured_prior_gap(quick_outputs, tmp_path
     assert f"suit this decoder {middle}" in text
 
 
+@pytest.mark.parametrize("decides, near, opening", [
+    (True, True, "Yes. Started at the prior, the latents end close to it"),
+    (False, True, "Not by itself: the KL term of Eq. 6 brings the latents close"),
+    (False, False, "No, not by itself: the initialization only sets")])
+def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_path, decides,
+                                                            near, opening):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / "vae_latent_opt" / "metrics.json"
+    lo = json.loads(path.read_text())
+    lo["verdicts"].update(prior_gap="same", start_decides=decides, aggregate_near_prior=near,
+                          control_prior_greyer=True)
+    path.write_text(json.dumps(lo))
+    run_script("report/build_report.py", "--outputs", copy)
+    text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
+    assert f"Answer. {opening}" in text
+    wide = lo["wide_start"]
+    if decides:
+        assert f"{wide['aggregate_posterior_kl']:,.0f} nats from" in text
+        gap = 100 * (wide["prior_vs_aggregate"]["prior"]["share"]
+                     - wide["prior_vs_aggregate"]["aggregate"]["share"])
+        assert f"and {gap:+.1f} for the control started wider" in text
+
+
 def test_report_reads_only(quick_outputs):
     """Nothing under report/ imports torch, the model or a script (only utils' torch-free pieces,
     and a real build never loads torch); no script imports another script."""

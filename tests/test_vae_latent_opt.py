@@ -269,3 +269,49 @@ def test_blur_is_mostly_the_decoders_when_its_own_latents_already_decode_greyer(
     versus = {"prior": {"share": 0.3}, "aggregate": {"share": aggregate}}
     assert vae_latent_opt.q3_verdicts({}, None, grey=grey, versus=versus)["blur_mostly_decoder"] is mostly
     assert vae_latent_opt.q3_verdicts({}, None, grey=grey)["blur_mostly_decoder"] is None
+
+
+def control(kl, prior=0.5, aggregate=0.3, se=0.01):
+    return {"aggregate_posterior_kl": kl,
+            "prior_vs_aggregate": {"prior": {"share": prior, "se": se},
+                                   "aggregate": {"share": aggregate, "se": se}}}
+
+
+@pytest.mark.parametrize("ours, theirs, decides", [(9.99, 10.0, True), (9.99, 9.99, False),
+                                                  (10.0, 500.0, False)])
+def test_the_start_decides_when_only_the_control_started_wider_ends_far(ours, theirs, decides):
+    """Far: a moment-matched KL of 0.05 nats per dimension or more (10 nats at d = 200). The
+    start decides only where Q3's latents end near N(0, I) and the control's do not."""
+    v = vae_latent_opt.q3_verdicts({}, None, aggregate_kl=ours, latent_dim=200,
+                                   control=control(theirs))
+    assert v["start_decides"] is decides
+    assert "start_decides" not in vae_latent_opt.q3_verdicts({}, None, aggregate_kl=ours,
+                                                             latent_dim=200)
+
+
+@pytest.mark.parametrize("control_prior, greyer", [(0.4401, True), (0.4399, False)])
+def test_the_controls_prior_is_greyer_beyond_two_standard_errors_of_the_two_gaps(control_prior,
+                                                                               greyer):
+    """Q3's gap is 0.4 - 0.3 = 0.1, the control's control_prior - 0.3; four SEs of 0.01 make
+    two standard errors of the difference 2 * sqrt(4) * 0.01 = 0.04: the line is at 0.44."""
+    v = vae_latent_opt.q3_verdicts({}, None, aggregate_kl=1.0, latent_dim=200,
+                                   versus=versus(0.4, 0.3),
+                                   control=control(500.0, control_prior, 0.3))
+    assert v["control_prior_greyer"] is greyer
+
+
+def test_the_control_starts_its_means_wider_and_leaves_the_runs_random_stream_alone():
+    """Untrained (0 epochs), the control's latents are Q3's initialization with the means
+    scaled: marginal variance WIDE_START^2 + E[sigma^2] = 9 + 1 (sigma ~ N(0, 1)), the closed
+    form. Whatever it draws, the caller's generator continues as if it had not run."""
+    x = torch.rand(4000, 1, 28, 28) * 2 - 1
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    result = vae_latent_opt.wide_start_control(x, 8, 0, 64, 1e-3, 1e-2, 0, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+    assert result["marginal_variance_mean"] == pytest.approx(
+        vae_latent_opt.WIDE_START ** 2 + 1, rel=0.05)
+    trained = vae_latent_opt.wide_start_control(x[:64], 8, 1, 64, 1e-3, 1e-2, 0,
+                                                torch.device("cpu"))
+    assert math.isfinite(trained["aggregate_posterior_kl"])
