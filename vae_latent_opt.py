@@ -299,15 +299,18 @@ WIDE_START = 3.0
 def wide_start_control(train_x, latent_dim: int, epochs: int, batch_size: int, lr: float,
                        latent_lr: float, seed: int, device) -> dict:
     """Q3's training again, its latent means started WIDE_START times wider: how far its
-    trained latents end from N(0, I) (moment-matched KL), and its decoder's prior draws against
-    draws from those latents (`prior_against_aggregate`). Seeded on its own generator state, so
-    that it changes nothing else in the run."""
+    latents start and end from N(0, I) (moment-matched KL, mean marginal variance), beside Q3's
+    own start, and its decoder's prior draws against draws from its trained latents
+    (`prior_against_aggregate`). Seeded on its own generator state, so that it changes nothing
+    else in the run."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         decoder = vae_model.Decoder(latent_dim).to(device)
         latents = LatentTable(len(train_x), latent_dim, seed).to(device)
+        q3_start = spread(latents.mu.weight, latents.logvar.weight)      # Q3's table at its start
         with torch.no_grad():
             latents.mu.weight.mul_(WIDE_START)
+        wide_start = spread(latents.mu.weight, latents.logvar.weight)
         optimizers = [torch.optim.Adam(decoder.parameters(), lr=lr),
                       torch.optim.SparseAdam(list(latents.parameters()), lr=latent_lr)]
         steps = utils.steps_per_epoch(len(train_x), batch_size)
@@ -321,10 +324,17 @@ def wide_start_control(train_x, latent_dim: int, epochs: int, batch_size: int, l
             prior_images = decoder(vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
                                                            utils.QUALITY_SEED).to(device))
         versus = prior_against_aggregate(decoder, mu, logvar, prior_images, utils.QUALITY_SEED)
-    return {"start_scale": WIDE_START, "aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
-            "marginal_variance_mean": vae_model.aggregate_posterior_per_dimension(
-                mu, logvar)["marginal_variance_mean"],
+    return {"start_scale": WIDE_START, **spread(mu, logvar), "at_start": wide_start,
+            "q3_at_start": q3_start,
             "prior_vs_aggregate": {k: versus[k] for k in ("prior", "aggregate", "images")}}
+
+
+def spread(mu, logvar) -> dict:
+    """How far a latent table, taken together, is from N(0, I): its moment-matched KL and its
+    mean marginal variance per dimension."""
+    return {"aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
+            "marginal_variance_mean": vae_model.aggregate_posterior_per_dimension(
+                mu, logvar)["marginal_variance_mean"]}
 
 
 def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with_amortized):

@@ -235,6 +235,15 @@ def q1_values(amortized: dict) -> dict:
             "train": pct(train["accuracy"], 1), "train_se": pct(train["accuracy_se"], 1),
             "train_n": f"{train['images']:,}",
             "val_orig": pct(val["original_accuracy"], 1), "same": read["train_val_tie"]}
+        shown = read.get("shown_val", {})
+        if shown:                   # Figure 3's ten validation images at the last epoch
+            last, labels = shown[max(shown, key=int)], read["shown_val_labels"]
+            wrong = [(t, r) for t, r in zip(labels, last) if t != r]
+            values["read"]["shown_right"] = len(labels) - len(wrong)
+            values["read"]["shown_n"] = len(labels)
+            values["read"]["shown_expected"] = num(len(labels) * val["accuracy"], 1)
+            values["read"]["shown_wrong"] = digit_list([str(t) for t, _ in wrong]) if wrong else ""
+            values["read"]["shown_as"] = digit_list([str(r) for _, r in wrong]) if wrong else ""
     return values
 
 
@@ -382,6 +391,9 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
                        "wide_scale": f"{wide['start_scale']:g}",
                        "wide_kl": num(wide["aggregate_posterior_kl"], 0),
                        "wide_var": num(wide["marginal_variance_mean"], 1),
+                       "wide_start_var": num(wide["at_start"]["marginal_variance_mean"], 0),
+                       "start_var": num(wide["q3_at_start"]["marginal_variance_mean"], 1),
+                       "start_kl": num(wide["q3_at_start"]["aggregate_posterior_kl"], 0),
                        "wide_gap": num(100 * (versus_wide["prior"]["share"]
                                               - versus_wide["aggregate"]["share"]), 1, sign=True)})
     quality = lo.get("sample_quality") or {}

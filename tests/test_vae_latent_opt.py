@@ -303,7 +303,7 @@ def test_the_controls_prior_is_greyer_beyond_two_standard_errors_of_the_two_gaps
 def test_the_control_starts_its_means_wider_and_leaves_the_runs_random_stream_alone():
     """Untrained (0 epochs), the control's latents are Q3's initialization with the means
     scaled: marginal variance WIDE_START^2 + E[sigma^2] = 9 + 1 (sigma ~ N(0, 1)), the closed
-    form. Whatever it draws, the caller's generator continues as if it had not run."""
+    form; Q3's own start has 1 + 1. Whatever it draws, the caller's generator continues as if it had not run."""
     x = torch.rand(4000, 1, 28, 28) * 2 - 1
     torch.manual_seed(7)
     expected = torch.rand(3)
@@ -312,6 +312,8 @@ def test_the_control_starts_its_means_wider_and_leaves_the_runs_random_stream_al
     assert torch.equal(torch.rand(3), expected)
     assert result["marginal_variance_mean"] == pytest.approx(
         vae_latent_opt.WIDE_START ** 2 + 1, rel=0.05)
+    assert result["at_start"]["marginal_variance_mean"] == pytest.approx(10, rel=0.05)
+    assert result["q3_at_start"]["marginal_variance_mean"] == pytest.approx(2, rel=0.05)
     trained = vae_latent_opt.wide_start_control(x[:64], 8, 1, 64, 1e-3, 1e-2, 0,
                                                 torch.device("cpu"))
     assert math.isfinite(trained["aggregate_posterior_kl"])
