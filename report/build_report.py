@@ -788,6 +788,8 @@ def lab_vae_values(p: dict) -> dict:
         "vae_sigma2": sig(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
+        # the VAE's lower bound minus PPCA's exact log-likelihood: the least it is ahead by
+        "density_gap": num(vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"], 1),
         "vae_epoch_rise_last": num(elbo_curve[-1] - elbo_curve[-2], 1) if len(elbo_curve) > 1 else "",
         "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 1) if len(elbo_curve) > 1 else "",
         "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],
