@@ -145,12 +145,17 @@ def load_snapshot(path, module, kind: str, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_amortized_vae(path, device="cpu"):
+def load_amortized_vae(path, device="cpu", per_class: int | None = None):
     """The amortized VAE written by vae_amortized.py, rebuilt at its own latent size, in eval
     mode with gradients off (it is only evaluated), and the images per digit it was trained on
-    (None for a file that does not say). Its random initialization, overwritten by the file,
-    draws from a forked RNG, so a script's results do not depend on what it loads."""
+    (None for a file that does not say), which must be `per_class` where that is given (the
+    caller's data split). Its random initialization, overwritten by the file, draws from a
+    forked RNG, so a script's results do not depend on what it loads."""
     ckpt = read_snapshot(path, "vae_amortized", device)
+    trained = ckpt.get("subset_per_class")
+    if per_class is not None and trained is not None and trained != per_class:
+        raise utils.UsageError(f"{path} was trained on {trained} images per digit; pass "
+                               f"--per-class {trained}, or a VAE trained on {per_class}")
     with torch.random.fork_rng(devices=[]):     # loading must not shift the caller's RNG
         vae = VAE(ckpt["latent_dim"]).to(device)
     utils.load_state_dict_checked(vae, ckpt["model"], path,

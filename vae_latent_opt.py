@@ -465,11 +465,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_amortized(path, latent_dim, device):
-    """Q1's VAE for the comparisons (None if there is none), checked before any training."""
+def load_amortized(path, latent_dim, per_class, device):
+    """Q1's VAE for the comparisons (None if there is none), checked before any training: its
+    latent size and its training images per digit must be this run's."""
     if path is None:
         return None
-    amortized, _ = vae_model.load_amortized_vae(path, device)
+    amortized, _ = vae_model.load_amortized_vae(path, device, per_class)
     if amortized.latent_dim != latent_dim:
         raise utils.UsageError(f"{path} has latent size {amortized.latent_dim}, this run "
                                f"{latent_dim}; pass --latent-dim {amortized.latent_dim} or "
@@ -559,7 +560,7 @@ def main(run: utils.Run, argv=None):
     device = utils.device_and_seeds(args.device, args.seed)
     # Every file argument is loaded and checked before the first training step.
     amortized = load_amortized(utils.input_file(args.amortized, DEFAULT_AMORTIZED),
-                               args.latent_dim, device)
+                               args.latent_dim, args.per_class, device)
     classifier = vae_model.load_classifier(utils.input_file(args.classifier, DEFAULT_CLASSIFIER),
                                            device)
     data = utils.vae_data(args.per_class, args.val_images, device)

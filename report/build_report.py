@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # utils imports torch only on first use, and this builder never uses it
-from utils import (OneLineParser, UsageError, display_path, experiment_command,  # noqa: E402
+from utils import (BUILT_FROM, OneLineParser, UsageError, display_path, experiment_command,  # noqa: E402
                    path_in, run_main, sha256, write_atomic)
 
 TEMPLATES = ROOT / "report"
@@ -62,15 +62,24 @@ def refuse_constant(name: str):
 
 
 def quick_outputs(outputs: Path) -> bool:
-    """Whether `outputs` holds --quick runs (as any readable metrics.json there says), so that
-    the advice to run a script again includes --quick."""
-    for path in outputs.glob("*/metrics.json"):
+    """Whether `outputs` holds --quick runs (as its readable metrics.json files say), so that
+    the advice to run a script again includes --quick. A folder that mixes --quick and full
+    runs is refused: its report would answer from both."""
+    quick = {}
+    for script in {s for _, scripts in REPORTS.values() for s in scripts}:
         try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-            return metrics["args"]["quick"] is True
+            metrics = json.loads((outputs / script / "metrics.json").read_text(encoding="utf-8"))
+            quick[script] = metrics["args"]["quick"] is True
         except (OSError, ValueError, RecursionError, KeyError, TypeError):
             continue
-    return False
+    if len(set(quick.values())) > 1:
+        odd = sorted(s for s, q in quick.items() if q != (sum(quick.values()) > len(quick) / 2))
+        kind = "full" if sum(quick.values()) > len(quick) / 2 else "--quick"
+        raise UsageError(f"{outputs} mixes --quick and full runs ({', '.join(odd)} "
+                         f"{'is a' if len(odd) == 1 else 'are'} {kind}); run "
+                         f"{'it' if len(odd) == 1 else 'them'} again like the others, or use "
+                         f"another --outputs")
+    return any(quick.values())
 
 
 def read_metrics(outputs: Path, script: str, reads: dict, quick: bool = False) -> dict:
@@ -909,9 +918,15 @@ def main(argv=None) -> dict:
                   f"template)")
         pdfs[name], pages[name] = typeset(template, outputs, edited=kept)
     # Both compiled: only now is either PDF replaced, so an error leaves both as they were.
+    built_from = {}
+    for name, (pdf, scripts) in REPORTS.items():     # what each PDF was typeset from, by content
+        built_from[name] = {"template": sha256((out / f"{name}.typ").read_bytes()),
+                            "metrics": {s: sha256((outputs / s / "metrics.json").read_bytes())
+                                        for s in scripts}}
     for name, (pdf, _) in REPORTS.items():
         write_bytes(out / pdf, pdfs[name])
         print(f"wrote {out / pdf} ({pages[name]} pages)")
+    write_bytes(out / BUILT_FROM, (json.dumps(built_from, indent=1) + "\n").encode())
     if pages["ex1"] > EX1_MAX_PAGES:
         print(f"warning: {REPORTS['ex1'][0]} has {pages['ex1']} pages; the exercise allows "
               f"{EX1_MAX_PAGES}", file=sys.stderr)

@@ -7,7 +7,8 @@ the PDF report from <outputs>/report/.
 (or `make submission NAME="Ada Lovelace" CSE=ada01`). It reads files only: no torch, no script
 is imported. A missing or empty name or username, a report whose template still shows a
 placeholder (name, username, the FILL IN box or the default account of "Use of AI tools"), or a
-PDF older than the edited template is one line and exit 2, and no zip is written. A --quick run
+PDF typeset before its template or a metrics.json it reads last changed (compared by content)
+is one line and exit 2, and no zip is written. A --quick run
 (OUT=outputs/quick), whose PDF is never handed in, is packed despite its placeholders, with a note.
 """
 # Use of AI tools (HUJI Exercise 1, Sec. 4.1.1): this file was written with an AI coding
@@ -23,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import OneLineParser, UsageError, path_in, run_main, write_atomic  # noqa: E402  (torch: never)
+from utils import (BUILT_FROM, OneLineParser, UsageError, path_in, run_main, sha256,  # noqa: E402
+                   write_atomic)  # (torch: never)
 
 PART1 = ["sup_classification.py"]
 VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
@@ -94,6 +96,28 @@ def quick_run(outputs: Path) -> bool:
     return isinstance(values, dict) and values.get("quick") is True
 
 
+def changed_since_typeset(outputs: Path) -> list:
+    """The files ex1_report.pdf was typeset from (its template, the metrics.json files it read)
+    whose content differs now from what report/build_report.py recorded (BUILT_FROM): file
+    times are not trusted, since copies and unzipped exports keep or reset them."""
+    stamp = outputs / "report" / BUILT_FROM
+    try:
+        built = json.loads(stamp.read_text(encoding="utf-8"))["ex1"]
+        files = {outputs / "report" / TEMPLATE: built["template"],
+                 **{outputs / script / "metrics.json": digest
+                    for script, digest in built["metrics"].items()}}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return [stamp]
+    changed = []
+    for path, digest in files.items():
+        try:
+            if sha256(path.read_bytes()) != digest:
+                changed.append(path)
+        except OSError:
+            changed.append(path)
+    return changed
+
+
 def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path:
     name, cse = " ".join(name.split()), cse.strip()
     if not name:
@@ -123,9 +147,13 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
             raise UsageError(f"{problem}: fill them in, run make report, then pack again")
         # A --quick run's zip is never handed in (its PDF says so): it tries the packing.
         print(f"note: {problem}; packed anyway, since this is a --quick run")
-    if template.stat().st_mtime > pdf.stat().st_mtime:
+    changed = changed_since_typeset(outputs)
+    if changed == [template]:
         raise UsageError(f"{pdf} is older than your edits to {template}: run make report, then "
                          f"pack again")
+    if changed:
+        raise UsageError(f"{pdf} was typeset before {', '.join(map(str, changed))} changed (or "
+                         f"by an older version): run make report, then pack again")
     shown = re.search(r'#let student-name = "([^"]*)"', text)
     if shown and "name" not in unfilled and " ".join(shown.group(1).split()) != name:
         print(f"note: the report shows the name {shown.group(1)!r}, the zip's README {name!r}; "

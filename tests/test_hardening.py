@@ -149,6 +149,7 @@ CASES = [
     ("report/build_report.py", ["--outputs", ""], None, "must name a path"),
     (L, ["--quick", "--amortized", ""], None, "must name a path, got ''"),
     (P, ["--quick", "--test-images", "30"], None, "each digit needs at least 2"),
+    (L, ["--amortized", "{amortized}"], None, "was trained on 20 images per digit; pass --per-class 20"),
     (A, ["--quick", "--classifier", "/dev/null"], None, "is not a regular file"),
 ]
 
@@ -247,6 +248,8 @@ def idx_copy(tmp_path):
     ("label above 9", "outside 0..9"),
     ("wrong header", "declares shape"),
     ("not idx", "not an MNIST IDX file"),
+    ("zeroed images", "not the official MNIST"),
+    ("labels shifted", "not the official MNIST"),
 ])
 def test_damaged_idx_files_are_one_line(tmp_path, monkeypatch, capsys, damage, expected):
     utils.load_mnist()                           # the real files exist to be copied
@@ -262,6 +265,14 @@ def test_damaged_idx_files_are_one_line(tmp_path, monkeypatch, capsys, damage, e
         data = bytearray(images.read_bytes())
         data[7] = 0x20                            # 10,000 -> 10,016 images declared
         images.write_bytes(bytes(data))
+    elif damage == "zeroed images":                # a disk error: the right size, zeros inside
+        data = bytearray(images.read_bytes())
+        data[5000:90000] = bytes(85000)
+        images.write_bytes(bytes(data))
+    elif damage == "labels shifted":              # every label + 1 mod 10: valid, but wrong
+        data = bytearray(labels.read_bytes())
+        data[8:] = bytes((b + 1) % 10 for b in data[8:])
+        labels.write_bytes(bytes(data))
     else:
         images.write_bytes(b"hello")
     monkeypatch.setattr(utils, "DATA_DIR", tmp_path / "data")

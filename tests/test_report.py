@@ -476,6 +476,55 @@ def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick
     assert not list(outputs.glob("*.zip"))
 
 
+@pytest.mark.parametrize("change, expected", [
+    ("template dated back", "is older than your edits"),
+    ("a metrics.json rewritten", "vae_amortized/metrics.json changed"),
+    ("no record", ".built_from.json"),
+])
+def test_the_zip_packs_only_a_pdf_typeset_from_what_is_there_now(quick_outputs, tmp_path, change,
+                                                                expected):
+    """Compared by content, not by file times: a filled-in template copied back with an old
+    date, or a script run again after the report, leaves a PDF that shows neither."""
+    outputs = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, outputs)
+    run_script("report/build_report.py", "--outputs", outputs)
+    values = outputs / "report" / "ex1_values.json"         # as a full run's report
+    values.write_text(json.dumps({**json.loads(values.read_text()), "quick": False}))
+    if change == "template dated back":
+        shutil.copy(filled_in(quick_outputs, tmp_path / "student") / "report" / "ex1.typ",
+                    outputs / "report" / "ex1.typ")
+        os.utime(outputs / "report" / "ex1.typ", (0, 0))   # 1970: older than the PDF
+    else:
+        template = outputs / "report" / "ex1.typ"      # filled in, and typeset again
+        template.write_text(filled_in(quick_outputs, tmp_path / "student").joinpath(
+            "report", "ex1.typ").read_text())
+        run_script("report/build_report.py", "--outputs", outputs)
+        values.write_text(json.dumps({**json.loads(values.read_text()), "quick": False}))
+        if change == "a metrics.json rewritten":
+            path = outputs / "vae_amortized" / "metrics.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "wall_seconds": 1.0}))
+        else:
+            (outputs / "report" / ".built_from.json").unlink()
+    proc = run_script("report/submission.py", "--outputs", outputs, "--name", "Ada Lovelace",
+                      "--cse", "ada01", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(outputs.glob("*.zip"))
+
+
+def test_a_report_from_quick_and_full_runs_mixed_is_refused(quick_outputs, tmp_path):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / "vae_amortized" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    path.write_text(json.dumps({**metrics, "args": {**metrics["args"], "quick": False}}))
+    before = {p.name: p.read_bytes() for p in (copy / "report").iterdir()}
+    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "mixes --quick and full runs (vae_amortized is a full)" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (copy / "report").iterdir()} == before
+
+
 def test_a_quick_runs_report_is_packed_despite_its_placeholders_with_a_note(quick_outputs,
                                                                             tmp_path):
     copy = tmp_path / "outputs"
