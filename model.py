@@ -115,11 +115,16 @@ def save_snapshot(path, module, epoch: int, latent_dim: int, kind: str, **extra)
                            "latent_dim": latent_dim, "kind": kind, **extra}, path)
 
 
-def read_snapshot(path, kind: str, map_location="cpu") -> dict:
+# A script reading back the snapshots its own run wrote: only training again makes them.
+OWN_SNAPSHOT = "this run wrote it earlier: run the same command with --fresh to train again"
+
+
+def read_snapshot(path, kind: str, map_location="cpu", advice: str | None = None) -> dict:
     """A snapshot written by `save_snapshot`, checked field by field like a flag: its kind, an
     epoch and a latent size in the ranges the scripts accept, and (where present) the training
-    subset's size and the latent tables' shapes."""
-    advice = f"pass a file written by {kind}.py, or run {kind}.py again"
+    subset's size and the latent tables' shapes. `advice` ends a one-line error (default: for
+    a file the user named)."""
+    advice = advice or f"pass a file written by {kind}.py, or run {kind}.py again"
     ckpt = utils.load_checkpoint(path, map_location, advice=advice)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise utils.CheckpointError(f"{path} is not a {kind} checkpoint; {advice}")
@@ -133,15 +138,15 @@ def read_snapshot(path, kind: str, map_location="cpu") -> dict:
     return ckpt
 
 
-def load_snapshot(path, module, kind: str, map_location="cpu") -> dict:
+def load_snapshot(path, module, kind: str, map_location="cpu", advice: str | None = None) -> dict:
     """Load a snapshot into an existing module, with one-line errors for a file of another kind
     or another latent size."""
-    ckpt = read_snapshot(path, kind, map_location)
+    ckpt = read_snapshot(path, kind, map_location, advice)
     if ckpt["latent_dim"] != module.latent_dim:
         raise utils.CheckpointError(f"{path} has latent size {ckpt['latent_dim']}, this model "
                                     f"{module.latent_dim}; pass the matching --latent-dim")
     utils.load_state_dict_checked(module, ckpt["model"], path,
-                                  advice=f"pass a file written by {kind}.py")
+                                  advice=advice or f"pass a file written by {kind}.py")
     return ckpt
 
 

@@ -693,7 +693,8 @@ def input_file(named: Path | None, default: Path, required: bool = False) -> Pat
     if not path.is_file():
         raise UsageError(f"{path} not found" + (f" (the folder {named} holds no {default.name})"
                                                 if named.is_dir() else "")
-                         + "; name an existing file, or leave the option out for the default")
+                         + f"; run the script that writes it first, or name an existing file "
+                           f"(left out, the option means {display_path(default)})")
     return path
 
 
@@ -758,9 +759,11 @@ class Run:
     def refuse_to_overwrite(self, out: Path) -> None:
         """--out must not hold another script's results (they would be overwritten), nor a
         folder where this run writes its metrics or checkpoint."""
-        for name in ("metrics.json", "checkpoint_last.pt"):
-            if (out / name).exists() and not (out / name).is_file():
-                raise UsageError(f"{out / name} is not a file, but this run writes one there; "
+        named_like_files = [p for p in (out.iterdir() if out.is_dir() else [])
+                            if p.suffix in (".json", ".pt", ".png") and not p.is_file()]
+        for path in [*named_like_files, *(out / n for n in ("metrics.json", "checkpoint_last.pt"))]:
+            if path.exists() and not path.is_file():
+                raise UsageError(f"{path} is not a file, but this run writes one there; "
                                  f"remove it or choose another --out")
         owner = None
         if (out / "metrics.json").is_file():
@@ -836,7 +839,11 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:                                  # another user's process
         return True
-    return True
+    try:        # Linux: a killed process whose parent died too lingers as a zombie ('Z')
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def run_main(main, argv=None, product: str = "its metrics.json") -> None:
@@ -845,6 +852,9 @@ def run_main(main, argv=None, product: str = "its metrics.json") -> None:
     platform has it). Writes are atomic, so what was saved before stays whole; `product` is
     what the script writes last (an interruption before it says so)."""
     name = Path(sys.argv[0]).name
+    for stream in (sys.stdout, sys.stderr):   # a path the console cannot encode: escaped, not fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_terminated)
     run = Run(product, script=name)

@@ -145,7 +145,8 @@ def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, devic
     quality = {}
     snapshot = vae_model.VAE(latent_dim).to(device).eval()
     for epoch in snapshots:
-        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device)
+        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device,
+                                vae_model.OWN_SNAPSHOT)
         rows["val"].append(snapshot.reconstruct(show["val"]))
         rows["train"].append(snapshot.reconstruct(show["train"]))
         with torch.no_grad():
@@ -201,7 +202,8 @@ def reconstructions_read(classifier, out, snapshots, vae, data, show_val_x, devi
     read = {"shown_val_labels": labels.tolist(), "shown_val": {}}
     snapshot = vae_model.VAE(vae.latent_dim).to(device).eval()
     for epoch in snapshots:
-        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device)
+        vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device,
+                                vae_model.OWN_SNAPSHOT)
         read["shown_val"][str(epoch)] = reconstructions_read_by_classifier(
             classifier, snapshot, show_val_x, labels)["predicted"]
     for split, x, y in (("train", data["train_x"], data["train_y"]),

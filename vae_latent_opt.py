@@ -112,7 +112,7 @@ def snapshot_reconstructions(out, snapshots, decoder, data, fit, device):
     rows_train, rows_val, val_fit = [data["train_x"][show_train]], [show_val_x], {}
     for epoch in snapshots:
         ckpt = vae_model.load_snapshot(out / f"decoder_epoch{epoch}.pt", decoder,
-                                       "vae_latent_opt", device)
+                                       "vae_latent_opt", device, vae_model.OWN_SNAPSHOT)
         if "mu" not in ckpt:
             raise utils.CheckpointError(f"{out / f'decoder_epoch{epoch}.pt'} holds no latent "
                                         f"table; run with --fresh")

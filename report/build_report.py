@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # utils imports torch only on first use, and this builder never uses it
-from utils import (BUILT_FROM, OneLineParser, UsageError, display_path, experiment_command,  # noqa: E402
-                   path_in, run_main, sha256, write_atomic)
+from utils import (BUILT_FROM, EXPERIMENTS, OneLineParser, UsageError, display_path,  # noqa: E402
+                   experiment_command, path_in, run_main, sha256, write_atomic)
 
 TEMPLATES = ROOT / "report"
 REPORTS = {  # template -> (PDF, the experiments whose metrics.json it reads)
@@ -868,6 +868,18 @@ def typst_error_line(err: Exception, template: Path, edited: bool = True) -> str
     return f"Typst could not typeset {template}: {message}"
 
 
+def missing_figure(template: Path, outputs: Path, quick: bool) -> None:
+    """One line naming a figure the template shows that is not there (a deleted PNG), and the
+    command that draws it again, before Typst would stop on it."""
+    for figure in re.findall(r'image\("\.\./([^"]+)"\)', template.read_text(encoding="utf-8")):
+        path = outputs / figure
+        if not path.is_file():
+            folder = Path(figure).parts[0]
+            again = (f"run {experiment_command(folder, display_path(outputs), quick)} again"
+                     if folder in EXPERIMENTS else "restore it")
+            raise UsageError(f"{path} is missing: {again}")
+
+
 def typeset(template: Path, root: Path, edited: bool) -> tuple:
     """Compile with Typst (the project root is the outputs folder, so the template reaches every
     figure). Returns (the PDF's bytes, its number of pages); writes nothing."""
@@ -913,6 +925,7 @@ def main(argv=None) -> dict:
         write_bytes(out / f"{name}_values.json",
                      (json.dumps(values[name], indent=1, ensure_ascii=False) + "\n").encode())
         template, kept = install_template(name, out)
+        missing_figure(template, outputs, quick)
         if kept:
             print(f"note: kept your edited {template} (move it aside to get the repository's "
                   f"template)")

@@ -214,7 +214,8 @@ def test_a_scripts_own_metrics_name_it_and_a_rerun_into_its_folder_is_allowed(qu
         assert json.loads((quick_outputs / folder / "metrics.json").read_text())["script"] == script
 
 
-@pytest.mark.parametrize("blocked", ["metrics.json", "checkpoint_last.pt"])
+@pytest.mark.parametrize("blocked", ["metrics.json", "checkpoint_last.pt", "classifier.pt",
+                                     "val_curves.png"])
 def test_a_folder_where_a_run_writes_a_file_is_refused_before_training(tmp_path, capsys, blocked):
     (tmp_path / "out" / blocked).mkdir(parents=True)
     code, err = run_inprocess(S, ["--quick", "--out", tmp_path / "out", "--device", "cpu"], capsys)
@@ -228,6 +229,16 @@ def test_a_path_too_long_for_the_file_system_is_one_line(tmp_path, capsys, flag)
     args += [flag, tmp_path / ("x" * 300)]
     code, err = run_inprocess(A, args, capsys)
     assert code == 2 and "name too long" in err and err.count("\n") == 1, err
+
+
+def test_a_path_the_console_cannot_encode_is_printed_escaped_not_fatal(tmp_path):
+    """Windows with redirected output (a cp1252 or ASCII console) and a non-Latin folder name:
+    the run's last line must not be a UnicodeEncodeError after all its work."""
+    out = tmp_path / "李"
+    proc = run_script(S, "--quick", "--epochs", "1", "--device", "cpu", "--out", out,
+                      env_extra={"PYTHONIOENCODING": "ascii"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "metrics.json").is_file() and "\\u674e" in proc.stdout
 
 
 def test_a_bad_matplotlib_backend_in_the_environment_does_not_matter(tmp_path):

@@ -130,3 +130,26 @@ def test_an_interrupted_make_keeps_the_metrics_and_pdfs_it_wrote():
     for folder in utils.EXPERIMENTS:
         assert f"o/{folder}/metrics.json" in precious.split()
     assert {"o/report/ex1_report.pdf", "o/report/apml_lab_report.pdf"} <= set(precious.split())
+
+
+def test_a_lost_network_reruns_its_script_and_what_reads_it(tmp_path):
+    """classifier.pt and vae_final.pt are targets too (grouped with their metrics.json): one
+    that is deleted makes its script run again (resuming), and the experiments that read it."""
+    out = tmp_path / "o"
+    files = ["sup_classification/metrics.json", "sup_classification/classifier.pt",
+             "vae_amortized/metrics.json", "vae_amortized/vae_final.pt",
+             "log_likelihood/metrics.json"]
+    for name in files:                        # newer than every script: all up to date
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+
+    def runs(target):
+        proc = make_dry(f"OUT={out}", str(out / target))
+        assert proc.returncode == 0, proc.stderr
+        return [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("time ")]
+
+    assert runs("log_likelihood/metrics.json") == []
+    (out / "vae_amortized" / "vae_final.pt").unlink()
+    assert runs("log_likelihood/metrics.json") == ["vae_amortized.py", "log_likelihood.py"]
+    (out / "sup_classification" / "classifier.pt").unlink()
+    assert runs("vae_amortized/metrics.json") == ["sup_classification.py", "vae_amortized.py"]

@@ -512,6 +512,18 @@ def test_the_zip_packs_only_a_pdf_typeset_from_what_is_there_now(quick_outputs, 
     assert not list(outputs.glob("*.zip"))
 
 
+def test_a_deleted_figure_is_one_line_naming_the_script_that_draws_it(quick_outputs, tmp_path):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    (copy / "vae_amortized" / "loss_curves.png").unlink()
+    before = {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")}
+    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "loss_curves.png is missing: run python vae_amortized.py" in proc.stderr
+    assert "--quick" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")} == before
+
+
 def test_a_report_from_quick_and_full_runs_mixed_is_refused(quick_outputs, tmp_path):
     copy = tmp_path / "outputs"
     shutil.copytree(quick_outputs, copy)

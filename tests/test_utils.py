@@ -16,6 +16,7 @@ import pickle
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -543,3 +544,19 @@ def test_an_atomic_write_gets_the_mode_a_plain_open_would(tmp_path):
     with open(tmp_path / "b.txt", "w") as f:
         f.write("x")
     assert (tmp_path / "a.txt").stat().st_mode == (tmp_path / "b.txt").stat().st_mode
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux /proc")
+def test_a_lock_held_by_a_zombie_process_is_stale(tmp_path):
+    """A run killed with its parent (a group SIGKILL in a container) lingers as a zombie until
+    reaped: os.kill(pid, 0) still finds it, but it writes nothing, so its lock is stale."""
+    child = subprocess.Popen(["sleep", "0"])
+    try:
+        for _ in range(100):                  # until it has exited (a zombie: not yet reaped)
+            if Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        (tmp_path / ".lock").write_text(f"{child.pid}\n")
+        assert utils.acquire_lock(tmp_path / ".lock") is None      # taken over
+    finally:
+        child.wait()

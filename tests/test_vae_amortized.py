@@ -5,6 +5,7 @@ and the script end to end in --quick mode."""
 # tests in tests/, which compare it with independent references. If you hand it in, keep
 # this note true: say which parts you wrote, changed or had written for you.
 import math
+import shutil
 
 import pytest
 
@@ -129,3 +130,16 @@ def test_two_shares_tie_within_two_standard_errors_of_their_difference(gap, tie)
     """SEs 0.01 each: the difference's SE is sqrt(2) * 0.01, two of them 0.02828."""
     a, b = {"accuracy": 0.70, "accuracy_se": 0.01}, {"accuracy": 0.70 + gap, "accuracy_se": 0.01}
     assert vae_amortized.shares_tie(a, b) is tie
+
+
+def test_a_lost_snapshot_of_a_finished_run_advises_fresh_not_a_loop(tmp_path, quick_outputs):
+    """Running the same command again cannot bring back a deleted vae_epoch1.pt: the one line
+    must say --fresh."""
+    out = tmp_path / "vae"
+    shutil.copytree(quick_outputs / "vae_amortized", out)
+    (out / "vae_epoch1.pt").unlink()
+    proc = run_script("vae_amortized.py", "--quick", "--device", "cpu", "--out", out,
+                      "--classifier", quick_outputs / "sup_classification" / "classifier.pt",
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "vae_epoch1.pt not found" in proc.stderr and "--fresh" in proc.stderr
