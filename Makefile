@@ -61,7 +61,8 @@ $(STAMP): requirements.txt requirements-data.txt
 # does the network that a later experiment reads (a grouped target: the script writes both, and
 # if either is missing it runs again, resuming from its last checkpoint). Each experiment reads
 # what its imports read, its script (first, as $<), model.py and utils.py, and the networks its
-# flags name: an edited network or data split, or a lost classifier.pt, reruns what uses it.
+# flags name: an edited network or data split, or a lost classifier.pt, reruns what uses it
+# (a finished training then resumes its last checkpoint: make -B all FLAGS=--fresh trains again).
 SHARED := model.py utils.py
 $(OUT)/sup_classification/metrics.json $(CLASSIFIER) &: sup_classification.py $(SHARED) | $(VENV_DEP)
 	$(RUN)
