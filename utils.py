@@ -1004,8 +1004,8 @@ def same_kind(value, reference) -> bool:
 
 
 # A scheduler's state that moves as it steps; the rest is set by the run's settings.
-SCHEDULER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
-                      "_is_initial"}
+SCHEDULER_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr",
+                                "_get_lr_called_within_step", "_is_initial"})
 
 
 def state_unfit(obj, state) -> str | None:
