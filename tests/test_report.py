@@ -174,7 +174,7 @@ def test_q3s_prior_answer_follows_the_measured_prior_gap(quick_outputs, tmp_path
 
 
 @pytest.mark.parametrize("decides, near, opening", [
-    (True, True, "Yes, with training's help. The initialization starts the latents at the"),
+    (True, True, "Yes, with training's help. The initialization starts the latents within"),
     (False, True, "Not by itself: the KL term of Eq. 6 brings the latents close"),
     (False, False, "No, not by itself: the initialization only sets")])
 def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_path, decides,
@@ -208,7 +208,7 @@ def test_q1_names_the_digits_figure_3_loses_at_the_last_epoch(quick_outputs, tmp
     path.write_text(json.dumps(a))
     run_script("report/build_report.py", "--outputs", copy)
     text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
-    assert ("it reads 6 right at the last epoch (3, 4, 5 and 6 come back as 0, 9, 9 and 8), "
+    assert ("it reads 6 right at the last epoch (3, 4, 5 and 6 read as 0, 9, 9 and 8), "
             "where the share over all validation images predicts 7.2") in text
 
 
