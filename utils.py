@@ -201,7 +201,8 @@ def write_mnist_idx_from_pickle(pickle_path: Path, raw_dir: Path) -> None:
         if err.errno in DISK_ERRORS - {errno.EROFS}:
             raise
         raise UsageError(f"cannot write the MNIST files to {raw_dir} ({err.strerror or err}); make "
-                         f"it writable, or put the four raw IDX files there yourself")
+                         f"it a writable folder (remove a file or folder in the way of it or of "
+                         f"an IDX file's name), or put the four raw IDX files there yourself")
 
 
 def read_idx(path: Path, key: str) -> torch.Tensor:

@@ -319,6 +319,17 @@ def test_unwritable_data_folder_is_one_line(tmp_path, monkeypatch, capsys):
     assert code == 2 and "cannot write the MNIST files" in err and err.count("\n") == 1, err
 
 
+def test_a_folder_in_the_way_of_an_idx_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """A folder named like an IDX file (the file is then 'missing' and rebuilt onto it)."""
+    utils.load_mnist()
+    raw = idx_copy(tmp_path)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte").mkdir()
+    monkeypatch.setattr(utils, "DATA_DIR", tmp_path / "data")
+    code, err = run_inprocess(S, ["--quick", "--out", tmp_path / "o", "--device", "cpu"], capsys)
+    assert code == 2 and "remove a file or folder in the way" in err and err.count("\n") == 1, err
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     """torch.save failing on the second checkpoint as it does on a full disk."""
     real_save, calls = torch.save, []
