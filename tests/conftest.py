@@ -19,7 +19,11 @@ collect_ignore_glob = ["benchmark_*.py"]
 
 def run_script(script, *args, env_extra=None, check=True):
     """Run one of the repository's scripts as a user would, from the repository root."""
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONHASHSEED="0")
+    # One thread: two runs of a script (a whole one, and one killed and resumed) must give the
+    # same metrics bit for bit. With several threads a kernel's parallel reductions may round
+    # differently from one process to the next (seen once in CI: a 1e-4 relative difference
+    # after 3 epochs, in the first epoch already), which is no fault of the resuming.
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     env.update(env_extra or {})
     proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
