@@ -290,6 +290,10 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
     return result
 
 
+# Latents taken together count as close to N(0, I) below this moment-matched KL per dimension
+# (the KL of a unit Gaussian shifted by 0.32 of its standard deviation).
+CLOSE_KL = 0.05
+
 # Q3 (b)'s control: the same training with the latents' means started WIDE_START times wider than
 # the prior (mu_i ~ N(0, WIDE_START^2 I)). Each q_i is updated once per epoch, so where the
 # latents end tells the initialization's part in the prior from the KL term's.
@@ -411,7 +415,7 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
     has_grey = bool(grey) and "amortized" in grey
     verdicts = {"prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
-                else aggregate_kl < 0.05 * latent_dim,
+                else aggregate_kl < CLOSE_KL * latent_dim,
                 "codes_overlap": None if aggregate is None
                 else aggregate["mu_variance_mean"] < aggregate["sigma2_mean"],
                 "samples_greyer": grey["latent_opt"] > grey["amortized"] if has_grey else None,
@@ -426,8 +430,8 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
         verdicts["decoder_greyer"] = not not_greyer(versus["aggregate"],
                                                     versus_amortized["aggregate"])
     if control is not None and aggregate_kl is not None:
-        near = aggregate_kl < 0.05 * latent_dim
-        verdicts["start_decides"] = near and control["aggregate_posterior_kl"] >= 0.05 * latent_dim
+        verdicts["start_decides"] = (verdicts["aggregate_near_prior"] and
+                                     control["aggregate_posterior_kl"] >= CLOSE_KL * latent_dim)
         if versus:
             gaps = prior_gaps(control["prior_vs_aggregate"], versus)   # the control minus Q3's
             verdicts["control_prior_greyer"] = gaps["difference"] > 2 * gaps["difference_se"]

@@ -61,16 +61,28 @@ def refuse_constant(name: str):
     raise ValueError(f"it holds {name}")      # NaN or infinity: a script never writes them
 
 
-def quick_outputs(outputs: Path) -> bool:
+def metrics_bytes(outputs: Path) -> dict:
+    """Every experiment's metrics.json as bytes (the OSError where one cannot be read), read
+    once: the --quick check, the report and the record of what the PDFs were typeset from
+    (BUILT_FROM) all use these same bytes."""
+    raw = {}
+    for script in dict.fromkeys(s for _, scripts in REPORTS.values() for s in scripts):
+        try:
+            raw[script] = (outputs / script / "metrics.json").read_bytes()
+        except OSError as err:
+            raw[script] = err
+    return raw
+
+
+def quick_outputs(outputs: Path, raw: dict) -> bool:
     """Whether `outputs` holds --quick runs (as its readable metrics.json files say), so that
     the advice to run a script again includes --quick. A folder that mixes --quick and full
     runs is refused: its report would answer from both."""
     quick = {}
-    for script in {s for _, scripts in REPORTS.values() for s in scripts}:
+    for script, data in raw.items():
         try:
-            metrics = json.loads((outputs / script / "metrics.json").read_text(encoding="utf-8"))
-            quick[script] = metrics["args"]["quick"] is True
-        except (OSError, ValueError, RecursionError, KeyError, TypeError):
+            quick[script] = json.loads(data.decode("utf-8"))["args"]["quick"] is True
+        except (AttributeError, ValueError, RecursionError, KeyError, TypeError):
             continue
     if len(set(quick.values())) > 1:
         odd = sorted(s for s, q in quick.items() if q != (sum(quick.values()) > len(quick) / 2))
@@ -82,11 +94,14 @@ def quick_outputs(outputs: Path) -> bool:
     return any(quick.values())
 
 
-def read_metrics(outputs: Path, script: str, reads: dict, quick: bool = False) -> dict:
+def read_metrics(outputs: Path, script: str, data, reads: dict, quick: bool = False) -> dict:
+    """A script's metrics.json from its bytes (`metrics_bytes`; an OSError is raised here)."""
     path = outputs / script / "metrics.json"
     writer = experiment_command(script, display_path(outputs), quick)
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_constant,
+        if isinstance(data, OSError):
+            raise data
+        metrics = json.loads(data.decode("utf-8"), parse_constant=refuse_constant,
                              object_hook=lambda d: Metrics(d, path, writer, reads))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing: run {writer} first (or make all)")
@@ -905,10 +920,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     outputs = args.outputs.resolve()
     # Read and check everything first: a missing or broken input changes nothing on disk.
-    reads = {}
-    quick = quick_outputs(outputs)
-    metrics = {s: read_metrics(outputs, s, reads, quick)
-               for _, scripts in REPORTS.values() for s in scripts}
+    reads, raw = {}, metrics_bytes(outputs)
+    quick = quick_outputs(outputs, raw)
+    metrics = {s: read_metrics(outputs, s, raw[s], reads, quick) for s in raw}
     try:
         values = {"ex1": ex1_values(metrics), "apml_lab": apml_values(metrics)}
     except (TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as err:
@@ -934,8 +948,7 @@ def main(argv=None) -> dict:
     built_from = {}
     for name, (pdf, scripts) in REPORTS.items():     # what each PDF was typeset from, by content
         built_from[name] = {"template": sha256((out / f"{name}.typ").read_bytes()),
-                            "metrics": {s: sha256((outputs / s / "metrics.json").read_bytes())
-                                        for s in scripts}}
+                            "metrics": {s: sha256(raw[s]) for s in scripts}}
     for name, (pdf, _) in REPORTS.items():
         write_bytes(out / pdf, pdfs[name])
         print(f"wrote {out / pdf} ({pages[name]} pages)")
