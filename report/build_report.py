@@ -127,13 +127,17 @@ def num(x, digits: int = 2, sign: bool = False) -> str:
 
 
 def se_decimals(se: float) -> int:
-    """Decimals that show a standard error to two significant figures (16.1 -> 0, 0.93 -> 2):
-    a mean beside it gets the same, no false precision."""
-    return max(0, 1 - math.floor(math.log10(se))) if se > 0 and math.isfinite(se) else 1
+    """Decimals that show a standard error to one significant figure, or to two where the first
+    is a 1 (0.93 -> 0.9, 0.18 -> 0.18, 14.9 -> 15), so that rounding moves it by at most a
+    third; a mean beside it gets the same decimals, no false precision."""
+    if not (se > 0 and math.isfinite(se)):
+        return 1
+    exponent = math.floor(math.log10(se))
+    return max(0, -exponent + (se / 10**exponent < 2))
 
 
 def with_se(mean: float, se: float, sign: bool = False) -> tuple:
-    """A mean and its standard error, both to the standard error's two significant figures."""
+    """A mean and its standard error, both to the decimals the standard error supports."""
     decimals = se_decimals(se)
     return num(mean, decimals, sign=sign), num(se, decimals)
 
@@ -148,7 +152,7 @@ def sig(x, figures: int = 2) -> str:
 
 def small(x: float) -> str:
     """A small difference to two significant figures (0.0021, -0.013), signed."""
-    return num(x, se_decimals(abs(x)), sign=True)
+    return num(x, max(0, 1 - math.floor(math.log10(abs(x)))) if x else 1, sign=True)
 
 
 def pct(x, digits: int = 2) -> str:
@@ -588,17 +592,18 @@ def ordinal(n: int) -> str:
 
 
 def ties_with(ties: list, last: str) -> str:
-    """'3 ties with 8' or '3 and 5 tie with 8'."""
-    return f"{digit_list(ties)} {'ties' if len(ties) == 1 else 'tie'} with {last}"
+    """'3 is within two standard errors of 8' or '3 and 5 are within ...'."""
+    return (f"{digit_list(ties)} {'is' if len(ties) == 1 else 'are'} within two standard errors "
+            f"of {last}")
 
 
 def tie_note(ties: list, end: list, parens: bool = True) -> str:
-    """' (3 ties with 8 within two standard errors)' for the digits just outside a ranking's
-    end that it cannot tell from the end's last digit ('; 3 ties ...' without parentheses);
-    '' when there are none."""
+    """' (3 is within two standard errors of 8)' for the digits just outside a ranking's end
+    that it cannot tell from the end's last digit ('; 3 is ...' without parentheses); '' when
+    there are none."""
     if not ties:
         return ""
-    note = f"{ties_with(ties, end[-1])} within two standard errors"
+    note = ties_with(ties, end[-1])
     return f" ({note})" if parens else f"; {note}"
 
 
@@ -650,7 +655,7 @@ def lab_tables(p: dict) -> dict:
     pca, pg, pc, vae = p["pca"], p["ppca_gradient"], p["ppca_closed_form"], p["vae"]
     errors = [("PCA", pca), ("PPCA, gradient fit", pg), ("PPCA, closed form", pc),
               ("VAE, 2-D latent", vae)]
-    kept_rows = [("test images", p["original_images"]), ("the same, blurred", p["blurred_test_images"]),
+    kept_rows = [("test images", p["original_images"]), ("test images, blurred", p["blurred_test_images"]),
                  ("PCA", pca), ("PPCA, gradient fit", pg), ("VAE, 2-D latent", vae)]
     return {
         "error_table": [{"method": name, "total": num(r["test_sq_error"]),
@@ -752,8 +757,8 @@ def lab_code_values(p: dict) -> dict:
 
     def span(k):
         lo, hi, sd = enc[k]["range_min"], enc[k]["range_max"], enc[k]["std"]
-        return {"x": f"[{num(lo[0])}, {num(hi[0])}]", "y": f"[{num(lo[1])}, {num(hi[1])}]",
-                "sd": f"{num(sd[0])} and {num(sd[1])}"}
+        return {"x": f"[{num(lo[0], 1)}, {num(hi[0], 1)}]",
+                "y": f"[{num(lo[1], 1)}, {num(hi[1], 1)}]", "sd": f"{num(sd[0], 1)} and {num(sd[1], 1)}"}
 
     def pair(q):                    # '4–9'
         return "–".join(map(str, q["digits"]))
@@ -785,7 +790,7 @@ def lab_code_values(p: dict) -> dict:
         "lost_to_nearest": count_word(ans["pca_lost_to_nearest"]),
         "lost_to_nearest_p": num(ans["pca_lost_to_nearest_p"]),
         "lost_follow_codes": ans["pca_lost_follow_codes"],
-        "separation": {k: num(enc[k]["separation"]) for k in ("pca", "ppca", "vae")},
+        "separation": {k: num(enc[k]["separation"], 1) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": ans["vae_separates_better"],
         "vae_closest_pair_closer": ans["vae_closest_pair_closer"],
         "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
@@ -813,9 +818,10 @@ def lab_vae_values(p: dict) -> dict:
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
         # the VAE's lower bound minus PPCA's exact log-likelihood: the least it is ahead by
-        "density_gap": num(vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"], 1),
-        "vae_epoch_rise_last": num(elbo_curve[-1] - elbo_curve[-2], 1) if len(elbo_curve) > 1 else "",
-        "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 1) if len(elbo_curve) > 1 else "",
+        # rounded down, as "at least" needs
+        "density_gap": num(math.floor(10 * (vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"])) / 10, 1),
+        "vae_epoch_rise_last": sig(elbo_curve[-1] - elbo_curve[-2], 2) if len(elbo_curve) > 1 else "",
+        "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 0) if len(elbo_curve) > 1 else "",
         "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],
         "improved": ans["vae_improved_digits"],
         "largest_gains": digit_list(ans["vae_largest_gains"]),
@@ -824,9 +830,8 @@ def lab_vae_values(p: dict) -> dict:
         "smallest_gain_values": gain_list(ans["vae_smallest_gains"]),
         "gain_ties": tie_note(ans["vae_gain_ties"]["best"], ans["vae_smallest_gains"], parens=False),
         "gain_ties_largest": "" if not ans["vae_gain_ties"]["worst"] else
-            f" Digit{'s' if len(ans['vae_gain_ties']['worst']) > 1 else ''} "
-            f"{ties_with(ans['vae_gain_ties']['worst'], ans['vae_largest_gains'][-1])} "
-            f"among the largest gains, within two standard errors.",
+            f" Among the largest gains, digit{'s' if len(ans['vae_gain_ties']['worst']) > 1 else ''} "
+            f"{ties_with(ans['vae_gain_ties']['worst'], ans['vae_largest_gains'][-1])}.",
         "vae_shown_lost": digit_list(shown_lost) if shown_lost else "",
         "vae_shown_lost_n": len(shown_lost),
         # Q4.10: the prior samples' blur, by their mid-grey pixels

@@ -72,14 +72,23 @@ def test_every_question_has_its_heading(reports):
 
 
 def to_its_se(mean: float, se: float) -> str:
-    """'mean ± se' with the standard error's two significant figures and the mean to match."""
-    decimals = max(0, 1 - math.floor(math.log10(se)))
+    """'mean ± se' with the standard error to one significant figure (two when the first is a
+    1), and the mean to match: the usual rule, written out independently."""
+    first = f"{se:e}"                                   # '9.300000e-01'
+    figures = 2 if first[0] == "1" else 1
+    decimals = max(0, figures - 1 - int(first.split("e")[1]))
     return f"{mean:,.{decimals}f} ± {se:.{decimals}f}"
 
 
 @pytest.mark.parametrize("mean, se, expected", [(-296.02, 14.9, "-296 ± 15"),
-                                                (-3.456, 0.93, "-3.46 ± 0.93"),
-                                                (12.34, 1.5, "12.3 ± 1.5")])
+                                                (-3.456, 0.93, "-3.5 ± 0.9"),
+                                                (12.34, 1.5, "12.3 ± 1.5"),
+                                                (0.131312, 0.00078, "0.1313 ± 0.0008"),
+                                                (30.291, 0.18, "30.29 ± 0.18"),
+                                                (0.35704, 0.0086, "0.357 ± 0.009"),
+                                                (-185.7, 2.04, "-186 ± 2"),
+                                                (7.0, 25.0, "7 ± 25"),
+                                                (1.23456, 0.0199, "1.235 ± 0.020")])
 def test_a_mean_shows_the_digits_its_standard_error_supports(mean, se, expected):
     assert to_its_se(mean, se) == expected
     decimals = build_report.se_decimals(se)
@@ -194,7 +203,7 @@ def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_p
         assert f"{wide['aggregate_posterior_kl']:,.0f} nats from" in text
         gap = 100 * (wide["prior_vs_aggregate"]["prior"]["share"]
                      - wide["prior_vs_aggregate"]["aggregate"]["share"])
-        assert f"and {gap:+.1f} for the control started wider" in text
+        assert f"against {gap:+.1f} for the control started wider" in text
 
 
 def test_q1_names_the_digits_figure_3_loses_at_the_last_epoch(quick_outputs, tmp_path):
@@ -208,8 +217,8 @@ def test_q1_names_the_digits_figure_3_loses_at_the_last_epoch(quick_outputs, tmp
     path.write_text(json.dumps(a))
     run_script("report/build_report.py", "--outputs", copy)
     text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
-    assert ("it reads 6 right at the last epoch (3, 4, 5 and 6 read as 0, 9, 9 and 8), "
-            "where the share over all validation images predicts 7.2") in text
+    assert ("it reads 6 right at the last epoch (3, 4, 5 and 6 read as 0, 9, 9 and 8). At the "
+            "rate over all validation images about 7.2 of ten would be right") in text
 
 
 def test_report_reads_only(quick_outputs):
