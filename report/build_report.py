@@ -328,6 +328,12 @@ def aggregate_values(agg: dict) -> dict:
 
 
 def q3_values(latent_opt: dict, amortized: dict) -> dict:
+    return {**q3_proposal_values(latent_opt, amortized), **q3_prior_values(latent_opt, amortized)}
+
+
+def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
+    """Q3 (a), which method proposed better q: the setup, the same-budget fits, Figure 5's
+    validation fits and the image-by-image differences."""
     lo, same, verdicts = latent_opt, latent_opt["same_budget"], latent_opt["verdicts"]
     values = {
         "lr": f"{lo['args']['lr']:g}", "latent_lr": f"{lo['args']['latent_lr']:g}",
@@ -342,33 +348,13 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
         "lo_fit_lowers": same["latent_opt"]["fitted_train"] < same["latent_opt"]["proposed_train"],
         "lo_fitted_val": num(same["latent_opt"]["fitted_val"], 4),
         "better_q": verdicts["better_q"], "better_decoder": verdicts["better_decoder"],
-        "encoder_nearer_best": verdicts.get("encoder_nearer_best"),
-        "blur_mostly_decoder": verdicts.get("blur_mostly_decoder"),
-        "prior": verdicts["prior"],
-        "agg_kl_lo": num(lo["aggregate_posterior_kl"], 1),
-        "agg_kl_lo_dim": num(lo["aggregate_posterior_kl"] / lo["latent_dim"], 3),
-        # the same KL as a unit Gaussian's shift: KL(N(m, 1) || N(0, 1)) = m^2 / 2
-        "agg_kl_shift": num(math.sqrt(2 * lo["aggregate_posterior_kl"] / lo["latent_dim"])),
-        "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
-        "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
-        "agg_kl_small": verdicts["aggregate_near_prior"],
-        "codes_overlap": verdicts.get("codes_overlap"),
-        "mu_norm": num(lo["latent_mu_mean_norm"], 1),
-        "prior_norm": num(lo["expected_prior_norm"], 1),
-        "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
-        "sigma2_mean": num(lo["latent_sigma2_mean"])}
+        "encoder_nearer_best": verdicts.get("encoder_nearer_best")}
     if lo.get("val_fit_recon_mse"):     # Figure 5's ten validation images, epoch by epoch
         epochs = sorted(lo["val_fit_recon_mse"], key=int)
         values["val_fit_epochs"] = digit_list(epochs)
         values["val_fit"] = digit_list([num(lo["val_fit_recon_mse"][e], 3) for e in epochs])
         shown = lo.get("amortized_val10_recon_mse")
         values["am_val10"] = None if shown is None else num(shown, 3)
-    for key, method in (("lo", lo), ("am", amortized)):
-        if method.get("aggregate_posterior"):
-            values[f"{key}_agg"] = aggregate_values(method["aggregate_posterior"])
-    if "lo_agg" in values and "am_agg" in values:
-        values["kl_dim_ratio"] = num(values["am_agg"]["kl_dim_x"]
-                                     / max(values["lo_agg"]["kl_dim_x"], 1e-12), 0)
     if "paired" in same:            # latent optimization minus amortized, image by image
         values["paired"] = {k: dict(zip(("mean", "se"), with_se(v["mean"], v["se"], sign=True)))
                             for k, v in same["paired"].items()}
@@ -385,6 +371,34 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
                        # does the latent fit raise either method's training MSE (it lowers MSE + KL)?
                        "fit_raised_mse": any(same[k]["fitted_train"] > same[k]["proposed_train"]
                                              for k in ("amortized", "latent_opt"))})
+    return values
+
+
+def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
+    """Q3 (b), whether the initialization established a good prior: where the training latents
+    lie, prior draws against draws from them, the control started wider, and the samples."""
+    lo, verdicts = latent_opt, latent_opt["verdicts"]
+    values = {
+        "blur_mostly_decoder": verdicts.get("blur_mostly_decoder"),
+        "prior": verdicts["prior"],
+        "agg_kl_lo": num(lo["aggregate_posterior_kl"], 1),
+        "agg_kl_lo_dim": num(lo["aggregate_posterior_kl"] / lo["latent_dim"], 3),
+        # the same KL as a unit Gaussian's shift: KL(N(m, 1) || N(0, 1)) = m^2 / 2
+        "agg_kl_shift": num(math.sqrt(2 * lo["aggregate_posterior_kl"] / lo["latent_dim"])),
+        "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
+        "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
+        "agg_kl_small": verdicts["aggregate_near_prior"],
+        "codes_overlap": verdicts.get("codes_overlap"),
+        "mu_norm": num(lo["latent_mu_mean_norm"], 1),
+        "prior_norm": num(lo["expected_prior_norm"], 1),
+        "norm_ratio": num(lo["latent_mu_mean_norm"] / lo["expected_prior_norm"]),
+        "sigma2_mean": num(lo["latent_sigma2_mean"])}
+    for key, method in (("lo", lo), ("am", amortized)):
+        if method.get("aggregate_posterior"):
+            values[f"{key}_agg"] = aggregate_values(method["aggregate_posterior"])
+    if "lo_agg" in values and "am_agg" in values:
+        values["kl_dim_ratio"] = num(values["am_agg"]["kl_dim_x"]
+                                     / max(values["lo_agg"]["kl_dim_x"], 1e-12), 0)
     versus = lo.get("prior_vs_aggregate")
     values["vs_agg_ok"] = versus["prior_not_greyer"] if versus else None
     if versus:                      # mid-grey share per image, in per cent, with its SE
@@ -814,7 +828,7 @@ def lab_vae_values(p: dict) -> dict:
     def gain_list(digits):
         return ", ".join("{} ± {}".format(*with_se(gains[d], gains_se[d])) for d in digits)
     return {
-        "vae_sigma2": sig(vae["sigma2"], 4), "vae_lr": f"{p['args']['lr']:g}",
+        "vae_sigma2": sig(vae["sigma2"], 3), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
         # the VAE's lower bound minus PPCA's exact log-likelihood: the least it is ahead by

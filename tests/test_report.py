@@ -183,7 +183,7 @@ def test_q3s_prior_answer_follows_the_measured_prior_gap(quick_outputs, tmp_path
 
 
 @pytest.mark.parametrize("decides, near, opening", [
-    (True, True, "Yes, with training's help. The initialization starts the latents within"),
+    (True, True, "Partly: the initialization was needed, and training did the rest. It starts the latents within"),
     (False, True, "Not by itself: the KL term of Eq. 6 brings the latents close"),
     (False, False, "No, not by itself: the initialization only sets")])
 def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_path, decides,
