@@ -405,7 +405,8 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
         values["vs_agg_z"] = num((versus["prior"]["share"] - versus["aggregate"]["share"])
                                  / math.hypot(versus["prior"]["se"], versus["aggregate"]["se"]), 0)
         values["vs_agg"] = {k: dict(zip(("share", "se"), with_se(100 * versus[k]["share"],
-                                                                 100 * versus[k]["se"])))
+                                                                 100 * versus[k]["se"])),
+                                    plain=num(100 * versus[k]["share"], 1))   # without its SE
                             for k in ("prior", "aggregate")}
         values["vs_agg_images"] = f"{versus['images']:,}"
         values["vs_agg_bands_same"] = versus["same_verdict_every_band"]
@@ -413,7 +414,8 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
     versus_am = lo.get("amortized_prior_vs_aggregate")
     if versus and versus_am:        # the same test for Q1's decoder, fed its encoder's q
         values["am_vs_agg"] = {k: dict(zip(("share", "se"), with_se(100 * versus_am[k]["share"],
-                                                                    100 * versus_am[k]["se"])))
+                                                                    100 * versus_am[k]["se"])),
+                                       plain=num(100 * versus_am[k]["share"], 1))
                                for k in ("prior", "aggregate")}
         gaps = {k: 100 * v for k, v in lo["prior_gaps"].items()}     # in points of per cent
         values["vs_agg_bands_same"] &= verdicts["prior_gap_same_every_band"]
