@@ -123,6 +123,8 @@ MINUS = "\u2212"
 
 def num(x, digits: int = 2, sign: bool = False) -> str:
     text = f"{x:+,.{digits}f}" if sign else f"{x:,.{digits}f}"
+    if text.lstrip("+-").strip("0.,") == "":        # rounds to zero: no sign ('0.0', not '+0.0')
+        text = text.lstrip("+-")
     return text.replace("-", MINUS)
 
 

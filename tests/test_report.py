@@ -96,6 +96,13 @@ def test_a_mean_shows_the_digits_its_standard_error_supports(mean, se, expected)
         build_report.MINUS, "-") == expected
 
 
+@pytest.mark.parametrize("x, digits, expected", [(0.04, 1, "0.0"), (-0.04, 1, "0.0"),
+                                                 (0.05001, 1, "+0.1"), (-0.3, 0, "0"),
+                                                 (-1.2, 1, "-1.2"), (0.0, 2, "0.00")])
+def test_a_signed_number_that_rounds_to_zero_has_no_sign(x, digits, expected):
+    assert build_report.num(x, digits, sign=True).replace(build_report.MINUS, "-") == expected
+
+
 @pytest.mark.parametrize("x, expected", [(0.00153, "+0.0015"), (-0.0126, "-0.013"),
                                          (0.25, "+0.25")])
 def test_a_small_difference_shows_two_significant_figures(x, expected):
@@ -183,7 +190,7 @@ def test_q3s_prior_answer_follows_the_measured_prior_gap(quick_outputs, tmp_path
 
 
 @pytest.mark.parametrize("decides, near, opening", [
-    (True, True, "Partly: the initialization was needed, and training did the rest. It starts the latents within"),
+    (True, True, "Yes, about as well as for the amortized VAE: prior draws suit this decoder as well as"),
     (False, True, "Not by itself: the KL term of Eq. 6 brings the latents close"),
     (False, False, "No, not by itself: the initialization only sets")])
 def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_path, decides,
