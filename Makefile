@@ -43,8 +43,9 @@ quote = '$(subst ','\'',$(value $(1)))'
 .PRECIOUS: $(METRICS) $(REPORTS) $(CLASSIFIER) $(AMORTIZED) $(AMORTIZED_ELBO)
 all: $(REPORTS)
 
+# The smoke chain, into $(OUT)/quick (outputs/quick), with any FLAGS of yours after --quick.
 quick:
-	$(MAKE) all OUT=outputs/quick FLAGS=--quick
+	$(MAKE) all OUT=$(OUT)/quick FLAGS="--quick $(FLAGS)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -93,12 +94,12 @@ report: | $(VENV_DEP)
 # The name and username are checked when make reads this file: a missing one is one line (exit 2)
 # before anything is built, and no zip is written.
 ifneq ($(filter submission,$(MAKECMDGOALS)),)
-ifeq ($(strip $(NAME)),)
+ifeq ($(strip $(value NAME)),)
 $(error NAME is missing or empty: make submission NAME="Your Name" CSE=username)
 endif
-ifeq ($(strip $(CSE)),)
+ifeq ($(strip $(value CSE)),)
 $(error CSE is missing or empty: make submission NAME="Your Name" CSE=username)
 endif
 endif
 submission: $(OUT)/report/ex1_report.pdf | $(VENV_DEP)
-	$(PY) report/submission.py --outputs $(OUT) --name $(call quote,NAME) --cse $(call quote,CSE)
+	$(PY) report/submission.py --outputs $(OUT) --name=$(call quote,NAME) --cse=$(call quote,CSE)

@@ -491,7 +491,7 @@ def parse_args(argv=None):
     parser.add_quick_argument("--train-images", 60_000, 2_000, "training images (the first ones)",
                               type=utils.int_in(100, 60_000))
     parser.add_quick_argument("--test-images", 10_000, 500, "test images (the first ones)",
-                              type=utils.int_in(10, 10_000))
+                              type=utils.int_in(utils.TEST_IMAGES_EVERY_DIGIT_TWICE, 10_000))
     parser.add_quick_argument("--epochs", 5, 1, "VAE epochs", type=utils.int_in(1, 10_000))
     parser.add_argument("--batch-size", type=utils.int_in(1, 8192), default=128,
                         help="VAE batch")

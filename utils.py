@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -273,6 +274,9 @@ MAX_PER_CLASS = 5421                     # MNIST training has 5,421 fives, its s
 VAE_PER_CLASS = 500                      # 10 x 500 = the exercise's 5,000 VAE training images
 SNAPSHOT_EPOCHS = (1, 5, 10, 20, 30)     # the epochs Q1 to Q3 show
 MONITOR_PER_CLASS = 100                  # VAE curves: 1,000 fixed training and validation images
+# The fewest first MNIST test images that hold every digit once, and twice (the smallest
+# --val-images and --test-images that can work; MNIST is fixed by its checksums).
+TEST_IMAGES_EVERY_DIGIT, TEST_IMAGES_EVERY_DIGIT_TWICE = 62, 85
 
 
 def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -666,7 +670,7 @@ def add_vae_data_arguments(parser) -> None:
                               "training images per digit (the VAE's balanced subset)",
                               type=int_in(1, MAX_PER_CLASS))
     parser.add_quick_argument("--val-images", 10_000, 500, "validation (test) images",
-                              type=int_in(10, 10_000))
+                              type=int_in(TEST_IMAGES_EVERY_DIGIT, 10_000))
 
 
 def add_file_argument(parser, flag: str, default: Path, help: str, required: bool = False):
@@ -714,6 +718,12 @@ def display_path(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 # The run: the output folder's lock, one-line failures and interruptions
 # ----------------------------------------------------------------------------------------------
+# The temporary files a killed run of ours can leave: write_atomic's ".<stem>.<8 random>.tmp<suffix>"
+# and claim's ".write-test-<8 random>" (tempfile's random part: 8 of [a-z0-9_]). A user's own
+# ".notes.tmp.txt" does not match.
+OUR_TEMPORARY = re.compile(r"\.(?:.+\.[a-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9]+)?|write-test-[a-z0-9_]{8})")
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every atomic write cleans up after itself."""
 
@@ -738,6 +748,9 @@ class Run:
         second run; remove the temporary files a killed run of ours left. Called once every
         input is checked, so that bad input leaves the folder as it was."""
         out = Path(out)
+        if out.is_symlink() and not out.exists():       # a broken link, or a loop of links
+            raise UsageError(f"--out {out} is a link to {os.readlink(out)}, which does not exist; "
+                             f"create that folder or choose another --out")
         self.refuse_to_overwrite(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -752,8 +765,8 @@ class Run:
                              f"finish or choose another --out (if no such process runs, delete "
                              f"{out / '.lock'})")
         self.out, self.lock = out, out / ".lock"
-        for stale in [*out.glob(".*.tmp*"), *out.glob(".write-test-*")]:    # ours, and only ours
-            if stale.is_file():
+        for stale in out.iterdir():        # ours, and only ours: the names write_atomic and the
+            if OUR_TEMPORARY.fullmatch(stale.name) and stale.is_file():   # test above give
                 stale.unlink(missing_ok=True)
         return out
 
@@ -847,7 +860,7 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def run_main(main, argv=None, product: str = "its metrics.json") -> None:
+def run_main(main, argv=None, product: str = "its metrics.json", out_flag: str = "--out") -> None:
     """Run a script's `main(run, argv)` so that every way it fails for a user's reason is one
     line on stderr: a UsageError or a full disk (exit 2), Ctrl-C (130), SIGTERM (143, where the
     platform has it). Writes are atomic, so what was saved before stays whole; `product` is
@@ -878,9 +891,10 @@ def run_main(main, argv=None, product: str = "its metrics.json") -> None:
             sys.exit(2)
         if err.errno not in DISK_ERRORS:
             raise
-        print(f"{name}: error: could not write {err.filename or 'a file'} ({err.strerror}); free "
-              f"some space or choose another --out, then run the same command again",
-              file=sys.stderr)
+        fix = ("choose a folder on a writable disk" if err.errno == errno.EROFS
+               else "free some space") + f" or choose another {out_flag}"
+        print(f"{name}: error: could not write {err.filename or 'a file'} ({err.strerror}); "
+              f"{fix}, then run the same command again", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Terminated) as err:
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C while exiting: no traceback
@@ -914,9 +928,8 @@ def save_checkpoint(obj, path: Path) -> None:
         with open(tmp, "wb") as f:
             try:
                 torch.save(obj, f)
-            except RuntimeError as err:       # how torch reports a failed write (disk full)
-                if "write" not in str(err):
-                    raise
+            except RuntimeError:    # how torch's zip writer reports a failed write: "... write
+                # failed", or "[enforce fail at inline_container.cc] unexpected pos" (disk full)
                 raise OSError(errno.ENOSPC, "writing failed (is the disk full?)", str(path)) from None
             f.flush()
             os.fsync(f.fileno())
@@ -1104,15 +1117,16 @@ class Training:
     def resume(self):
         """(next epoch, history) from the checkpoint, every field checked first."""
         ckpt, path = load_checkpoint(self.path), self.path
-        check_fields(ckpt, path, {"config": kind_field(dict), "epoch": int_field(1, self.epochs),
-                                  "history": kind_field(dict), "rng": kind_field(dict),
+        check_fields(ckpt, path, {"config": kind_field(dict), "history": kind_field(dict),
+                                  "rng": kind_field(dict),
                                   **{name: kind_field(dict) for name in self.stateful}},
                      RESUME_ADVICE)
-        if ckpt["config"] != self.config:
+        if ckpt["config"] != self.config:     # before the epoch's range: other --epochs, say
             changed = sorted(k for k in set(self.config) | set(ckpt["config"])
                              if self.config.get(k) != ckpt["config"].get(k))
             raise UsageError(f"{path} was made with other settings ({', '.join(changed)}); run "
                              f"with --fresh to start over or choose another --out")
+        check_fields(ckpt, path, {"epoch": int_field(1, self.epochs)}, RESUME_ADVICE)
         epoch, history = ckpt["epoch"], ckpt["history"]
         check_fields(ckpt["rng"], path, {"torch": tensor_field(None, dtype="uint8")}, RESUME_ADVICE)
         if not all(isinstance(v, list) and len(v) == epoch and all(
@@ -1149,12 +1163,9 @@ class Training:
         for epoch in range(self.next_epoch, self.epochs + 1):
             t0 = time.perf_counter()
             self._logged = {}
+            self.epoch = epoch
             yield epoch
-            bad = {k: v for k, v in self._logged.items() if not math.isfinite(v)}
-            if bad:
-                raise UsageError(f"training diverged in epoch {epoch} ({', '.join(bad)} = "
-                                 f"{next(iter(bad.values()))}); the last finite checkpoint "
-                                 f"(epoch {epoch - 1}) is kept; lower --lr, or run with --fresh")
+            self.refuse_diverged()
             self.history["epoch_seconds"].append(time.perf_counter() - t0)
             self.save(epoch)
         self.progress.close()
@@ -1169,10 +1180,21 @@ class Training:
         self.run.saved_epoch = epoch           # an interruption from here on resumes after it
 
     def log(self, **values) -> None:
-        """Append this epoch's numbers to the history (the first two show on the bar)."""
+        """Append this epoch's numbers to the history (the first two show on the bar). A number
+        that is not finite ends the run here, before the script saves anything of this epoch."""
         for key, value in values.items():
             self.history.setdefault(key, []).append(float(value))
             self._logged[key] = float(value)
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})
+        self.refuse_diverged()
+
+    def refuse_diverged(self) -> None:
+        bad = {k: v for k, v in self._logged.items() if not math.isfinite(v)}
+        if bad:
+            kept = (f"the checkpoint of epoch {self.epoch - 1} is kept" if self.epoch > 1
+                    else "nothing of this run was saved")
+            raise UsageError(f"training diverged in epoch {self.epoch} ({', '.join(bad)} = "
+                             f"{next(iter(bad.values()))}); {kept}; lower --lr, or run with "
+                             f"--fresh")
 
 

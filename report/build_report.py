@@ -909,7 +909,12 @@ def typst_error_line(err: Exception, template: Path, edited: bool = True) -> str
 def missing_figure(template: Path, outputs: Path, quick: bool) -> None:
     """One line naming a figure the template shows that is not there (a deleted PNG), and the
     command that draws it again, before Typst would stop on it."""
-    for figure in re.findall(r'image\("\.\./([^"]+)"\)', template.read_text(encoding="utf-8")):
+    try:
+        text = template.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:           # an editor that saved it as Latin-1 or cp1252
+        raise UsageError(f"{template} is not UTF-8 text (byte {err.start}); save it again as "
+                         f"UTF-8 (your editor's encoding setting), then run the same command")
+    for figure in re.findall(r'image\("\.\./([^"]+)"\)', text):
         path = outputs / figure
         if not path.is_file():
             folder = Path(figure).parts[0]
@@ -929,17 +934,22 @@ def typeset(template: Path, root: Path, edited: bool) -> tuple:
                                        one=True))
     except Exception as err:  # noqa: BLE001 - Typst reports a syntax or missing-file problem
         raise UsageError(typst_error_line(err, template, edited))
-    return data, int(pages)
+    if type(pages) is not int:                  # the template's last line was edited
+        raise UsageError(f"{template}: its last line must stay "
+                         f"'#context [#metadata(counter(page).final().first()) <page-count>]' "
+                         f"(it counts the pages); restore it, then run the same command")
+    return data, pages
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="build_report.py", description=__doc__.splitlines()[0])
+    first_paragraph = " ".join(__doc__.split("\n\n")[0].split())
+    parser = OneLineParser(prog="build_report.py", description=first_paragraph)
     parser.add_argument("--outputs", type=path_in, default=ROOT / "outputs",
                         help="folder holding the scripts' output folders")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, run=None) -> dict:
     args = parse_args(argv)
     outputs = args.outputs.resolve()
     # Read and check everything first: a missing or broken input changes nothing on disk.
@@ -972,9 +982,14 @@ def main(argv=None) -> dict:
     for name, (pdf, scripts) in REPORTS.items():     # what each PDF was typeset from, by content
         built_from[name] = {"template": sha256((out / f"{name}.typ").read_bytes()),
                             "metrics": {s: sha256(raw[s]) for s in scripts}}
+    written = []
     for name, (pdf, _) in REPORTS.items():
         write_bytes(out / pdf, pdfs[name])
         print(f"wrote {out / pdf} ({pages[name]} pages)")
+        written.append(pdf)
+        if run is not None:         # what an interruption from here on leaves undone
+            run.product = (f"the rest ({', '.join(written)} already new: run it again so that "
+                           f"both reports match)")
     write_bytes(out / BUILT_FROM, (json.dumps(built_from, indent=1) + "\n").encode())
     if pages["ex1"] > EX1_MAX_PAGES:
         print(f"warning: {REPORTS['ex1'][0]} has {pages['ex1']} pages; the exercise allows "
@@ -983,4 +998,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(lambda run, argv: main(argv), product="the reports")
+    run_main(lambda run, argv: main(argv, run), product="the reports", out_flag="--outputs")

@@ -36,7 +36,7 @@ PLACEHOLDERS = {"name": '#let student-name = "Student name"',
                 "CSE username": '#let cse-username = "CSE username"',
                 "FILL IN box of the AI-tools section": "*FILL IN (Sec. 4.1.1).*",
                 "default account of the AI-tools section": "_Default, true of how this solution"}
-CSE_USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+CSE_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")      # not "..", not "-ada"
 
 
 def local_imports(script: str) -> list:
@@ -127,8 +127,8 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
         raise UsageError("the CSE username is missing or empty: pass CSE=username "
                          '(make submission NAME="Your Name" CSE=username)')
     if not CSE_USERNAME.fullmatch(cse):
-        raise UsageError(f"{cse!r} is not a CSE username (letters, digits, '.', '_', '-'): "
-                         f"pass CSE=username")
+        raise UsageError(f"{cse!r} is not a CSE username (letters, digits, '.', '_', '-', "
+                         f"starting with a letter, digit or '_'): pass CSE=username")
     pdf, template = outputs / "report" / PDF, outputs / "report" / TEMPLATE
     if not pdf.is_file() or not template.is_file():
         raise UsageError(f"{pdf if not pdf.is_file() else template} is missing: run make all (or "
@@ -179,7 +179,8 @@ def _order(path: str):
 
 
 def main(argv=None) -> Path:
-    parser = OneLineParser(prog="submission.py", description=__doc__.splitlines()[0])
+    first_paragraph = " ".join(__doc__.split("\n\n")[0].split())
+    parser = OneLineParser(prog="submission.py", description=first_paragraph)
     parser.add_argument("--outputs", type=path_in, default=ROOT / "outputs",
                         help="folder holding report/ex1_report.pdf; the zip is written there")
     parser.add_argument("--name", default="", help="your name, as the README should show it")
@@ -191,4 +192,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run_main(lambda run, argv: main(argv), product="the zip")
+    run_main(lambda run, argv: main(argv), product="the zip", out_flag="--outputs")

@@ -148,7 +148,7 @@ CASES = [
     ("report/build_report.py", ["--bogus"], None, "unrecognized arguments"),
     ("report/build_report.py", ["--outputs", ""], None, "must name a path"),
     (L, ["--quick", "--amortized", ""], None, "must name a path, got ''"),
-    (P, ["--quick", "--test-images", "30"], None, "each digit needs at least 2"),
+    (P, ["--quick", "--test-images", "84"], None, "must be between 85 and 10000"),
     (L, ["--amortized", "{amortized}"], None, "was trained on 20 images per digit; pass --per-class 20"),
     (A, ["--quick", "--classifier", "/dev/null"], None, "is not a regular file"),
 ]
@@ -381,8 +381,11 @@ def test_a_kill_during_a_checkpoint_write_leaves_nothing_after_the_next_run(tmp_
     assert proc.returncode == 137
     assert list(out.glob(".checkpoint_last.*.tmp*"))     # the half-written file is there ...
     assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1   # ... the old one whole
+    users = [".notes.tmp.txt", ".emacs.tmpl", ".thesis.tmp"]   # a user's own hidden files
+    for name in users:
+        (out / name).write_text("mine")
     run_script(A, *QUICK3, "--out", out)
-    assert not list(out.glob(".*"))                      # ... and gone after the next run
+    assert sorted(p.name for p in out.glob(".*")) == sorted(users)  # ... gone, the user's kept
     assert comparable(out) == comparable(uninterrupted)
 
 
@@ -437,3 +440,40 @@ def test_a_diverging_run_stops_at_the_epoch_and_writes_no_nan(tmp_path, monkeypa
     assert code == 2 and "training diverged in epoch 2" in err and err.count("\n") == 1, err
     assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 1
     assert not (out / "metrics.json").exists()
+
+
+def test_a_run_diverging_in_its_first_epoch_keeps_an_earlier_runs_snapshot(tmp_path, monkeypatch,
+                                                                            capsys):
+    """A fresh run into a finished run's folder that diverges in epoch 1, before its snapshot of
+    epoch 1: the finished run's vae_epoch1.pt is left as it was, and the line says nothing of
+    this run was saved."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "o"
+    assert run_inprocess(A, [*QUICK3, "--out", out], capsys)[0] == 0
+    before = (out / "vae_epoch1.pt").read_bytes()
+    real = model.vae_loss
+
+    def diverging(*args, **kwargs):
+        loss, mse, kl = real(*args, **kwargs)
+        return (loss * float("nan") if torch.is_grad_enabled() else loss), mse, kl
+
+    monkeypatch.setattr(model, "vae_loss", diverging)
+    code, err = run_inprocess(A, [*QUICK3, "--fresh", "--out", out], capsys)
+    assert code == 2 and "training diverged in epoch 1" in err, err
+    assert "nothing of this run was saved" in err and err.count("\n") == 1, err
+    assert (out / "vae_epoch1.pt").read_bytes() == before
+
+
+def test_fewer_epochs_than_a_finished_run_says_other_settings_not_delete(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A good checkpoint of a longer run, met with a smaller --epochs: the line names the
+    setting that differs, and never calls the checkpoint damaged."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "o"
+    assert run_inprocess(S, ["--quick", "--epochs", "2", "--device", "cpu", "--out", out],
+                         capsys)[0] == 0
+    code, err = run_inprocess(S, ["--quick", "--epochs", "1", "--device", "cpu", "--out", out],
+                              capsys)
+    assert code == 2 and "made with other settings (epochs)" in err and err.count("\n") == 1, err
+    assert utils.load_checkpoint(out / "checkpoint_last.pt")["epoch"] == 2
+

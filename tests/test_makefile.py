@@ -109,7 +109,34 @@ def test_a_name_reaches_the_submission_script_as_typed(name):
     assert proc.returncode == 0, proc.stderr
     command = next(line for line in proc.stdout.splitlines() if "submission.py" in line)
     argv = shlex.split(command)
-    assert argv[argv.index("--name") + 1] == name and argv[argv.index("--cse") + 1] == "ada01"
+    assert f"--name={name}" in argv and "--cse=ada01" in argv
+
+
+def test_a_name_that_looks_like_a_make_function_is_not_run_by_make(tmp_path):
+    """make reads NAME when it checks that it is not empty: it must not expand it."""
+    witness = tmp_path / "ran"
+    proc = make_dry("submission", f"NAME=$(shell touch {witness})", "CSE=-ada")
+    assert proc.returncode == 0, proc.stderr
+    assert not witness.exists()
+    argv = shlex.split(next(l for l in proc.stdout.splitlines() if "submission.py" in l))
+    assert f"--name=$(shell touch {witness})" in argv and "--cse=-ada" in argv   # not an option
+
+
+def test_make_quick_passes_your_flags_and_out_on(tmp_path):
+    """make -B quick FLAGS=--fresh after a code change trains again (--fresh reaches every
+    script after --quick), and OUT=x puts the smoke chain in x/quick."""
+    out = tmp_path / "x"
+    proc = make_dry("-B", "quick", "FLAGS=--fresh", f"OUT={out}")
+    assert proc.returncode == 0, proc.stderr
+    runs = [l for l in proc.stdout.splitlines()
+            if l.startswith("time python ") and "report/" not in l]
+    import utils
+
+    assert len(runs) == len(utils.EXPERIMENTS)
+    for line in runs:
+        argv = shlex.split(line)
+        assert "--quick" in argv and "--fresh" in argv, line
+        assert argv[argv.index("--out") + 1].startswith(f"{out}/quick/"), line
 
 
 @pytest.mark.parametrize("setting, expected", [("OUT=", "OUT must name one folder"),

@@ -190,7 +190,8 @@ def test_a_snapshot_with_non_finite_weights_is_refused(tmp_path):
     vae = model.VAE(4)
     with torch.no_grad():
         vae.decoder.fc.weight[0, 0] = float("inf")
-    model.save_snapshot(tmp_path / "vae.pt", vae, 1, 4, "vae_amortized")
+    utils.save_checkpoint({"model": vae.state_dict(), "epoch": 1, "latent_dim": 4,   # crafted:
+                           "kind": "vae_amortized"}, tmp_path / "vae.pt")          # save_snapshot refuses
     with pytest.raises(utils.CheckpointError, match="not finite"):
         model.load_amortized_vae(tmp_path / "vae.pt")
 
@@ -384,3 +385,15 @@ def test_vae_evaluate_reconstruction_error_and_its_standard_error_over_images():
     per_image = (x.double() ** 2).flatten(1).mean(1).numpy() / 4
     assert result["recon_mse"] == pytest.approx(per_image.mean())
     assert result["recon_mse_se"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(30))
+
+
+def test_a_snapshot_with_weights_that_are_not_finite_is_refused_and_the_old_file_kept(tmp_path):
+    path = tmp_path / "vae_epoch1.pt"
+    path.write_bytes(b"the earlier run's snapshot")
+    vae = model.VAE(4)
+    with torch.no_grad():
+        vae.decoder.fc.weight[0, 0] = float("nan")
+    with pytest.raises(utils.UsageError, match="not finite"):
+        model.save_snapshot(path, vae, 1, 4, "vae_amortized")
+    assert path.read_bytes() == b"the earlier run's snapshot"
+

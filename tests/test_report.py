@@ -372,6 +372,31 @@ def test_a_typst_error_names_the_templates_line_and_column(quick_outputs, tmp_pa
     assert {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")} == before
 
 
+@pytest.mark.parametrize("damage, says", [
+    ("latin-1", "is not UTF-8 text"),
+    ("page-count", "its last line must stay")])
+def test_a_template_saved_as_latin_1_or_with_its_page_count_changed_is_one_line(
+        quick_outputs, tmp_path, damage, says):
+    """An edited template in another encoding (an old Windows editor), or whose last line no
+    longer counts pages: one line, exit 2, the PDFs as they were."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    template = copy / "report" / "ex1.typ"
+    text = template.read_text(encoding="utf-8")
+    if damage == "latin-1":
+        template.write_bytes(text.replace('"Student name"', '"Renée Dupré"').encode("latin-1",
+                                                                                  "replace"))
+    else:
+        lines = text.rstrip("\n").splitlines()
+        template.write_text("\n".join(lines[:-1] + ['#metadata("five") <page-count>']) + "\n",
+                            encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")}
+    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")} == before
+
+
 def test_a_metric_of_the_wrong_type_is_not_blamed_on_an_unedited_template(quick_outputs, tmp_path):
     """A verdict edited into a string reaches Typst, which stops in the template: the message
     must say that the value is at fault (the template is the repository's), and never advise
@@ -571,6 +596,41 @@ def test_make_submission_without_name_or_username_is_one_line(quick_outputs, ass
     assert proc.stderr.count("\n") == 1 and ("NAME" in proc.stderr or "CSE" in proc.stderr)
     assert proc.stdout == ""
     assert sorted(p.name for p in quick_outputs.glob("*.zip")) == before
+
+
+@pytest.mark.parametrize("cse", ["-ada", "..", ".", "ada/01", "a" * 65])
+def test_a_username_that_could_be_an_option_or_a_path_is_refused(quick_outputs, cse):
+    before = sorted(p.name for p in quick_outputs.glob("*.zip"))
+    proc = run_script("report/submission.py", "--outputs", quick_outputs, "--name=Ada",
+                      f"--cse={cse}", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "is not a CSE username" in proc.stderr
+    assert sorted(p.name for p in quick_outputs.glob("*.zip")) == before
+
+
+def test_an_interruption_between_the_two_pdfs_says_which_one_is_new(quick_outputs, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Ctrl-C after the first PDF is replaced and before the second: the line says that one
+    report is already new and the command must run again (exit 130)."""
+    import utils
+
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    real = build_report.write_bytes
+
+    def interrupted(path, data):
+        if path.name == "apml_lab_report.pdf":
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(build_report, "write_bytes", interrupted)
+    monkeypatch.setattr(utils.signal, "signal", lambda *args: None)   # keep pytest's handlers
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_main(lambda run, argv: build_report.main(argv, run), ["--outputs", str(copy)],
+                       product="the reports", out_flag="--outputs")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and err.count("\n") == 1, err
+    assert "ex1_report.pdf already new" in err and "run the same command" in err
 
 
 def test_no_else_starts_a_line_in_the_templates():

@@ -5,6 +5,7 @@ their field checks, resuming, seeding, devices, metrics and figures."""
 # assistant (the design, the code and its comments), and checked by running it and by the
 # tests in tests/, which compare it with independent references. If you hand it in, keep
 # this note true: say which parts you wrote, changed or had written for you.
+import errno
 import copy
 import re
 import argparse
@@ -160,7 +161,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path):
         def __reduce__(self):
             raise RuntimeError("disk full, say")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(OSError):                # torch's RuntimeError, read as a failed write
         utils.save_checkpoint({"epoch": 2, "bad": Unpicklable()}, path)
     assert utils.load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
@@ -560,3 +561,45 @@ def test_a_lock_held_by_a_zombie_process_is_stale(tmp_path):
         assert utils.acquire_lock(tmp_path / ".lock") is None      # taken over
     finally:
         child.wait()
+
+
+@pytest.mark.parametrize("message", ["[enforce fail at inline_container.cc:672] . unexpected pos "
+                                     "336256 vs 336148", "PytorchStreamWriter failed writing file"])
+def test_a_checkpoint_write_that_torch_fails_is_a_full_disk_and_leaves_the_old_file(
+        tmp_path, monkeypatch, message):
+    """torch.save reports a full disk as a RuntimeError (two wordings seen); save_checkpoint
+    turns it into the OSError that run_main prints in one line, and the old file stays."""
+    path = tmp_path / "checkpoint_last.pt"
+    utils.save_checkpoint({"epoch": 1}, path)
+
+    def full(obj, f):
+        f.write(b"half a file")
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(utils.torch, "save", full)
+    with pytest.raises(OSError) as caught:
+        utils.save_checkpoint({"epoch": 2}, path)
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]
+
+
+def test_the_smallest_test_image_counts_allowed_are_the_first_that_hold_every_digit():
+    """--val-images and --test-images start where a run can work: the first 62 test images are
+    the fewest that hold every digit, the first 85 the fewest that hold each twice."""
+    labels = utils.load_mnist()[3]
+    for count, times in ((utils.TEST_IMAGES_EVERY_DIGIT, 1),
+                         (utils.TEST_IMAGES_EVERY_DIGIT_TWICE, 2)):
+        assert int(torch.bincount(labels[:count], minlength=10).min()) >= times
+        assert int(torch.bincount(labels[:count - 1], minlength=10).min()) < times
+
+
+@pytest.mark.parametrize("target", ["missing-folder", "loop"])
+def test_a_broken_link_as_out_is_named_as_such(tmp_path, target):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / (target if target != "loop" else "out"))
+    with pytest.raises(utils.UsageError, match="is a link to .*which does not exist"):
+        utils.Run().claim(link)
+    assert link.is_symlink() and not (tmp_path / "missing-folder").exists()
+
