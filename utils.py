@@ -823,7 +823,7 @@ def acquire_lock(path: Path):
                 continue
             if text.isdigit() and process_alive(int(text)):
                 return int(text)
-            if not text.isdigit() and age < 10:
+            if not text.isdigit() and 0 <= age < 10:     # a future date (clock skew): stale
                 return "unknown"
             path.unlink(missing_ok=True)          # stale
             continue
@@ -904,12 +904,15 @@ def run_main(main, argv=None, product: str = "its metrics.json", out_flag: str =
 
 def run_facts(run: Run, device, args) -> dict:
     """What a metrics.json records of the run itself: the script that wrote it (so that no
-    other script's run overwrites it: `Run.refuse_to_overwrite`), its whole wall time (since this
+    other script's run overwrites it: `Run.refuse_to_overwrite`), the SHA-256 of the code it
+    ran (the script, model.py and utils.py: report/submission.py refuses code edited since), its whole wall time (since this
     process imported utils), the epochs it resumed instead of training them (its wall time
     then says little), where it ran (the device; on a CPU, the instruction set torch
     dispatched to, which sets its speed), torch's version and the arguments. Timings compare
     only between whole runs on the same instruction set (tests/benchmark_cpu.py checks both)."""
-    return {"script": run.script, "wall_seconds": time.perf_counter() - START,
+    code = {name: sha256((ROOT / name).read_bytes()) for name in (run.script, "model.py", "utils.py")
+            if (ROOT / name).is_file()}      # so that a hand-in can tell code edited since the run
+    return {"script": run.script, "code": code, "wall_seconds": time.perf_counter() - START,
             "resumed_epochs": run.resumed_epochs,
             "device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "args": vars(args)}
@@ -1124,6 +1127,10 @@ class Training:
         if ckpt["config"] != self.config:     # before the epoch's range: other --epochs, say
             changed = sorted(k for k in set(self.config) | set(ckpt["config"])
                              if self.config.get(k) != ckpt["config"].get(k))
+            if "quick" in changed:      # a --quick run into a full run's folder, or the reverse
+                raise UsageError(f"{path} was made by a {'full' if self.config.get('quick') else '--quick'} "
+                                 f"run: give this run its own --out (make quick uses "
+                                 f"outputs/quick/<folder>), or --fresh to replace that run")
             raise UsageError(f"{path} was made with other settings ({', '.join(changed)}); run "
                              f"with --fresh to start over or choose another --out")
         check_fields(ckpt, path, {"epoch": int_field(1, self.epochs)}, RESUME_ADVICE)

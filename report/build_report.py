@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # utils imports torch only on first use, and this builder never uses it
-from utils import (BUILT_FROM, EXPERIMENTS, OneLineParser, UsageError, display_path,  # noqa: E402
+from utils import (BUILT_FROM, EXPERIMENTS, OUTPUTS_DIR, OneLineParser, UsageError, display_path,  # noqa: E402
                    experiment_command, path_in, run_main, sha256, write_atomic)
 
 TEMPLATES = ROOT / "report"
@@ -104,7 +104,8 @@ def read_metrics(outputs: Path, script: str, data, reads: dict, quick: bool = Fa
         metrics = json.loads(data.decode("utf-8"), parse_constant=refuse_constant,
                              object_hook=lambda d: Metrics(d, path, writer, reads))
     except FileNotFoundError:
-        raise UsageError(f"{path} is missing: run {writer} first (or make all)")
+        raise UsageError(f"{path} is missing: from the repository's folder, run {writer} first "
+                         f"(or {make_command(outputs, quick)})")
     except RecursionError:
         raise UsageError(f"{path} is nested too deeply to be a metrics file: run {writer} again")
     except (OSError, UnicodeDecodeError, ValueError) as err:      # JSONDecodeError is one
@@ -113,6 +114,40 @@ def read_metrics(outputs: Path, script: str, data, reads: dict, quick: bool = Fa
     if not isinstance(metrics, dict) or "args" not in metrics:
         raise UsageError(f"{path} is not a complete metrics file: run {writer} again")
     return metrics
+
+
+def make_command(outputs: Path, quick: bool) -> str:
+    """The make command that fills this outputs folder: make quick writes <OUT>/quick."""
+    if quick and outputs.name == "quick":
+        rest = outputs.parent
+        return "make quick" + ("" if rest == OUTPUTS_DIR else f" OUT={display_path(rest)}")
+    return ("make all" + ("" if outputs == OUTPUTS_DIR else f" OUT={display_path(outputs)}")
+            + (" FLAGS=--quick" if quick else ""))
+
+
+# Which run each folder must hold, beyond its script: the ablation's loss, and the VAE each Q4
+# folder evaluates (the folder of its --checkpoint).
+RUN_SETTINGS = {"vae_amortized": ("loss", "exercise"), "vae_amortized_elbo": ("loss", "elbo")}
+Q4_VAE = {"log_likelihood": "vae_amortized", "log_likelihood_elbo": "vae_amortized_elbo"}
+
+
+def runs_as_named(metrics: dict, outputs: Path, quick: bool) -> None:
+    """One line where a folder holds another run than its name says (Q1's VAE trained on the
+    ablation's loss, or a Q4 folder that evaluated the other VAE): its report would describe a
+    run that was not made."""
+    for folder, (key, wanted) in RUN_SETTINGS.items():
+        got = metrics[folder]["args"].get(key, wanted)
+        if got != wanted:
+            raise UsageError(f"{outputs / folder} holds a run with --{key} {got}, where the report "
+                             f"expects --{key} {wanted}: run "
+                             f"{experiment_command(folder, display_path(outputs), quick)} --fresh")
+    for folder, vae in Q4_VAE.items():
+        checkpoint = metrics[folder]["args"].get("checkpoint")
+        read = Path(checkpoint) if checkpoint else Path(vae) / "vae_final.pt"
+        if (read.parent.name if read.suffix else read.name) != vae:
+            raise UsageError(f"{outputs / folder} evaluated {checkpoint}, where the report "
+                             f"expects {vae}'s VAE: run "
+                             f"{experiment_command(folder, display_path(outputs), quick)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -956,6 +991,7 @@ def main(argv=None, run=None) -> dict:
     reads, raw = {}, metrics_bytes(outputs)
     quick = quick_outputs(outputs, raw)
     metrics = {s: read_metrics(outputs, s, raw[s], reads, quick) for s in raw}
+    runs_as_named(metrics, outputs, quick)
     try:
         values = {"ex1": ex1_values(metrics), "apml_lab": apml_values(metrics)}
     except (TypeError, ValueError, IndexError, AttributeError, ArithmeticError) as err:
@@ -981,7 +1017,8 @@ def main(argv=None, run=None) -> dict:
     built_from = {}
     for name, (pdf, scripts) in REPORTS.items():     # what each PDF was typeset from, by content
         built_from[name] = {"template": sha256((out / f"{name}.typ").read_bytes()),
-                            "metrics": {s: sha256(raw[s]) for s in scripts}}
+                            "metrics": {s: sha256(raw[s]) for s in scripts},
+                            "pages": pages[name]}
     written = []
     for name, (pdf, _) in REPORTS.items():
         write_bytes(out / pdf, pdfs[name])

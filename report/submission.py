@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import time
 import sys
 import zipfile
 from pathlib import Path
@@ -36,6 +37,7 @@ PLACEHOLDERS = {"name": '#let student-name = "Student name"',
                 "CSE username": '#let cse-username = "CSE username"',
                 "FILL IN box of the AI-tools section": "*FILL IN (Sec. 4.1.1).*",
                 "default account of the AI-tools section": "_Default, true of how this solution"}
+MAX_PAGES = 5                 # Exercise 1's limit for the report
 CSE_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")      # not "..", not "-ada"
 
 
@@ -118,6 +120,21 @@ def changed_since_typeset(outputs: Path) -> list:
     return changed
 
 
+def code_changed_since_runs(outputs: Path, packed: list) -> list:
+    """The packed code files whose content differs from what the runs behind ex1_report.pdf ran
+    (each metrics.json records the SHA-256 of its script, model.py and utils.py): the zip would
+    hold code that did not make the report's numbers. Runs that recorded no code are not judged."""
+    try:
+        read = json.loads((outputs / "report" / BUILT_FROM).read_text(encoding="utf-8"))["ex1"]
+        ran = {}
+        for script in read["metrics"]:
+            recorded = json.loads((outputs / script / "metrics.json").read_text(encoding="utf-8"))
+            ran.update(recorded.get("code") or {})
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return []                          # changed_since_typeset has refused these already
+    return [f for f in packed if f in ran and sha256((ROOT / f).read_bytes()) != ran[f]]
+
+
 def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path:
     name, cse = " ".join(name.split()), cse.strip()
     if not name:
@@ -154,17 +171,28 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     if changed:
         raise UsageError(f"{pdf} was typeset before {', '.join(map(str, changed))} changed (or "
                          f"by an older version): run make report, then pack again")
+    pages = json.loads((outputs / "report" / BUILT_FROM).read_text(encoding="utf-8"))["ex1"].get("pages")
+    if isinstance(pages, int) and pages > MAX_PAGES:
+        print(f"warning: {PDF} has {pages} pages; the exercise allows {MAX_PAGES} (shorten your "
+              f"edits to {TEMPLATE}, run make report, then pack again)")
     shown = re.search(r'#let student-name = "([^"]*)"', text)
     if shown and "name" not in unfilled and " ".join(shown.group(1).split()) != name:
         print(f"note: the report shows the name {shown.group(1)!r}, the zip's README {name!r}; "
               f"make them the same if that is not what you meant")
     code = sorted(set().union(*(local_imports(s) for s in PART1 + VAE)), key=_order)
+    edited = code_changed_since_runs(outputs, code)
+    if edited:
+        raise UsageError(f"{', '.join(edited)} changed since the runs that {PDF} shows: run the "
+                         f"experiments again (make -B all FLAGS=--fresh after a change to "
+                         f"training), make report, then pack again")
     shared = [f for f in code if f not in PART1 + VAE]
     target = target or outputs / f"ex1_submission_{cse}.zip"
     files = [(f, ROOT / f) for f in code + EXTRA] + [(PDF, pdf)]
     def write(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("README.txt", readme(name, cse, shared))
+            info = zipfile.ZipInfo("README.txt", time.localtime()[:6])
+            info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16  # not 0600
+            zf.writestr(info, readme(name, cse, shared))
             for arcname, path in files:
                 zf.write(path, arcname)
 

@@ -4,6 +4,7 @@
 # this note true: say which parts you wrote, changed or had written for you.
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,8 @@ def quick_outputs(tmp_path_factory):
     POSIX-only modules hidden as on Windows (tests/as_on_windows.py); shared by the script and
     report tests."""
     out = tmp_path_factory.mktemp("outputs")
-    python = f"{sys.executable} {ROOT / 'tests' / 'as_on_windows.py'}"
+    python = shlex.join([sys.executable, str(ROOT / "tests" / "as_on_windows.py")])  # a path
+    # with a space in it (the repository cloned into "My Documents") stays one word
     proc = subprocess.run(["make", "-C", str(ROOT), "all", f"OUT={out}", "FLAGS=--quick",
                            "DEVICE=cpu", f"PY={python}", "VENV_DEP="],
                           env=dict(os.environ, TQDM_DISABLE="1"), capture_output=True, text=True,

@@ -78,7 +78,8 @@ def files(quick_outputs, tmp_path_factory):
                d / "other_script.pt")
     return {"dir": d, "classifier": classifier, "amortized": amortized,
             "lo_ckpt": quick_outputs / "vae_latent_opt" / "checkpoint_last.pt",
-            "ppca_ckpt": quick_outputs / "ppca_pca" / "checkpoint_last.pt"}
+            "ppca_ckpt": quick_outputs / "ppca_pca" / "checkpoint_last.pt",
+            "vae_ckpt": quick_outputs / "vae_amortized" / "checkpoint_last.pt"}
 
 
 S, A, L, Q, P = ("sup_classification.py", "vae_amortized.py", "vae_latent_opt.py",
@@ -103,6 +104,9 @@ CASES = [
     (S, ["--quick"], "epoch_text.pt", "field 'epoch' is '2', not an integer"),
     (S, ["--quick"], "other_script.pt", "does not fit"),
     (S, ["--quick", "--lr", "0.01"], "{classifier_ckpt}", "other settings (lr)"),
+    (A, ["--quick", "--loss", "elbo", "--classifier", "{classifier}"], "{vae_ckpt}",
+     "other settings (loss)"),
+    (S, [], "{classifier_ckpt}", "made by a --quick run: give this run its own --out"),
     (A, ["--latent-dim", "1000000000000"], None, "between 1 and 1024"),
     (A, ["--latent-dim", "0"], None, "between 1 and 1024"),
     (P, ["--batch-size", "100000"], None, "between 1 and 8192"),
@@ -144,7 +148,7 @@ CASES = [
     (P, ["--train-images", "5"], None, "between 100 and"),
     (P, ["--quick"], "garbage.pt", "corrupt or not a weights-only"),
     (P, ["--quick", "--lr", "0.001"], "{ppca_ckpt}", "other settings (lr)"),
-    ("report/build_report.py", ["--outputs", "{dir}/nothing"], None, "is missing: run"),
+    ("report/build_report.py", ["--outputs", "{dir}/nothing"], None, "is missing: from the repository's folder, run"),
     ("report/build_report.py", ["--bogus"], None, "unrecognized arguments"),
     ("report/build_report.py", ["--outputs", ""], None, "must name a path"),
     (L, ["--quick", "--amortized", ""], None, "must name a path, got ''"),

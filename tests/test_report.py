@@ -10,6 +10,7 @@ import math
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -440,7 +441,7 @@ def test_a_damaged_report_folder_is_one_line_for_the_submission(quick_outputs, t
 
 def make_submission(outputs, *assignments):
     return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "submission", f"OUT={outputs}",
-                           "FLAGS=--quick", "DEVICE=cpu", f"PY={sys.executable}", "VENV_DEP=",
+                           "FLAGS=--quick", "DEVICE=cpu", f"PY={shlex.quote(sys.executable)}", "VENV_DEP=",
                            *assignments], env=dict(os.environ, TQDM_DISABLE="1"),
                           capture_output=True, text=True, timeout=600)
 
@@ -493,6 +494,7 @@ def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs, tmp_path):
 
 @pytest.mark.parametrize("unfilled, expected", [
     ('"Ada Lovelace"', "template's name (its first lines"),
+    ('"ada01"', "template's CSE username (its first lines"),
     ("*My account.*", "template's FILL IN box"),
     ("_Mine, true of how this solution", "default account of the AI-tools section"),
     (None, "is older than your edits")])
@@ -506,6 +508,7 @@ def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick
     text = template.read_text()
     if unfilled:
         text = text.replace(unfilled, {'"Ada Lovelace"': '"Student name"',
+                                       '"ada01"': '"CSE username"',
                                        "*My account.*": "*FILL IN (Sec. 4.1.1).*"}.get(
             unfilled, "_Default, true of how this solution"))
     template.write_text(text + "\n")
@@ -514,6 +517,29 @@ def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick
                       "--cse", "ada01", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(outputs.glob("*.zip"))
+
+
+def test_code_edited_since_the_runs_is_not_packed_and_the_readme_is_readable(quick_outputs,
+                                                                             tmp_path):
+    """Each run records the SHA-256 of the code it ran; a zip would otherwise pack code that
+    did not make the report's numbers. README.txt in the zip unpacks readable (0644)."""
+    outputs = filled_in(quick_outputs, tmp_path)
+    run_script("report/build_report.py", "--outputs", outputs)
+    run_script("report/submission.py", "--outputs", outputs, "--name", "Ada", "--cse", "ada01")
+    with zipfile.ZipFile(outputs / "ex1_submission_ada01.zip") as zf:
+        assert (zf.getinfo("README.txt").external_attr >> 16) & 0o777 == 0o644
+    path = outputs / "sup_classification" / "metrics.json"
+    m = json.loads(path.read_text())
+    assert set(m["code"]) == {"sup_classification.py", "model.py", "utils.py"}
+    m["code"]["sup_classification.py"] = "0" * 64      # as if the script was edited since
+    path.write_text(json.dumps(m))
+    run_script("report/build_report.py", "--outputs", outputs)
+    (outputs / "ex1_submission_ada01.zip").unlink()
+    proc = run_script("report/submission.py", "--outputs", outputs, "--name", "Ada",
+                      "--cse", "ada01", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "sup_classification.py changed since the runs" in proc.stderr
     assert not list(outputs.glob("*.zip"))
 
 
@@ -631,6 +657,59 @@ def test_an_interruption_between_the_two_pdfs_says_which_one_is_new(quick_output
     err = capsys.readouterr().err
     assert exit_.value.code == 130 and err.count("\n") == 1, err
     assert "ex1_report.pdf already new" in err and "run the same command" in err
+
+
+@pytest.mark.parametrize("folder, key, value, says", [
+    ("vae_amortized_elbo", "loss", "exercise", "holds a run with --loss exercise"),
+    ("vae_amortized", "loss", "elbo", "holds a run with --loss elbo"),
+    ("log_likelihood_elbo", "checkpoint", "o/vae_amortized/vae_final.pt", "evaluated o/vae_amortized"),
+    ("log_likelihood", "checkpoint", "o/vae_amortized_elbo", "evaluated o/vae_amortized_elbo")])
+def test_a_folder_holding_another_run_than_its_name_is_refused(quick_outputs, tmp_path, folder,
+                                                               key, value, says):
+    """The ablation's folder trained on the exercise's loss (its --loss forgotten), or a Q4
+    folder that evaluated the other VAE: the report would describe a run that was not made."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / folder / "metrics.json"
+    m = json.loads(path.read_text())
+    m["args"][key] = value
+    path.write_text(json.dumps(m))
+    before = {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")}
+    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")} == before
+
+
+def test_a_missing_metrics_file_names_the_make_command_for_its_folder(quick_outputs, tmp_path):
+    copy = tmp_path / "quick"
+    shutil.copytree(quick_outputs, copy)
+    (copy / "vae_latent_opt" / "metrics.json").unlink()
+    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
+    assert proc.returncode == 2 and "from the repository's folder, run python vae_latent_opt.py" \
+        in proc.stderr and f"(or make quick OUT={tmp_path})" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("trust", ["yes", "no"])
+@pytest.mark.parametrize("verdict, opening", [
+    ("neither", "(c) Neither set is measurably more likely."),
+    ("train", "(c) Training images are more likely."),
+    ("test", "(c) Training images are less likely.")])
+def test_q4c_opens_with_its_verdict_whether_or_not_eq9_converged(quick_outputs, tmp_path, trust,
+                                                                  verdict, opening):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / "log_likelihood" / "metrics.json"
+    ll = json.loads(path.read_text())
+    ll["eq9"]["train_vs_test"] = verdict
+    ll["trust"]["eq9"] = trust
+    path.write_text(json.dumps(ll))
+    run_script("report/build_report.py", "--outputs", copy)
+    text = pdf_text(copy / "report" / "ex1_report.pdf")
+    assert opening in text
+    others = {"(c) Neither set is measurably more likely.", "(c) Training images are more likely.",
+              "(c) Training images are less likely."} - {opening}
+    assert not any(o in text for o in others)
 
 
 def test_no_else_starts_a_line_in_the_templates():

@@ -603,3 +603,13 @@ def test_a_broken_link_as_out_is_named_as_such(tmp_path, target):
         utils.Run().claim(link)
     assert link.is_symlink() and not (tmp_path / "missing-folder").exists()
 
+
+def test_an_empty_lock_dated_in_the_future_is_stale(tmp_path):
+    """A lock without a process id counts as held for its first 10 seconds; one whose date lies
+    in the future (a clock that moved) must not count as held for ever."""
+    (tmp_path / ".lock").write_text("")
+    future = time.time() + 86_400
+    os.utime(tmp_path / ".lock", (future, future))
+    assert utils.acquire_lock(tmp_path / ".lock") is None
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+
