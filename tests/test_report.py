@@ -29,6 +29,28 @@ SCRIPTS = ["sup_classification", "vae_amortized", "vae_latent_opt", "log_likelih
            "ppca_pca"]
 
 
+def assert_refused_keeping_the_pdfs(outputs: Path, says: str) -> None:
+    """The report builder refuses `outputs` in one line saying `says` (exit 2, no traceback),
+    and both PDFs there stay byte for byte as they were."""
+    before = {p.name: p.read_bytes() for p in (outputs / "report").glob("*.pdf")}
+    proc = run_script("report/build_report.py", "--outputs", outputs, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (outputs / "report").glob("*.pdf")} == before
+
+
+def edited_copy(quick_outputs: Path, tmp_path: Path, folder: str, edit) -> Path:
+    """A copy of the quick outputs whose <folder>/metrics.json `edit(metrics)` changed in place,
+    as another run would have written it."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / folder / "metrics.json"
+    metrics = json.loads(path.read_text())
+    edit(metrics)
+    path.write_text(json.dumps(metrics))
+    return copy
+
+
 def pdf_text(path: Path) -> str:
     """The PDF's text on one line: Typst's Unicode minus becomes '-', its typographic apostrophe
     "'", any whitespace one space; older pypdf (5.1) puts a space after a '(' that opens a
@@ -391,11 +413,7 @@ def test_a_template_saved_as_latin_1_or_with_its_page_count_changed_is_one_line(
         lines = text.rstrip("\n").splitlines()
         template.write_text("\n".join(lines[:-1] + ['#metadata("five") <page-count>']) + "\n",
                             encoding="utf-8")
-    before = {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")}
-    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert says in proc.stderr and "Traceback" not in proc.stderr
-    assert {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")} == before
+    assert_refused_keeping_the_pdfs(copy, says)
 
 
 def test_a_metric_of_the_wrong_type_is_not_blamed_on_an_unedited_template(quick_outputs, tmp_path):
@@ -668,17 +686,8 @@ def test_a_folder_holding_another_run_than_its_name_is_refused(quick_outputs, tm
                                                                key, value, says):
     """The ablation's folder trained on the exercise's loss (its --loss forgotten), or a Q4
     folder that evaluated the other VAE: the report would describe a run that was not made."""
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / folder / "metrics.json"
-    m = json.loads(path.read_text())
-    m["args"][key] = value
-    path.write_text(json.dumps(m))
-    before = {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")}
-    proc = run_script("report/build_report.py", "--outputs", copy, check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert says in proc.stderr and "Traceback" not in proc.stderr
-    assert {p.name: p.read_bytes() for p in (copy / "report").glob("*.pdf")} == before
+    copy = edited_copy(quick_outputs, tmp_path, folder, lambda m: m["args"].update({key: value}))
+    assert_refused_keeping_the_pdfs(copy, says)
 
 
 def test_a_missing_metrics_file_names_the_make_command_for_its_folder(quick_outputs, tmp_path):
@@ -697,13 +706,10 @@ def test_a_missing_metrics_file_names_the_make_command_for_its_folder(quick_outp
     ("test", "(c) Training images are less likely.")])
 def test_q4c_opens_with_its_verdict_whether_or_not_eq9_converged(quick_outputs, tmp_path, trust,
                                                                   verdict, opening):
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / "log_likelihood" / "metrics.json"
-    ll = json.loads(path.read_text())
-    ll["eq9"]["train_vs_test"] = verdict
-    ll["trust"]["eq9"] = trust
-    path.write_text(json.dumps(ll))
+    def edit(ll):
+        ll["eq9"]["train_vs_test"], ll["trust"]["eq9"] = verdict, trust
+
+    copy = edited_copy(quick_outputs, tmp_path, "log_likelihood", edit)
     run_script("report/build_report.py", "--outputs", copy)
     text = pdf_text(copy / "report" / "ex1_report.pdf")
     assert opening in text
