@@ -18,8 +18,8 @@ from __future__ import annotations
 import ast
 import json
 import re
-import time
 import sys
+import time
 import zipfile
 from pathlib import Path
 
