@@ -112,7 +112,7 @@ def build_classifier(width: int = 16) -> nn.Module:
 def save_snapshot(path, module, epoch: int, latent_dim: int, kind: str, **extra) -> None:
     """A network's weights with what is needed to rebuild it (kind, latent size), atomically.
     Weights that are not finite (a diverged run) are refused: the file there stays as it was."""
-    if not all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()):
+    if not utils.weights_finite(module):
         raise utils.UsageError(f"training diverged by epoch {epoch}: its weights are not finite, so "
                                f"{path} is not written; lower --lr, or run with --fresh")
     utils.save_checkpoint({"model": module.state_dict(), "epoch": epoch,

@@ -1060,6 +1060,12 @@ def state_unfit(obj, state) -> str | None:
     return None
 
 
+def weights_finite(module) -> bool:
+    """Every floating-point tensor of the module's state is finite (no NaN, no infinity)."""
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values()
+               if t.is_floating_point())
+
+
 def load_state_dict_checked(module, state, path: Path, advice: str = RESUME_ADVICE) -> None:
     """load_state_dict, with one line when the architecture or sizes differ or a weight is not
     finite."""
@@ -1071,7 +1077,7 @@ def load_state_dict_checked(module, state, path: Path, advice: str = RESUME_ADVI
         detail = " ".join(str(err).split())[:160]
         raise CheckpointError(f"checkpoint {path} does not fit this model (wrong architecture or "
                               f"latent size?): {detail}; {advice}")
-    if not all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()):
+    if not weights_finite(module):
         raise CheckpointError(f"checkpoint {path} holds weights that are not finite; {advice}")
 
 
@@ -1169,10 +1175,8 @@ class Training:
     def __iter__(self):
         for epoch in range(self.next_epoch, self.epochs + 1):
             t0 = time.perf_counter()
-            self._logged = {}
             self.epoch = epoch
-            yield epoch
-            self.refuse_diverged()
+            yield epoch                        # log() has refused a non-finite number
             self.history["epoch_seconds"].append(time.perf_counter() - t0)
             self.save(epoch)
         self.progress.close()
@@ -1191,12 +1195,8 @@ class Training:
         that is not finite ends the run here, before the script saves anything of this epoch."""
         for key, value in values.items():
             self.history.setdefault(key, []).append(float(value))
-            self._logged[key] = float(value)
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})
-        self.refuse_diverged()
-
-    def refuse_diverged(self) -> None:
-        bad = {k: v for k, v in self._logged.items() if not math.isfinite(v)}
+        bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
         if bad:
             kept = (f"the checkpoint of epoch {self.epoch - 1} is kept" if self.epoch > 1
                     else "nothing of this run was saved")

@@ -179,17 +179,22 @@ def with_se(mean: float, se: float, sign: bool = False) -> tuple:
     return num(mean, decimals, sign=sign), num(se, decimals)
 
 
+def sig_decimals(x: float, figures: int = 2) -> int:
+    """The decimals that show x to `figures` significant figures."""
+    return max(0, figures - 1 - math.floor(math.log10(abs(x))))
+
+
 def sig(x, figures: int = 2) -> str:
     """x with `figures` significant figures (never a string of zeros: 3e-6 -> '0.0000030')."""
     if x == 0 or not math.isfinite(x):
         return num(x, 0)
-    digits = max(0, figures - 1 - math.floor(math.log10(abs(x))))
+    digits = sig_decimals(x, figures)
     return num(round(x, digits), digits)
 
 
 def small(x: float) -> str:
     """A small difference to two significant figures (0.0021, -0.013), signed."""
-    return num(x, max(0, 1 - math.floor(math.log10(abs(x)))) if x else 1, sign=True)
+    return num(x, sig_decimals(x) if x else 1, sign=True)
 
 
 def pct(x, digits: int = 2) -> str:

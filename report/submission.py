@@ -98,18 +98,26 @@ def quick_run(outputs: Path) -> bool:
     return isinstance(values, dict) and values.get("quick") is True
 
 
-def changed_since_typeset(outputs: Path) -> list:
-    """The files ex1_report.pdf was typeset from (its template, the metrics.json files it read)
-    whose content differs now from what report/build_report.py recorded (BUILT_FROM): file
-    times are not trusted, since copies and unzipped exports keep or reset them."""
-    stamp = outputs / "report" / BUILT_FROM
+def built_from(outputs: Path) -> dict | None:
+    """What report/build_report.py recorded of ex1_report.pdf (BUILT_FROM): the SHA-256 of its
+    template and of each metrics.json it read, and its pages; None if unreadable."""
     try:
-        built = json.loads(stamp.read_text(encoding="utf-8"))["ex1"]
-        files = {outputs / "report" / TEMPLATE: built["template"],
-                 **{outputs / script / "metrics.json": digest
-                    for script, digest in built["metrics"].items()}}
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
-        return [stamp]
+        built = json.loads((outputs / "report" / BUILT_FROM).read_text(encoding="utf-8"))["ex1"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+    complete = isinstance(built, dict) and "template" in built and isinstance(built.get("metrics"), dict)
+    return built if complete else None
+
+
+def changed_since_typeset(outputs: Path, built: dict | None) -> list:
+    """The files ex1_report.pdf was typeset from (its template, the metrics.json files it read)
+    whose content differs now from what report/build_report.py recorded (`built_from`): file
+    times are not trusted, since copies and unzipped exports keep or reset them."""
+    if built is None:
+        return [outputs / "report" / BUILT_FROM]
+    files = {outputs / "report" / TEMPLATE: built["template"],
+             **{outputs / script / "metrics.json": digest
+                for script, digest in built["metrics"].items()}}
     changed = []
     for path, digest in files.items():
         try:
@@ -120,17 +128,16 @@ def changed_since_typeset(outputs: Path) -> list:
     return changed
 
 
-def code_changed_since_runs(outputs: Path, packed: list) -> list:
+def code_changed_since_runs(outputs: Path, built: dict, packed: list) -> list:
     """The packed code files whose content differs from what the runs behind ex1_report.pdf ran
     (each metrics.json records the SHA-256 of its script, model.py and utils.py): the zip would
     hold code that did not make the report's numbers. Runs that recorded no code are not judged."""
+    ran = {}
     try:
-        read = json.loads((outputs / "report" / BUILT_FROM).read_text(encoding="utf-8"))["ex1"]
-        ran = {}
-        for script in read["metrics"]:
+        for script in built["metrics"]:
             recorded = json.loads((outputs / script / "metrics.json").read_text(encoding="utf-8"))
             ran.update(recorded.get("code") or {})
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, RecursionError, TypeError, AttributeError):
         return []                          # changed_since_typeset has refused these already
     return [f for f in packed if f in ran and sha256((ROOT / f).read_bytes()) != ran[f]]
 
@@ -164,14 +171,15 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
             raise UsageError(f"{problem}: fill them in, run make report, then pack again")
         # A --quick run's zip is never handed in (its PDF says so): it tries the packing.
         print(f"note: {problem}; packed anyway, since this is a --quick run")
-    changed = changed_since_typeset(outputs)
+    built = built_from(outputs)
+    changed = changed_since_typeset(outputs, built)
     if changed == [template]:
         raise UsageError(f"{pdf} is older than your edits to {template}: run make report, then "
                          f"pack again")
     if changed:
         raise UsageError(f"{pdf} was typeset before {', '.join(map(str, changed))} changed (or "
                          f"by an older version): run make report, then pack again")
-    pages = json.loads((outputs / "report" / BUILT_FROM).read_text(encoding="utf-8"))["ex1"].get("pages")
+    pages = built.get("pages")
     if isinstance(pages, int) and pages > MAX_PAGES:
         print(f"warning: {PDF} has {pages} pages; the exercise allows {MAX_PAGES} (shorten your "
               f"edits to {TEMPLATE}, run make report, then pack again)")
@@ -180,7 +188,7 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
         print(f"note: the report shows the name {shown.group(1)!r}, the zip's README {name!r}; "
               f"make them the same if that is not what you meant")
     code = sorted(set().union(*(local_imports(s) for s in PART1 + VAE)), key=_order)
-    edited = code_changed_since_runs(outputs, code)
+    edited = code_changed_since_runs(outputs, built, code)
     if edited:
         raise UsageError(f"{', '.join(edited)} changed since the runs that {PDF} shows: run the "
                          f"experiments again (make -B all FLAGS=--fresh after a change to "
