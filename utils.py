@@ -736,8 +736,9 @@ class Run:
     """One run of a script: the output folder it holds and the last epoch it saved. `run_main`
     makes it, hands it to the script's main, and releases it at the end."""
 
-    def __init__(self, product: str = "its metrics.json", script: str = ""):
+    def __init__(self, product: str = "its metrics.json", script: str = "", out_flag: str = "--out"):
         self.script = script         # the file name of the script that runs, for run_facts
+        self.out_flag = out_flag     # the option that names the folder, for the messages
         self.out = self.lock = None
         self.saved_epoch = None      # last epoch with a complete checkpoint; None: not resumable
         self.resumed_epochs = 0      # epochs trained by an earlier run and resumed, not redone
@@ -749,8 +750,8 @@ class Run:
         input is checked, so that bad input leaves the folder as it was."""
         out = Path(out)
         if out.is_symlink() and not out.exists():       # a broken link, or a loop of links
-            raise UsageError(f"--out {out} is a link to {os.readlink(out)}, which does not exist; "
-                             f"create that folder or choose another --out")
+            raise UsageError(f"{self.out_flag} {out} is a link to {os.readlink(out)}, which does "
+                             f"not exist; create that folder or choose another {self.out_flag}")
         self.refuse_to_overwrite(out)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -758,12 +759,12 @@ class Run:
                 pass
             holder = acquire_lock(out / ".lock")
         except OSError as err:
-            raise UsageError(f"cannot write to --out {out}: {err.strerror or err}; choose another "
-                             f"folder")
+            raise UsageError(f"cannot write to {out}: {err.strerror or err}; choose another "
+                             f"{self.out_flag}")
         if holder is not None:
             raise UsageError(f"another run (process {holder}) is writing to {out}; wait for it to "
-                             f"finish or choose another --out (if no such process runs, delete "
-                             f"{out / '.lock'})")
+                             f"finish or choose another {self.out_flag} (if no such process runs, "
+                             f"delete {out / '.lock'})")
         self.out, self.lock = out, out / ".lock"
         for stale in out.iterdir():        # ours, and only ours: the names write_atomic and the
             if OUR_TEMPORARY.fullmatch(stale.name) and stale.is_file():   # test above give
@@ -788,8 +789,8 @@ class Run:
             if owner is None and out.name in EXPERIMENTS:     # written before runs named their script
                 owner = EXPERIMENTS[out.name][0]
         if owner not in (None, self.script):
-            raise UsageError(f"--out {out} holds the results of {owner}, which this run would "
-                             f"overwrite; choose another folder")
+            raise UsageError(f"{self.out_flag} {out} holds the results of {owner}, which this "
+                             f"run would overwrite; choose another folder")
 
     def release(self) -> None:
         if self.lock is not None:
@@ -871,7 +872,7 @@ def run_main(main, argv=None, product: str = "its metrics.json", out_flag: str =
             stream.reconfigure(errors="backslashreplace")
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_terminated)
-    run = Run(product, script=name)
+    run = Run(product, script=name, out_flag=out_flag)
     try:
         try:
             main(run, argv)

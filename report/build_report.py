@@ -375,7 +375,8 @@ def q3_values(latent_opt: dict, amortized: dict) -> dict:
 
 def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
     """Q3 (a), which method proposed better q: the setup, the same-budget fits, Figure 5's
-    validation fits and the image-by-image differences."""
+    validation fits and the image-by-image differences. Means over the few comparison images
+    (a standard error near 0.005) show three decimals."""
     lo, same, verdicts = latent_opt, latent_opt["same_budget"], latent_opt["verdicts"]
     values = {
         "lr": f"{lo['args']['lr']:g}", "latent_lr": f"{lo['args']['latent_lr']:g}",
@@ -385,10 +386,10 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
         "loss_train": num(lo["final_train"]["loss"], 4),
         "recon_train": num(lo["final_train"]["recon_mse"], 4),
         "n_train": lo["same_budget_images"]["train"], "n_val": lo["same_budget_images"]["val"],
-        "lo_proposed": num(same["latent_opt"]["proposed_train"], 4),
-        "lo_fitted_train": num(same["latent_opt"]["fitted_train"], 4),
+        "lo_proposed": num(same["latent_opt"]["proposed_train"], 3),
+        "lo_fitted_train": num(same["latent_opt"]["fitted_train"], 3),
         "lo_fit_lowers": same["latent_opt"]["fitted_train"] < same["latent_opt"]["proposed_train"],
-        "lo_fitted_val": num(same["latent_opt"]["fitted_val"], 4),
+        "lo_fitted_val": num(same["latent_opt"]["fitted_val"], 3),
         "better_q": verdicts["better_q"], "better_decoder": verdicts["better_decoder"],
         "encoder_nearer_best": verdicts.get("encoder_nearer_best")}
     if lo.get("val_fit_recon_mse"):     # Figure 5's ten validation images, epoch by epoch
@@ -402,14 +403,14 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
                             for k, v in same["paired"].items()}
     if "amortized" in same:
         s = same["amortized"]
-        values.update({"am_proposed": num(s["proposed_train"], 4),
+        values.update({"am_proposed": num(s["proposed_train"], 3),
                        # the whole q (mean and spread) by the loss both methods minimize
-                       "am_loss": num(s["proposed_train_loss"], 4),
-                       "lo_loss": num(same["latent_opt"]["proposed_train_loss"], 4),
+                       "am_loss": num(s["proposed_train_loss"], 3),
+                       "lo_loss": num(same["latent_opt"]["proposed_train_loss"], 3),
                        "better_q_by_loss": verdicts["better_q_by_loss"],
-                       "am_proposed_val": num(s["proposed_val"], 4),
-                       "am_fitted_train": num(s["fitted_train"], 4),
-                       "am_fitted_val": num(s["fitted_val"], 4),
+                       "am_proposed_val": num(s["proposed_val"], 3),
+                       "am_fitted_train": num(s["fitted_train"], 3),
+                       "am_fitted_val": num(s["fitted_val"], 3),
                        # does the latent fit raise either method's training MSE (it lowers MSE + KL)?
                        "fit_raised_mse": any(same[k]["fitted_train"] > same[k]["proposed_train"]
                                              for k in ("amortized", "latent_opt"))})
@@ -622,22 +623,10 @@ def eq7_values(eq7: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Uppsala lab
 # ----------------------------------------------------------------------------------------------
-SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
-
-
-def power_of_ten(x: float) -> str:
-    """1e-07 -> '10⁻⁷', 5e-06 -> '5 × 10⁻⁶' (prose, not code)."""
+def power_of_ten(x: float) -> dict:
+    """1e-07 -> mantissa '1', exponent -7; 5e-06 -> '5', -6 (the template sets it as math)."""
     exponent = math.floor(math.log10(x))
-    mantissa = round(x / 10 ** exponent, 3)
-    power = "10" + str(exponent).translate(SUPERSCRIPT)
-    return power if mantissa == 1 else f"{mantissa:g} \u00d7 {power}"
-
-
-def stopping_rule(args: dict) -> str:
-    """The PPCA fit's stopping rule, in words, from the flags it ran with."""
-    return (f"stop once 100 iterations raise the mean log-likelihood by less than "
-            f"{power_of_ten(args['ppca_tol'])} nats per image (at most "
-            f"{args['ppca_max_iter']:,} iterations)")
+    return {"mantissa": f"{round(x / 10 ** exponent, 3):g}", "exponent": exponent}
 
 
 def both_ends(end: str, digits: list) -> dict:
@@ -677,13 +666,22 @@ def survival(named: dict, lost: dict, order: list) -> dict:
     groups = sorted(into.items(), key=lambda item: -len(item[1]))
     return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
             "lost_n": len(lost), "lost_words": count_word(len(lost)),
+            "lost": digit_list([d for d in order if d in lost]) if lost else "",
+            # kept digits that lost ones come back as: the naming rule may favour them
+            "targets": digit_list([d for d in kept if int(d) in into]) if into else "",
             "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
             "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
-            "into": "; ".join(f"{digit_list(ds)} as a {t}" for t, ds in groups),
-            "lost_detail": ", ".join(
+            "into": "; ".join(f"{digit_list(ds)} as {a_digit(t)}" for t, ds in groups),
+            "lost_detail": digit_list([
                 f"{d} ({num(100 * per[d]['kept'], 0)} % kept, "
                 + ("read as itself most often, but under half the time)" if lost[d] == int(d)
-                   else f"most often read as a {lost[d]})") for d in order if d in lost)}
+                   else f"most often read as {a_digit(lost[d])})") for d in order if d in lost]
+                                      ) if lost else ""}
+
+
+def a_digit(digit) -> str:
+    """'a 9', but 'an 8' (said "eight")."""
+    return f"{'an' if int(digit) == 8 else 'a'} {digit}"
 
 
 def count_word(n: int) -> str:
@@ -758,6 +756,9 @@ def lab_pca_values(p: dict) -> dict:
         "ink_corr_p": sig(ans["pca_ink_correlation_p"], 2),
         "ink0": num(ink["0"], 0),
         "rel_best": digit_list(ans["pca_relative_best"]),
+        # the kept digits are the best relative to ink too: two measures with other biases agree
+        "kept_are_rel_best": ({str(d) for d in ans["pca_relative_best"]}
+                              == {d for d in ans["kept_order"]["pca"] if d not in ans["lost"]["pca"]}),
         "rel_worst": digit_list(ans["pca_relative_worst"]),
         "rel_ties": {end: tie_note(ans["pca_relative_ties"][end], ans[f"pca_relative_{end}"])
                      for end in ("best", "worst")},
@@ -781,7 +782,8 @@ def lab_ppca_values(p: dict) -> dict:
     ans, pca, pg, pc = p["answers"], p["pca"], p["ppca_gradient"], p["ppca_closed_form"]
     angles, comparison = p["ppca_comparison"]["subspace_angles_deg"], p["ppca_comparison"]
     return {
-        "init": pg["initialization"], "rule": stopping_rule(p["args"]), "iterations": f"{pg['iterations']:,}",
+        "init": pg["initialization"], "tol": power_of_ten(p["args"]["ppca_tol"]),
+        "max_iter": f"{p['args']['ppca_max_iter']:,}", "iterations": f"{pg['iterations']:,}",
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
         "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
@@ -847,6 +849,9 @@ def lab_code_values(p: dict) -> dict:
         "lost_n_words": count_word(len(ans["pca_lost_neighbour_rank"])),
         "lost_to_nearest": count_word(ans["pca_lost_to_nearest"]),
         "lost_to_nearest_p": num(ans["pca_lost_to_nearest_p"]),
+        "lost_to_nearest_which": digit_list(
+            [f"{d} as {a_digit(ans['lost']['pca'][d])}" for d, rank in
+             ans["pca_lost_neighbour_rank"].items() if rank == 1]) if ans["pca_lost_to_nearest"] else "",
         "lost_follow_codes": ans["pca_lost_follow_codes"],
         "separation": {k: num(enc[k]["separation"], 1) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": ans["vae_separates_better"],
@@ -910,12 +915,17 @@ def lab_vae_values(p: dict) -> dict:
 def install_template(name: str, out: Path) -> tuple:
     """Copy report/<name>.typ to <out>/<name>.typ unless the copy there was edited since we last
     wrote it (its hash is kept in .<name>.typ.sha256): a student's edits are never overwritten.
+    A copy equal to the repository's template is ours even if the stamp was lost.
     Returns (path, kept_edits)."""
     source, target = TEMPLATES / f"{name}.typ", out / f"{name}.typ"
     stamp = out / f".{name}.typ.sha256"
-    if target.is_file() and (not stamp.is_file() or stamp.read_bytes().strip().decode(errors="replace")
-                             != sha256(target.read_bytes())):
-        return target, True
+    if target.is_file():
+        copy = sha256(target.read_bytes())
+        ours = {sha256(source.read_bytes())}
+        if stamp.is_file():
+            ours.add(stamp.read_bytes().strip().decode(errors="replace"))
+        if copy not in ours:
+            return target, True
     write_bytes(target, source.read_bytes())
     write_bytes(stamp, (sha256(target.read_bytes()) + "\n").encode())
     return target, False
@@ -1004,6 +1014,8 @@ def main(argv=None, run=None) -> dict:
         raise UsageError(f"{source.path} holds a value of the wrong type or size "
                          f"({' '.join(str(err).split())[:80]}): run {source.writer} again")
     out = outputs / "report"
+    if run is not None:     # the command line: lock the folder (a second build waits its turn)
+        run.claim(out)      # and remove what a killed build left
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

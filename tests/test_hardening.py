@@ -195,7 +195,7 @@ def test_unwritable_out_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
     code, err = run_inprocess(S, ["--quick", "--out", blocker / "x", "--device", "cpu"], capsys)
-    assert code == 2 and "cannot write to --out" in err and err.count("\n") == 1
+    assert code == 2 and "cannot write to" in err and "choose another --out" in err and err.count("\n") == 1
     assert blocker.read_text() == "keep me"
 
 
