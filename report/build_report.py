@@ -919,15 +919,15 @@ def install_template(name: str, out: Path) -> tuple:
     Returns (path, kept_edits)."""
     source, target = TEMPLATES / f"{name}.typ", out / f"{name}.typ"
     stamp = out / f".{name}.typ.sha256"
+    template = source.read_bytes()
     if target.is_file():
-        copy = sha256(target.read_bytes())
-        ours = {sha256(source.read_bytes())}
+        ours = {sha256(template)}
         if stamp.is_file():
             ours.add(stamp.read_bytes().strip().decode(errors="replace"))
-        if copy not in ours:
+        if sha256(target.read_bytes()) not in ours:
             return target, True
-    write_bytes(target, source.read_bytes())
-    write_bytes(stamp, (sha256(target.read_bytes()) + "\n").encode())
+    write_bytes(target, template)
+    write_bytes(stamp, (sha256(template) + "\n").encode())
     return target, False
 
 
