@@ -31,6 +31,13 @@ REPORTS := $(OUT)/report/ex1_report.pdf $(OUT)/report/apml_lab_report.pdf
 ifneq ($(words $(OUT)),1)
 $(error OUT must name one folder without spaces, got "$(OUT)": make all OUT=outputs)
 endif
+# Characters that make or the shell would read as syntax in a folder name ($ expands, : and ;
+# end a target, quotes and brackets regroup the words, * ? [ match files): refused the same way.
+syntax_chars := $$ : ; ' " \ \# ` * ? [ ] ( ) { } < > | & !
+ifneq ($(strip $(foreach c,$(syntax_chars),$(findstring $(c),$(value OUT)))),)
+$(error OUT "$(value OUT)" holds a character that make or the shell reads as syntax \
+  ($(syntax_chars)): choose a folder name without them, such as OUT=outputs/run2)
+endif
 ifneq ($(words $(DEVICE)),1)
 $(error DEVICE must be one of auto, cpu, cuda or mps, got "$(DEVICE)")
 endif

@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import (BUILT_FROM, OneLineParser, UsageError, path_in, run_main, sha256,  # noqa: E402
-                   write_atomic)  # (torch: never)
+from utils import (BUILT_FROM, OUR_TEMPORARY, OneLineParser, UsageError, path_in,  # noqa: E402
+                   run_main, sha256, write_atomic)  # (torch: never)
 
 PART1 = ["sup_classification.py"]
 VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
@@ -204,6 +204,12 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
             for arcname, path in files:
                 zf.write(path, arcname)
 
+    # A pack killed while it wrote (SIGKILL, a power cut) left its temporary zip beside the
+    # target. Packing takes a second, so one older than a minute is not being written any more.
+    for stale in target.parent.iterdir():
+        if (stale.name.startswith(f".{target.stem}.") and OUR_TEMPORARY.fullmatch(stale.name)
+                and stale.is_file() and time.time() - stale.stat().st_mtime > 60):
+            stale.unlink(missing_ok=True)
     write_atomic(target, write)
     return target
 

@@ -141,8 +141,12 @@ def test_make_quick_passes_your_flags_and_out_on(tmp_path):
 
 @pytest.mark.parametrize("setting, expected", [("OUT=", "OUT must name one folder"),
                                                ("OUT=my outputs", "without spaces"),
-                                               ("DEVICE=", "DEVICE must be one of")])
+                                               ("DEVICE=", "DEVICE must be one of"),
+                                               *((f"OUT=out{c}x", "reads as syntax")
+                                                 for c in "$:;'\"\\#`*?[](){}<>|&!")])
 def test_an_empty_or_spaced_out_or_device_stops_make_before_anything_runs(setting, expected):
+    """Also a folder name that make or the shell would read as syntax: 'out$x' would
+    silently become 'out', 'out:x' a cryptic make error, 'out(x' a shell error midway."""
     proc = make_dry("all", setting)
     assert proc.returncode == 2 and expected in proc.stderr and "python" not in proc.stdout, proc.stderr
 

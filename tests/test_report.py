@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -667,6 +668,23 @@ def test_a_quick_runs_report_is_packed_despite_its_placeholders_with_a_note(quic
     proc = run_script("report/submission.py", "--outputs", copy, "--name", "Ada", "--cse", "ada01")
     assert "note:" in proc.stdout and "--quick run" in proc.stdout
     assert (copy / "ex1_submission_ada01.zip").is_file()
+
+
+def test_a_killed_packs_temporary_zip_is_removed_by_the_next_pack(quick_outputs, tmp_path):
+    """SIGKILL while zipping leaves write_atomic's temporary beside the zip; the next pack
+    removes it once it is a minute old (younger, another pack may be writing it), and only ours."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    killed = copy / ".ex1_submission_ada01.k1ll3d_x.tmp.zip"
+    writing = copy / ".ex1_submission_ada01.wr1t1ng_.tmp.zip"
+    mine = copy / ".ex1_submission_ada01.notes.tmp.zip"     # not a name write_atomic gives
+    for path in (killed, writing, mine):
+        path.write_bytes(b"PK")
+    os.utime(killed, (time.time() - 120, time.time() - 120))
+    os.utime(mine, (time.time() - 120, time.time() - 120))
+    run_script("report/submission.py", "--outputs", copy, "--name", "Ada", "--cse", "ada01")
+    assert not killed.exists() and writing.exists() and mine.exists()
+    assert zipfile.is_zipfile(copy / "ex1_submission_ada01.zip")
 
 
 @pytest.mark.parametrize("assignments", [["CSE=ada01"], ["NAME=  ", "CSE=ada01"],
