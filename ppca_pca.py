@@ -311,10 +311,14 @@ def ranking_answers(results: dict, ink: dict) -> dict:
     ink; the digits both measures put at one end."""
     methods = ("pca", "ppca_gradient", "vae")
     errors = {k: results[k]["test_sq_error_per_digit"] for k in methods}
+    se = {k: results[k]["test_sq_error_se_per_digit"] for k in methods}
     rank = {k: order(v) for k, v in errors.items()}
-    pca, pca_se = errors["pca"], results["pca"]["test_sq_error_se_per_digit"]
-    per_ink = {d: pca[d] / ink[d] for d in DIGITS}
-    relative = order(per_ink)
+    pca = errors["pca"]
+    # the error relative to ink, per method: the standard error scales with it (ink is the
+    # same images' mean), so the ties are the error's
+    per_ink = {k: {d: errors[k][d] / ink[d] for d in DIGITS} for k in methods}
+    relative_rank = {k: order(v) for k, v in per_ink.items()}
+    relative = relative_rank["pca"]
     best, worst = rank["pca"][:3], rank["pca"][-3:][::-1]
 
     def both(ends, relative_ends):       # the digits both error measures put at one end
@@ -330,13 +334,14 @@ def ranking_answers(results: dict, ink: dict) -> dict:
         "pca_ink_correlation_p": float(scipy.stats.pearsonr([ink[d] for d in DIGITS],
                                                             [pca[d] for d in DIGITS]).pvalue),
         "pca_relative_best": relative[:3], "pca_relative_worst": relative[-3:][::-1],
-        # the digits the ranking relative to ink cannot tell from its ends (the error's standard
-        # error divided by the ink, which is the same images' mean)
-        "pca_relative_ties": boundary_ties(per_ink, {d: pca_se[d] / ink[d] for d in DIGITS}),
+        "relative_best": {k: v[:3] for k, v in relative_rank.items()},
+        "relative_worst": {k: v[-3:][::-1] for k, v in relative_rank.items()},
+        # the digits the ranking relative to ink cannot tell from its ends
+        "relative_ties": {k: boundary_ties(per_ink[k], {d: se[k][d] / ink[d] for d in DIGITS})
+                          for k in methods},
         "pca_best_by_both": both(best, relative[:3]),
         "pca_worst_by_both": both(worst, relative[-3:][::-1]),
-        "ties": {k: boundary_ties(errors[k], results[k]["test_sq_error_se_per_digit"])
-                 for k in methods},
+        "ties": {k: boundary_ties(errors[k], se[k]) for k in methods},
         "ppca_error_not_below_pca": results["ppca_gradient"]["test_sq_error"]
                                     >= results["pca"]["test_sq_error"],
     }

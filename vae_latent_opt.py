@@ -211,17 +211,38 @@ def not_greyer(a: dict, b: dict) -> bool:
     return a["share"] - b["share"] < 2 * math.hypot(a["se"], b["se"])
 
 
+def variety_per_image(images) -> torch.Tensor:
+    """How far each image lies from the set's mean image: its mean squared pixel difference.
+    Averaged over the set, this is the pixels' variance across the images (times (n - 1) / n):
+    how varied the set is. Decoded latents that all come out alike, say as one blend of digits,
+    score low, whatever the classifier calls them."""
+    flat = images.flatten(1).double()
+    return (flat - flat.mean(0)).pow(2).mean(1)
+
+
+def variety_ratio(variety: dict) -> dict:
+    """Prior draws' variety as a fraction of the training latents' ({prior, aggregate}, each a
+    mean and its standard error), with its standard error by the delta method."""
+    p, a = variety["prior"], variety["aggregate"]
+    a_mean = max(a["mean"], 1e-12)        # a decoder whose every output is the same image
+    ratio = p["mean"] / a_mean
+    return {"ratio": ratio, "se": math.hypot(p["se"], ratio * a["se"]) / a_mean}
+
+
 @torch.no_grad()
-def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed: int) -> dict:
+def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed: int,
+                            classifier=None) -> dict:
     """Q3's prior tested directly: does the decoder render prior draws as well as draws from
     the latents it was trained on (the aggregate posterior: the q_i of a random training image)?
-    As many draws of each, judged by their mid-grey share per image (mean, standard error), and
-    the same verdict with the grey band at each of OTHER_GREY_BANDS."""
+    As many draws of each, judged by their variety (`variety_per_image`: mean, standard error),
+    by their mid-grey share per image (blur), the same verdict with the grey band at each of
+    OTHER_GREY_BANDS, and, given the Part 1 classifier, by the digits it reads."""
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randint(len(table_mu), (len(prior_images),), generator=gen).to(table_mu.device)
     eps = torch.randn(len(prior_images), table_mu.shape[1], generator=gen).to(table_mu.device)
     z = table_mu[pick] + (0.5 * table_logvar[pick]).exp() * eps
     images = {"prior": prior_images, "aggregate": decoder(z)}
+    variety = {name: utils.mean_and_se(variety_per_image(x)) for name, x in images.items()}
 
     def shares(band):
         grey = {name: utils.mean_and_se(grey_per_image(x, band)) for name, x in images.items()}
@@ -235,7 +256,9 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
     other = {band: verdict(s) for band, s in other_shares.items()}
     return {**result, "images": len(prior_images), "prior_not_greyer": main_verdict,
             "other_bands_not_greyer": other, "other_bands": other_shares,
-            "same_verdict_every_band": all(v == main_verdict for v in other.values())}
+            "same_verdict_every_band": all(v == main_verdict for v in other.values()),
+            "variety": variety, "variety_ratio": variety_ratio(variety),
+            "classified": judge_priors(classifier, images)}
 
 
 def prior_gaps(versus: dict, versus_amortized: dict) -> dict:
@@ -258,6 +281,16 @@ def prior_gap(versus: dict, versus_amortized: dict) -> str:
     return "larger" if gaps["difference"] > 0 else "smaller"
 
 
+def variety_gap(versus: dict, versus_amortized: dict) -> str:
+    """How this decoder's prior draws fall short of its training latents in variety, against
+    Q1's VAE's: 'same' where the two ratios (`variety_ratio`) lie within two standard errors of
+    their difference, else 'larger' (a lower ratio: a larger shortfall) or 'smaller'."""
+    lo, am = versus["variety_ratio"], versus_amortized["variety_ratio"]
+    if abs(lo["ratio"] - am["ratio"]) < 2 * math.hypot(lo["se"], am["se"]):
+        return "same"
+    return "larger" if lo["ratio"] < am["ratio"] else "smaller"
+
+
 def grey_shares(samples: dict, real) -> dict:
     """Q3's samples judged without the classifier: the share of mid-grey pixels in each
     generator's prior samples, and in as many real validation images."""
@@ -276,15 +309,17 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
     samples = prior_samples(decoder, amortized, latent_dim, table_mu.device)
     result = {"sample_quality": judge_priors(classifier, samples),
               "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
+              # as many real validation images, for scale
+              "real_variety": utils.mean_and_se(variety_per_image(val_x[:len(samples["latent_opt"])])),
               "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
                                                             samples["latent_opt"],
-                                                            utils.QUALITY_SEED),
+                                                            utils.QUALITY_SEED, classifier),
               **latent_statistics(table_mu, table_logvar, latent_dim)}
     if amortized is not None:
         with torch.no_grad():
             mu, logvar = (torch.cat(t) for t in zip(*map(amortized.encoder, train_x.split(1000))))
         result["amortized_prior_vs_aggregate"] = prior_against_aggregate(
-            amortized.decoder, mu, logvar, samples["amortized"], utils.QUALITY_SEED)
+            amortized.decoder, mu, logvar, samples["amortized"], utils.QUALITY_SEED, classifier)
         result["prior_gaps"] = prior_gaps(result["prior_vs_aggregate"],
                                           result["amortized_prior_vs_aggregate"])
     return result
@@ -330,7 +365,8 @@ def wide_start_control(train_x, latent_dim: int, epochs: int, batch_size: int, l
         versus = prior_against_aggregate(decoder, mu, logvar, prior_images, utils.QUALITY_SEED)
     return {"start_scale": WIDE_START, **spread(mu, logvar), "at_start": wide_start,
             "q3_at_start": q3_start,
-            "prior_vs_aggregate": {k: versus[k] for k in ("prior", "aggregate", "images")}}
+            "prior_vs_aggregate": {k: versus[k] for k in ("prior", "aggregate", "images",
+                                                               "variety", "variety_ratio")}}
 
 
 def spread(mu, logvar) -> dict:
@@ -402,7 +438,10 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
     variance); samples_greyer: whether the latent-optimization samples hold more mid-grey
     pixels (blur) than the amortized ones; blur_mostly_decoder: whether more of that grey gap
     lies between the amortized samples and this decoder's own training latents than between
-    those latents and prior draws (`versus`, from prior_against_aggregate); prior_gap: is this
+    those latents and prior draws (`versus`, from prior_against_aggregate); variety_gap: do
+    prior draws through this decoder fall short of its own training latents in variety by the
+    'same' fraction as through Q1's VAE (`versus_amortized`), a 'larger' or a 'smaller' one
+    (`variety_gap`); prior_gap: is this
     decoder's shortfall of prior draws against its own training latents the 'same' as Q1's
     VAE's (`versus_amortized`), 'larger' or 'smaller' (`prior_gap`), and is that verdict the
     same at every grey band; decoder_greyer: does this decoder, fed its own training latents,
@@ -423,6 +462,8 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
                 else (versus["aggregate"]["share"] - grey["amortized"]
                       > versus["prior"]["share"] - versus["aggregate"]["share"])}
     if versus and versus_amortized:
+        if "variety_ratio" in versus and "variety_ratio" in versus_amortized:
+            verdicts["variety_gap"] = variety_gap(versus, versus_amortized)
         verdicts["prior_gap"] = prior_gap(versus, versus_amortized)
         verdicts["prior_gap_same_every_band"] = all(
             prior_gap(versus["other_bands"][band], versus_amortized["other_bands"][band])

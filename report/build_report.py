@@ -398,6 +398,18 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
         values["val_fit"] = digit_list([num(lo["val_fit_recon_mse"][e], 3) for e in epochs])
         shown = lo.get("amortized_val10_recon_mse")
         values["am_val10"] = None if shown is None else num(shown, 3)
+    epochs = lo.get("snapshot_epochs") or []
+    curve_lo, curve_am = lo.get("train_recon_mse") or [], amortized.get("train_recon_mse") or []
+    if epochs and len(curve_lo) >= epochs[-1] and len(curve_am) >= epochs[-1]:
+        # Figure 5's epochs on the same 1,000 training images (Q1's curves): since when the
+        # encoder's mu(x) reconstruct better than the learned mu_i at every later snapshot
+        lo_at, am_at = ([curve[e - 1] for e in epochs] for curve in (curve_lo, curve_am))
+        ahead = [e for i, e in enumerate(epochs)
+                 if all(a < b for a, b in zip(am_at[i:], lo_at[i:]))]
+        values.update({"curve_lo": digit_list([num(x, 3) for x in lo_at]),
+                       "curve_am": digit_list([num(x, 3) for x in am_at]),
+                       "ahead_from": ahead[0] if ahead else None, "first_epoch": epochs[0],
+                       "curve_images": f"{amortized['monitor_images']['train']:,}"})
     if "paired" in same:            # latent optimization minus amortized, image by image
         values["paired"] = {k: dict(zip(("mean", "se"), with_se(v["mean"], v["se"], sign=True)))
                             for k, v in same["paired"].items()}
@@ -470,6 +482,9 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
                        "gap_diff": dict(zip(("mean", "se"), with_se(gaps["difference"],
                                                                     gaps["difference_se"],
                                                                     sign=True)))})
+    if versus and versus_am and "variety_gap" in verdicts:    # Table 4: how varied, how labelled
+        values.update(variety_values(lo, amortized, versus, versus_am),
+                      variety_gap=verdicts["variety_gap"])
     wide = lo.get("wide_start")
     if wide and verdicts.get("start_decides") is not None:   # the control started wider (Q3 b)
         versus_wide = wide["prior_vs_aggregate"]
@@ -502,6 +517,36 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
                        "lo_covered": lo_q["digits_covered"], "am_covered": am_q["digits_covered"],
                        "lo_images": f"{lo_q['images']:,}"})
     return values
+
+
+def variety_values(lo: dict, amortized: dict, versus: dict, versus_am: dict) -> dict:
+    """Q3 (b)'s direct test, per decoder: the variety of its decoded training-latent draws and
+    prior draws (each with its standard error), prior over training as a share, the share of
+    each set that the classifier labels as the digit it names most among this decoder's prior
+    draws, and the mid-grey share; real test images for scale."""
+    rows, top = {}, None
+    if (versus.get("classified") or {}).get("prior"):
+        top = top_digit(versus["classified"]["prior"])
+    for key, v in (("lo", versus), ("am", versus_am)):
+        row = {}
+        for draws in ("aggregate", "prior"):
+            mean, se = with_se(v["variety"][draws]["mean"], v["variety"][draws]["se"])
+            labelled = (v.get("classified") or {}).get(draws)
+            row[draws] = {"variety": f"{mean}\u00a0±\u00a0{se}", "grey": num(100 * v[draws]["share"], 1),
+                          "top": "—" if top is None or not labelled
+                          else num(100 * labelled["share"][top], 0)}
+        row["ratio"] = pct(v["variety_ratio"]["ratio"], 0)
+        rows[key] = row
+    real = lo["real_variety"]
+    mean, se = with_se(real["mean"], real["se"])
+    real_labels = (amortized.get("sample_quality") or {}).get("real test images")
+    wide = (lo.get("wide_start") or {}).get("prior_vs_aggregate", {}).get("variety_ratio")
+    return {"variety": rows, "variety_top": "—" if top is None else top,
+            "real_variety": f"{mean}\u00a0±\u00a0{se}",
+            "real_grey": num(100 * lo["grey_share"]["real"], 1),
+            "real_top": "—" if top is None or not real_labels
+            else num(100 * real_labels["share"][top], 0),
+            "wide_ratio": None if wide is None else pct(wide["ratio"], 0)}
 
 
 def estimate_diagnostics(likelihood: dict) -> dict:
@@ -582,9 +627,9 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "peak_gb": "n/a" if ll["peak_rss_mb"] is None else num(ll["peak_rss_mb"] / 1024, 1),
         "device": ll["device"],
         "implied_sigma2": num(implied_sigma2), "implied_sigma": num(math.sqrt(implied_sigma2)),
-        # one decimal, so that the two-standard-error tie rule can be checked from the table
-        "table": [{"digit": d, "mean": num(per[str(d)]["mean"], 1), "se": num(per[str(d)]["se"], 1),
-                   "eq9": num(per[str(d)]["eq9_mean"], 1), "gap": num(per[str(d)]["gap_mean"], 1),
+        # whole nats, as standard errors of 15 to 45 nats support
+        "table": [{"digit": d, "mean": num(per[str(d)]["mean"], 0), "se": num(per[str(d)]["se"], 0),
+                   "eq9": num(per[str(d)]["eq9_mean"], 0), "gap": num(per[str(d)]["gap_mean"], 0),
                    "ink": num(ll["ink_per_digit"][str(d)], 0)} for d in range(10)],
         "same_ranking_ends": ll["agreement"]["most"] and ll["agreement"]["least"],
         "ink_corr": num(ll["ink_correlation"]),
@@ -593,7 +638,7 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "most_ink_rank": ll["most_ink"]["rank"],
         **dict(zip(("paired", "paired_se"), with_se(ll["paired_train_minus_test"],
                                                      ll["paired_train_minus_test_se"], sign=True))),
-        "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 1) for d in range(10)],
+        "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 0) for d in range(10)],
         "same_most": ll["agreement"]["most"], "same_least": ll["agreement"]["least"],
         "same_train_vs_test": ll["agreement"]["train_vs_test"],
         "changes_within_ties": ll["agreement"]["changes_within_ties"],
@@ -666,6 +711,7 @@ def survival(named: dict, lost: dict, order: list) -> dict:
     groups = sorted(into.items(), key=lambda item: -len(item[1]))
     return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
             "lost_n": len(lost), "lost_words": count_word(len(lost)),
+            "kept_words": count_word(len(kept)),
             "lost": digit_list([d for d in order if d in lost]) if lost else "",
             # kept digits that lost ones come back as: the naming rule may favour them
             "targets": digit_list([d for d in kept if int(d) in into]) if into else "",
@@ -760,8 +806,16 @@ def lab_pca_values(p: dict) -> dict:
         "kept_are_rel_best": ({str(d) for d in ans["pca_relative_best"]}
                               == {d for d in ans["kept_order"]["pca"] if d not in ans["lost"]["pca"]}),
         "rel_worst": digit_list(ans["pca_relative_worst"]),
-        "rel_ties": {end: tie_note(ans["pca_relative_ties"][end], ans[f"pca_relative_{end}"])
+        "rel_ties": {end: tie_note(ans["relative_ties"]["pca"][end], ans[f"pca_relative_{end}"])
                      for end in ("best", "worst")},
+        # every method's ranking relative to ink (Q4.5, Q4.9), with its ties
+        "rel": {k: {"best": digit_list(ans["relative_best"][k]),
+                    "worst": digit_list(ans["relative_worst"][k]),
+                    "ties": {end: tie_note(ans["relative_ties"][k][end], ans[f"relative_{end}"][k])
+                             for end in ("best", "worst")}}
+                for k in ("pca", "ppca_gradient", "vae")},
+        "ppca_rel_same_as_pca": (ans["relative_best"]["ppca_gradient"] == ans["relative_best"]["pca"]
+                                 and ans["relative_worst"]["ppca_gradient"] == ans["relative_worst"]["pca"]),
         **both_ends("best", ans["pca_best_by_both"]), **both_ends("worst", ans["pca_worst_by_both"]),
         "neighbour_images": f"{p['original_images']['reference_images']:,}",
         "namer_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
@@ -788,7 +842,7 @@ def lab_ppca_values(p: dict) -> dict:
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
         "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
         # four figures, so that D/2 log of the two sigma^2's ratio can be checked from them
-        "sigma2_ppca": sig(pc["sigma2"], 4),
+        "sigma2_ppca": sig(pc["sigma2"], 3),
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
         "eig_err": sig(100 * max(map(abs, comparison["w_eigenvalue_relative_errors"])), 1) + " %",
@@ -803,6 +857,9 @@ def lab_ppca_values(p: dict) -> dict:
         "ppca_not_below_pca": ans["ppca_error_not_below_pca"],
         # the gaps to PCA are a few thousandths: two significant figures show them
         "ppca_gap": small(pg["test_sq_error"] - pca["test_sq_error"]),
+        # Table 1 shows two decimals: a smaller difference that rounds to two different ones
+        "ppca_gap_hidden": (abs(pg["test_sq_error"] - pca["test_sq_error"]) < 0.01
+                            and num(pg["test_sq_error"]) != num(pca["test_sq_error"])),
         "closed_gap": small(pc["test_sq_error"] - pca["test_sq_error"]),
         "closed_gap_predicted": small(comparison["closed_form_shrinkage_error"]),
     }
@@ -858,6 +915,11 @@ def lab_code_values(p: dict) -> dict:
         "vae_closest_pair_closer": ans["vae_closest_pair_closer"],
         "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
         "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
+        # a digit of the VAE's closest pair that it loses to the other one (Q4.9), or none
+        "vae_pair_lost": next(([str(d), str(other)] for d, other in
+                               [enc["vae"]["closest_pairs"][0]["digits"],
+                                enc["vae"]["closest_pairs"][0]["digits"][::-1]]
+                               if ans["lost"]["vae"].get(str(d)) == other), None),
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
     }
 

@@ -256,10 +256,15 @@ def test_the_ranking_relative_to_ink_names_its_ties_by_the_scaled_standard_error
     pca = {d: 1.0 + 0.001 * d for d in range(10)}       # not constant: the correlations exist
     ink = {str(d): float(d + 1) for d in range(10)}
     ink["6"] = ink6
-    answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca),
+    vae = {d: float(ink[str(d)]) ** 2 for d in range(10)}  # per ink: the ink itself
+    answers = ppca_pca.lab_answers(crafted_results(pca, pca, vae),
                                    {k: crafted_geometry(0.0) for k in ("pca", "ppca", "vae")}, ink)
     assert answers["pca_relative_best"] == ["9", "8", "7"]
-    assert answers["pca_relative_ties"]["best"] == (["6"] if tied else [])
+    assert answers["relative_best"]["ppca_gradient"] == ["9", "8", "7"]
+    assert answers["relative_ties"]["pca"]["best"] == (["6"] if tied else [])
+    # each method ranked by its own error per ink: the VAE's smallest for the least ink
+    assert answers["relative_best"]["vae"] == ["0", "1", "2"]
+    assert answers["relative_worst"]["vae"][0] == "9"                  # the most ink
 
 
 @pytest.mark.parametrize("gap,tied", [(0.28, True), (0.29, False)])

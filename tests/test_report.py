@@ -198,47 +198,76 @@ def test_the_text_follows_a_different_outcome(quick_outputs, tmp_path):
     assert "Yes, it starts to overfit" in text
 
 
-@pytest.mark.parametrize("gap, opening", [("same", "No, not by itself: the initialization only sets"),
-                                          ("smaller", "No, not by itself: the initialization only sets"),
-                                          ("larger", "No. The initialization only sets where")])
-def test_q3s_prior_answer_follows_the_measured_prior_gap(quick_outputs, tmp_path, gap, opening):
+def q3_report_with(quick_outputs, tmp_path, **verdicts):
+    """The Ex. 1 report's text, built from the quick outputs with Q3's verdicts set."""
     copy = tmp_path / "outputs"
     shutil.copytree(quick_outputs, copy)
     path = copy / "vae_latent_opt" / "metrics.json"
     lo = json.loads(path.read_text())
-    lo["verdicts"]["prior_gap"] = gap
+    lo["verdicts"].update(verdicts)
     path.write_text(json.dumps(lo))
     run_script("report/build_report.py", "--outputs", copy)
-    text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
+    return " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split()), lo
+
+
+@pytest.mark.parametrize("gap, opening", [
+    ("larger", "Only partly. The"), ("same", "Yes. The"), ("smaller", "Yes. The")])
+def test_q3s_prior_answer_follows_the_measured_variety_gap(quick_outputs, tmp_path, gap, opening):
+    """Where the start decides, the verdict follows how much variety prior draws lose against
+    the decoder's own training latents, compared with Q1's VAE; the ratios are the metrics'."""
+    text, lo = q3_report_with(quick_outputs, tmp_path, variety_gap=gap, start_decides=True,
+                              aggregate_near_prior=True, control_prior_greyer=True)
     assert f"Answer. {opening}" in text
-    margin = {"same": "by the same margin as", "smaller": "by a smaller margin than",
-              "larger": "by a larger margin than"}[gap]
-    assert f"{margin} for Q1's VAE" in text
+    ratios = [f"{100 * lo[k]['variety_ratio']['ratio']:.0f} %"
+              for k in ("prior_vs_aggregate", "amortized_prior_vs_aggregate")]
+    assert (f"decoded prior draws vary {ratios[0]} as much as the decoder's own training latents "
+            f"do when decoded, against {ratios[1]} for Q1's VAE") in text
+    if gap != "larger":
+        assert {"same": "no larger shortfall than Q1's",
+                "smaller": "a smaller shortfall than Q1's"}[gap] in text
+    shortfall = {"larger": "a larger shortfall.", "same": "the same shortfall, within two standard",
+                 "smaller": "a smaller shortfall."}[gap]
+    assert f"through Q1's {ratios[1]}: {shortfall}" in text
 
 
 @pytest.mark.parametrize("decides, near, opening", [
-    (True, True, "Yes. Started at"),
+    (True, True, "Only partly. The"),
     (False, True, "Not by itself: the KL term of Eq. 6 brings the latents close"),
     (False, False, "No, not by itself: the initialization only sets")])
 def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_path, decides,
                                                             near, opening):
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / "vae_latent_opt" / "metrics.json"
-    lo = json.loads(path.read_text())
-    lo["verdicts"].update(prior_gap="same", start_decides=decides, aggregate_near_prior=near,
-                          control_prior_greyer=True)
-    path.write_text(json.dumps(lo))
-    run_script("report/build_report.py", "--outputs", copy)
-    text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
+    text, lo = q3_report_with(quick_outputs, tmp_path, variety_gap="larger", start_decides=decides,
+                              aggregate_near_prior=near, control_prior_greyer=True)
     assert f"Answer. {opening}" in text
     wide = lo["wide_start"]
     assert ("Why the start matters." in text) == decides       # its evidence, after the answer
     if decides:
         assert f"{wide['aggregate_posterior_kl']:,.0f} nats from" in text
-        gap = 100 * (wide["prior_vs_aggregate"]["prior"]["share"]
-                     - wide["prior_vs_aggregate"]["aggregate"]["share"])
-        assert f"against {gap:+.1f} for the control started wider" in text
+        ratio = wide["prior_vs_aggregate"]["variety_ratio"]["ratio"]
+        assert f"its prior draws keep only {100 * ratio:.0f} % of its training latents' variety" in text
+
+
+def test_q3s_variety_table_and_curves_are_the_metrics(quick_outputs, tmp_path):
+    """Table 3's variety of each decoder's draws, and Q3 (a)'s reconstruction errors at
+    Figure 5's epochs on Q1's curve images, with the epoch from which the encoder leads."""
+    text, lo = q3_report_with(quick_outputs, tmp_path)
+    for key in ("prior_vs_aggregate", "amortized_prior_vs_aggregate"):
+        for draws in ("aggregate", "prior"):
+            v = lo[key]["variety"][draws]
+            decimals = build_report.se_decimals(v["se"])
+            assert f"{v['mean']:.{decimals}f} ± {v['se']:.{decimals}f}" in text, (key, draws)
+    am = json.loads((quick_outputs / "vae_amortized" / "metrics.json").read_text())
+    epochs = lo["snapshot_epochs"]
+    lo_at = [lo["train_recon_mse"][e - 1] for e in epochs]
+    am_at = [am["train_recon_mse"][e - 1] for e in epochs]
+    assert f"reconstruct with MSE {build_report.digit_list([f'{x:.3f}' for x in lo_at])}" in text
+    ahead = [e for i, e in enumerate(epochs) if all(a < b for a, b in zip(am_at[i:], lo_at[i:]))]
+    if not ahead:
+        assert "the encoder is ahead" not in text
+    elif ahead[0] == epochs[0]:
+        assert "the encoder is ahead at every epoch" in text
+    else:
+        assert f"the encoder is ahead from epoch {ahead[0]} on" in text
 
 
 def test_q1_names_the_digits_figure_3_loses_at_the_last_epoch(quick_outputs, tmp_path):
@@ -858,7 +887,8 @@ def test_the_figures_lost_images_are_named_only_for_digits_the_vae_keeps(quick_o
     path.write_text(json.dumps(p))
     run_script("report/build_report.py", "--outputs", copy)
     text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
-    assert "names the VAE's 0 and 3 as other digits" in text
+    assert ("In Figure 1, the VAE's 0 and 3 are named as other digits, though most images of "
+            "these digits are kept") in text
 
 
 def test_the_lab_names_the_crowded_groups_and_the_digits_apart(reports, quick_outputs):

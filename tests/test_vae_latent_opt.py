@@ -165,6 +165,9 @@ def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
     assert set(m["sample_quality"]) == {"amortized", "latent_opt"}
     assert m["verdicts"]["better_q"] in ("amortized", "latent_opt")
     assert m["verdicts"]["prior_gap"] in ("same", "larger", "smaller")     # both decoders tested
+    assert m["verdicts"]["variety_gap"] in ("same", "larger", "smaller")
+    assert set(m["prior_vs_aggregate"]["classified"]) == {"prior", "aggregate"}
+    assert 0 < m["real_variety"]["mean"] and "variety_ratio" in m["wide_start"]["prior_vs_aggregate"]
     assert m["amortized_prior_vs_aggregate"]["images"] == m["prior_vs_aggregate"]["images"]
     for name in ("loss_curves.png", "q3_reconstructions_train.png", "q3_reconstructions_val.png",
                  "q3_prior_samples.png", "decoder_final.pt"):
@@ -259,6 +262,56 @@ def test_prior_against_aggregate_draws_from_the_training_latents():
     mu = torch.full((30, 4), 0.3)                               # grey in every band: the same verdict
     result = vae_latent_opt.prior_against_aggregate(decoder, mu, logvar, prior, seed=0)
     assert result["other_bands_not_greyer"] == {"0.5": True, "0.95": True} and result["same_verdict_every_band"]
+
+
+def test_variety_is_the_pixels_variance_across_the_images():
+    """Averaged over the set, each image's mean squared distance from the set's mean image is
+    numpy's per-pixel variance across the images (ddof=0), averaged over the pixels."""
+    images = torch.randn(50, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+    per_image = vae_latent_opt.variety_per_image(images)
+    assert per_image.shape == (50,)
+    flat = images.flatten(1).double().numpy()
+    assert per_image.mean().item() == pytest.approx(flat.var(axis=0).mean())
+    assert vae_latent_opt.variety_per_image(images[:1].repeat(7, 1, 1, 1)).abs().max() == 0
+
+
+def test_variety_ratio_has_the_delta_method_standard_error():
+    ratio = vae_latent_opt.variety_ratio({"prior": {"mean": 0.04, "se": 0.001},
+                                          "aggregate": {"mean": 0.08, "se": 0.002}})
+    assert ratio["ratio"] == pytest.approx(0.5)
+    assert ratio["se"] == pytest.approx(0.5 * math.sqrt(0.025 ** 2 + 0.025 ** 2))
+
+
+def with_ratio(ratio, se=0.01):
+    return {"variety_ratio": {"ratio": ratio, "se": se}}
+
+
+@pytest.mark.parametrize("lo_ratio, expected", [(0.7, "same"), (0.7282, "same"), (0.7284, "smaller"),
+                                                (0.6718, "same"), (0.6716, "larger"), (0.48, "larger")])
+def test_the_variety_gap_is_q1s_within_two_standard_errors_of_the_ratios(lo_ratio, expected):
+    """Both ratios with SE 0.01: two standard errors of their difference are 0.02828, so around
+    Q1's 0.7 the line lies at 0.7 -/+ 0.0283 (a lower ratio is a larger shortfall)."""
+    assert vae_latent_opt.variety_gap(with_ratio(lo_ratio), with_ratio(0.7)) == expected
+
+
+def test_prior_against_aggregate_measures_variety_and_asks_the_classifier():
+    """Prior images all alike have no variety; draws from latents spread over two values have
+    some; a stand-in classifier that reads the first pixel's sign labels both sets."""
+    decoder = lambda z: z.unsqueeze(1)                        # noqa: E731 (a stand-in network)
+    mu = torch.cat([torch.full((15, 4), -0.5), torch.full((15, 4), 0.5)])
+    logvar = torch.full((30, 4), -20.0)
+    prior = torch.zeros(40, 1, 4)
+    classifier = lambda x: torch.nn.functional.one_hot(      # noqa: E731
+        (x.flatten(1)[:, 0] > 0).long() * 8, 10).float() * 10
+    result = vae_latent_opt.prior_against_aggregate(decoder, mu, logvar, prior, seed=0,
+                                                    classifier=classifier)
+    assert result["variety"]["prior"] == {"mean": 0.0, "se": 0.0}
+    assert result["variety"]["aggregate"]["mean"] > 0.2     # +-0.5 about a mean near 0
+    assert result["variety_ratio"]["ratio"] == 0.0
+    assert result["classified"]["prior"]["share"][0] == 1.0  # zeros: not above 0
+    shares = result["classified"]["aggregate"]["share"]
+    assert shares[0] + shares[8] == pytest.approx(1.0) and 0 < shares[8] < 1
+    assert vae_latent_opt.prior_against_aggregate(decoder, mu, logvar, prior, 0)["classified"] is None
 
 
 @pytest.mark.parametrize("aggregate,mostly", [(0.2501, True), (0.25, False), (0.2499, False)])
