@@ -301,7 +301,7 @@ def lab_answers(results: dict, geometry: dict, ink: dict) -> dict:
     ranking = ranking_answers(results, ink)
     survival = survival_answers(results, ranking["best"]["pca"], ranking["worst"]["pca"])
     return {**ranking, **survival,
-            **crowding_answers(results, geometry, survival["lost"]["pca"]),
+            **crowding_answers(results, geometry, survival["lost"]["pca"], ink),
             **gain_answers(results)}
 
 
@@ -369,12 +369,12 @@ def survival_answers(results: dict, best: list, worst: list) -> dict:
     }
 
 
-def crowding_answers(results: dict, geometry: dict, pca_lost: dict) -> dict:
+def crowding_answers(results: dict, geometry: dict, pca_lost: dict, ink: dict) -> dict:
     """4.7: the closest mean codes (shared by PCA and PPCA?), crowding (distance to the nearest
-    other digit's mean code) against PCA's error, the groups the codes crowd into and whether
-    the digits apart survive more often, and whether a lost digit turns into its nearest
-    neighbour's digit."""
-    pca = results["pca"]["test_sq_error_per_digit"]
+    other digit's mean code) against PCA's error relative to ink (the squared error favours
+    digits with little ink, 4.1), the groups the codes crowd into and whether the digits apart
+    survive more often, and whether a lost digit turns into its nearest neighbour's digit."""
+    pca = {d: results["pca"]["test_sq_error_per_digit"][d] / ink[d] for d in DIGITS}
     crowding = {}
     for name, g in geometry.items():
         means = torch.tensor([g["mean_encoding"][d] for d in DIGITS], dtype=torch.float64)

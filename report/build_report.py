@@ -536,6 +536,7 @@ def variety_values(lo: dict, amortized: dict, versus: dict, versus_am: dict) -> 
                           "top": "—" if top is None or not labelled
                           else num(100 * labelled["share"][top], 0)}
         row["ratio"] = pct(v["variety_ratio"]["ratio"], 0)
+        row["prior"]["mean"] = mean       # the prior draws' variety alone (the loop's last)
         rows[key] = row
     real = lo["real_variety"]
     mean, se = with_se(real["mean"], real["se"])

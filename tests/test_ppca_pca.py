@@ -230,15 +230,17 @@ def test_relative_error_ranks_divide_by_ink_and_crowding_is_the_nearest_other_me
     assert answers["pca_relative_worst"] == ["0", "1", "2"]
     means = torch.tensor([[float(d), float(d) ** 1.5] for d in range(10)], dtype=torch.float64)
     dist = torch.cdist(means, means).fill_diagonal_(float("inf")).min(1).values
-    # errors that fall as the nearest other mean moves away: crowding ranks them (scipy's
-    # Spearman is the oracle; a strictly decreasing relation has rho = -1)
-    pca = {d: 100.0 - dist[d].item() for d in range(10)}
+    # errors relative to ink (4.1's fairer measure) that fall as the nearest other mean moves
+    # away: crowding ranks them (scipy's Spearman is the oracle; a strictly decreasing relation
+    # has rho = -1), though the raw errors, scaled by ink, do not fall with the distance
+    pca = {d: (100.0 - dist[d].item()) * ink[str(d)] for d in range(10)}
     answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca), geometry, ink)
     assert answers["pca_crowding_spearman"] == pytest.approx(
-        scipy.stats.spearmanr(dist.numpy(), [pca[d] for d in range(10)])[0])
+        scipy.stats.spearmanr(dist.numpy(), [pca[d] / ink[str(d)] for d in range(10)])[0])
     assert answers["pca_crowding_spearman"] < -0.65 and answers["pca_crowded_are_worst"]
+    assert scipy.stats.spearmanr(dist.numpy(), [pca[d] for d in range(10)])[0] > 0
     # the same errors against a shuffled crowding order: a weak correlation does not count
-    pca = {d: 100.0 - dist[(3 * d) % 10].item() for d in range(10)}
+    pca = {d: (100.0 - dist[(3 * d) % 10].item()) * ink[str(d)] for d in range(10)}
     answers = ppca_pca.lab_answers(crafted_results(pca, pca, pca), geometry, ink)
     assert answers["pca_crowding_p"] >= 0.05 and not answers["pca_crowded_are_worst"]
     # errors that grow with ink: correlation 1 (against numpy's, the oracle: a line is exact)
