@@ -211,7 +211,8 @@ def q3_report_with(quick_outputs, tmp_path, **verdicts):
 
 
 @pytest.mark.parametrize("gap, opening", [
-    ("larger", "Only partly. The"), ("same", "Yes. The"), ("smaller", "Yes. The")])
+    ("larger", "Only partly: needed, but not sufficient."), ("same", "Yes. The"),
+    ("smaller", "Yes. The")])
 def test_q3s_prior_answer_follows_the_measured_variety_gap(quick_outputs, tmp_path, gap, opening):
     """Where the start decides, the verdict follows how much variety prior draws lose against
     the decoder's own training latents, compared with Q1's VAE; the ratios are the metrics'."""
@@ -227,11 +228,11 @@ def test_q3s_prior_answer_follows_the_measured_variety_gap(quick_outputs, tmp_pa
                 "smaller": "a smaller shortfall than Q1's"}[gap] in text
     shortfall = {"larger": "a larger shortfall.", "same": "the same shortfall, within two standard",
                  "smaller": "a smaller shortfall."}[gap]
-    assert f"through Q1's {ratios[1]}: {shortfall}" in text
+    assert f"through Q1's decoder, {ratios[1]}: {shortfall}" in text
 
 
 @pytest.mark.parametrize("decides, near, opening", [
-    (True, True, "Only partly. The"),
+    (True, True, "Only partly: needed, but not sufficient."),
     (False, True, "Not by itself: the KL term of Eq. 6 brings the latents close"),
     (False, False, "No, not by itself: the initialization only sets")])
 def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_path, decides,
