@@ -211,7 +211,7 @@ def q3_report_with(quick_outputs, tmp_path, **verdicts):
 
 
 @pytest.mark.parametrize("gap, opening", [
-    ("larger", "Only partly: needed, but not sufficient."), ("same", "Yes. The"),
+    ("larger", "Only partly. Prior draws fall short of the latents"), ("same", "Yes. The"),
     ("smaller", "Yes. The")])
 def test_q3s_prior_answer_follows_the_measured_variety_gap(quick_outputs, tmp_path, gap, opening):
     """Where the start decides, the verdict follows how much variety prior draws lose against
@@ -232,7 +232,7 @@ def test_q3s_prior_answer_follows_the_measured_variety_gap(quick_outputs, tmp_pa
 
 
 @pytest.mark.parametrize("decides, near, opening", [
-    (True, True, "Only partly: needed, but not sufficient."),
+    (True, True, "Only partly. Prior draws fall short of the latents"),
     (False, True, "Not by itself: the KL term of Eq. 6 brings the latents close"),
     (False, False, "No, not by itself: the initialization only sets")])
 def test_q3s_prior_answer_follows_the_control_started_wider(quick_outputs, tmp_path, decides,
