@@ -724,6 +724,16 @@ def display_path(path: Path) -> str:
 OUR_TEMPORARY = re.compile(r"\.(?:.+\.[a-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9]+)?|write-test-[a-z0-9_]{8})")
 
 
+def remove_our_temporaries(folder: Path, prefix: str = ".", min_age_s: float = 0.0) -> None:
+    """Delete the temporary files a killed run of ours left in folder, and only ours (the names
+    write_atomic and claim's test give), starting with prefix and older than min_age_s."""
+    for stale in folder.iterdir():
+        if (stale.name.startswith(prefix) and OUR_TEMPORARY.fullmatch(stale.name)
+                and stale.is_file()
+                and (min_age_s <= 0 or time.time() - stale.stat().st_mtime > min_age_s)):
+            stale.unlink(missing_ok=True)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every atomic write cleans up after itself."""
 
@@ -766,9 +776,7 @@ class Run:
                              f"finish or choose another {self.out_flag} (if no such process runs, "
                              f"delete {out / '.lock'})")
         self.out, self.lock = out, out / ".lock"
-        for stale in out.iterdir():        # ours, and only ours: the names write_atomic and the
-            if OUR_TEMPORARY.fullmatch(stale.name) and stale.is_file():   # test above give
-                stale.unlink(missing_ok=True)
+        remove_our_temporaries(out)
         return out
 
     def refuse_to_overwrite(self, out: Path) -> None:

@@ -286,7 +286,7 @@ def variety_gap(versus: dict, versus_amortized: dict) -> str:
     Q1's VAE's: 'same' where the two ratios (`variety_ratio`) lie within two standard errors of
     their difference, else 'larger' (a lower ratio: a larger shortfall) or 'smaller'."""
     lo, am = versus["variety_ratio"], versus_amortized["variety_ratio"]
-    if abs(lo["ratio"] - am["ratio"]) < 2 * math.hypot(lo["se"], am["se"]):
+    if utils.within_two_se(lo["ratio"], am["ratio"], lo["se"], am["se"]):
         return "same"
     return "larger" if lo["ratio"] < am["ratio"] else "smaller"
 

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+from itertools import permutations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -536,7 +537,6 @@ def variety_values(lo: dict, amortized: dict, versus: dict, versus_am: dict) -> 
                           "top": "—" if top is None or not labelled
                           else num(100 * labelled["share"][top], 0)}
         row["ratio"] = pct(v["variety_ratio"]["ratio"], 0)
-        row["prior"]["mean"] = mean       # the prior draws' variety alone (the loop's last)
         rows[key] = row
     real = lo["real_variety"]
     mean, se = with_se(real["mean"], real["se"])
@@ -917,10 +917,8 @@ def lab_code_values(p: dict) -> dict:
         "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
         "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
         # a digit of the VAE's closest pair that it loses to the other one (Q4.9), or none
-        "vae_pair_lost": next(([str(d), str(other)] for d, other in
-                               [enc["vae"]["closest_pairs"][0]["digits"],
-                                enc["vae"]["closest_pairs"][0]["digits"][::-1]]
-                               if ans["lost"]["vae"].get(str(d)) == other), None),
+        "vae_pair_lost": next(([str(d), str(other)] for d, other in permutations(
+            enc["vae"]["closest_pairs"][0]["digits"]) if ans["lost"]["vae"].get(str(d)) == other), None),
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
     }
 

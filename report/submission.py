@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils import (BUILT_FROM, OUR_TEMPORARY, OneLineParser, UsageError, path_in,  # noqa: E402
-                   run_main, sha256, write_atomic)  # (torch: never)
+from utils import (BUILT_FROM, OneLineParser, UsageError, path_in,  # noqa: E402
+                   remove_our_temporaries, run_main, sha256, write_atomic)  # (torch: never)
 
 PART1 = ["sup_classification.py"]
 VAE = ["vae_amortized.py", "vae_latent_opt.py", "log_likelihood.py"]
@@ -206,10 +206,7 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
 
     # A pack killed while it wrote (SIGKILL, a power cut) left its temporary zip beside the
     # target. Packing takes a second, so one older than a minute is not being written any more.
-    for stale in target.parent.iterdir():
-        if (stale.name.startswith(f".{target.stem}.") and OUR_TEMPORARY.fullmatch(stale.name)
-                and stale.is_file() and time.time() - stale.stat().st_mtime > 60):
-            stale.unlink(missing_ok=True)
+    remove_our_temporaries(target.parent, prefix=f".{target.stem}.", min_age_s=60)
     write_atomic(target, write)
     return target
 
