@@ -445,6 +445,23 @@ def mean_and_se(values) -> dict:
     return {"mean": values.mean().item(), "se": (values.std() / len(values) ** 0.5).item()}
 
 
+def equal_digit_mean(values, labels) -> dict:
+    """The mean of per-image values weighted to equal digit shares, as if every digit had as
+    many images: the mean of the per-digit means, and its standard error sqrt(sum_d se_d^2) / k
+    over the k digits present (the digits are independent strata; None where a digit has a
+    single image, whose spread is unknown). Two sets with different digit mixes (Q1's balanced
+    training subset and the unbalanced test set) compare fairly so, since digits differ in how
+    hard they are. Also each digit's mean and number of images."""
+    digits = labels.unique().tolist()
+    groups = [values[labels == d] for d in digits]
+    known = all(len(g) > 1 for g in groups)
+    return {"mean": sum(g.mean().item() for g in groups) / len(groups),
+            "se": (math.sqrt(sum(g.var().item() / len(g) for g in groups)) / len(groups)
+                   if known else None),
+            "per_digit": {str(d): g.mean().item() for d, g in zip(digits, groups)},
+            "images_per_digit": {str(d): len(g) for d, g in zip(digits, groups)}}
+
+
 def within_two_se(a: float, b: float, se_a: float, se_b: float) -> bool:
     """Two independent means that no comparison can tell apart: less than two standard errors
     of their difference, 2 sqrt(se_a^2 + se_b^2), apart (the reports call them tied)."""

@@ -2,7 +2,8 @@
 
 Q1: loss per epoch (training and validation, with their MSE and KL parts), reconstructions of
 10 validation and 10 training images (one per digit) at epochs 1, 5, 10, 20, 30, and the
-train-vs-validation reconstruction error that says whether it overfit.
+train-vs-validation reconstruction error (each digit weighted equally, since the test set's
+digit mix is not the balanced subset's) that says whether it overfit.
 Q2: 10 latents drawn once from the prior, decoded by the generator of each of those epochs, and
 1,000 prior samples per epoch judged by the Part 1 classifier (which digits, how confidently).
 `--loss elbo` trains the same VAE on the negative ELBO of the sigma_p model instead (the
@@ -66,10 +67,12 @@ def eq7_check() -> dict:
 def overfit_verdict(history, final) -> dict:
     """Q1's 'did it overfit?': 'yes' if the validation loss ends more than 1 % above its minimum,
     else 'no' if the reconstruction error on unseen images is within 5 % of the training
-    images', else 'mildly' (a generalization gap without the validation loss rising). Also
-    whether that gap is within two standard errors of the difference (no gap can be measured,
-    where the standard errors are known), and whether the model is still improving: the
-    validation loss fell over the last five epochs."""
+    images', else 'mildly' (a generalization gap without the validation loss rising). `final`
+    holds each split's recon_mse (main passes them weighted to equal digit shares, so that both
+    sets have the same digit mix). Also whether that gap is within two standard errors of the
+    difference (no gap can be measured, where the standard errors are known) and how many
+    standard errors it is, and whether the model is still improving: the validation loss fell
+    over the last five epochs."""
     val = history["val_loss"]
     gap = (final["val"]["recon_mse"] - final["train"]["recon_mse"]) / final["train"]["recon_mse"]
     rise = val[-1] / min(val) - 1
@@ -77,9 +80,13 @@ def overfit_verdict(history, final) -> dict:
     # Still learning at the end? The validation loss's fall over the last five epochs.
     fall = (val[-6] - val[-1]) / val[-6] if len(val) > 5 else None
     seen, unseen = final["train"], final["val"]
+    known = (unseen.get("recon_mse_se") is not None) and (seen.get("recon_mse_se") is not None)
     within = (utils.within_two_se(unseen["recon_mse"], seen["recon_mse"], unseen["recon_mse_se"],
-                                  seen["recon_mse_se"]) if "recon_mse_se" in unseen else None)
+                                  seen["recon_mse_se"]) if known else None)
+    in_se = ((unseen["recon_mse"] - seen["recon_mse"])
+             / math.hypot(unseen["recon_mse_se"], seen["recon_mse_se"]) if known else None)
     return {"verdict": verdict, "recon_gap": gap, "recon_gap_within_two_se": within,
+            "recon_gap_in_se": in_se,
             "val_loss_rise": rise,
             "best_val_epoch": int(min(range(len(val)), key=val.__getitem__)) + 1,
             "val_loss_fall_last5": fall, "still_improving": fall is not None and fall > 0}
@@ -184,40 +191,59 @@ def reconstructions_read_by_classifier(classifier, vae, x, labels) -> dict:
     """Q1: does a reconstruction still show the digit it came from? The share of reconstructions
     G(mu(x)) that the Part 1 classifier reads as the true digit (the originals' share beside it),
     and the predicted digit of each reconstruction; the share's binomial standard error
-    sqrt(p (1 - p) / n) over the n images, so that training and validation can be compared."""
+    sqrt(p (1 - p) / n) over the n images; and the share weighted to equal digit shares with
+    its standard error (utils.equal_digit_mean), which compares training and validation images
+    on the same digit mix."""
     recon = torch.cat([vae.reconstruct(b) for b in x.split(500)])
     predicted = torch.cat([classifier(b).argmax(1) for b in recon.split(500)]).cpu()
     original = torch.cat([classifier(b).argmax(1) for b in x.split(500)]).cpu()
     labels = labels.cpu()
-    share = float((predicted == labels).double().mean())
+    right = (predicted == labels).double()
+    share = float(right.mean())
+    equal = utils.equal_digit_mean(right, labels)
     return {"accuracy": share, "accuracy_se": math.sqrt(share * (1 - share) / len(labels)),
+            "equal_digits": {"accuracy": equal["mean"], "accuracy_se": equal["se"]},
             "images": len(labels), "original_accuracy": float((original == labels).double().mean()),
             "predicted": predicted.tolist()}
 
 
-def reconstructions_read(classifier, out, snapshots, vae, data, show_val_x, device) -> dict:
-    """Q1: the figure's 10 validation reconstructions as the classifier reads them at every
-    snapshot, and the share read correctly over all training and validation images at the end."""
-    labels = data["val_y"][data["show_val"]]
-    read = {"shown_val_labels": labels.tolist(), "shown_val": {}}
+def reconstructions_read(classifier, out, snapshots, vae, data, show, device) -> dict:
+    """Q1: the figure's 10 validation and 10 training reconstructions as the classifier reads
+    them at every snapshot, and the share read correctly over all training and validation
+    images at the end."""
+    labels = {"val": data["val_y"][data["show_val"]], "train": data["train_y"][data["show_train"]]}
+    read = {"shown_val_labels": labels["val"].tolist(), "shown_val": {},
+            "shown_train_labels": labels["train"].tolist(), "shown_train": {}}
     snapshot = vae_model.VAE(vae.latent_dim).to(device).eval()
     for epoch in snapshots:
         vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device,
                                 vae_model.OWN_SNAPSHOT)
-        read["shown_val"][str(epoch)] = reconstructions_read_by_classifier(
-            classifier, snapshot, show_val_x, labels)["predicted"]
+        for split in ("val", "train"):
+            read[f"shown_{split}"][str(epoch)] = reconstructions_read_by_classifier(
+                classifier, snapshot, show[split], labels[split])["predicted"]
     for split, x, y in (("train", data["train_x"], data["train_y"]),
                         ("val", data["val_x"], data["val_y"])):
         result = reconstructions_read_by_classifier(classifier, vae, x, y)
-        read[split] = {k: result[k] for k in ("accuracy", "accuracy_se", "images", "original_accuracy")}
-    read["train_val_tie"] = shares_tie(read["train"], read["val"])
+        read[split] = {k: result[k] for k in ("accuracy", "accuracy_se", "equal_digits", "images",
+                                              "original_accuracy")}
+    # Does either set keep its digits measurably more often, on the same digit mix?
+    train, val = read["train"]["equal_digits"], read["val"]["equal_digits"]
+    read["train_val_tie"] = (None if None in (train["accuracy_se"], val["accuracy_se"]) else
+                             utils.within_two_se(train["accuracy"], val["accuracy"],
+                                                 train["accuracy_se"], val["accuracy_se"]))
     return read
 
 
-def shares_tie(a: dict, b: dict) -> bool:
-    """Q1: are two shares read right ({accuracy, accuracy_se}) within two standard errors of
-    their difference, so that neither set of images keeps its digits measurably more often?"""
-    return utils.within_two_se(a["accuracy"], b["accuracy"], a["accuracy_se"], b["accuracy_se"])
+@torch.no_grad()
+def recon_mse_equal_digits(vae, x, labels) -> dict:
+    """Q1's reconstruction error G(mu(x)) against x, weighted to equal digit shares: the
+    training subset has 500 images of each digit, the test set does not, and digits differ in
+    error (a 1 has little ink), so the raw means would compare different digit mixes."""
+    errors = torch.cat([(vae.reconstruct(b) - b).pow(2).flatten(1).mean(1)
+                        for b in x.split(500)]).double()
+    equal = utils.equal_digit_mean(errors, labels)
+    return {"recon_mse": equal["mean"], "recon_mse_se": equal["se"],
+            "per_digit": equal["per_digit"], "images_per_digit": equal["images_per_digit"]}
 
 
 @torch.no_grad()
@@ -237,7 +263,7 @@ def data_facts(data) -> dict:
             "show_val_indices": data["show_val"].tolist()}
 
 
-def judge_by_classifier(classifier, out, snapshots, vae, data, show_val_x, device) -> dict:
+def judge_by_classifier(classifier, out, snapshots, vae, data, show, device) -> dict:
     """What Part 1's classifier says: of real test images (the reference for Q2's samples), of
     images that are no digits (its bias), and of Q1's reconstructions."""
     return {"real test images": utils.classify_samples(
@@ -245,7 +271,7 @@ def judge_by_classifier(classifier, out, snapshots, vae, data, show_val_x, devic
             "classifier_baselines": classifier_baselines(classifier, data["train_x"],
                                                          data["val_x"], utils.QUALITY_SEED),
             "reconstructions_read": reconstructions_read(classifier, out, snapshots, vae, data,
-                                                         show_val_x, device)}
+                                                         show, device)}
 
 
 def main(run: utils.Run, argv=None):
@@ -286,6 +312,8 @@ def main(run: utils.Run, argv=None):
     vae.eval()
     final = {split: vae_model.vae_evaluate(vae.decoder, encode(vae), x, **objective)
              for split, x in (("train", train_x), ("val", val_x))}
+    equal_digits = {split: recon_mse_equal_digits(vae, x, data[f"{split}_y"])
+                    for split, x in (("train", train_x), ("val", val_x))}
 
     # Q1's figures, and Q2: the same prior latents through every snapshot's generator
     plot_loss_curves(out / "loss_curves.png", history, monitor, args.loss, args.sigma_p)
@@ -295,12 +323,13 @@ def main(run: utils.Run, argv=None):
     quality = snapshot_figures(out, snapshots, args.latent_dim, show, z_show, classifier, device)
     judged = {"classifier_baselines": None, "reconstructions_read": None}
     if classifier is not None:
-        judged = judge_by_classifier(classifier, out, snapshots, vae, data, show["val"], device)
+        judged = judge_by_classifier(classifier, out, snapshots, vae, data, show, device)
         quality["real test images"] = judged.pop("real test images")
 
     metrics = {
         **history, "final_train": final["train"], "final_val": final["val"],
-        "overfit": overfit_verdict(history, final), "snapshot_epochs": snapshots,
+        "final_equal_digits": equal_digits,
+        "overfit": overfit_verdict(history, equal_digits), "snapshot_epochs": snapshots,
         "monitor_images": {k: len(v) for k, v in monitor.items()},
         # Q2: 1,000 prior samples per snapshot judged by the Part 1 classifier (absent without it)
         "sample_quality": quality or None, **judged,

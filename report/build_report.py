@@ -18,7 +18,6 @@ import math
 import os
 import re
 import sys
-from itertools import permutations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,6 +265,8 @@ def part1_values(classifier: dict) -> dict:
         "per_class": f"{classifier['train_images'] // 10:,}",
         "lr": f"{classifier['args']['lr']:g}", "batch": classifier["args"]["batch_size"],
         "val_images": f"{classifier['val_images']:,}", "accuracy": pct(acc),
+        # its binomial standard error over the test images, in percentage points
+        "accuracy_se": with_se(100 * acc, 100 * math.sqrt(acc * (1 - acc) / classifier["val_images"])),
         "above_bar": classifier["above_course_bar"], "bar": pct(classifier["course_bar"], 0),
         "best_accuracy": pct(val_acc[best]),
         "best_epoch": best + 1, "seconds": num(classifier["train_seconds"], 0),
@@ -285,8 +286,8 @@ def q1_values(amortized: dict) -> dict:
         "recon_val": num(a["final_val"]["recon_mse"], 4),
         "recon_gap": num(100 * overfit["recon_gap"], 1, sign=True) + " %",
         "recon_gap_within": overfit["recon_gap_within_two_se"],
-        "recon_train_se": with_se(a["final_train"]["recon_mse"], a["final_train"]["recon_mse_se"]),
-        "recon_val_se": with_se(a["final_val"]["recon_mse"], a["final_val"]["recon_mse_se"]),
+        "recon_gap_se": None if overfit.get("recon_gap_in_se") is None else num(overfit["recon_gap_in_se"], 1),
+        "equal": None,
         "best_val_epoch": overfit["best_val_epoch"],
         "val_rise": num(100 * overfit["val_loss_rise"], 1) + " %",
         "verdict": overfit["verdict"], "steps": f"{a['steps']:,}",
@@ -295,24 +296,43 @@ def q1_values(amortized: dict) -> dict:
         "val_falling": overfit["still_improving"],
         "implied_sigma2": num(784 / (2 * a["latent_dim"])), "sigma_p": f"{a['sigma_p']:g}",
         # the KL part of the final training loss: per latent dimension and over all of them
-        "kl_dim": sig(a["final_train"]["kl"], 2), "kl_total": num(a["final_train"]["kl"] * a["latent_dim"], 1),
+        "kl_dim": sig(a["final_train"]["kl"], 3), "kl_total": num(a["final_train"]["kl"] * a["latent_dim"], 1),
         "read": None}
+    # the overfitting comparison on equal digit shares, where the run measured it (older runs
+    # compared the raw means); the raw validation mean beside it
+    equal = a.get("final_equal_digits", {"train": a["final_train"], "val": a["final_val"]})
+    for split in ("train", "val"):
+        e = equal[split]
+        values[f"recon_{split}_se"] = (with_se(e["recon_mse"], e["recon_mse_se"])
+                                       if e.get("recon_mse_se") is not None else (num(e["recon_mse"], 4), "n/a"))
+    if "final_equal_digits" in a:
+        per_digit = equal["val"]["per_digit"]
+        easiest, hardest = min(per_digit, key=per_digit.get), max(per_digit, key=per_digit.get)
+        counts = equal["val"]["images_per_digit"].values()
+        values["equal"] = {"val_raw": num(a["final_val"]["recon_mse"], 4),
+                           "easiest": easiest, "easiest_mse": num(per_digit[easiest], 3),
+                           "hardest": hardest, "hardest_mse": num(per_digit[hardest], 3),
+                           "fewest": f"{min(counts):,}", "most": f"{max(counts):,}"}
     read = a.get("reconstructions_read")
     if read:
-        val, train = read["val"], read["train"]
+        # shares weighted to equal digit shares where the run measured them
+        val, train = (read[k].get("equal_digits", read[k]) for k in ("val", "train"))
         values["read"] = {
             "val": pct(val["accuracy"], 1), "val_se": pct(val["accuracy_se"], 1),
-            "val_n": f"{val['images']:,}",
+            "val_n": f"{read['val']['images']:,}", "equal": "equal_digits" in read["val"],
             "train": pct(train["accuracy"], 1), "train_se": pct(train["accuracy_se"], 1),
-            "train_n": f"{train['images']:,}",
-            "val_orig": pct(val["original_accuracy"], 1), "same": read["train_val_tie"]}
+            "train_n": f"{read['train']['images']:,}",
+            "val_orig": pct(read["val"]["original_accuracy"], 1), "same": read["train_val_tie"]}
         shown = read.get("shown_val", {})
         if shown:                   # Figure 3's ten validation images at the last epoch
             last, labels = shown[max(shown, key=int)], read["shown_val_labels"]
             wrong = [(t, r) for t, r in zip(labels, last) if t != r]
             values["read"]["shown_right"] = len(labels) - len(wrong)
             values["read"]["shown_n"] = len(labels)
-            values["read"]["shown_expected"] = num(len(labels) * val["accuracy"], 1)
+            values["read"]["shown_expected"] = num(len(labels) * val["accuracy"], 0)
+            trained = read.get("shown_train", {})      # and the figure's ten training images
+            values["read"]["shown_train_right"] = (None if not trained else sum(
+                t == r for t, r in zip(read["shown_train_labels"], trained[max(trained, key=int)])))
             values["read"]["shown_wrong"] = digit_list([str(t) for t, _ in wrong]) if wrong else ""
             values["read"]["shown_as"] = digit_list([str(r) for _, r in wrong]) if wrong else ""
     return values
@@ -422,6 +442,9 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
                        "lo_loss": num(same["latent_opt"]["proposed_train_loss"], 3),
                        "better_q_by_loss": verdicts["better_q_by_loss"],
                        "am_proposed_val": num(s["proposed_val"], 3),
+                       # the encoder's one-pass proposals against latent optimization's fits on
+                       # the validation images, which the question compares
+                       "val_encoder_better": s["proposed_val"] < same["latent_opt"]["fitted_val"],
                        "am_fitted_train": num(s["fitted_train"], 3),
                        "am_fitted_val": num(s["fitted_val"], 3),
                        # does the latent fit raise either method's training MSE (it lowers MSE + KL)?
@@ -572,11 +595,12 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "gap_median": num(likelihood["gap"]["median"], 1),
         "gap_max": num(likelihood["gap"]["max"], 0),
         "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
-        "eq9_move_min": None if move["eq9"] is None else num(move["eq9"]["min"], 1, sign=True),
+        # whole nats for Eq. 9, whose single estimates differ by several nats between runs
+        "eq9_move_min": None if move["eq9"] is None else num(move["eq9"]["min"], 0, sign=True),
         # the same images' estimates from the curves' fresh samples against Figure 7's, at M
         "stream": None if likelihood["stream_disagreement"] is None else
-            {k: num(v, 1) for k, v in likelihood["stream_disagreement"].items()},
-        "eq9_move_max": None if move["eq9"] is None else num(move["eq9"]["max"], 1, sign=True),
+            {k: num(v, 0 if k == "eq9" else 1) for k, v in likelihood["stream_disagreement"].items()},
+        "eq9_move_max": None if move["eq9"] is None else num(move["eq9"]["max"], 0, sign=True),
         "train_mean": num(likelihood["train_mean"], 0), "test_mean": num(likelihood["test_mean"], 0),
         "mean_all": num((likelihood["train_mean"] + likelihood["test_mean"]) / 2, 0),
         "kl": num(mismatch["kl_median"], 1), "kl_mean_part": num(mismatch["kl_mean_part_median"], 1),
@@ -607,7 +631,13 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
         f"{prefix}diff": diff[0], f"{prefix}diff_se": diff[1],
         # the smallest difference these few images could have shown: two standard errors
         f"{prefix}detectable": num(2 * estimate["train_minus_test_se"], 0),
-        f"{prefix}train_vs_test": estimate["train_vs_test"]}
+        f"{prefix}train_vs_test": estimate["train_vs_test"],
+        # the same difference paired by digit (each digit's training mean minus its test mean)
+        **dict(zip((f"{prefix}paired", f"{prefix}paired_se"),
+                   with_se(estimate["paired_train_minus_test"],
+                           estimate["paired_train_minus_test_se"], sign=True))),
+        f"{prefix}paired_within": abs(estimate["paired_train_minus_test"])
+                                  < 2 * estimate["paired_train_minus_test_se"]}
 
 
 def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
@@ -637,8 +667,6 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
         "least_ink_digit": min(range(10), key=lambda d: ll["ink_per_digit"][str(d)]),
         "most_ink_digit": ll["most_ink"]["digit"], "most_ink": num(ll["most_ink"]["lit_pixels"], 0),
         "most_ink_rank": ll["most_ink"]["rank"],
-        **dict(zip(("paired", "paired_se"), with_se(ll["paired_train_minus_test"],
-                                                     ll["paired_train_minus_test_se"], sign=True))),
         "eq9_se": [num(eq9["per_digit"][str(d)]["se"], 0) for d in range(10)],
         "same_most": ll["agreement"]["most"], "same_least": ll["agreement"]["least"],
         "same_train_vs_test": ll["agreement"]["train_vs_test"],
@@ -717,6 +745,8 @@ def survival(named: dict, lost: dict, order: list) -> dict:
             # kept digits that lost ones come back as: the naming rule may favour them
             "targets": digit_list([d for d in kept if int(d) in into]) if into else "",
             "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
+            # each kept digit beside its share ('1: 98 %, 0: 96 %')
+            "kept_pairs": ", ".join(f"{d}: {num(100 * per[d]['kept'], 0)} %" for d in kept),
             "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
             "into": "; ".join(f"{digit_list(ds)} as {a_digit(t)}" for t, ds in groups),
             "lost_detail": digit_list([
@@ -767,6 +797,10 @@ def lab_tables(p: dict) -> dict:
         "se_range_all": "{} to {}".format(*(sig(f(se for _, r in errors for se in
                                                    r["test_sq_error_se_per_digit"].values()), 1)
                                             for f in (min, max))),
+        # the overall means' standard errors (over the test images), where the run stored them
+        "se_overall": (None if any("test_sq_error_se" not in r for _, r in errors) else
+                       "{} to {}".format(*(num(se, se_decimals(se)) for se in (
+                           f(r["test_sq_error_se"] for _, r in errors) for f in (min, max))))),
         "closed_max_diff": sig(max(abs(pg["test_sq_error_per_digit"][str(d)] - pc["test_sq_error_per_digit"][str(d)])
                                    for d in range(10)), 1),
         # each digit's ink, the mean over its test images of the summed squared pixels (Q4.1)
@@ -792,6 +826,10 @@ def lab_pca_values(p: dict) -> dict:
         return {end: tie_note(ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
     return {
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
+        "pca_error_se": (None if "test_sq_error_se" not in pca else
+                         with_se(pca["test_sq_error"], pca["test_sq_error_se"])),
+        "pca_kept_all": pct(pca["nearest_digit"]["kept"], 0),
+        "original_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
         "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
@@ -862,6 +900,10 @@ def lab_ppca_values(p: dict) -> dict:
         "ppca_gap_hidden": (abs(pg["test_sq_error"] - pca["test_sq_error"]) < 0.01
                             and num(pg["test_sq_error"]) != num(pca["test_sq_error"])),
         "closed_gap": small(pc["test_sq_error"] - pca["test_sq_error"]),
+        # the same gap paired on the same images, with its standard error (far below either mean's)
+        "ppca_paired": (None if "ppca_minus_pca_sq_error" not in comparison else
+                        with_se(comparison["ppca_minus_pca_sq_error"]["mean"],
+                                comparison["ppca_minus_pca_sq_error"]["se"], sign=True)),
         "closed_gap_predicted": small(comparison["closed_form_shrinkage_error"]),
     }
 
@@ -901,6 +943,9 @@ def lab_code_values(p: dict) -> dict:
         "apart_survive": ans["pca_apart_kept_more"],
         "crowd_rho": num(ans["pca_crowding_spearman"], sign=True),
         "crowd_p": num(ans["pca_crowding_p"]),
+        # does any of 4.7's three tests find a link between crowding and loss (p < 0.05)?
+        "crowding_link_found": min(ans["pca_apart_kept_p"], ans["pca_lost_to_nearest_p"],
+                                   ans["pca_crowding_p"]) < 0.05,
         "crowded_are_worst": ans["pca_crowded_are_worst"],
         # the lost digits that come back most often as another digit
         "lost_n": len(ans["pca_lost_neighbour_rank"]),
@@ -916,9 +961,6 @@ def lab_code_values(p: dict) -> dict:
         "vae_closest_pair_closer": ans["vae_closest_pair_closer"],
         "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
         "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
-        # a digit of the VAE's closest pair that it loses to the other one (Q4.9), or none
-        "vae_pair_lost": next(([str(d), str(other)] for d, other in permutations(
-            enc["vae"]["closest_pairs"][0]["digits"]) if ans["lost"]["vae"].get(str(d)) == other), None),
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
     }
 
@@ -941,6 +983,10 @@ def lab_vae_values(p: dict) -> dict:
         "vae_sigma2": sig(vae["sigma2"], 3), "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
+        # the overall means with their standard errors over the test images, where stored
+        "errors_se": (None if "test_sq_error_se" not in vae else
+                      {k: with_se(p[k]["test_sq_error"], p[k]["test_sq_error_se"])
+                       for k in ("pca", "ppca_gradient", "vae")}),
         # the VAE's lower bound minus PPCA's exact log-likelihood: the least it is ahead by
         # rounded down, as "at least" needs
         "density_gap": num(math.floor(10 * (vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"])) / 10, 1),

@@ -468,6 +468,11 @@ def test_quick_run_writes_every_method_and_figure(quick_outputs):
     assert m["ppca_gradient"]["iterations"] > 0 and "initialization" in m["ppca_gradient"]
     assert m["ppca_gradient"]["converged"]
     assert abs(m["ppca_comparison"]["sigma2_relative_error"]) < 0.02
+    # 4.6's paired difference: the mean of per-image differences is the difference of the means
+    paired = m["ppca_comparison"]["ppca_minus_pca_sq_error"]
+    assert paired["mean"] == pytest.approx(m["ppca_gradient"]["test_sq_error"]
+                                           - m["pca"]["test_sq_error"], rel=1e-6, abs=1e-9)
+    assert 0 < paired["se"] < m["pca"]["test_sq_error_se"]   # the images' own spread cancels
     for name in ("encodings.png", "reconstructions.png", "sq_error_per_digit.png",
                  "ppca_log_likelihood.png", "lattices.png", "samples.png"):
         assert (out / name).is_file(), name
@@ -516,6 +521,7 @@ def test_squared_error_per_digit_with_its_standard_error_matches_numpy():
     result = ppca_pca.sq_error(x, recon, labels)
     err = ((x - recon).double() ** 2).sum(1).numpy()
     assert result["test_sq_error"] == pytest.approx(err.mean())
+    assert result["test_sq_error_se"] == pytest.approx(err.std(ddof=1) / np.sqrt(len(err)))
     for d in range(10):
         own = err[labels.numpy() == d]
         assert result["test_sq_error_per_digit"][str(d)] == pytest.approx(own.mean())

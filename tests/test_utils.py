@@ -613,3 +613,22 @@ def test_an_empty_lock_dated_in_the_future_is_stale(tmp_path):
     assert utils.acquire_lock(tmp_path / ".lock") is None
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
 
+
+
+@pytest.mark.parametrize("gap,tie", [(0.0282, True), (0.0284, False)])
+def test_two_means_tie_within_two_standard_errors_of_their_difference(gap, tie):
+    """SEs 0.01 each: the difference's SE is sqrt(2) * 0.01, two of them 0.02828."""
+    assert utils.within_two_se(0.70, 0.70 + gap, 0.01, 0.01) is tie
+
+
+def test_equal_digit_mean_is_the_mean_of_per_digit_means_with_stratified_se():
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0, 14.0, 7.0, 9.0], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    got = utils.equal_digit_mean(values, labels)
+    groups = [np.array([1.0, 2.0, 3.0]), np.array([10.0, 14.0]), np.array([7.0, 9.0])]
+    assert got["mean"] == pytest.approx(np.mean([g.mean() for g in groups]))
+    assert got["se"] == pytest.approx(np.sqrt(sum(g.var(ddof=1) / len(g) for g in groups)) / 3)
+    assert got["per_digit"] == {"0": 2.0, "1": 12.0, "2": 8.0}
+    assert got["images_per_digit"] == {"0": 3, "1": 2, "2": 2}
+    # a digit with one image: its spread, and so the standard error, is unknown
+    assert utils.equal_digit_mean(values[:4], labels[:4])["se"] is None

@@ -7,6 +7,7 @@ and the script end to end in --quick mode."""
 import math
 import shutil
 
+import numpy as np
 import pytest
 
 import torch
@@ -123,13 +124,61 @@ def test_reconstructions_read_share_with_its_binomial_standard_error():
     assert read["accuracy"] == pytest.approx(17 / 20) and read["original_accuracy"] == 1.0
     assert read["accuracy_se"] == pytest.approx(math.sqrt(0.85 * 0.15 / 20))
     assert read["images"] == 20 and read["predicted"][:3] == [1, 2, 3]
+    # balanced labels: weighting to equal digit shares changes nothing
+    assert read["equal_digits"]["accuracy"] == pytest.approx(17 / 20)
 
 
-@pytest.mark.parametrize("gap,tie", [(0.0282, True), (0.0284, False)])
-def test_two_shares_tie_within_two_standard_errors_of_their_difference(gap, tie):
-    """SEs 0.01 each: the difference's SE is sqrt(2) * 0.01, two of them 0.02828."""
-    a, b = {"accuracy": 0.70, "accuracy_se": 0.01}, {"accuracy": 0.70 + gap, "accuracy_se": 0.01}
-    assert vae_amortized.shares_tie(a, b) is tie
+def test_reconstructions_read_weighted_to_equal_digit_shares():
+    """Ten more 0s, all read right: the raw share rises to 27/30, the equal-digit share is the
+    mean of the ten per-digit shares (11/12 for 0, 1/2 for 1 and 2, 1 for the rest)."""
+    labels = torch.cat([torch.arange(20) % 10, torch.zeros(10, dtype=torch.long)])
+    x = torch.zeros(30, 1, 28, 28)
+    x[torch.arange(30), 0, 0, labels] = 1.0
+
+    class ShiftFirstThree:
+        def reconstruct(self, batch):
+            out = batch.clone()
+            out[:3] = batch[:3].roll(1, dims=-1)
+            return out
+
+    read = vae_amortized.reconstructions_read_by_classifier(
+        lambda b: b.reshape(len(b), -1)[:, :10], ShiftFirstThree(), x, labels)
+    shares = np.array([11 / 12, 0.5, 0.5] + [1.0] * 7)
+    right = [np.r_[np.ones(11), 0.0], [0.0, 1.0], [0.0, 1.0]] + [np.ones(2)] * 7
+    se = np.sqrt(sum(np.var(r, ddof=1) / len(r) for r in right)) / 10
+    assert read["accuracy"] == pytest.approx(27 / 30)
+    assert read["equal_digits"]["accuracy"] == pytest.approx(shares.mean())
+    assert read["equal_digits"]["accuracy_se"] == pytest.approx(se)
+
+
+def test_reconstruction_error_weighted_to_equal_digit_shares():
+    """A 'VAE' that returns zeros: each image's error is its mean squared pixel. Digit 1 is
+    given nine images, the rest two each; the weighted mean is the mean of per-digit means."""
+    labels = torch.cat([torch.arange(20) % 10, torch.ones(7, dtype=torch.long)])
+    x = torch.rand(27, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    class Zeros:
+        def reconstruct(self, batch):
+            return torch.zeros_like(batch)
+
+    got = vae_amortized.recon_mse_equal_digits(Zeros(), x, labels)
+    per_image = x.double().pow(2).flatten(1).mean(1).numpy()
+    per_digit = [per_image[labels.numpy() == d] for d in range(10)]
+    assert got["recon_mse"] == pytest.approx(np.mean([p.mean() for p in per_digit]))
+    assert got["recon_mse_se"] == pytest.approx(
+        np.sqrt(sum(p.var(ddof=1) / len(p) for p in per_digit)) / 10)
+    assert got["images_per_digit"]["1"] == 9 and got["recon_mse"] != pytest.approx(per_image.mean())
+
+
+def test_the_gap_in_standard_errors_and_unknown_ones():
+    v = vae_amortized.overfit_verdict({"val_loss": [2.0, 1.0]},
+                                      {"train": {"recon_mse": 0.1, "recon_mse_se": 0.003},
+                                       "val": {"recon_mse": 0.11, "recon_mse_se": 0.004}})
+    assert v["recon_gap_in_se"] == pytest.approx(0.01 / 0.005)
+    unknown = vae_amortized.overfit_verdict({"val_loss": [2.0, 1.0]},
+                                            {"train": {"recon_mse": 0.1, "recon_mse_se": None},
+                                             "val": {"recon_mse": 0.11, "recon_mse_se": 0.004}})
+    assert unknown["recon_gap_within_two_se"] is None and unknown["recon_gap_in_se"] is None
 
 
 def test_a_lost_snapshot_of_a_finished_run_advises_fresh_not_a_loop(tmp_path, quick_outputs):
