@@ -106,12 +106,11 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, quick_outpu
     assert comparable(killed) == comparable(whole)
 
 
-def test_reconstructions_read_share_with_its_binomial_standard_error():
-    """A classifier that reads the first ten pixels as logits, and a 'VAE' whose reconstruction
-    moves the lit pixel of the first three images: 17 of 20 read right, SE sqrt(p (1 - p) / n)."""
-    labels = torch.arange(20) % 10
-    x = torch.zeros(20, 1, 28, 28)
-    x[torch.arange(20), 0, 0, labels] = 1.0
+def read_with_first_three_shifted(labels):
+    """A classifier that reads the first ten pixels as logits, images whose lit pixel is their
+    label, and a 'VAE' whose reconstruction moves the lit pixel of the first three images."""
+    x = torch.zeros(len(labels), 1, 28, 28)
+    x[torch.arange(len(labels)), 0, 0, labels] = 1.0
 
     class ShiftFirstThree:
         def reconstruct(self, batch):
@@ -119,8 +118,13 @@ def test_reconstructions_read_share_with_its_binomial_standard_error():
             out[:3] = batch[:3].roll(1, dims=-1)
             return out
 
-    read = vae_amortized.reconstructions_read_by_classifier(
+    return vae_amortized.reconstructions_read_by_classifier(
         lambda b: b.reshape(len(b), -1)[:, :10], ShiftFirstThree(), x, labels)
+
+
+def test_reconstructions_read_share_with_its_binomial_standard_error():
+    """17 of 20 read right, SE sqrt(p (1 - p) / n)."""
+    read = read_with_first_three_shifted(torch.arange(20) % 10)
     assert read["accuracy"] == pytest.approx(17 / 20) and read["original_accuracy"] == 1.0
     assert read["accuracy_se"] == pytest.approx(math.sqrt(0.85 * 0.15 / 20))
     assert read["images"] == 20 and read["predicted"][:3] == [1, 2, 3]
@@ -131,18 +135,8 @@ def test_reconstructions_read_share_with_its_binomial_standard_error():
 def test_reconstructions_read_weighted_to_equal_digit_shares():
     """Ten more 0s, all read right: the raw share rises to 27/30, the equal-digit share is the
     mean of the ten per-digit shares (11/12 for 0, 1/2 for 1 and 2, 1 for the rest)."""
-    labels = torch.cat([torch.arange(20) % 10, torch.zeros(10, dtype=torch.long)])
-    x = torch.zeros(30, 1, 28, 28)
-    x[torch.arange(30), 0, 0, labels] = 1.0
-
-    class ShiftFirstThree:
-        def reconstruct(self, batch):
-            out = batch.clone()
-            out[:3] = batch[:3].roll(1, dims=-1)
-            return out
-
-    read = vae_amortized.reconstructions_read_by_classifier(
-        lambda b: b.reshape(len(b), -1)[:, :10], ShiftFirstThree(), x, labels)
+    read = read_with_first_three_shifted(
+        torch.cat([torch.arange(20) % 10, torch.zeros(10, dtype=torch.long)]))
     shares = np.array([11 / 12, 0.5, 0.5] + [1.0] * 7)
     right = [np.r_[np.ones(11), 0.0], [0.0, 1.0], [0.0, 1.0]] + [np.ones(2)] * 7
     se = np.sqrt(sum(np.var(r, ddof=1) / len(r) for r in right)) / 10
