@@ -596,11 +596,10 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "gap_max": num(likelihood["gap"]["max"], 0),
         "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
         # whole nats for Eq. 9, whose single estimates differ by several nats between runs
-        "eq9_move_min": None if move["eq9"] is None else num(move["eq9"]["min"], 0, sign=True),
+        "eq9_move_abs": None if move["eq9"] is None else num(move["eq9"]["max_abs"], 0),
         # the same images' estimates from the curves' fresh samples against Figure 7's, at M
         "stream": None if likelihood["stream_disagreement"] is None else
             {k: num(v, 0 if k == "eq9" else 1) for k, v in likelihood["stream_disagreement"].items()},
-        "eq9_move_max": None if move["eq9"] is None else num(move["eq9"]["max"], 0, sign=True),
         "train_mean": num(likelihood["train_mean"], 0), "test_mean": num(likelihood["test_mean"], 0),
         "mean_all": num((likelihood["train_mean"] + likelihood["test_mean"]) / 2, 0),
         "kl": num(mismatch["kl_median"], 1), "kl_mean_part": num(mismatch["kl_mean_part_median"], 1),

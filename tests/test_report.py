@@ -140,7 +140,7 @@ def test_numbers_in_the_text_are_the_metrics(reports, quick_outputs):
     lo = metrics(quick_outputs, "vae_latent_opt")
     acc = c["test_accuracy"]
     acc_se = math.sqrt(acc * (1 - acc) / c["val_images"])    # binomial, over the test images
-    assert f"Final accuracy: {to_its_se(100 * acc, 100 * acc_se)} % on" in text
+    assert f"Final accuracy: {to_its_se(100 * acc, 100 * acc_se)} % (± one binomial standard" in text
     a = metrics(quick_outputs, "vae_amortized")              # Q1 on equal digit shares
     for split in ("train", "val"):
         e = a["final_equal_digits"][split]
