@@ -286,7 +286,7 @@ def q1_values(amortized: dict) -> dict:
         "recon_val": num(a["final_val"]["recon_mse"], 4),
         "recon_gap": num(100 * overfit["recon_gap"], 1, sign=True) + " %",
         "recon_gap_within": overfit["recon_gap_within_two_se"],
-        "recon_gap_se": None if overfit.get("recon_gap_in_se") is None else num(overfit["recon_gap_in_se"], 1),
+        "recon_gap_in_se": None if overfit.get("recon_gap_in_se") is None else num(overfit["recon_gap_in_se"], 1),
         "equal": None,
         "best_val_epoch": overfit["best_val_epoch"],
         "val_rise": num(100 * overfit["val_loss_rise"], 1) + " %",
@@ -825,8 +825,6 @@ def lab_pca_values(p: dict) -> dict:
         return {end: tie_note(ans["ties"][k][end], ans[end][k]) for end in ("best", "worst")}
     return {
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
-        "pca_error_se": (None if "test_sq_error_se" not in pca else
-                         with_se(pca["test_sq_error"], pca["test_sq_error_se"])),
         "pca_kept_all": pct(pca["nearest_digit"]["kept"], 0),
         "original_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
         "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
