@@ -309,6 +309,8 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
     samples = prior_samples(decoder, amortized, latent_dim, table_mu.device)
     result = {"sample_quality": judge_priors(classifier, samples),
               "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
+              "real_grey_per_image": utils.mean_and_se(
+                  grey_per_image(val_x[:len(samples["latent_opt"])])),
               # as many real validation images, for scale
               "real_variety": utils.mean_and_se(variety_per_image(val_x[:len(samples["latent_opt"])])),
               "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
@@ -383,7 +385,7 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
         "loss (Eq. 6: MSE + mean KL)": {"train (running)": (epochs, history["train_loss"])},
         "reconstruction MSE (mean of q)": {"training (Q1's curve images)":
                                            (epochs, history["train_recon_mse"])},
-        "KL per latent dimension": {"train (running)": (epochs, history["train_kl"])},
+        "KL per latent dimension (nats)": {"train (running)": (epochs, history["train_kl"])},
     })
     labels = [f"epoch {e}" for e in snapshots]
     amortized_row = ["Q1 amortized"] if with_amortized else []
@@ -548,11 +550,22 @@ def same_budget_comparison(decoder, table, amortized, data, per_digit, fit, devi
     for method, loss in losses.items():
         same[method]["proposed_train_loss"] = loss.mean().item()
         per_image[method]["proposed_train_loss"] = loss
+    # How far each method's own proposals fall short of the same fresh fit to its own decoder:
+    # the refits compare the decoders, this shortfall the proposals alone.
+    shortfall = {method: e["proposed_train"] - e["fitted_train"] for method, e in per_image.items()}
+    for method, s in shortfall.items():
+        same[method]["shortfall"] = utils.mean_and_se(s)
     if amortized is not None:           # latent optimization minus amortized, image by image
         same["paired"] = {k: paired_difference(per_image["latent_opt"][k],
                                                per_image["amortized"][k])
                           for k in ("proposed_train", "fitted_train", "fitted_val",
                                     "proposed_train_loss")}
+        same["paired"]["shortfall"] = paired_difference(shortfall["latent_opt"],
+                                                        shortfall["amortized"])
+        # the validation images, as the question compares them: latent optimization's fit
+        # to its decoder against the encoder's one-pass proposal
+        same["paired"]["val_fit_vs_encoder"] = paired_difference(
+            per_image["latent_opt"]["fitted_val"], per_image["amortized"]["proposed_val"])
     return same, {"train": n_train, "val": len(x) - n_train}
 
 

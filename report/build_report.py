@@ -198,7 +198,7 @@ def small(x: float) -> str:
 
 
 def pct(x, digits: int = 2) -> str:
-    return num(100 * x, digits) + " %"
+    return num(100 * x, digits) + "\u00a0%"     # never a line break before the %
 
 
 def share(x) -> str:
@@ -446,6 +446,13 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
                        # the validation images, which the question compares
                        "val_encoder_better": s["proposed_val"] < same["latent_opt"]["fitted_val"],
                        "am_fitted_train": num(s["fitted_train"], 3),
+                       # how far each method's own proposals fall short of the same refit to
+                       # its own decoder: the proposals compared without their decoders
+                       "shortfall": {key: ("\u00a0±\u00a0".join(with_se(r["shortfall"]["mean"],
+                                                              r["shortfall"]["se"]))
+                                           if "shortfall" in r else
+                                           num(r["proposed_train"] - r["fitted_train"], 3))
+                                     for key, r in (("am", s), ("lo", same["latent_opt"]))},
                        "am_fitted_val": num(s["fitted_val"], 3),
                        # does the latent fit raise either method's training MSE (it lowers MSE + KL)?
                        "fit_raised_mse": any(same[k]["fitted_train"] > same[k]["proposed_train"]
@@ -565,7 +572,12 @@ def variety_values(lo: dict, amortized: dict, versus: dict, versus_am: dict) -> 
     mean, se = with_se(real["mean"], real["se"])
     real_labels = (amortized.get("sample_quality") or {}).get("real test images")
     wide = (lo.get("wide_start") or {}).get("prior_vs_aggregate", {}).get("variety_ratio")
+    # the mid-grey shares' standard errors, in points, where every row has one
+    grey_se = [100 * v[draws]["se"] for v in (versus, versus_am) for draws in ("aggregate", "prior")]
+    if "real_grey_per_image" in lo:
+        grey_se.append(100 * lo["real_grey_per_image"]["se"])
     return {"variety": rows, "variety_top": "—" if top is None else top,
+            "grey_se_max": sig(max(grey_se), 1) if "real_grey_per_image" in lo else None,
             "real_variety": f"{mean}\u00a0±\u00a0{se}",
             "real_grey": num(100 * lo["grey_share"]["real"], 1),
             "real_top": "—" if top is None or not real_labels
@@ -814,6 +826,20 @@ def lab_tables(p: dict) -> dict:
     }
 
 
+def points_between(a: float, b: float) -> str:
+    """Share a minus share b in points, as the difference of the two whole percentages shown."""
+    return num(round(100 * a) - round(100 * b), 0)
+
+
+def max_blur_cost(p: dict) -> dict:
+    """The digit whose share kept blur lowers most (the original test images' share minus the
+    blurred copies'), and by how many points."""
+    original = p["original_images"]["nearest_digit"]["per_digit"]
+    blurred = p["blurred_test_images"]["nearest_digit"]["per_digit"]
+    digit = max(original, key=lambda d: original[d]["kept"] - blurred[d]["kept"])
+    return {"digit": digit, "points": points_between(original[digit]["kept"], blurred[digit]["kept"])}
+
+
 def lab_pca_values(p: dict) -> dict:
     """Q4.1 and Q4.2 (and the rankings 4.5 and 4.9 share): best and worst digits with their
     ties, which digits survive (kept or lost by the nearest training image, the rule's own
@@ -859,6 +885,12 @@ def lab_pca_values(p: dict) -> dict:
         "namer_blur_ok": ans["namer_keeps_blurred_digits"],
         "blur_accuracy": pct(p["blurred_test_images"]["nearest_digit"]["kept"], 0),
         "blur_min": pct(min(v["kept"] for v in p["blurred_test_images"]["nearest_digit"]["per_digit"].values()), 0),
+        # what blur alone costs the rule: overall, and for the digit it costs most, in points
+        # (differences of the whole percentages shown, so that the text adds up as printed)
+        "blur_cost": points_between(p["original_images"]["nearest_digit"]["kept"],
+                                    p["blurred_test_images"]["nearest_digit"]["kept"]),
+        "blur_cost_max": max_blur_cost(p),
+        "pca_cost": points_between(p["original_images"]["nearest_digit"]["kept"], pca["nearest_digit"]["kept"]),
         "survival": {k: survival(p[k]["nearest_digit"], ans["lost"][k], ans["kept_order"][k])
                      for k in ("pca", "ppca_gradient", "vae")},
         "best_but_lost": digit_list(ans["pca_best_error_but_lost"]) if ans["pca_best_error_but_lost"] else "",
@@ -987,6 +1019,9 @@ def lab_vae_values(p: dict) -> dict:
         # the VAE's lower bound minus PPCA's exact log-likelihood: the least it is ahead by
         # rounded down, as "at least" needs
         "density_gap": num(math.floor(10 * (vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"])) / 10, 1),
+        # the part of that gap that the noise variances do not explain (Q4.10)
+        "rest_nats": num(vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"]
+                         - ans["noise_variance_nats"], 0),
         "vae_epoch_rise_last": sig(elbo_curve[-1] - elbo_curve[-2], 2) if len(elbo_curve) > 1 else "",
         "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 0) if len(elbo_curve) > 1 else "",
         "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],

@@ -169,6 +169,19 @@ def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
     assert set(m["prior_vs_aggregate"]["classified"]) == {"prior", "aggregate"}
     assert 0 < m["real_variety"]["mean"] and "variety_ratio" in m["wide_start"]["prior_vs_aggregate"]
     assert m["amortized_prior_vs_aggregate"]["images"] == m["prior_vs_aggregate"]["images"]
+    # Q3 (a) without the decoders: each method's own proposals against its refit, image by
+    # image; a mean of differences is the difference of the means
+    same = m["same_budget"]
+    for r in (same["amortized"], same["latent_opt"]):
+        assert r["shortfall"]["mean"] == pytest.approx(r["proposed_train"] - r["fitted_train"])
+        assert r["shortfall"]["se"] > 0
+    assert same["paired"]["shortfall"]["mean"] == pytest.approx(
+        same["latent_opt"]["shortfall"]["mean"] - same["amortized"]["shortfall"]["mean"])
+    assert same["paired"]["val_fit_vs_encoder"]["mean"] == pytest.approx(
+        same["latent_opt"]["fitted_val"] - same["amortized"]["proposed_val"])
+    # the real images' mid-grey share, per image with its standard error, is the pooled share
+    assert m["real_grey_per_image"]["mean"] == pytest.approx(m["grey_share"]["real"])
+    assert m["real_grey_per_image"]["se"] > 0
     for name in ("loss_curves.png", "q3_reconstructions_train.png", "q3_reconstructions_val.png",
                  "q3_prior_samples.png", "decoder_final.pt"):
         assert (out / name).is_file(), name
