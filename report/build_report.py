@@ -434,6 +434,9 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
     if "paired" in same:            # latent optimization minus amortized, image by image
         values["paired"] = {k: dict(zip(("mean", "se"), with_se(v["mean"], v["se"], sign=True)))
                             for k, v in same["paired"].items()}
+        # is the decoders' difference (the same refit) most of the raw difference?
+        raw, decoders = same["paired"]["proposed_train"]["mean"], same["paired"]["fitted_train"]["mean"]
+        values["decoders_most"] = raw != 0 and decoders / raw > 0.5
     if "amortized" in same:
         s = same["amortized"]
         values.update({"am_proposed": num(s["proposed_train"], 3),

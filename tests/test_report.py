@@ -1000,23 +1000,36 @@ def test_q4c_gives_the_paired_difference_when_it_agrees(quick_outputs, tmp_path)
     assert ("Paired by digit, training minus test is −10 ± 20 nats by Eq. 9 (within two standard "
             "errors) and") in text.replace("-", "−")
     # the answer gives the difference alone; the means it comes from follow, rounded
-    assert "(c) Neither set is measurably more likely: training minus test is" in text
+    assert "(c) Neither set is measurably more likely: training images average" in text
     assert "is taken from the unrounded means" in text
 
 
 def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shortfall(
-        quick_outputs, reports):
+        quick_outputs, tmp_path):
     """A refit to each frozen decoder compares the decoders; how far each method's own
     proposals fall short of it compares the proposals: both named as such, with the metrics'
-    shortfalls and their standard errors."""
+    shortfalls and their standard errors. Where the encoder wins that comparison, the answer
+    leads with it."""
     same = metrics(quick_outputs, "vae_latent_opt")["same_budget"]
-    text = " ".join(reports["ex1"].split()).replace("\u2212", "-")
 
     def as_printed(r):
         return " ± ".join(build_report.with_se(r["mean"], r["se"])).replace(build_report.MINUS, "-")
-    assert "The refits compare the decoders:" in text
-    assert f"the proposals alone: by {as_printed(same['amortized']['shortfall'])} for the encoder's" in text
-    assert f"{as_printed(same['latent_opt']['shortfall'])} for the learned" in text
+    am, lo = (as_printed(same[k]["shortfall"]) for k in ("amortized", "latent_opt"))
+    for nearer in (False, True):
+        text, _ = q3_report_with(quick_outputs, tmp_path / str(nearer), better_q="amortized",
+                                 encoder_nearer_best=nearer)
+        text = text.replace("\u2212", "-")
+        assert "measures the decoders:" in text
+        if nearer:
+            assert ("Answer. The amortized encoder. Compared without their decoders, its proposals "
+                    "come closer to what their decoder allows") in text
+            assert f"reconstruct only {am} worse (in MSE) than a" in text
+            assert f"{lo} worse (difference" in text
+            assert "measures the proposals alone (the answer above)" in text
+        else:
+            assert "Compared without their decoders" not in text
+            assert f"measures the proposals alone: {am} for the encoder's" in text
+            assert f"{lo} for the learned" in text
 
 
 @pytest.mark.parametrize("gap, says", [
@@ -1081,5 +1094,5 @@ def test_q47_says_when_no_test_links_crowding_and_loss(quick_outputs, tmp_path, 
     assert ("With only ten digits, no test of these links is strong." in text) is link
     paired = p["ppca_comparison"]["ppca_minus_pca_sq_error"]
     decimals = build_report.se_decimals(paired["se"])
-    assert (f"On the same images, PPCA's error differs from PCA's by only "
+    assert (f"On the same images, PPCA's error (gradient fit) differs from PCA's by only "
             f"{paired['mean']:+.{decimals}f} ± {paired['se']:.{decimals}f}").replace("-", "−") in text
