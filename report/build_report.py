@@ -373,8 +373,11 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
                                quality_row("blurred test images", blur)]
     latent_opt_quality = (latent_opt.get("sample_quality") or {})
     if "latent_opt" in latent_opt_quality and "amortized" in latent_opt_quality:
-        values.setdefault("rows", []).append(
-            quality_row("latent optimization, final", latent_opt_quality["latent_opt"]))
+        # Q3's generator right under Q2's, then the real images and the baselines, as the
+        # caption lists them
+        rows = values.setdefault("rows", [])
+        after = sum(r["name"].startswith("amortized") for r in rows)
+        rows.insert(after, quality_row("latent optimization, final", latent_opt_quality["latent_opt"]))
     if values.get("rows"):
         sizes = sorted({r["images"] for r in values["rows"]})
         values["images"] = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
@@ -1045,7 +1048,7 @@ def lab_vae_values(p: dict) -> dict:
         "vae_samples_sharper": blur["vae"] < blur["ppca"],
         "vae_below_ppca": ans["vae_below_ppca"],
         "vae_better_density": ans.get("vae_better_density"),
-        "vae_change": (num(abs(100 * ans["vae_error_relative_to_ppca"]), 0) + " % "
+        "vae_change": (num(abs(100 * ans["vae_error_relative_to_ppca"]), 0) + "\u00a0% "
                        + ("lower" if ans["vae_error_relative_to_ppca"] <= 0 else "higher")),
         "noise_nats": num(ans["noise_variance_nats"], 0),
     }

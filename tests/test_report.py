@@ -175,9 +175,11 @@ def test_numbers_in_the_text_are_the_metrics(reports, quick_outputs):
     pca, ppca, vae = (p[k] for k in ("pca", "ppca_gradient", "vae"))
     assert (f"(sum over pixels, mean over images) is "
             f"{to_its_se(pca['test_sq_error'], pca['test_sq_error_se'])} (mean ± standard") in text
+    change = 100 * (vae["test_sq_error"] / ppca["test_sq_error"] - 1)
     assert (f"The VAE's average test squared error is "
-            f"{to_its_se(vae['test_sq_error'], vae['test_sq_error_se'])} against "
-            f"{to_its_se(ppca['test_sq_error'], ppca['test_sq_error_se'])} for PPCA") in text
+            f"{to_its_se(vae['test_sq_error'], vae['test_sq_error_se'])}, {abs(change):.0f} % "
+            f"{'lower' if change <= 0 else 'higher'} than PPCA's "
+            f"{to_its_se(ppca['test_sq_error'], ppca['test_sq_error_se'])}") in text
     assert f"stopped after {p['ppca_gradient']['iterations']:,} iterations" in text
 
 
@@ -317,7 +319,8 @@ def q1_report_with(quick_outputs, tmp_path, edit):
 
 @pytest.mark.parametrize("within, in_se, says", [
     (True, 0.4, ", less than two standard errors (no gap can be measured)."),
-    (False, 2.34, ": a small gap, though a measurable one (2.3 standard errors).")])
+    (False, 2.34, ": a small generalization gap, measurable (2.3 standard errors), but not "
+                  "overfitting while the validation loss does not rise.")])
 def test_q1s_answer_says_whether_the_gap_on_equal_digit_shares_is_measurable(
         quick_outputs, tmp_path, within, in_se, says):
     def edit(a):
@@ -1001,7 +1004,7 @@ def test_q4c_gives_the_paired_difference_when_it_agrees(quick_outputs, tmp_path)
             "errors) and") in text.replace("-", "−")
     # the answer gives the difference alone; the means it comes from follow, rounded
     assert "(c) Neither set is measurably more likely: training images average" in text
-    assert "is taken from the unrounded means" in text
+    assert "the difference of the unrounded means" in text
 
 
 def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shortfall(
@@ -1019,15 +1022,15 @@ def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shor
         text, _ = q3_report_with(quick_outputs, tmp_path / str(nearer), better_q="amortized",
                                  encoder_nearer_best=nearer)
         text = text.replace("\u2212", "-")
-        assert "measures the decoders:" in text
+        assert "the decoders: " in text and "measures the proposals alone" in text
         if nearer:
-            assert ("Answer. The amortized encoder. Compared without their decoders, its proposals "
-                    "come closer to what their decoder allows") in text
+            assert ("Answer. The amortized encoder. Its proposals come closer to the best its "
+                    "decoder allows") in text
             assert f"reconstruct only {am} worse (in MSE) than a" in text
             assert f"{lo} worse (difference" in text
             assert "measures the proposals alone (the answer above)" in text
         else:
-            assert "Compared without their decoders" not in text
+            assert "Its proposals come closer to the best" not in text
             assert f"measures the proposals alone: {am} for the encoder's" in text
             assert f"{lo} for the learned" in text
 
