@@ -327,12 +327,13 @@ def q1_values(amortized: dict) -> dict:
         if shown:                   # Figure 3's ten validation images at the last epoch
             last, labels = shown[max(shown, key=int)], read["shown_val_labels"]
             wrong = [(t, r) for t, r in zip(labels, last) if t != r]
-            values["read"]["shown_right"] = len(labels) - len(wrong)
-            values["read"]["shown_n"] = len(labels)
-            values["read"]["shown_expected"] = num(len(labels) * val["accuracy"], 0)
+            # counts in words, so that "six" right is not read as the digit 6
+            values["read"]["shown_right"] = small_count(len(labels) - len(wrong))
+            values["read"]["shown_n"] = small_count(len(labels))
+            values["read"]["shown_expected"] = small_count(round(len(labels) * val["accuracy"]))
             trained = read.get("shown_train", {})      # and the figure's ten training images
-            values["read"]["shown_train_right"] = (None if not trained else sum(
-                t == r for t, r in zip(read["shown_train_labels"], trained[max(trained, key=int)])))
+            values["read"]["shown_train_right"] = (None if not trained else small_count(sum(
+                t == r for t, r in zip(read["shown_train_labels"], trained[max(trained, key=int)]))))
             values["read"]["shown_wrong"] = digit_list([str(t) for t, _ in wrong]) if wrong else ""
             values["read"]["shown_as"] = digit_list([str(r) for _, r in wrong]) if wrong else ""
     return values
@@ -780,6 +781,11 @@ def a_digit(digit) -> str:
 
 def count_word(n: int) -> str:
     return ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"][n]
+
+
+def small_count(n: int) -> str:
+    """A count in words up to ten ('six'), in figures above ('1,000')."""
+    return count_word(n) if 0 <= n <= 10 else f"{n:,}"
 
 
 def some_of(k: int, n: int, things: str) -> str:

@@ -300,9 +300,14 @@ def test_q1_names_the_digits_figure_3_loses_at_the_last_epoch(quick_outputs, tmp
     path.write_text(json.dumps(a))
     run_script("report/build_report.py", "--outputs", copy)
     text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
-    assert ("it reads 6 right at the last epoch (3, 4, 5 and 6 read as 0, 9, 9 and 8), and 9 of "
-            "the 10 training images. At the rates measured over all images, about 7 of 10 would "
-            "be expected") in text
+    assert ("Of the ten validation images of Figure 3 it reads six right at the last epoch (3, 4, 5 "
+            "and 6 read as 0, 9, 9 and 8), and nine of the ten training images. At the rates "
+            "measured over all images, about seven of ten would be expected") in text
+
+
+@pytest.mark.parametrize("n, words", [(0, "no"), (6, "six"), (10, "ten"), (11, "11"), (1000, "1,000")])
+def test_small_counts_are_words_so_they_read_apart_from_digits(n, words):
+    assert build_report.small_count(n) == words
 
 
 def q1_report_with(quick_outputs, tmp_path, edit):
