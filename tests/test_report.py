@@ -1029,13 +1029,13 @@ def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shor
         text = text.replace("\u2212", "-")
         assert "the decoders: " in text and "measures the proposals alone" in text
         if nearer:
-            assert ("Answer. The amortized encoder. Its proposals come closer to the best its "
-                    "decoder allows") in text
+            assert ("Answer. The amortized encoder. Its proposals come closer to what a refit of "
+                    "the latents to their own decoder reaches (an approximate ceiling)") in text
             assert f"reconstruct only {am} worse (in MSE) than a" in text
             assert f"{lo} worse (difference" in text
             assert "measures the proposals alone (the answer above)" in text
         else:
-            assert "Its proposals come closer to the best" not in text
+            assert "Its proposals come closer to what a refit" not in text
             assert f"measures the proposals alone: {am} for the encoder's" in text
             assert f"{lo} for the learned" in text
 
