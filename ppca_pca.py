@@ -631,7 +631,7 @@ def plot_figures(out, encodings, test_y, recon_rows, results, ink, ppca, lab_vae
                                        "closed form": ([1, len(curve)], [closed] * 2)},
         "closed form minus fit [nats]": {"gradient fit (all training images)": (iters, gap)}},
         xlabel="iteration", log_panels=("closed form minus fit [nats]",),
-        dashed=("closed form",))         # the maximum over the fit that reaches it: both show
+        dashed=("closed form",))         # dashed over the pale fit: both show where they meet
     lattice = torch.tensor(np.stack(np.meshgrid(np.linspace(2, -2, LATTICE), np.linspace(-2, 2, LATTICE),
                                                 indexing="ij")[::-1], -1).reshape(-1, 2))
     with torch.no_grad():

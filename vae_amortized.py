@@ -138,7 +138,7 @@ def plot_loss_curves(path, history, monitor, loss, sigma_p) -> None:
         "reconstruction MSE (mean of q)": {train: (epochs, history["train_recon_mse"]),
                                            val: (epochs, history["val_recon_mse"])},
         "KL per latent dimension (nats)": {running: (epochs, history["train_kl"]),
-                                    val: (epochs, history["val_kl"])},
+                                           val: (epochs, history["val_kl"])},
     }, height=2.3, legend_loc="above", dashed=(val,))
 
 

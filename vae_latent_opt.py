@@ -309,10 +309,10 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
     samples = prior_samples(decoder, amortized, latent_dim, table_mu.device)
     result = {"sample_quality": judge_priors(classifier, samples),
               "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
-              "real_grey_per_image": utils.mean_and_se(
-                  grey_per_image(val_x[:len(samples["latent_opt"])])),
               # as many real validation images, for scale
               "real_variety": utils.mean_and_se(variety_per_image(val_x[:len(samples["latent_opt"])])),
+              "real_grey_per_image": utils.mean_and_se(
+                  grey_per_image(val_x[:len(samples["latent_opt"])])),
               "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
                                                             samples["latent_opt"],
                                                             utils.QUALITY_SEED, classifier),
