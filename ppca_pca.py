@@ -351,6 +351,23 @@ def ranking_answers(results: dict, ink: dict) -> dict:
     }
 
 
+def unexplained_answers(results: dict, spread: dict) -> dict:
+    """4.1's third measure, with a bias of neither sum: each digit's error as a share of its test
+    images' spread about the training mean image (their mean squared distance from it), the
+    share of that digit's variation the 2-D code leaves unexplained. Per method, the best and
+    worst three digits and the digits tied with them (the spread, a mean over the same images,
+    is taken as fixed, as ink is)."""
+    methods = ("pca", "ppca_gradient", "vae")
+    share = {k: {d: results[k]["test_sq_error_per_digit"][d] / spread[d] for d in DIGITS}
+             for k in methods}
+    se = {k: {d: results[k]["test_sq_error_se_per_digit"][d] / spread[d] for d in DIGITS}
+          for k in methods}
+    ranked = {k: order(v) for k, v in share.items()}
+    return {"unexplained_best": {k: v[:3] for k, v in ranked.items()},
+            "unexplained_worst": {k: v[-3:][::-1] for k, v in ranked.items()},
+            "unexplained_ties": {k: boundary_ties(share[k], se[k]) for k in methods}}
+
+
 def survival_answers(results: dict, best: list, worst: list) -> dict:
     """Which digits each method keeps (most of their reconstructions nearest to a training image
     of the same digit) and what the lost ones are read as; where the two measures of 4.1
@@ -823,13 +840,18 @@ def main(run: utils.Run, argv=None):
     # The error is a sum over pixels, so digits with more ink have more to get wrong.
     ink = test_x.double().pow(2).sum(1)
     ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}
+    # ...and each digit's spread about the training mean image, for the share left unexplained
+    spread = (test_x.double() - train_x.double().mean(0)).pow(2).sum(1)
+    spread_per_digit = {str(d): spread[test_y == d].mean().item() for d in range(10)}
     plot_figures(out, encodings, test_y, recon_rows, results, ink_per_digit,
                  (params["ppca_gradient"], params["ppca_closed_form"], curve, eigen[0], cov),
                  lab_vae, args.seed, device)
     blur = prior_sample_blur(*params["ppca_gradient"][:2], lab_vae, test_x, args.seed, device)
     metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
-               "test_ink_per_digit": ink_per_digit, "prior_sample_mid_grey": blur,
+               "test_ink_per_digit": ink_per_digit, "test_spread_per_digit": spread_per_digit,
+               "prior_sample_mid_grey": blur,
                "answers": {**lab_answers(results, geometry, ink_per_digit),
+                           **unexplained_answers(results, spread_per_digit),
                            **method_verdicts(results, comparison, geometry)},
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
                "lattice": LATTICE, "scatter_points": min(SCATTER_POINTS, len(test_x)),

@@ -882,6 +882,14 @@ def lab_pca_values(p: dict) -> dict:
         "rel_worst": digit_list(ans["pca_relative_worst"]),
         "rel_ties": {end: tie_note(ans["relative_ties"]["pca"][end], ans[f"pca_relative_{end}"])
                      for end in ("best", "worst")},
+        # a third measure: the error as a share of each digit's spread about the mean image
+        "unexplained": None if "unexplained_best" not in ans else {
+            "best": digit_list(ans["unexplained_best"]["pca"]),
+            "worst": digit_list(ans["unexplained_worst"]["pca"]),
+            "ties": {end: tie_note(ans["unexplained_ties"]["pca"][end], ans[f"unexplained_{end}"]["pca"])
+                     for end in ("best", "worst")},
+            "same_best_as_kept": ({str(d) for d in ans["unexplained_best"]["pca"]}
+                                  == {d for d in ans["kept_order"]["pca"] if d not in ans["lost"]["pca"]})},
         # every method's ranking relative to ink (Q4.5, Q4.9), with its ties
         "rel": {k: {"best": digit_list(ans["relative_best"][k]),
                     "worst": digit_list(ans["relative_worst"][k]),

@@ -1073,6 +1073,14 @@ def test_blur_costs_the_digit_that_loses_most_of_its_share():
     assert build_report.max_blur_cost(p) == {"digit": "8", "points": "22"}
 
 
+def test_the_labs_third_measure_ranks_the_share_left_unexplained(quick_outputs, reports):
+    p = metrics(quick_outputs, "ppca_pca")
+    spread, errors = p["test_spread_per_digit"], p["pca"]["test_sq_error_per_digit"]
+    ranked = sorted(spread, key=lambda d: errors[d] / spread[d])
+    text = " ".join(reports["lab"].split())
+    assert f"leaves unexplained: it ranks {build_report.digit_list(ranked[:3])} best" in text
+
+
 def test_the_lab_says_what_blur_costs_and_what_the_noise_variances_leave(quick_outputs, reports):
     p = metrics(quick_outputs, "ppca_pca")
     text = " ".join(reports["lab"].split()).replace("\u2212", "-")
