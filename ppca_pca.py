@@ -39,6 +39,8 @@ SCATTER_POINTS = 2_500
 # Q4.10's prior samples, judged by blur: the share of mid-grey pixels (strictly between
 # GREY_BAND and 1 - GREY_BAND, neither background nor stroke) in PRIOR_SAMPLES draws.
 GREY_BAND, PRIOR_SAMPLES = 0.1, 1_000
+# The box blurs (odd sizes) among which Q4.1's blur control picks the one nearest PCA's error.
+BLUR_BOXES = (3, 5, 7, 9, 11, 13, 15)
 DIGITS = [str(d) for d in range(10)]     # the keys of every per-digit table
 
 
@@ -607,22 +609,39 @@ def vae_answers(lab_vae, test_x, test_y, device):
              "sigma2": lab_vae.log_sigma2.exp().item()}, z, recon)
 
 
+def box_blur(x, size: int):
+    """Images (n, 784) averaged over a size x size box around each pixel (the box cut at the
+    border)."""
+    return torch.nn.functional.avg_pool2d(x.view(-1, 1, 28, 28), size, stride=1, padding=size // 2,
+                                          count_include_pad=False).view(len(x), -1)
+
+
+def blur_like(x, target_error: float):
+    """The box blur of x whose mean squared error from x (summed over pixels) is nearest
+    `target_error`: test images blurred about as much as PCA's reconstructions, the control for
+    the naming rule's bias on blur. Returns (blurred images, box size, their squared error)."""
+    errors = {size: sq_error_per_image(x, box_blur(x, size)).mean().item() for size in BLUR_BOXES}
+    size = min(errors, key=lambda s: abs(errors[s] - target_error))
+    return box_blur(x, size), size, errors[size]
+
+
 def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels, show) -> dict:
     """Does each method's reconstruction still show its digit (4.1, 4.5, 4.7, 4.9)? Each test
     image and each reconstruction is named by its nearest reference training image; the test
-    images themselves give that namer's own accuracy, and the same images blurred by a 5x5 box
-    filter its bias on blurs (a blurred reconstruction may be named for its blur, not its digit).
-    Also the names of the one image per digit that Figure 1 shows (`show`), and the VAE's paired
-    gain over PPCA. Returns {method, "original_images" or "blurred_test_images": {"nearest_digit":
-    ..., "shown_named": ...}, with "gain_over_ppca" for the VAE}."""
-    blurred = torch.nn.functional.avg_pool2d(test_x.view(-1, 1, 28, 28), 5, stride=1, padding=2,
-                                             count_include_pad=False).view(len(test_x), -1)
+    images themselves give that namer's own accuracy, and the same images box-blurred about as
+    much as PCA's reconstructions (`blur_like`) its bias on blurs (a blurred reconstruction may
+    be named for its blur, not its digit). Also the names of the one image per digit that
+    Figure 1 shows (`show`), and the VAE's paired gain over PPCA. Returns {method,
+    "original_images" or "blurred_test_images": {"nearest_digit": ..., "shown_named": ...}, with
+    "gain_over_ppca" for the VAE and the blur's box size and squared error}."""
+    blurred, box, blur_error = blur_like(test_x, sq_error_per_image(test_x, recons["pca"]).mean().item())
     images = {"original_images": test_x, "blurred_test_images": blurred, **recons}
     answers = {}
     for name, x in tqdm(images.items(), desc="naming reconstructions (1-NN)", unit="set"):
         named = nearest_digit(x, reference, reference_labels)
         answers[name] = {"nearest_digit": kept_digits(named, test_y), "shown_named": named[show].tolist()}
     answers["original_images"]["reference_images"] = len(reference)
+    answers["blurred_test_images"].update(box=box, sq_error=blur_error)
     answers["vae"]["gain_over_ppca"] = paired_gain(test_x, recons["ppca_gradient"], recons["vae"], test_y)
     return answers
 

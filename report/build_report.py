@@ -901,8 +901,13 @@ def lab_pca_values(p: dict) -> dict:
         **both_ends("best", ans["pca_best_by_both"]), **both_ends("worst", ans["pca_worst_by_both"]),
         "neighbour_images": f"{p['original_images']['reference_images']:,}",
         "namer_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
-        # the rule's bias on blurs: the same test images blurred by a 5x5 box filter
+        # the rule's bias on blurs: the same test images box-blurred about as much as PCA blurs
+        # them (older runs: a 5x5 box, its error not stored)
         "namer_blur_ok": ans["namer_keeps_blurred_digits"],
+        "blur_box": p["blurred_test_images"].get("box", 5),
+        "blur_error": (None if "sq_error" not in p["blurred_test_images"]
+                       else num(p["blurred_test_images"]["sq_error"], 1)),
+        "pca_error_1": num(pca["test_sq_error"], 1),
         "blur_accuracy": pct(p["blurred_test_images"]["nearest_digit"]["kept"], 0),
         "blur_min": pct(min(v["kept"] for v in p["blurred_test_images"]["nearest_digit"]["per_digit"].values()), 0),
         # what blur alone costs the rule: overall, and for the digit it costs most, in points

@@ -196,6 +196,24 @@ def test_the_share_left_unexplained_ties_within_two_standard_errors(se, tied):
     assert ("3" in answers["unexplained_ties"]["pca"]["best"]) is tied
 
 
+def test_blur_like_picks_the_box_whose_error_is_nearest_the_target():
+    """Q4.1's blur control against scipy: a box mean over the pixels inside the image (the
+    box cut at the border) is uniform_filter of the image over uniform_filter of ones."""
+    import scipy.ndimage
+    x = torch.rand(20, 784, generator=torch.Generator().manual_seed(0)).double()
+    images = x.view(-1, 28, 28).numpy()
+
+    def box(size):
+        ones = scipy.ndimage.uniform_filter(np.ones((28, 28)), size, mode="constant")
+        return np.stack([scipy.ndimage.uniform_filter(im, size, mode="constant") / ones for im in images])
+    errors = {s: ((box(s) - images) ** 2).sum((1, 2)).mean() for s in ppca_pca.BLUR_BOXES}
+    target = errors[7] + 0.1                     # nearest 7, whatever the other sizes give
+    blurred, size, error = ppca_pca.blur_like(x, target)
+    assert size == min(errors, key=lambda s: abs(errors[s] - target)) == 7
+    assert error == pytest.approx(errors[7])
+    assert np.allclose(blurred.view(-1, 28, 28).numpy(), box(7))
+
+
 def crafted_geometry(offset):
     means = {str(d): [float(d), float(d) ** 1.5 + offset] for d in range(10)}
     pairs = [{"digits": [d, d + 1]} for d in range(5)]

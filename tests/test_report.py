@@ -1081,6 +1081,25 @@ def test_the_labs_third_measure_ranks_the_share_left_unexplained(quick_outputs, 
     assert f"leaves unexplained: it ranks {build_report.digit_list(ranked[:3])} best" in text
 
 
+@pytest.mark.parametrize("keeps", [True, False])
+def test_the_labs_blur_control_is_named_with_its_box_and_error(quick_outputs, tmp_path, keeps):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    path = copy / "ppca_pca" / "metrics.json"
+    p = json.loads(path.read_text())
+    p["answers"]["namer_keeps_blurred_digits"] = keeps
+    path.write_text(json.dumps(p))
+    run_script("report/build_report.py", "--outputs", copy)
+    text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
+    blur = p["blurred_test_images"]
+    box = (rf"blurred by a {blur['box']}.{{1,8}}{blur['box']} box filter, about as much as PCA blurs "
+           rf"them \(squared error {blur['sq_error']:.1f} against {p['pca']['test_sq_error']:.1f}\), "
+           "are named")                         # (the box's size is math: any glyphs between)
+    assert re.search(box, text)
+    assert ("So blur alone does not explain PCA's losses" in text) is keeps
+    assert ("the rule cannot tell a blurred digit from a lost one" in text) is not keeps
+
+
 def test_the_lab_says_what_blur_costs_and_what_the_noise_variances_leave(quick_outputs, reports):
     p = metrics(quick_outputs, "ppca_pca")
     text = " ".join(reports["lab"].split()).replace("\u2212", "-")
