@@ -625,16 +625,18 @@ def blur_like(x, target_error: float):
     return box_blur(x, size), size, errors[size]
 
 
-def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels, show) -> dict:
+def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels, show,
+                           pca_error: float) -> dict:
     """Does each method's reconstruction still show its digit (4.1, 4.5, 4.7, 4.9)? Each test
     image and each reconstruction is named by its nearest reference training image; the test
     images themselves give that namer's own accuracy, and the same images box-blurred about as
-    much as PCA's reconstructions (`blur_like`) its bias on blurs (a blurred reconstruction may
-    be named for its blur, not its digit). Also the names of the one image per digit that
-    Figure 1 shows (`show`), and the VAE's paired gain over PPCA. Returns {method,
+    much as PCA's reconstructions (`blur_like` to `pca_error`, PCA's mean squared error) its
+    bias on blurs (a blurred reconstruction may be named for its blur, not its digit). Also the
+    names of the one image per digit that Figure 1 shows (`show`), and the VAE's paired gain
+    over PPCA. Returns {method,
     "original_images" or "blurred_test_images": {"nearest_digit": ..., "shown_named": ...}, with
     "gain_over_ppca" for the VAE and the blur's box size and squared error}."""
-    blurred, box, blur_error = blur_like(test_x, sq_error_per_image(test_x, recons["pca"]).mean().item())
+    blurred, box, blur_error = blur_like(test_x, pca_error)
     images = {"original_images": test_x, "blurred_test_images": blurred, **recons}
     answers = {}
     for name, x in tqdm(images.items(), desc="naming reconstructions (1-NN)", unit="set"):
@@ -848,7 +850,8 @@ def main(run: utils.Run, argv=None):
     timings["vae_training_all_epochs"] = sum(training.history["epoch_seconds"])
 
     for name, answers in reconstruction_answers(recons, test_x, test_y, train_x[:NEIGHBOUR_IMAGES],
-                                                train_y[:NEIGHBOUR_IMAGES], show).items():
+                                                train_y[:NEIGHBOUR_IMAGES], show,
+                                                results["pca"]["test_sq_error"]).items():
         results.setdefault(name, {}).update(answers)
     geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
     recon_rows = {"original": test_x[show], "PCA": recons["pca"][show],

@@ -283,7 +283,6 @@ def q1_values(amortized: dict) -> dict:
         "monitor_val": f"{a['monitor_images']['val']:,}",
         "loss_train": num(a["final_train"]["loss"], 4), "loss_val": num(a["final_val"]["loss"], 4),
         "recon_train": num(a["final_train"]["recon_mse"], 4),
-        "recon_val": num(a["final_val"]["recon_mse"], 4),
         "recon_gap": num(100 * overfit["recon_gap"], 1, sign=True) + " %",
         "recon_gap_within": overfit["recon_gap_within_two_se"],
         "recon_gap_in_se": None if overfit.get("recon_gap_in_se") is None else num(overfit["recon_gap_in_se"], 1),
@@ -763,8 +762,6 @@ def survival(named: dict, lost: dict, order: list) -> dict:
             # kept digits that lost ones come back as: the naming rule may favour them
             "targets": digit_list([d for d in kept if int(d) in into]) if into else "",
             "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
-            # each kept digit beside its share ('1: 98 %, 0: 96 %')
-            "kept_pairs": ", ".join(f"{d}: {num(100 * per[d]['kept'], 0)} %" for d in kept),
             "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
             "into": "; ".join(f"{digit_list(ds)} as {a_digit(t)}" for t, ds in groups),
             "lost_detail": digit_list([
@@ -864,7 +861,6 @@ def lab_pca_values(p: dict) -> dict:
     return {
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
         "pca_kept_all": pct(pca["nearest_digit"]["kept"], 0),
-        "original_accuracy": pct(p["original_images"]["nearest_digit"]["kept"], 0),
         "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},
@@ -915,7 +911,6 @@ def lab_pca_values(p: dict) -> dict:
         "blur_cost": points_between(p["original_images"]["nearest_digit"]["kept"],
                                     p["blurred_test_images"]["nearest_digit"]["kept"]),
         "blur_cost_max": max_blur_cost(p),
-        "pca_cost": points_between(p["original_images"]["nearest_digit"]["kept"], pca["nearest_digit"]["kept"]),
         "survival": {k: survival(p[k]["nearest_digit"], ans["lost"][k], ans["kept_order"][k])
                      for k in ("pca", "ppca_gradient", "vae")},
         "best_but_lost": digit_list(ans["pca_best_error_but_lost"]) if ans["pca_best_error_but_lost"] else "",
