@@ -433,6 +433,8 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
         values.update({"curve_lo": digit_list([num(x, 3) for x in lo_at]),
                        "curve_am": digit_list([num(x, 3) for x in am_at]),
                        "ahead_from": ahead[0] if ahead else None, "first_epoch": epochs[0],
+                       "last_epoch": epochs[-1], "curve_lo_last": num(lo_at[-1], 3),
+                       "curve_am_last": num(am_at[-1], 3),
                        "curve_images": f"{amortized['monitor_images']['train']:,}"})
     if "paired" in same:            # latent optimization minus amortized, image by image
         values["paired"] = {k: dict(zip(("mean", "se"), with_se(v["mean"], v["se"], sign=True)))
@@ -651,6 +653,7 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
         f"{prefix}train_mean": train[0], f"{prefix}train_se": train[1],
         f"{prefix}test_mean": test[0], f"{prefix}test_se": test[1],
         f"{prefix}diff": diff[0], f"{prefix}diff_se": diff[1],
+        f"{prefix}train_lower": estimate["train_minus_test"] < 0,
         # the smallest difference these few images could have shown: two standard errors
         f"{prefix}detectable": num(2 * estimate["train_minus_test_se"], 0),
         f"{prefix}train_vs_test": estimate["train_vs_test"],
@@ -660,6 +663,12 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
                            estimate["paired_train_minus_test_se"], sign=True))),
         f"{prefix}paired_within": abs(estimate["paired_train_minus_test"])
                                   < 2 * estimate["paired_train_minus_test_se"]}
+
+
+def moved_in_ranking(per_digit: dict, key: str, other: str) -> list:
+    """The digits ranked at another place by `other` than by `key` (most likely first)."""
+    order = {k: sorted(per_digit, key=lambda d: -per_digit[d][k]) for k in (key, other)}
+    return [int(d) for d, e in zip(order[key], order[other]) if d != e]
 
 
 def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
@@ -685,6 +694,8 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
                    "eq9": num(per[str(d)]["eq9_mean"], 0), "gap": num(per[str(d)]["gap_mean"], 0),
                    "ink": num(ll["ink_per_digit"][str(d)], 0)} for d in range(10)],
         "same_ranking_ends": ll["agreement"]["most"] and ll["agreement"]["least"],
+        # the digits whose place in the ranking of the ten means differs between the estimates
+        "moved": digit_list(moved) if (moved := moved_in_ranking(per, "mean", "eq9_mean")) else "",
         "ink_corr": num(ll["ink_correlation"]),
         "least_ink_digit": min(range(10), key=lambda d: ll["ink_per_digit"][str(d)]),
         "most_ink_digit": ll["most_ink"]["digit"], "most_ink": num(ll["most_ink"]["lit_pixels"], 0),

@@ -89,6 +89,15 @@ def test_balanced_subset_counts_order_and_determinism():
         utils.balanced_subset(labels[:100], 50, seed=0)
 
 
+def test_the_vaes_training_images_are_among_the_classifiers():
+    """Q1's report says the Part 1 classifier was trained on the originals of the VAE's 5,000
+    training images: both subsets come from one draw per digit, the smaller its first part."""
+    labels = utils.load_mnist()[1]
+    vae = set(utils.balanced_subset(labels, 500, utils.SUBSET_SEED).tolist())
+    classifier = set(utils.balanced_subset(labels, 2000, utils.SUBSET_SEED).tolist())
+    assert vae <= classifier and len(vae) == 5000
+
+
 def test_one_per_digit():
     labels = utils.load_mnist()[3]
     idx = utils.one_per_digit(labels, seed=0)
