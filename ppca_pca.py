@@ -625,6 +625,31 @@ def blur_like(x, target_error: float):
     return box_blur(x, size), size, errors[size]
 
 
+@torch.no_grad()
+def mean_code_images(encodings: dict, labels, eigen, ppca_w_mu, lab_vae, device) -> dict:
+    """Each digit's mean code (Figure 3's crosses) through its method's decoder: {"pca" | "ppca"
+    | "vae": (10, D) images, digit 0 first}."""
+    mean, _, evecs = eigen
+    w, mu = ppca_w_mu
+    decode = {"PCA": lambda z: pca_decode(z.double(), mean, evecs[:, :LATENT]),
+              "PPCA": lambda z: z.double() @ w.T + mu,
+              "VAE": lambda z: lab_vae.decode(z.float().to(device)).cpu()}
+    return {name.lower(): decode[name](torch.stack([z[labels == d].mean(0) for d in range(10)]))
+            for name, z in encodings.items()}
+
+
+def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
+    """4.1, 4.5 and 4.9 ask which digits are reconstructed *and decoded* well: each method's
+    decoded mean codes (`mean_code_images`) named by Q4.1's rule, their nearest reference
+    training image. Returns {method: {"named": the digit each decodes to, digit 0 first, "own":
+    the digits whose mean code decodes to themselves}}."""
+    named = {}
+    for name, x in images.items():
+        digits = nearest_digit(x, reference, reference_labels).tolist()
+        named[name] = {"named": digits, "own": [d for d in range(10) if digits[d] == d]}
+    return named
+
+
 def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels, show,
                            pca_error: float) -> dict:
     """Does each method's reconstruction still show its digit (4.1, 4.5, 4.7, 4.9)? Each test
@@ -854,6 +879,9 @@ def main(run: utils.Run, argv=None):
                                                 results["pca"]["test_sq_error"]).items():
         results.setdefault(name, {}).update(answers)
     geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
+    decoded = decoded_mean_codes(
+        mean_code_images(encodings, test_y, eigen, params["ppca_gradient"][:2], lab_vae, device),
+        train_x[:NEIGHBOUR_IMAGES], train_y[:NEIGHBOUR_IMAGES])
     recon_rows = {"original": test_x[show], "PCA": recons["pca"][show],
                   "PPCA": recons["ppca_gradient"][show], "VAE": recons["vae"][show]}
     # 4.6: PPCA's extra error over PCA on the same images (paired, so that the images cancel)
@@ -870,6 +898,7 @@ def main(run: utils.Run, argv=None):
                  lab_vae, args.seed, device)
     blur = prior_sample_blur(*params["ppca_gradient"][:2], lab_vae, test_x, args.seed, device)
     metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
+               "decoded_mean_codes": decoded,
                "test_ink_per_digit": ink_per_digit, "test_spread_per_digit": spread_per_digit,
                "prior_sample_mid_grey": blur,
                "answers": {**lab_answers(results, geometry, ink_per_digit),

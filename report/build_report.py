@@ -815,7 +815,18 @@ def apml_values(m: dict) -> dict:
             "train_images": f"{p['train_images']:,}", "test_images": f"{p['test_images']:,}",
             "lattice": p["lattice"], "scatter_points": f"{p['scatter_points']:,}",
             **lab_tables(p), **lab_pca_values(p), **lab_ppca_values(p), **lab_code_values(p),
-            **lab_vae_values(p)}
+            **lab_vae_values(p), "decoded": decoded_values(p)}
+
+
+def decoded_values(p: dict):
+    """4.1, 4.5, 4.9, 'decoded': per method, the digits whose mean code decodes to an image of
+    themselves ('1, 0 and 9', '' for none) and how many; None for a run from before this
+    measure."""
+    if "decoded_mean_codes" not in p:
+        return None
+    return {name: {"own": digit_list(d["own"]) if d["own"] else "", "n": len(d["own"]),
+                   "n_words": count_word(len(d["own"]))}
+            for name, d in p["decoded_mean_codes"].items()}
 
 
 def lab_tables(p: dict) -> dict:

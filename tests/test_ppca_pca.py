@@ -607,3 +607,27 @@ def test_prior_samples_of_a_constant_decoder_are_judged_by_its_image():
                                       torch.ones(5, 784), seed=0, device="cpu")
     assert blur["ppca"] == pytest.approx(0.5) and blur["vae"] == 1.0
     assert blur["test_images"] == 0.0 and blur["samples"] == ppca_pca.PRIOR_SAMPLES
+
+
+def test_a_digits_decoded_mean_code_is_its_mean_images_projection_and_named_by_the_rule():
+    """'Decoded' (4.1, 4.5, 4.9): PCA decodes linearly, so a digit's decoded mean code is the
+    projection of the digit's mean image, here scikit-learn's; and each decoded image is named
+    by its nearest reference image, here the ten decoded images themselves under shuffled
+    labels, so the names are those labels."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(300, ppca_pca.D, generator=gen, dtype=torch.float64)
+    labels = torch.arange(300) % 10
+    eigen = ppca_pca.covariance_eigen(x)
+    z = ppca_pca.pca_encode(x, eigen[0], eigen[2][:, :ppca_pca.LATENT])
+    w = torch.randn(ppca_pca.D, ppca_pca.LATENT, generator=gen, dtype=torch.float64)
+    images = ppca_pca.mean_code_images({"PCA": z, "PPCA": z, "VAE": z.float()}, labels, eigen,
+                                       (w, x.mean(0)), ppca_pca.LabVAE().eval(), "cpu")
+    assert {k: tuple(v.shape) for k, v in images.items()} == {k: (10, ppca_pca.D)
+                                                              for k in ("pca", "ppca", "vae")}
+    sk = PCA(ppca_pca.LATENT, svd_solver="full").fit(x.numpy())     # exact, not randomized
+    means = np.stack([x[labels == d].mean(0).numpy() for d in range(10)])
+    np.testing.assert_allclose(images["pca"].numpy(), sk.inverse_transform(sk.transform(means)),
+                               atol=1e-9)
+    shuffled = torch.tensor([3, 1, 0, 2, 4, 9, 6, 8, 7, 5])
+    named = ppca_pca.decoded_mean_codes({"pca": images["pca"]}, images["pca"], shuffled)
+    assert named == {"pca": {"named": shuffled.tolist(), "own": [1, 4, 6]}}

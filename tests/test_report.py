@@ -1234,3 +1234,19 @@ def test_digits_moved_in_a_ranking_are_those_at_another_place():
     assert build_report.moved_in_ranking(per, "a", "b") == []
     per["4"]["b"], per["5"]["b"] = -5.5, -3.5       # 5 now ahead of 4
     assert build_report.moved_in_ranking(per, "a", "b") == [4, 5]
+
+
+def test_the_lab_says_which_digits_each_method_decodes_from_their_mean_codes(quick_outputs,
+                                                                             reports):
+    """4.1, 4.5, 4.9 ask what is 'decoded' well too: the digits whose mean code decodes to an
+    image named as themselves, per method, as the metrics give them."""
+    decoded = metrics(quick_outputs, "ppca_pca")["decoded_mean_codes"]
+    text = " ".join(reports["lab"].split())
+    for method, name in (("pca", "PCA"), ("vae", "the VAE")):
+        own = decoded[method]["own"]
+        ending = {0: "for no digit.", 10: "for all ten."}.get(
+            len(own), f"for {build_report.digit_list(own)} only." if own else "")
+        assert (f"Decoded from each digit's mean code (Q4.7), {name} gives an image named as that "
+                f"digit {ending}") in text
+    same = decoded["ppca"]["own"] == decoded["pca"]["own"]
+    assert ("Its mean codes decode to the same digits as PCA's (Q4.1)." in text) is same
