@@ -1151,7 +1151,7 @@ def test_q410_splits_the_density_gap_as_its_printed_variances_give(quick_outputs
     path.write_text(json.dumps(p))
     run_script("report/build_report.py", "--outputs", copy)
     text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
-    found = re.search(r"Of that gap of at least ([\d.]+) nats, about (\d+) come from the VAE.s "
+    found = re.search(r"Of the ELBO.s lead, ([\d.]+) nats, about (\d+) come from the VAE.s "
                       r"smaller fitted noise variance \(.{1,8}=\s*([\d.]+) against ([\d.]+)\).*?"
                       r"The rest, about (\d+) nats", text)
     assert found, "Q4.10's split of the gap"
