@@ -213,16 +213,23 @@ def test_the_text_follows_a_different_outcome(quick_outputs, tmp_path):
     assert "Yes, it starts to overfit" in text
 
 
-def q3_report_with(quick_outputs, tmp_path, **verdicts):
-    """The Ex. 1 report's text, built from the quick outputs with Q3's verdicts set."""
+def report_with(quick_outputs, tmp_path, script, edit, pdf="ex1_report.pdf"):
+    """A report's text, built from a copy of the quick outputs whose `script` metrics `edit`
+    changed in place, and those metrics."""
     copy = tmp_path / "outputs"
     shutil.copytree(quick_outputs, copy)
-    path = copy / "vae_latent_opt" / "metrics.json"
-    lo = json.loads(path.read_text())
-    lo["verdicts"].update(verdicts)
-    path.write_text(json.dumps(lo))
+    path = copy / script / "metrics.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
     run_script("report/build_report.py", "--outputs", copy)
-    return " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split()), lo
+    return " ".join(pdf_text(copy / "report" / pdf).split()), m
+
+
+def q3_report_with(quick_outputs, tmp_path, **verdicts):
+    """The Ex. 1 report's text, built from the quick outputs with Q3's verdicts set."""
+    return report_with(quick_outputs, tmp_path, "vae_latent_opt",
+                       lambda lo: lo["verdicts"].update(verdicts))
 
 
 @pytest.mark.parametrize("gap, opening", [
@@ -313,14 +320,7 @@ def test_small_counts_are_words_so_they_read_apart_from_digits(n, words):
 
 def q1_report_with(quick_outputs, tmp_path, edit):
     """The Ex. 1 report's text, built from the quick outputs with Q1's metrics edited."""
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / "vae_amortized" / "metrics.json"
-    a = json.loads(path.read_text())
-    edit(a)
-    path.write_text(json.dumps(a))
-    run_script("report/build_report.py", "--outputs", copy)
-    return " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
+    return report_with(quick_outputs, tmp_path, "vae_amortized", edit)[0]
 
 
 @pytest.mark.parametrize("within, in_se, says", [
@@ -1140,17 +1140,14 @@ def test_q410_splits_the_density_gap_as_its_printed_variances_give(quick_outputs
     """Q4.10's nats from the noise variances, D/2 log(sigma2_PPCA / sigma2_VAE), and the rest of
     the gap: recomputed from the printed variances, they give the printed nats (with three
     figures, 0.0561 and 0.0411, the rest came out 0.7 nats off)."""
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / "ppca_pca" / "metrics.json"
-    p = json.loads(path.read_text())
     s_vae, s_ppca = 0.041053175926, 0.056095805186          # a full run's
-    p["vae"].update(sigma2=s_vae, test_elbo=147.1)
-    p["ppca_closed_form"].update(sigma2=s_ppca, test_log_likelihood=14.36)
-    p["answers"].update(vae_better_density=True, noise_variance_nats=392 * math.log(s_ppca / s_vae))
-    path.write_text(json.dumps(p))
-    run_script("report/build_report.py", "--outputs", copy)
-    text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
+
+    def edit(p):
+        p["vae"].update(sigma2=s_vae, test_elbo=147.1)
+        p["ppca_closed_form"].update(sigma2=s_ppca, test_log_likelihood=14.36)
+        p["answers"].update(vae_better_density=True,
+                            noise_variance_nats=392 * math.log(s_ppca / s_vae))
+    text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
     found = re.search(r"Of the ELBO.s lead, ([\d.]+) nats, about (\d+) come from the VAE.s "
                       r"smaller fitted noise variance \(.{1,8}=\s*([\d.]+) against ([\d.]+)\).*?"
                       r"The rest, about (\d+) nats", text)
@@ -1164,14 +1161,9 @@ def test_q410_splits_the_density_gap_as_its_printed_variances_give(quick_outputs
 @pytest.mark.parametrize("improved, says", [(10, True), (9, False)])
 def test_q49_names_the_naming_rules_bias_where_the_squared_error_backs_the_vae(
         quick_outputs, tmp_path, improved, says):
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / "ppca_pca" / "metrics.json"
-    p = json.loads(path.read_text())
-    p["answers"]["vae_improved_digits"] = improved
-    path.write_text(json.dumps(p))
-    run_script("report/build_report.py", "--outputs", copy)
-    text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
+    text, _ = report_with(quick_outputs, tmp_path, "ppca_pca",
+                          lambda p: p["answers"].update(vae_improved_digits=improved),
+                          "apml_lab_report.pdf")
     assert ("The naming rule favours sharp images such as the VAE's (Q4.1), but the squared "
             "error, which if anything favours blurred ones, also favours the VAE for every "
             "digit." in text) is says
@@ -1184,17 +1176,12 @@ def test_q3b_compares_its_samples_with_q2s_by_their_variety(quick_outputs, tmp_p
                                                             words):
     """Q3 (b) asks for a comparison with Q2's samples: the answer opens with it, this decoder's
     prior draws against Q1's (0.0875 ± 0.0016 here), tied within two standard errors."""
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / "vae_latent_opt" / "metrics.json"
-    lo = json.loads(path.read_text())
-    lo["verdicts"].update(variety_gap="larger", start_decides=True, aggregate_near_prior=True,
-                          control_prior_greyer=True)
-    lo["prior_vs_aggregate"]["variety"]["prior"].update(mean=lo_prior, se=0.0006)
-    lo["amortized_prior_vs_aggregate"]["variety"]["prior"].update(mean=0.0875, se=0.0016)
-    path.write_text(json.dumps(lo))
-    run_script("report/build_report.py", "--outputs", copy)
-    text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
+    def edit(lo):
+        lo["verdicts"].update(variety_gap="larger", start_decides=True, aggregate_near_prior=True,
+                              control_prior_greyer=True)
+        lo["prior_vs_aggregate"]["variety"]["prior"].update(mean=lo_prior, se=0.0006)
+        lo["amortized_prior_vs_aggregate"]["variety"]["prior"].update(mean=0.0875, se=0.0016)
+    text, _ = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
     assert f"Answer. No. Its prior samples (Figure 6, bottom) are {words} Q2's (top; variety" in text
     assert ("partly through this decoder's own blur" in text) is (words == "less varied than")
 
@@ -1213,18 +1200,13 @@ def test_q4_says_whether_eq9_reorders_the_digits_between_its_ends(quick_outputs,
                                                                   eq9_order, says):
     """Laplace ranks the digits 0 (most likely) to 9; Eq. 9 ranks them the same way or swaps two
     in the middle: the text follows the per-digit means, not a fixed sentence."""
-    copy = tmp_path / "outputs"
-    shutil.copytree(quick_outputs, copy)
-    path = copy / "log_likelihood" / "metrics.json"
-    ll = json.loads(path.read_text())
-    for rank, d in enumerate(range(10)):
-        ll["per_digit"][str(d)]["mean"] = -100.0 - 10 * rank
-    for rank, d in enumerate(eq9_order):
-        ll["per_digit"][str(d)]["eq9_mean"] = -110.0 - 10 * rank
-    ll["agreement"].update(most=True, least=True)
-    path.write_text(json.dumps(ll))
-    run_script("report/build_report.py", "--outputs", copy)
-    text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
+    def edit(ll):
+        for rank, d in enumerate(range(10)):
+            ll["per_digit"][str(d)]["mean"] = -100.0 - 10 * rank
+        for rank, d in enumerate(eq9_order):
+            ll["per_digit"][str(d)]["eq9_mean"] = -110.0 - 10 * rank
+        ll["agreement"].update(most=True, least=True)
+    text, _ = report_with(quick_outputs, tmp_path, "log_likelihood", edit)
     assert says in text
     assert "The order in between changes" not in text
 
