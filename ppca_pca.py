@@ -235,6 +235,24 @@ def kept_digits(named, labels) -> dict:
     return {"kept": (named == labels).double().mean().item(), "per_digit": per}
 
 
+def lost_beyond_blur(results: dict, labels) -> dict:
+    """Q4.1's blur control digit by digit. The naming rule keeps blurred digits less often, so a
+    digit PCA loses (half or fewer of its images kept) is lost beyond blur only where PCA keeps
+    measurably fewer of its images than the same images box-blurred as much: more than two
+    standard errors of the difference apart, the two shares' binomial errors counted as
+    independent (cautious: they are the same images). Returns the two lists of digits."""
+    n = torch.bincount(labels, minlength=10)
+    pca, blur = (results[k]["nearest_digit"]["per_digit"] for k in ("pca", "blurred_test_images"))
+    beyond, as_blur = [], []
+    for d in range(10):
+        a, b = pca[str(d)]["kept"], blur[str(d)]["kept"]
+        if a > 0.5:
+            continue
+        se = math.sqrt((a * (1 - a) + b * (1 - b)) / int(n[d]))
+        (beyond if b - a > 2 * se else as_blur).append(d)
+    return {"pca_lost_beyond_blur": beyond, "pca_lost_as_blur": as_blur}
+
+
 def shrinkage_error(x, mean, evals, evecs, m: int = LATENT) -> float:
     """Q4.6: how much more squared error the closed-form PPCA's decoded posterior mean has than
     PCA, predicted. With W = V_M (Lambda_M - sigma^2 I)^(1/2), decoding the posterior mean gives
@@ -903,6 +921,7 @@ def main(run: utils.Run, argv=None):
                "prior_sample_mid_grey": blur,
                "answers": {**lab_answers(results, geometry, ink_per_digit),
                            **unexplained_answers(results, spread_per_digit),
+                           **lost_beyond_blur(results, test_y),
                            **method_verdicts(results, comparison, geometry)},
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
                "lattice": LATTICE, "scatter_points": min(SCATTER_POINTS, len(test_x)),

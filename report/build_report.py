@@ -888,6 +888,10 @@ def lab_pca_values(p: dict) -> dict:
     return {
         "pca_error": num(pca["test_sq_error"]), "explained": pct(pca["explained_variance"], 1),
         "pca_kept_all": pct(pca["nearest_digit"]["kept"], 0),
+        # Q4.1's blur control per digit: lost beyond blur, or kept about as often as blur allows
+        "beyond_blur": (digit_list(ans["pca_lost_beyond_blur"])
+                        if ans.get("pca_lost_beyond_blur") else ""),
+        "as_blur": digit_list(ans["pca_lost_as_blur"]) if ans.get("pca_lost_as_blur") else "",
         "se_range": f"{num(min(pca_se), 1)} to {num(max(pca_se), 1)}",
         "best": {k: digit_list(v) for k, v in ans["best"].items()},
         "worst": {k: digit_list(v) for k, v in ans["worst"].items()},

@@ -631,3 +631,23 @@ def test_a_digits_decoded_mean_code_is_its_mean_images_projection_and_named_by_t
     shuffled = torch.tensor([3, 1, 0, 2, 4, 9, 6, 8, 7, 5])
     named = ppca_pca.decoded_mean_codes({"pca": images["pca"]}, images["pca"], shuffled)
     assert named == {"pca": {"named": shuffled.tolist(), "own": [1, 4, 6]}}
+
+
+def test_a_lost_digit_is_lost_beyond_blur_only_more_than_two_standard_errors_below_it():
+    """Q4.1's blur control per digit, 1,000 images each: PCA 10 % kept against blur's 40 % is
+    lost beyond blur; 13 % against 6 %, and 24 % against 24 %, are not; a kept digit (90 %) is
+    in neither list. The difference's standard error: sqrt((a(1-a) + b(1-b)) / n)."""
+    shares = {"pca": [0.10, 0.13, 0.24, 0.90] + [0.9] * 6,
+              "blurred_test_images": [0.40, 0.06, 0.24, 0.50] + [0.9] * 6}
+    results = {k: {"nearest_digit": {"per_digit": {str(d): {"kept": v[d]} for d in range(10)}}}
+               for k, v in shares.items()}
+    labels = torch.arange(10).repeat_interleave(1000)
+    assert ppca_pca.lost_beyond_blur(results, labels) == {"pca_lost_beyond_blur": [0],
+                                                          "pca_lost_as_blur": [1, 2]}
+    # near the line: 2.2 standard errors (2.16 with blur's own larger share) count, 1.8 do not
+    se = math.sqrt((0.3 * 0.7 + 0.3 * 0.7) / 1000)
+    for gap, beyond in ((2.2 * se, [0]), (1.8 * se, [])):
+        shares = {"pca": [0.3] + [0.9] * 9, "blurred_test_images": [0.3 + gap] + [0.9] * 9}
+        results = {k: {"nearest_digit": {"per_digit": {str(d): {"kept": v[d]} for d in range(10)}}}
+                   for k, v in shares.items()}
+        assert ppca_pca.lost_beyond_blur(results, labels)["pca_lost_beyond_blur"] == beyond

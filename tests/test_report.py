@@ -1232,3 +1232,15 @@ def test_the_lab_says_which_digits_each_method_decodes_from_their_mean_codes(qui
                 f"digit {ending}") in text
     same = decoded["ppca"]["own"] == decoded["pca"]["own"]
     assert ("Its mean codes decode to the same digits as PCA's (Q4.1)." in text) is same
+
+
+def test_q41_splits_the_digits_pca_loses_by_the_blur_control(quick_outputs, tmp_path):
+    """Where blur alone defeats the naming rule, Q4.1 says digit by digit which lost digits PCA
+    keeps measurably less often than blur does (lost beyond blur) and which it does not."""
+    def edit(p):
+        p["answers"].update(namer_keeps_blurred_digits=False, pca_lost_beyond_blur=[2, 6],
+                            pca_lost_as_blur=[3, 4, 5, 7, 8])
+    text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
+    assert ("PCA keeps measurably fewer images than blur alone for 2 and 6: these are lost "
+            "beyond blur. For 3, 4, 5, 7 and 8 it keeps about as many as blur alone, or more, so "
+            "the rule cannot call these lost.") in text
