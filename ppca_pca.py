@@ -644,16 +644,17 @@ def blur_like(x, target_error: float):
 
 
 @torch.no_grad()
-def mean_code_images(encodings: dict, labels, eigen, ppca_w_mu, lab_vae, device) -> dict:
-    """Each digit's mean code (Figure 3's crosses) through its method's decoder: {"pca" | "ppca"
-    | "vae": (10, D) images, digit 0 first}."""
+def mean_code_images(geometry: dict, eigen, ppca_w_mu, lab_vae, device) -> dict:
+    """Each digit's mean code (Figure 3's crosses, `digit_geometry`'s mean encodings) through
+    its method's decoder: {"pca" | "ppca" | "vae": (10, D) images, digit 0 first}."""
     mean, _, evecs = eigen
     w, mu = ppca_w_mu
-    decode = {"PCA": lambda z: pca_decode(z.double(), mean, evecs[:, :LATENT]),
-              "PPCA": lambda z: z.double() @ w.T + mu,
-              "VAE": lambda z: lab_vae.decode(z.float().to(device)).cpu()}
-    return {name.lower(): decode[name](torch.stack([z[labels == d].mean(0) for d in range(10)]))
-            for name, z in encodings.items()}
+    decode = {"pca": lambda z: pca_decode(z, mean, evecs[:, :LATENT]),
+              "ppca": lambda z: z @ w.T + mu,
+              "vae": lambda z: lab_vae.decode(z.float().to(device)).cpu()}
+    return {name: decode[name](torch.tensor([g["mean_encoding"][d] for d in DIGITS],
+                                            dtype=torch.float64))
+            for name, g in geometry.items()}
 
 
 def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
@@ -898,7 +899,7 @@ def main(run: utils.Run, argv=None):
         results.setdefault(name, {}).update(answers)
     geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
     decoded = decoded_mean_codes(
-        mean_code_images(encodings, test_y, eigen, params["ppca_gradient"][:2], lab_vae, device),
+        mean_code_images(geometry, eigen, params["ppca_gradient"][:2], lab_vae, device),
         train_x[:NEIGHBOUR_IMAGES], train_y[:NEIGHBOUR_IMAGES])
     recon_rows = {"original": test_x[show], "PCA": recons["pca"][show],
                   "PPCA": recons["ppca_gradient"][show], "VAE": recons["vae"][show]}

@@ -824,8 +824,7 @@ def decoded_values(p: dict):
     measure."""
     if "decoded_mean_codes" not in p:
         return None
-    return {name: {"own": digit_list(d["own"]) if d["own"] else "", "n": len(d["own"]),
-                   "n_words": count_word(len(d["own"]))}
+    return {name: {"own": digit_list(d["own"]) if d["own"] else "", "n": len(d["own"])}
             for name, d in p["decoded_mean_codes"].items()}
 
 

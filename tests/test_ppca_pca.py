@@ -620,8 +620,9 @@ def test_a_digits_decoded_mean_code_is_its_mean_images_projection_and_named_by_t
     eigen = ppca_pca.covariance_eigen(x)
     z = ppca_pca.pca_encode(x, eigen[0], eigen[2][:, :ppca_pca.LATENT])
     w = torch.randn(ppca_pca.D, ppca_pca.LATENT, generator=gen, dtype=torch.float64)
-    images = ppca_pca.mean_code_images({"PCA": z, "PPCA": z, "VAE": z.float()}, labels, eigen,
-                                       (w, x.mean(0)), ppca_pca.LabVAE().eval(), "cpu")
+    geometry = {k: ppca_pca.digit_geometry(z, labels) for k in ("pca", "ppca", "vae")}
+    images = ppca_pca.mean_code_images(geometry, eigen, (w, x.mean(0)), ppca_pca.LabVAE().eval(),
+                                       "cpu")
     assert {k: tuple(v.shape) for k, v in images.items()} == {k: (10, ppca_pca.D)
                                                               for k in ("pca", "ppca", "vae")}
     sk = PCA(ppca_pca.LATENT, svd_solver="full").fit(x.numpy())     # exact, not randomized
