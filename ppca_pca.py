@@ -226,13 +226,41 @@ def nearest_digit(images, reference, reference_labels) -> torch.Tensor:
 def kept_digits(named, labels) -> dict:
     """Does a reconstruction still show its digit? Per digit: the share of images named as
     their own digit, and the digit named most often with its share (the digit itself when it
-    survives, else what it turned into)."""
+    survives, else what it turned into). And how often the rule names the digit where it is
+    not: its false alarms (the share of other digits' images named as it) and its precision
+    (the share of images named as it that show it; None if none is), since a rule that names
+    most blends 0 keeps most 0s without telling them apart."""
     per = {}
     for d in range(10):
         counts = torch.bincount(named[labels == d], minlength=10).double()
+        named_d = named == d
         per[str(d)] = {"kept": (counts[d] / counts.sum()).item(), "named_most": int(counts.argmax()),
-                       "named_most_share": (counts.max() / counts.sum()).item()}
+                       "named_most_share": (counts.max() / counts.sum()).item(),
+                       "false_alarm": named_d[labels != d].double().mean().item(),
+                       "precision": ((labels[named_d] == d).double().mean().item()
+                                     if named_d.any() else None)}
     return {"kept": (named == labels).double().mean().item(), "per_digit": per}
+
+
+def kept_beyond_false_alarms(results: dict, labels) -> dict:
+    """Q4.1's control for the naming rule's bias towards a few digits: each digit's share kept
+    minus its false-alarm rate (Youden's J: 0 for a rule that names digits at random, 1 for one
+    that is always right), per method, with the best three and the digits tied with them (the
+    two shares' binomial standard errors combined; they count different images)."""
+    n = torch.bincount(labels, minlength=10)
+    answers = {"beyond_false_alarms": {}, "beyond_false_alarms_best": {},
+               "beyond_false_alarms_ties": {}}
+    for k in ("pca", "ppca_gradient", "vae"):
+        per = results[k]["nearest_digit"]["per_digit"]
+        score = {d: per[d]["kept"] - per[d]["false_alarm"] for d in DIGITS}
+        se = {d: math.sqrt(per[d]["kept"] * (1 - per[d]["kept"]) / int(n[int(d)])
+                           + per[d]["false_alarm"] * (1 - per[d]["false_alarm"])
+                           / int(len(labels) - n[int(d)])) for d in DIGITS}
+        negated = {d: -v for d, v in score.items()}         # `order` ranks the lowest first
+        answers["beyond_false_alarms"][k] = score
+        answers["beyond_false_alarms_best"][k] = order(negated)[:3]
+        answers["beyond_false_alarms_ties"][k] = boundary_ties(negated, se)["best"]
+    return answers
 
 
 def lost_beyond_blur(results: dict, labels) -> dict:
@@ -923,6 +951,7 @@ def main(run: utils.Run, argv=None):
                "answers": {**lab_answers(results, geometry, ink_per_digit),
                            **unexplained_answers(results, spread_per_digit),
                            **lost_beyond_blur(results, test_y),
+                           **kept_beyond_false_alarms(results, test_y),
                            **method_verdicts(results, comparison, geometry)},
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
                "lattice": LATTICE, "scatter_points": min(SCATTER_POINTS, len(test_x)),

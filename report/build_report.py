@@ -777,6 +777,11 @@ def survival(named: dict, lost: dict, order: list) -> dict:
             "lost": digit_list([d for d in order if d in lost]) if lost else "",
             # kept digits that lost ones come back as: the naming rule may favour them
             "targets": digit_list([d for d in kept if int(d) in into]) if into else "",
+            # how many of the images named as each of those show it (older runs: not stored)
+            "target_precision": (digit_list([num(100 * per[d]["precision"], 0)
+                                             for d in kept if int(d) in into])
+                                 if into and all(per[d].get("precision") is not None
+                                                 for d in kept if int(d) in into) else ""),
             "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
             "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
             "into": "; ".join(f"{digit_list(ds)} as {a_digit(t)}" for t, ds in groups),
@@ -875,6 +880,22 @@ def max_blur_cost(p: dict) -> dict:
     return {"digit": digit, "points": points_between(original[digit]["kept"], blurred[digit]["kept"])}
 
 
+def beyond_false_alarms(ans: dict, method: str):
+    """Q4.1's control for the naming rule's bias: the three digits whose share kept exceeds
+    their false alarms most, in points, with their ties, the largest excess of any other digit,
+    and whether they are the digits the method keeps; None for runs that did not store it."""
+    if "beyond_false_alarms" not in ans:
+        return None
+    score, best = ans["beyond_false_alarms"][method], ans["beyond_false_alarms_best"][method]
+    ties = ans["beyond_false_alarms_ties"][method]
+    kept = {d for d in ans["kept_order"][method] if d not in ans["lost"][method]}
+    return {"best": digit_list(best), "points": digit_list([num(100 * score[d], 0) for d in best]),
+            "ties": tie_note(ties, best, parens=False),
+            "rest_max": num(100 * max([v for d, v in score.items() if d not in best + ties],
+                                      default=math.nan), 0) if len(best + ties) < 10 else None,
+            "same_as_kept": set(best) == kept}
+
+
 def lab_pca_values(p: dict) -> dict:
     """Q4.1 and Q4.2 (and the rankings 4.5 and 4.9 share): best and worst digits with their
     ties, which digits survive (kept or lost by the nearest training image, the rule's own
@@ -905,6 +926,8 @@ def lab_pca_values(p: dict) -> dict:
         # the kept digits are the best relative to ink too: two measures with other biases agree
         "kept_are_rel_best": ({str(d) for d in ans["pca_relative_best"]}
                               == {d for d in ans["kept_order"]["pca"] if d not in ans["lost"]["pca"]}),
+        # the control for the rule's false alarms (older runs: not stored)
+        "beyond_false_alarms": beyond_false_alarms(ans, "pca"),
         "rel_worst": digit_list(ans["pca_relative_worst"]),
         "rel_ties": {end: tie_note(ans["relative_ties"]["pca"][end], ans[f"pca_relative_{end}"])
                      for end in ("best", "worst")},

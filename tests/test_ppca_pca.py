@@ -13,6 +13,7 @@ import pytest
 import scipy.stats
 import torch
 from sklearn.decomposition import PCA
+from sklearn.metrics import confusion_matrix, precision_score
 from torch.distributions import MultivariateNormal
 
 import ppca_pca
@@ -424,8 +425,56 @@ def test_kept_digits_counts_each_digits_survivors_and_what_it_turns_into():
     named[4] = 7                                         # one 1 of five as 7
     kept = ppca_pca.kept_digits(named, labels)
     assert kept["kept"] == pytest.approx(13 / 17)
-    assert kept["per_digit"]["0"] == {"kept": 0.25, "named_most": 6, "named_most_share": 0.75}
-    assert kept["per_digit"]["1"] == {"kept": 0.8, "named_most": 1, "named_most_share": 0.8}
+    assert {k: kept["per_digit"]["0"][k] for k in ("kept", "named_most", "named_most_share")} == {
+        "kept": 0.25, "named_most": 6, "named_most_share": 0.75}
+    assert {k: kept["per_digit"]["1"][k] for k in ("kept", "named_most", "named_most_share")} == {
+        "kept": 0.8, "named_most": 1, "named_most_share": 0.8}
+    # 6 is named four times, once rightly: three false alarms among the 16 images of other digits
+    assert kept["per_digit"]["6"]["precision"] == 0.25
+    assert kept["per_digit"]["6"]["false_alarm"] == pytest.approx(3 / 16)
+
+
+def test_false_alarms_and_precision_match_sklearns_confusion_matrix():
+    """Per digit, the share of other digits' images named as it (false positives over all
+    negatives) and of the images named as it that show it (scikit-learn's precision); a digit
+    the rule never names has no precision."""
+    gen = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, 10, (500,), generator=gen)
+    named = torch.where(torch.rand(500, generator=gen) < 0.6, labels,
+                        torch.randint(0, 9, (500,), generator=gen))     # 9 is never named wrongly
+    named[labels == 9] = 0                                              # nor rightly
+    per = ppca_pca.kept_digits(named, labels)["per_digit"]
+    cm = confusion_matrix(labels.numpy(), named.numpy(), labels=range(10))
+    precision = precision_score(labels.numpy(), named.numpy(), labels=range(10), average=None,
+                                zero_division=0)
+    for d in range(9):
+        false_positives, negatives = cm[:, d].sum() - cm[d, d], len(labels) - cm[d].sum()
+        assert per[str(d)]["false_alarm"] == pytest.approx(false_positives / negatives)
+        assert per[str(d)]["precision"] == pytest.approx(precision[d])
+    assert per["9"]["precision"] is None and per["9"]["false_alarm"] == 0.0
+
+
+def named_results(kept: dict, false_alarm: dict) -> dict:
+    """Metrics' shape for `kept_beyond_false_alarms`: every method with the same shares."""
+    per = {str(d): {"kept": kept[d], "false_alarm": false_alarm[d]} for d in range(10)}
+    return {k: {"nearest_digit": {"per_digit": per}} for k in ("pca", "ppca_gradient", "vae")}
+
+
+@pytest.mark.parametrize("third, tied", [(0.50, []), (0.45, ["3"])])
+def test_the_share_kept_beyond_false_alarms_ranks_and_ties_the_digits(third, tied):
+    """Share kept minus false alarms, best first; the fourth digit ties with the third within
+    two standard errors of the difference, each share's binomial error over its own images
+    (400 of each digit: 400 kept-or-not, 3,600 others named-or-not)."""
+    kept = {0: 0.9, 1: 0.95, 2: 0.5, 3: 0.4, **{d: 0.1 for d in range(4, 10)}}
+    false_alarm = {0: 0.2, 1: 0.05, 2: 0.5 - third, 3: 0.0, **{d: 0.05 for d in range(4, 10)}}
+    labels = torch.arange(10).repeat_interleave(400)
+    answers = ppca_pca.kept_beyond_false_alarms(named_results(kept, false_alarm), labels)
+    score = answers["beyond_false_alarms"]["pca"]
+    assert score == pytest.approx({str(d): kept[d] - false_alarm[d] for d in range(10)})
+    assert answers["beyond_false_alarms_best"]["vae"] == ["1", "0", "2"]
+    se = math.sqrt(0.5 * 0.5 / 400 + (0.5 - third) * (0.5 + third) / 3600 + 0.4 * 0.6 / 400)
+    assert (third - 0.4 < 2 * se) == bool(tied)       # the oracle: the gap against 2 se
+    assert answers["beyond_false_alarms_ties"]["pca"] == tied
 
 
 def test_paired_gain_is_the_mean_and_standard_error_of_per_image_differences():

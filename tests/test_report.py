@@ -40,6 +40,13 @@ def assert_refused_keeping_the_pdfs(outputs: Path, says: str) -> None:
     assert {p.name: p.read_bytes() for p in (outputs / "report").glob("*.pdf")} == before
 
 
+def build(outputs: Path) -> None:
+    """Typeset both reports from `outputs` in this process: the builder as `make report` runs
+    it, without a new interpreter's start each time (the tests that check its exit code and
+    messages run it as a script)."""
+    build_report.main(["--outputs", str(outputs)])
+
+
 def edited_copy(quick_outputs: Path, tmp_path: Path, folder: str, edit) -> Path:
     """A copy of the quick outputs whose <folder>/metrics.json `edit(metrics)` changed in place,
     as another run would have written it."""
@@ -204,7 +211,7 @@ def test_the_text_follows_a_different_outcome(quick_outputs, tmp_path):
     a = json.loads(path.read_text())
     a["overfit"]["verdict"] = "yes"
     path.write_text(json.dumps(a))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = pdf_text(copy / "report" / "ex1_report.pdf")
     assert f"the most likely digit is {ll['most_likely_digit']} " in text
     changed = "The verdict of (c) changes: training images are more likely"
@@ -222,7 +229,7 @@ def report_with(quick_outputs, tmp_path, script, edit, pdf="ex1_report.pdf"):
     m = json.loads(path.read_text())
     edit(m)
     path.write_text(json.dumps(m))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     return " ".join(pdf_text(copy / "report" / pdf).split()), m
 
 
@@ -305,7 +312,7 @@ def test_q1_names_the_digits_figure_3_loses_at_the_last_epoch(quick_outputs, tmp
     train_labels = a["reconstructions_read"]["shown_train_labels"]
     a["reconstructions_read"]["shown_train"][last] = [(train_labels[0] + 1) % 10] + train_labels[1:]
     path.write_text(json.dumps(a))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
     assert ("Of the ten validation images of Figure 3 it reads six right at the last epoch (it reads "
             "3, 4, 5 and 6 as 0, 9, 9 and 8), and nine of the ten training images; the eye may "
@@ -439,7 +446,7 @@ def test_a_killed_builds_temporary_files_go_and_a_running_build_is_waited_for(qu
     leftover, own = report / ".ex1_report.k3x_9a2b.tmp.pdf", report / ".notes.tmp.txt"
     leftover.write_bytes(b"%PDF half")
     own.write_text("mine")
-    run_script("report/build_report.py", "--outputs", copy)
+    run_script("report/build_report.py", "--outputs", copy)       # the script claims the folder
     assert not leftover.exists() and own.read_text() == "mine"
     (report / ".lock").write_text(f"{os.getpid()}\n")          # a live process holds it
     assert_refused_keeping_the_pdfs(copy, f"another run (process {os.getpid()}) is writing")
@@ -652,7 +659,7 @@ def test_make_submission_packs_what_sec_4_3_3_asks(quick_outputs, tmp_path):
 def test_a_report_with_a_placeholder_or_older_than_its_edits_is_not_packed(quick_outputs, tmp_path,
                                                                             unfilled, expected):
     outputs = filled_in(quick_outputs, tmp_path)
-    run_script("report/build_report.py", "--outputs", outputs)
+    build(outputs)
     values = outputs / "report" / "ex1_values.json"         # as a full run's report
     values.write_text(json.dumps({**json.loads(values.read_text()), "quick": False}))
     template = outputs / "report" / "ex1.typ"
@@ -676,7 +683,7 @@ def test_code_edited_since_the_runs_is_not_packed_and_the_readme_is_readable(qui
     """Each run records the SHA-256 of the code it ran; a zip would otherwise pack code that
     did not make the report's numbers. README.txt in the zip unpacks readable (0644)."""
     outputs = filled_in(quick_outputs, tmp_path)
-    run_script("report/build_report.py", "--outputs", outputs)
+    build(outputs)
     run_script("report/submission.py", "--outputs", outputs, "--name", "Ada", "--cse", "ada01")
     with zipfile.ZipFile(outputs / "ex1_submission_ada01.zip") as zf:
         assert (zf.getinfo("README.txt").external_attr >> 16) & 0o777 == 0o644
@@ -685,7 +692,7 @@ def test_code_edited_since_the_runs_is_not_packed_and_the_readme_is_readable(qui
     assert set(m["code"]) == {"sup_classification.py", "model.py", "utils.py"}
     m["code"]["sup_classification.py"] = "0" * 64      # as if the script was edited since
     path.write_text(json.dumps(m))
-    run_script("report/build_report.py", "--outputs", outputs)
+    build(outputs)
     (outputs / "ex1_submission_ada01.zip").unlink()
     proc = run_script("report/submission.py", "--outputs", outputs, "--name", "Ada",
                       "--cse", "ada01", check=False)
@@ -705,7 +712,7 @@ def test_the_zip_packs_only_a_pdf_typeset_from_what_is_there_now(quick_outputs, 
     date, or a script run again after the report, leaves a PDF that shows neither."""
     outputs = tmp_path / "outputs"
     shutil.copytree(quick_outputs, outputs)
-    run_script("report/build_report.py", "--outputs", outputs)
+    build(outputs)
     values = outputs / "report" / "ex1_values.json"         # as a full run's report
     values.write_text(json.dumps({**json.loads(values.read_text()), "quick": False}))
     if change == "template dated back":
@@ -716,7 +723,7 @@ def test_the_zip_packs_only_a_pdf_typeset_from_what_is_there_now(quick_outputs, 
         template = outputs / "report" / "ex1.typ"      # filled in, and typeset again
         template.write_text(filled_in(quick_outputs, tmp_path / "student").joinpath(
             "report", "ex1.typ").read_text())
-        run_script("report/build_report.py", "--outputs", outputs)
+        build(outputs)
         values.write_text(json.dumps({**json.loads(values.read_text()), "quick": False}))
         if change == "a metrics.json rewritten":
             path = outputs / "vae_amortized" / "metrics.json"
@@ -860,7 +867,7 @@ def test_q4c_opens_with_its_verdict_whether_or_not_eq9_converged(quick_outputs, 
         ll["eq9"]["train_vs_test"], ll["trust"]["eq9"] = verdict, trust
 
     copy = edited_copy(quick_outputs, tmp_path, "log_likelihood", edit)
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = pdf_text(copy / "report" / "ex1_report.pdf")
     assert opening in text
     others = {"(c) Neither set is measurably more likely:", "(c) Training images are more likely:",
@@ -950,7 +957,7 @@ def test_the_figures_lost_images_are_named_only_for_digits_the_vae_keeps(quick_o
     p["vae"]["shown_named"] = [1, 1, 2, 8, 9, 5, 6, 7, 8, 9]         # 0, 3 and 4 named wrong
     p["answers"]["lost"]["vae"] = {"4": 9}                            # ...of which 4 is lost
     path.write_text(json.dumps(p))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
     assert ("In Figure 1, the VAE's 0 and 3 are named as other digits, though most images of "
             "these digits are kept") in text
@@ -991,7 +998,7 @@ def test_q3a_opens_with_the_validation_images_where_the_encoder_wins_there(
     lo["verdicts"]["better_q"] = "amortized"
     lo["same_budget"]["amortized"]["proposed_val"] = encoder_val
     path.write_text(json.dumps(lo))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
     assert re.search(r"Answer\. " + opening, text)
 
@@ -1004,7 +1011,7 @@ def test_q4c_gives_the_paired_difference_when_it_agrees(quick_outputs, tmp_path)
     ll["eq9"].update(train_vs_test="neither", paired_train_minus_test=-9.7,
                      paired_train_minus_test_se=19.5)
     path.write_text(json.dumps(ll))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
     assert ("Paired by digit, training minus test is −10 ± 20 nats by Eq. 9 (within two standard "
             "errors) and") in text.replace("-", "−")
@@ -1096,7 +1103,7 @@ def test_the_labs_blur_control_is_named_with_its_box_and_error(quick_outputs, tm
     p = json.loads(path.read_text())
     p["answers"]["namer_keeps_blurred_digits"] = keeps
     path.write_text(json.dumps(p))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
     blur = p["blurred_test_images"]
     box = (rf"blurred by a {blur['box']}.{{1,8}}{blur['box']} box filter, a rough stand-in for "
@@ -1124,7 +1131,7 @@ def test_q47_says_when_no_test_links_crowding_and_loss(quick_outputs, tmp_path, 
     p = json.loads(path.read_text())
     p["answers"].update(pca_apart_kept_p=p_value, pca_lost_to_nearest_p=0.5, pca_crowding_p=0.5)
     path.write_text(json.dumps(p))
-    run_script("report/build_report.py", "--outputs", copy)
+    build(copy)
     text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
     assert ("the tests below are too weak to confirm or rule out a link between crowding and loss"
             in text) is not link
@@ -1244,3 +1251,48 @@ def test_q41_splits_the_digits_pca_loses_by_the_blur_control(quick_outputs, tmp_
     assert ("PCA keeps measurably fewer images than blur alone for 2 and 6: these are lost "
             "beyond blur. For 3, 4, 5, 7 and 8 it keeps about as many as blur alone, or more: "
             "these are challenging, but may be blurred rather than lost.") in text
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_q41_controls_the_naming_rules_favourites_by_their_false_alarms(quick_outputs, tmp_path,
+                                                                        stored):
+    """Q4.1 names how many of the images the rule names as its favourite digits show them, and
+    ranks the digits by share kept minus false alarms, in points, with the largest of the rest;
+    a run that stored no false alarms keeps the caution alone."""
+    score = {"0": 0.78, "1": 0.86, "9": 0.43, "8": 0.17, **{d: 0.05 for d in "234567"}}
+
+    def edit(p):
+        per = p["pca"]["nearest_digit"]["per_digit"]
+        for d in map(str, range(10)):
+            per[d].update(kept=0.9 if d in "019" else 0.2, named_most=0 if d in "2568" else 9)
+            per[d]["precision"] = {"0": 0.43, "9": 0.33}.get(d, 0.5)
+        p["answers"]["lost"]["pca"] = {d: per[d]["named_most"] for d in "2345678"}
+        p["answers"]["kept_order"]["pca"] = list("0912345678")
+        p["answers"].update(beyond_false_alarms={k: score for k in ("pca", "ppca_gradient", "vae")},
+                            beyond_false_alarms_best={"pca": ["1", "0", "9"]},
+                            beyond_false_alarms_ties={"pca": []})
+        if not stored:
+            for k in ("beyond_false_alarms", "beyond_false_alarms_best", "beyond_false_alarms_ties"):
+                del p["answers"][k]
+            for d in per:
+                del per[d]["precision"]
+    text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
+    control = ("This ranks 1, 0 and 9 best (86, 78 and 43 points; at most 17 for any other digit), "
+               "the digits PCA keeps.")
+    assert (control in text) is stored
+    assert ("Here these are 0 and 9: of the reconstructions named 0 and 9, only 43 and 33 % show "
+            "that digit." in text) is stored
+    assert ("Here these are 0 and 9, so their shares kept may be too high." in text) is not stored
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_q47_says_which_way_the_lenient_binomial_null_errs(quick_outputs, tmp_path, follow):
+    """Lost digits come back as a few digits only, so 1 in 9 understates chance: a p below 0.05
+    is called too small, one above it could only grow."""
+    def edit(p):
+        p["answers"].update(pca_lost_follow_codes=follow,
+                            pca_lost_to_nearest_p=0.01 if follow else 0.18)
+    text, p = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
+    assert p["answers"]["lost"]["pca"], "the quick run loses no digit: the sentence is not there"
+    assert bool(re.search(r"chance is likely higher than 1 in 9 and this .{1,3} too small", text)) is follow
+    assert ("chance is likely higher than 1 in 9, which would only raise" in text) is not follow
