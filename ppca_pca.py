@@ -234,7 +234,8 @@ def kept_digits(named, labels) -> dict:
     for d in range(10):
         counts = torch.bincount(named[labels == d], minlength=10).double()
         named_d = named == d
-        per[str(d)] = {"kept": (counts[d] / counts.sum()).item(), "named_most": int(counts.argmax()),
+        per[str(d)] = {"images": int(counts.sum()),
+                       "kept": (counts[d] / counts.sum()).item(), "named_most": int(counts.argmax()),
                        "named_most_share": (counts.max() / counts.sum()).item(),
                        "false_alarm": named_d[labels != d].double().mean().item(),
                        "precision": ((labels[named_d] == d).double().mean().item()
@@ -878,17 +879,36 @@ def plot_error_bars(path, results, ink):
     utils.save_figure(fig, path)
 
 
+def lab_images(train_images: int, test_images: int):
+    """The first `train_images` training and `test_images` test images as flat vectors in
+    [0, 1], with their labels; refused (before any work) if a digit has fewer than two test
+    images, since its spread (its ellipse, its error's standard error) needs two."""
+    train_x, train_y, test_x, test_y = utils.mnist_tensors("unit")
+    train_x, test_x = train_x[:train_images].view(-1, D), test_x[:test_images].view(-1, D)
+    train_y, test_y = train_y[:train_images], test_y[:test_images]
+    counts = torch.bincount(test_y, minlength=10)
+    if counts.min() < 2:
+        raise utils.UsageError(f"the first {test_images} test images hold {int(counts.min())} of "
+                               f"digit {int(counts.argmin())}, and each digit needs at least 2; "
+                               f"use more (--test-images)")
+    return train_x, train_y, test_x, test_y
+
+
+def per_digit_scales(train_x, test_x, test_y):
+    """What each digit's squared error is measured against (Q4.1): its ink, its test images'
+    mean sum of squared pixels (the error is a sum over pixels, so digits with more ink have
+    more to get wrong), and its spread, their mean squared distance from the mean training
+    image (for the share of its variation left unexplained)."""
+    ink = test_x.double().pow(2).sum(1)
+    spread = (test_x.double() - train_x.double().mean(0)).pow(2).sum(1)
+    return ({str(d): ink[test_y == d].mean().item() for d in range(10)},
+            {str(d): spread[test_y == d].mean().item() for d in range(10)})
+
+
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
-    train_x, train_y, test_x, test_y = utils.mnist_tensors("unit")
-    train_x, test_x = train_x[:args.train_images].view(-1, D), test_x[:args.test_images].view(-1, D)
-    train_y, test_y = train_y[:args.train_images], test_y[:args.test_images]
-    fewest = int(torch.bincount(test_y, minlength=10).min())
-    if fewest < 2:      # a digit's spread (its ellipse, its error's standard error) needs two
-        raise utils.UsageError(f"the first {args.test_images} test images hold {fewest} of digit "
-                               f"{int(torch.bincount(test_y, minlength=10).argmin())}, and each "
-                               f"digit needs at least 2; use more (--test-images)")
+    train_x, train_y, test_x, test_y = lab_images(args.train_images, args.test_images)
     show = utils.one_per_digit(test_y, utils.SUBSET_SEED)
 
     # The lab VAE and its resumable state first: a bad checkpoint fails before any work.
@@ -934,12 +954,7 @@ def main(run: utils.Run, argv=None):
     # 4.6: PPCA's extra error over PCA on the same images (paired, so that the images cancel)
     comparison["ppca_minus_pca_sq_error"] = utils.mean_and_se(
         sq_error_per_image(test_x, recons["ppca_gradient"]) - sq_error_per_image(test_x, recons["pca"]))
-    # The error is a sum over pixels, so digits with more ink have more to get wrong.
-    ink = test_x.double().pow(2).sum(1)
-    ink_per_digit = {str(d): ink[test_y == d].mean().item() for d in range(10)}
-    # ...and each digit's spread about the training mean image, for the share left unexplained
-    spread = (test_x.double() - train_x.double().mean(0)).pow(2).sum(1)
-    spread_per_digit = {str(d): spread[test_y == d].mean().item() for d in range(10)}
+    ink_per_digit, spread_per_digit = per_digit_scales(train_x, test_x, test_y)
     plot_figures(out, encodings, test_y, recon_rows, results, ink_per_digit,
                  (params["ppca_gradient"], params["ppca_closed_form"], curve, eigen[0], cov),
                  lab_vae, args.seed, device)

@@ -202,9 +202,12 @@ def pct(x, digits: int = 2) -> str:
 
 
 def share_of(part: float, whole: float):
-    """part / whole as a percentage ('55 %') where it is a share of it (the same sign, and not
-    larger); None otherwise."""
-    return pct(part / whole, 0) if whole != 0 and 0 <= part / whole <= 1 else None
+    """part / whole as a percentage to the nearest ten ('about 60 %': both are differences of
+    noisy means, so the share is uncertain by several points) where it is a share of it (the
+    same sign, and not larger); None otherwise."""
+    if whole == 0 or not 0 <= part / whole <= 1:
+        return None
+    return f"about {10 * round(10 * part / whole)}\u00a0%"
 
 
 def share(x) -> str:
@@ -859,10 +862,21 @@ def lab_tables(p: dict) -> dict:
         "kept_table": [{"method": name, "all": num(100 * r["nearest_digit"]["kept"], 0),
                         "per_digit": [num(100 * r["nearest_digit"]["per_digit"][str(d)]["kept"], 0)
                                       for d in range(10)]} for name, r in kept_rows],
-        # ...and the digit that each digit's reconstructions are read as most often
-        "read_as_table": [{"method": name, "per_digit": [
+        # the shares' largest binomial standard error, in points (older runs: counts not stored)
+        "kept_se_max": (None if any("images" not in v for _, r in kept_rows
+                                    for v in r["nearest_digit"]["per_digit"].values()) else
+                        num(100 * max(math.sqrt(v["kept"] * (1 - v["kept"]) / v["images"])
+                                      for _, r in kept_rows
+                                      for v in r["nearest_digit"]["per_digit"].values()), 1)),
+        # ...and the digit that each digit's reconstructions are read as most often, and that
+        # its mean code decodes to (Q4.7's crosses; older runs: not stored)
+        "read_as_table": [{"label": f"named most often, {name}", "per_digit": [
             str(r["nearest_digit"]["per_digit"][str(d)]["named_most"]) for d in range(10)]}
-            for name, r in (("PCA", pca), ("VAE, 2-D latent", vae))],
+            for name, r in (("PCA", pca), ("VAE, 2-D latent", vae))] + [
+            {"label": f"mean code named, {name}",
+             "per_digit": [str(d) for d in p["decoded_mean_codes"][key]["named"]]}
+            for name, key in (("PCA", "pca"), ("VAE, 2-D latent", "vae"))
+            if key in p.get("decoded_mean_codes", {})],
     }
 
 
