@@ -843,7 +843,9 @@ def plot_lattices(path, decoded: dict) -> None:
     """Each method's decoded lattice (LATTICE^2 images, rows from z_2 = 2 down to -2) as one
     panel, with z_1 and z_2 ticks at each image's centre, so that it reads against Fig. 3."""
     plt = utils.pyplot()
-    fig, axes = plt.subplots(1, len(decoded), figsize=(utils.PAGE_WIDTH, 3.3))
+    # drawn at the size the lab prints it (60 % of the text width), so that its labels
+    # print at their 8 pt
+    fig, axes = plt.subplots(1, len(decoded), figsize=(0.6 * utils.PAGE_WIDTH, 2.0))
     step = 4 / (LATTICE - 1)                    # latent units between neighbouring images
     half = 2 + (2 + 14) * step / 30             # image_grid: 2 px padding, 28 px images
     for ax, (name, images) in zip(axes, decoded.items()):
