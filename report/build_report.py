@@ -201,13 +201,22 @@ def pct(x, digits: int = 2) -> str:
     return num(100 * x, digits) + "\u00a0%"     # never a line break before the %
 
 
+SHARES = {0.25: "a quarter", 1 / 3: "a third", 0.5: "half", 2 / 3: "two thirds",
+          0.75: "three quarters"}
+
+
 def share_of(part: float, whole: float):
-    """part / whole as a percentage to the nearest ten ('about 60 %': both are differences of
-    noisy means, so the share is uncertain by several points) where it is a share of it (the
-    same sign, and not larger); None otherwise."""
+    """part / whole in words, the nearest of a quarter, a third, half, two thirds and three
+    quarters ('about half'; 'little' below an eighth, 'nearly all' above seven eighths): both
+    are differences of noisy means, so the share is uncertain by several points and no
+    percentage would survive rounding the two printed numbers. Only where it is a share of it
+    (the same sign, and not larger); None otherwise."""
     if whole == 0 or not 0 <= part / whole <= 1:
         return None
-    return f"about {10 * round(10 * part / whole)}\u00a0%"
+    share = part / whole
+    if share < 1 / 8 or share > 7 / 8:
+        return "little" if share < 1 / 8 else "nearly all"
+    return "about " + SHARES[min(SHARES, key=lambda s: abs(s - share))]
 
 
 def share(x) -> str:

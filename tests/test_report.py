@@ -1193,11 +1193,12 @@ def test_q3b_compares_its_samples_with_q2s_by_their_variety(quick_outputs, tmp_p
 
 
 @pytest.mark.parametrize("part, whole, share", [
-    (0.016, 0.029, "about 60\u00a0%"), (0.0142, 0.029, "about 50\u00a0%"), (0.035, 0.029, None),
-    (-0.002, 0.029, None), (0.0, 0.0, None)])
+    (0.0157, 0.0286, "about half"), (0.016, 0.029, "about half"), (0.02, 0.029, "about two thirds"),
+    (0.009, 0.029, "about a third"), (0.002, 0.029, "little"), (0.028, 0.029, "nearly all"),
+    (0.035, 0.029, None), (-0.002, 0.029, None), (0.0, 0.0, None)])
 def test_a_share_is_given_only_where_the_part_is_one(part, whole, share):
-    """Q3 (a): the decoders' part of the raw gap, 0.016 of 0.029, reads 'about 60 %' (to the
-    nearest ten: both are noisy differences), not 'most' and not '55 %'."""
+    """Q3 (a): the decoders' part of the raw gap, 0.016 of 0.029 printed (0.55, unrounded 0.58),
+    reads 'about half': a word that both the printed and the unrounded numbers give."""
     assert build_report.share_of(part, whole) == share
 
 
