@@ -1255,7 +1255,7 @@ def test_q41_splits_the_digits_pca_loses_by_the_blur_control(quick_outputs, tmp_
     text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
     assert ("PCA keeps measurably fewer images than blur alone for 2 and 6, and about as many as "
             "blur alone, or more, for 3, 4, 5, 7 and 8.") in text
-    assert ("for 2 and 6 measurably more often than for equally blurred test images, while 3, 4, "
+    assert ("for 2 and 6 measurably more often than for similarly blurred test images, while 3, 4, "
             "5, 7 and 8 may only be blurred") in text
 
 
@@ -1289,7 +1289,8 @@ def test_q41_controls_the_naming_rules_favourites_by_their_false_alarms(quick_ou
     assert ("so blends are named after a few digits, here 0 and 9: of the reconstructions named as "
             "these, only 43 and 33 % show that digit." in text) is stored
     assert ("here 0 and 9, whose shares kept may be too high." in text) is not stored
-    assert ("far more often than the rule names other digits' images as them" in text) is stored
+    assert ("far more often than other digits' reconstructions lie nearest to one of them"
+            in text) is stored
 
 
 @pytest.mark.parametrize("follow", [True, False])
