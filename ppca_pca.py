@@ -243,6 +243,11 @@ def kept_digits(named, labels) -> dict:
     return {"kept": (named == labels).double().mean().item(), "per_digit": per}
 
 
+def binomial_variance(share: float, n: int) -> float:
+    """The variance of a share measured on n independent images: share (1 - share) / n."""
+    return share * (1 - share) / n
+
+
 def kept_beyond_false_alarms(results: dict, labels) -> dict:
     """Q4.1's control for the naming rule's bias towards a few digits: each digit's share kept
     minus its false-alarm rate (Youden's J: 0 for a rule that names digits at random, 1 for one
@@ -254,9 +259,9 @@ def kept_beyond_false_alarms(results: dict, labels) -> dict:
     for k in ("pca", "ppca_gradient", "vae"):
         per = results[k]["nearest_digit"]["per_digit"]
         score = {d: per[d]["kept"] - per[d]["false_alarm"] for d in DIGITS}
-        se = {d: math.sqrt(per[d]["kept"] * (1 - per[d]["kept"]) / int(n[int(d)])
-                           + per[d]["false_alarm"] * (1 - per[d]["false_alarm"])
-                           / int(len(labels) - n[int(d)])) for d in DIGITS}
+        se = {d: math.sqrt(binomial_variance(per[d]["kept"], int(n[int(d)]))
+                           + binomial_variance(per[d]["false_alarm"], len(labels) - int(n[int(d)])))
+              for d in DIGITS}
         negated = {d: -v for d, v in score.items()}         # `order` ranks the lowest first
         answers["beyond_false_alarms"][k] = score
         answers["beyond_false_alarms_best"][k] = order(negated)[:3]
@@ -277,7 +282,7 @@ def lost_beyond_blur(results: dict, labels) -> dict:
         a, b = pca[str(d)]["kept"], blur[str(d)]["kept"]
         if a > 0.5:
             continue
-        se = math.sqrt((a * (1 - a) + b * (1 - b)) / int(n[d]))
+        se = math.sqrt(binomial_variance(a, int(n[d])) + binomial_variance(b, int(n[d])))
         (beyond if b - a > 2 * se else as_blur).append(d)
     return {"pca_lost_beyond_blur": beyond, "pca_lost_as_blur": as_blur}
 

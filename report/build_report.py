@@ -219,6 +219,11 @@ def share_of(part: float, whole: float):
     return "about " + SHARES[min(SHARES, key=lambda s: abs(s - share))]
 
 
+def binomial_se(share: float, n: int) -> float:
+    """The standard error of a share measured on n independent images."""
+    return math.sqrt(share * (1 - share) / n)
+
+
 def share(x) -> str:
     """A share in per cent, or 'n/a' where it could not be measured (k-hat needs M >= 21)."""
     return "n/a" if x is None else pct(x, 0)
@@ -247,7 +252,7 @@ def quality_row(name: str, q: dict) -> dict:
     return {"name": name, "share": [share_cell(s) for s in q["share"]],
             "entropy": num(q["entropy_bits"]), "confidence": num(q["mean_confidence"]),
             "covered": q["digits_covered"], "images": q["images"],
-            "se_max": max(100 * math.sqrt(s * (1 - s) / q["images"]) for s in q["share"])}
+            "se_max": max(100 * binomial_se(s, q["images"]) for s in q["share"])}
 
 
 def top_digit(quality: dict) -> int:
@@ -278,7 +283,7 @@ def part1_values(classifier: dict) -> dict:
         "lr": f"{classifier['args']['lr']:g}", "batch": classifier["args"]["batch_size"],
         "val_images": f"{classifier['val_images']:,}", "accuracy": pct(acc),
         # its binomial standard error over the test images, in percentage points
-        "accuracy_se": with_se(100 * acc, 100 * math.sqrt(acc * (1 - acc) / classifier["val_images"])),
+        "accuracy_se": with_se(100 * acc, 100 * binomial_se(acc, classifier["val_images"])),
         "above_bar": classifier["above_course_bar"], "bar": pct(classifier["course_bar"], 0),
         "best_accuracy": pct(val_acc[best]),
         "best_epoch": best + 1}
@@ -771,24 +776,24 @@ def survival(named: dict, lost: dict, order: list) -> dict:
     shares kept, and what the lost ones come back as most often, grouped by what they become."""
     per = named["per_digit"]
     kept = [d for d in order if d not in lost]
-    near_half = [d for d in order if "images" in per[d] and abs(per[d]["kept"] - 0.5)
-                 < 2 * math.sqrt(per[d]["kept"] * (1 - per[d]["kept"]) / per[d]["images"])]
+    near_half = [d for d in order if "images" in per[d]
+                 and abs(per[d]["kept"] - 0.5) < 2 * binomial_se(per[d]["kept"], per[d]["images"])]
     into = {}
     for d in order:
         if d in lost and lost[d] != int(d):     # a digit read as itself by a plurality turns into none
             into.setdefault(lost[d], []).append(d)
+    # kept digits that lost ones come back as: the naming rule may favour them
+    targets = [d for d in kept if int(d) in into]
     groups = sorted(into.items(), key=lambda item: -len(item[1]))
     return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
             "lost_n": len(lost), "lost_words": count_word(len(lost)),
             "kept_words": count_word(len(kept)),
             "lost": digit_list([d for d in order if d in lost]) if lost else "",
-            # kept digits that lost ones come back as: the naming rule may favour them
-            "targets": digit_list([d for d in kept if int(d) in into]) if into else "",
+            "targets": digit_list(targets) if targets else "",
             # how many of the images named as each of those show it (older runs: not stored)
-            "target_precision": (digit_list([num(100 * per[d]["precision"], 0)
-                                             for d in kept if int(d) in into])
-                                 if into and all(per[d].get("precision") is not None
-                                                 for d in kept if int(d) in into) else ""),
+            "target_precision": (digit_list([num(100 * per[d]["precision"], 0) for d in targets])
+                                 if targets and all(per[d].get("precision") is not None
+                                                    for d in targets) else ""),
             "kept_shares": digit_list([num(100 * per[d]["kept"], 0) for d in kept]) if kept else "",
             "lost_max": pct(max((per[d]["kept"] for d in lost), default=0), 0),
             # digits whose share kept is within two binomial standard errors of the half that
@@ -875,8 +880,7 @@ def lab_tables(p: dict) -> dict:
         # the shares' largest binomial standard error, in points (older runs: counts not stored)
         "kept_se_max": (None if any("images" not in v for _, r in kept_rows
                                     for v in r["nearest_digit"]["per_digit"].values()) else
-                        num(100 * max(math.sqrt(v["kept"] * (1 - v["kept"]) / v["images"])
-                                      for _, r in kept_rows
+                        num(100 * max(binomial_se(v["kept"], v["images"]) for _, r in kept_rows
                                       for v in r["nearest_digit"]["per_digit"].values()), 1)),
         # ...and the digit that each digit's reconstructions are read as most often, and that
         # its mean code decodes to (Q4.7's crosses; older runs: not stored)
@@ -913,10 +917,10 @@ def beyond_false_alarms(ans: dict, method: str):
     score, best = ans["beyond_false_alarms"][method], ans["beyond_false_alarms_best"][method]
     ties = ans["beyond_false_alarms_ties"][method]
     kept = {d for d in ans["kept_order"][method] if d not in ans["lost"][method]}
+    rest = [v for d, v in score.items() if d not in best + ties]
     return {"best": digit_list(best), "points": digit_list([num(100 * score[d], 0) for d in best]),
             "ties": tie_note(ties, best, parens=False),
-            "rest_max": num(100 * max([v for d, v in score.items() if d not in best + ties],
-                                      default=math.nan), 0) if len(best + ties) < 10 else None,
+            "rest_max": num(100 * max(rest), 0) if rest else None,
             "same_as_kept": set(best) == kept}
 
 
@@ -1006,8 +1010,7 @@ def lab_ppca_values(p: dict) -> dict:
         "converged": pg["converged"], "ppca_lr": f"{pg['lr']:g}",
         "ll_grad": num(pg["test_log_likelihood"], 3), "ll_closed": num(pc["test_log_likelihood"], 3),
         "train_ll_gap": sig(pc["train_log_likelihood"] - pg["train_log_likelihood"], 2),
-        # four figures, so that D/2 log of the two sigma^2's ratio can be checked from them
-        # four figures, as Q4.10's split of the density gap needs them to recompute
+        # four figures, so that Q4.10's D/2 log of the two sigma^2's ratio can be checked from them
         "sigma2_ppca": sig(pc["sigma2"], 4),
         "eig_grad": " and ".join(num(e, 3) for e in pg["w_eigenvalues"]),
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
@@ -1106,9 +1109,9 @@ def lab_vae_values(p: dict) -> dict:
     def gain_list(digits):
         return ", ".join("{} ± {}".format(*with_se(gains[d], gains_se[d])) for d in digits)
     return {
-        "vae_sigma2": sig(vae["sigma2"], 4),
         # Q4.10's split of the density gap: four figures, so that D/2 log(ratio) recomputed
         # from the printed variances gives the printed nats
+        "vae_sigma2": sig(vae["sigma2"], 4),
         "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
