@@ -243,6 +243,21 @@ def aggregate_posterior_kl(mu, logvar) -> float:
     return 0.5 * (torch.trace(cov) + mean @ mean - len(mean) - torch.logdet(cov)).item()
 
 
+def aggregate_posterior_log_prob(z, mu, logvar):
+    """log q(z) for each row of z under the aggregate posterior itself, not its moments:
+    q(z) = (1/N) sum_i N(z; mu_i, diag sigma_i^2), the mixture of the N training images' q_i.
+    Low where no q_i puts mass, however well the mixture's mean and variance match the prior's.
+    In float64: the terms below cancel."""
+    z, mu, logvar = (t.detach().double() for t in (z, mu, logvar))
+    inv_var = torch.exp(-logvar)
+    # sum_k (z_k - mu_ik)^2 / sigma_ik^2 expanded, so that two matrix products score every z
+    # against all N components (a z x N x d tensor would take gigabytes at N = 5,000, d = 200)
+    squared = (z.pow(2) @ inv_var.T - 2 * z @ (mu * inv_var).T
+               + (mu.pow(2) * inv_var).sum(1)).clamp_min(0)
+    log_components = -0.5 * (squared + logvar.sum(1) + mu.shape[1] * LOG_2PI)
+    return torch.logsumexp(log_components, dim=1) - math.log(len(mu))
+
+
 def aggregate_posterior_per_dimension(mu, logvar) -> dict:
     """The aggregate posterior dimension by dimension: each latent dimension's marginal mean and
     variance (Var(mu_ij) over images + mean sigma_ij^2), the sum over dimensions of each

@@ -167,10 +167,8 @@ def paired_difference(a, b) -> dict:
 
 
 @torch.no_grad()
-def prior_samples(decoder, amortized, latent_dim, device) -> dict:
-    """The same 1,000 prior latents (Q2's) through both final generators, by method."""
-    z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
-                                utils.QUALITY_SEED).to(device)
+def prior_samples(decoder, amortized, z) -> dict:
+    """The same prior latents z (Q2's) through both final generators, by method."""
     samples = {"latent_opt": decoder(z)}
     if amortized is not None:
         samples["amortized"] = amortized.decoder(z)
@@ -229,6 +227,15 @@ def variety_ratio(variety: dict) -> dict:
     return {"ratio": ratio, "se": math.hypot(p["se"], ratio * a["se"]) / a_mean}
 
 
+def aggregate_draws(table_mu, table_logvar, n: int, seed: int):
+    """n draws from the latents a decoder was trained on (the aggregate posterior): each from
+    the q_i of a random training image."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(table_mu), (n,), generator=gen).to(table_mu.device)
+    eps = torch.randn(n, table_mu.shape[1], generator=gen).to(table_mu.device)
+    return table_mu[pick] + (0.5 * table_logvar[pick]).exp() * eps
+
+
 @torch.no_grad()
 def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed: int,
                             classifier=None) -> dict:
@@ -237,10 +244,7 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
     As many draws of each, judged by their variety (`variety_per_image`: mean, standard error),
     by their mid-grey share per image (blur), the same verdict with the grey band at each of
     OTHER_GREY_BANDS, and, given the Part 1 classifier, by the digits it reads."""
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randint(len(table_mu), (len(prior_images),), generator=gen).to(table_mu.device)
-    eps = torch.randn(len(prior_images), table_mu.shape[1], generator=gen).to(table_mu.device)
-    z = table_mu[pick] + (0.5 * table_logvar[pick]).exp() * eps
+    z = aggregate_draws(table_mu, table_logvar, len(prior_images), seed)
     images = {"prior": prior_images, "aggregate": decoder(z)}
     variety = {name: utils.mean_and_se(variety_per_image(x)) for name, x in images.items()}
 
@@ -259,6 +263,41 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
             "same_verdict_every_band": all(v == main_verdict for v in other.values()),
             "variety": variety, "variety_ratio": variety_ratio(variety),
             "classified": judge_priors(classifier, images)}
+
+
+# A prior draw lies outside the training latents when their mixture gives it a lower density
+# than it gives all but OUTSIDE_SHARE of its own draws: a prior that matched the mixture would
+# put OUTSIDE_SHARE of its draws there.
+OUTSIDE_SHARE = 0.01
+
+
+@torch.no_grad()
+def prior_outside_latents(table_mu, table_logvar, prior_z, seed: int) -> dict:
+    """Q3 (b): do prior draws land where the decoder was trained? Means and variances cannot
+    tell, so each prior draw is scored under the aggregate posterior itself (the mixture of the
+    training images' q_i), against as many of that mixture's own draws (`aggregate_draws`, the
+    same as prior_against_aggregate's). Returns the share of prior draws outside (below the
+    OUTSIDE_SHARE quantile of the own draws' log q) with its standard error, and
+    KL(p || q) = E_p[log p(z) - log q(z)] over the prior draws (mean, standard error): prior
+    mass where no q_i has any."""
+    log_q = functools.partial(vae_model.aggregate_posterior_log_prob, mu=table_mu,
+                              logvar=table_logvar)
+    own = log_q(aggregate_draws(table_mu, table_logvar, len(prior_z), seed))
+    prior = log_q(prior_z)
+    outside = (prior < torch.quantile(own, OUTSIDE_SHARE)).double()
+    log_ratio = vae_model.log_normal_pdf(prior_z.double(), 0.0, 0.0) - prior
+    return {"outside": utils.mean_and_se(outside), "expected": OUTSIDE_SHARE,
+            "kl_prior_to_latents": utils.mean_and_se(log_ratio), "draws": len(prior_z)}
+
+
+def outside_gap(outside: dict, outside_amortized: dict) -> str:
+    """Do more of this decoder's prior draws fall outside its training latents
+    (`prior_outside_latents`) than Q1's fall outside its encoder's q: 'more', 'same' (within
+    two standard errors of the difference) or 'fewer'."""
+    lo, am = outside["outside"], outside_amortized["outside"]
+    if utils.within_two_se(lo["mean"], am["mean"], lo["se"], am["se"]):
+        return "same"
+    return "more" if lo["mean"] > am["mean"] else "fewer"
 
 
 def prior_gaps(versus: dict, versus_amortized: dict) -> dict:
@@ -303,10 +342,13 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
     Part 1 classifier and by their mid-grey pixels; each decoder's prior draws against draws
     from the latents it was trained on (this decoder's table; Q1's encoder's q of the same
     training images), so that the prior's part and the decoder's part of the difference
-    between the two generators' samples can be told apart; and how far the latents are from
-    N(0, I)."""
+    between the two generators' samples can be told apart; whether prior draws land where
+    each decoder's training latents lie (`prior_outside_latents`); and how far the latents are
+    from N(0, I)."""
     latent_dim = table_mu.shape[1]
-    samples = prior_samples(decoder, amortized, latent_dim, table_mu.device)
+    prior_z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
+                                      utils.QUALITY_SEED).to(table_mu.device)
+    samples = prior_samples(decoder, amortized, prior_z)
     result = {"sample_quality": judge_priors(classifier, samples),
               "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
               # as many real validation images, for scale
@@ -316,6 +358,8 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
               "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,
                                                             samples["latent_opt"],
                                                             utils.QUALITY_SEED, classifier),
+              "prior_outside": prior_outside_latents(table_mu, table_logvar, prior_z,
+                                                     utils.QUALITY_SEED),
               **latent_statistics(table_mu, table_logvar, latent_dim)}
     if amortized is not None:
         with torch.no_grad():
@@ -324,6 +368,8 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
             amortized.decoder, mu, logvar, samples["amortized"], utils.QUALITY_SEED, classifier)
         result["prior_gaps"] = prior_gaps(result["prior_vs_aggregate"],
                                           result["amortized_prior_vs_aggregate"])
+        result["amortized_prior_outside"] = prior_outside_latents(mu, logvar, prior_z,
+                                                                  utils.QUALITY_SEED)
     return result
 
 
@@ -400,12 +446,13 @@ def plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, with
 
 
 def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggregate=None,
-                grey=None, versus=None, versus_amortized=None, control=None) -> dict:
+                grey=None, versus=None, versus_amortized=None, control=None, outside=None,
+                outside_amortized=None) -> dict:
     """Q3's answers as named outcomes: which method proposes better q (`proposal_verdicts`),
     and whether the initialization established a good prior (`prior_verdicts`)."""
     return {**proposal_verdicts(same),
             **prior_verdicts(quality, aggregate_kl, latent_dim, aggregate, grey, versus,
-                             versus_amortized, control)}
+                             versus_amortized, control, outside, outside_amortized)}
 
 
 def proposal_verdicts(same: dict) -> dict:
@@ -430,7 +477,8 @@ def proposal_verdicts(same: dict) -> dict:
 
 
 def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, grey=None,
-                   versus=None, versus_amortized=None, control=None) -> dict:
+                   versus=None, versus_amortized=None, control=None, outside=None,
+                   outside_amortized=None) -> dict:
     """Q3 (b), each None where its measurement is missing. prior: whether the
     latent-optimization samples look as good to the classifier as the amortized ones
     (confidence within 0.05, coverage within one digit); aggregate_near_prior: whether the
@@ -452,7 +500,10 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
     end far from N(0, I) (by the same 0.05 nats per dimension) while Q3's end close, so that
     the initialization, not the KL term, placed them; control_prior_greyer: whether the
     control's decoder renders prior draws greyer than its own training latents by more than
-    Q3's decoder does (two standard errors of the difference of the two shortfalls)."""
+    Q3's decoder does (two standard errors of the difference of the two shortfalls);
+    outside_gap: do 'more', the 'same' share or 'fewer' of this decoder's prior draws land
+    outside its training latents than Q1's outside its encoder's q (`outside_gap`, from
+    `prior_outside_latents`)."""
     has_grey = bool(grey) and "amortized" in grey
     verdicts = {"prior": None,
                 "aggregate_near_prior": None if aggregate_kl is None
@@ -472,6 +523,8 @@ def prior_verdicts(quality, aggregate_kl=None, latent_dim=None, aggregate=None, 
             == verdicts["prior_gap"] for band in versus["other_bands"])
         verdicts["decoder_greyer"] = not not_greyer(versus["aggregate"],
                                                     versus_amortized["aggregate"])
+    if outside and outside_amortized:
+        verdicts["outside_gap"] = outside_gap(outside, outside_amortized)
     if control is not None and aggregate_kl is not None:
         verdicts["start_decides"] = (verdicts["aggregate_near_prior"] and
                                      control["aggregate_posterior_kl"] >= CLOSE_KL * latent_dim)
@@ -676,7 +729,8 @@ def main(run: utils.Run, argv=None):
                                       args.latent_dim, metrics["aggregate_posterior"],
                                       metrics["grey_share"], metrics["prior_vs_aggregate"],
                                       metrics.get("amortized_prior_vs_aggregate"),
-                                      metrics["wide_start"])
+                                      metrics["wide_start"], metrics["prior_outside"],
+                                      metrics.get("amortized_prior_outside"))
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")

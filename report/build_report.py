@@ -480,7 +480,8 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
 
 def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
     """Q3 (b), whether the initialization established a good prior: where the training latents
-    lie, prior draws against draws from them, the control started wider, and the samples."""
+    lie, prior draws against draws from them, how many prior draws land outside them, the
+    control started wider, and the samples."""
     lo, verdicts = latent_opt, latent_opt["verdicts"]
     values = {
         "blur_mostly_decoder": verdicts.get("blur_mostly_decoder"),
@@ -534,6 +535,19 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
     if versus and versus_am and "variety_gap" in verdicts:    # Table 4: how varied, how labelled
         values.update(variety_values(lo, amortized, versus, versus_am),
                       variety_gap=verdicts["variety_gap"])
+    outside = {"lo": lo.get("prior_outside"), "am": lo.get("amortized_prior_outside")}
+    if all(outside.values()) and "outside_gap" in verdicts:    # Q3 (b): prior draws in the gaps
+        values.update({
+            "outside_gap": verdicts["outside_gap"],
+            # counts of prior draws, exact where a share of 100 % would need a standard error
+            "outside": {key: f"{round(v['outside']['mean'] * v['draws']):,}"
+                        for key, v in outside.items()},
+            "outside_draws": f"{outside['lo']['draws']:,}",
+            "outside_chance": f"{round(outside['lo']['expected'] * outside['lo']['draws']):,}",
+            "outside_quantile": pct(1 - outside["lo"]["expected"], 0),
+            "outside_kl": {key: "\u00a0±\u00a0".join(with_se(v["kl_prior_to_latents"]["mean"],
+                                                              v["kl_prior_to_latents"]["se"]))
+                           for key, v in outside.items()}})
     wide = lo.get("wide_start")
     if wide and verdicts.get("start_decides") is not None:   # the control started wider (Q3 b)
         versus_wide = wide["prior_vs_aggregate"]

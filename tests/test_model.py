@@ -150,6 +150,22 @@ def test_aggregate_posterior_kl_is_the_kl_of_the_moment_matched_gaussian():
     assert model.aggregate_posterior_kl(mu, logvar) == pytest.approx(ref.item(), rel=1e-10)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.02])   # wide components, and narrow ones in 200 dims
+def test_aggregate_posterior_log_prob_is_the_mixture_of_the_q_i(scale):
+    from torch.distributions import Categorical, MixtureSameFamily
+
+    gen = torch.Generator().manual_seed(4)
+    n, d = 300, 200
+    mu = torch.randn(n, d, generator=gen)
+    logvar = torch.randn(n, d, generator=gen) * 0.3 + 2 * math.log(scale)
+    z = torch.cat([torch.randn(20, d, generator=gen),                        # prior draws
+                   mu[:20] + scale * torch.randn(20, d, generator=gen)])     # near a component
+    mixture = MixtureSameFamily(Categorical(logits=torch.zeros(n, dtype=torch.float64)),
+                                Independent(Normal(mu.double(), (0.5 * logvar.double()).exp()), 1))
+    got = model.aggregate_posterior_log_prob(z, mu, logvar)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, mixture.log_prob(z.double()), rtol=1e-9, atol=1e-6)
+
 def test_loading_a_network_does_not_consume_the_callers_randomness(tmp_path):
     path = tmp_path / "vae.pt"
     model.save_snapshot(path, model.VAE(8), 1, 8, "vae_amortized")

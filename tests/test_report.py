@@ -1064,6 +1064,28 @@ def test_q3b_puts_the_extra_blur_where_the_prior_gap_verdict_does(quick_outputs,
     assert "Answer. No. Its prior samples" in text and says in text
 
 
+@pytest.mark.parametrize("gap", ["more", "same", "fewer"])
+def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_outputs, tmp_path, gap):
+    """The counts and KLs are the metrics'; the answer box names the count only where more of
+    this decoder's prior draws land outside than Q1's, and the paragraph follows the verdict."""
+    text, lo = q3_report_with(quick_outputs, tmp_path, outside_gap=gap, variety_gap="larger",
+                              start_decides=True, aggregate_near_prior=True,
+                              control_prior_greyer=True)
+    count = {key: f"{round(lo[key]['outside']['mean'] * lo[key]['draws']):,}"
+             for key in ("prior_outside", "amortized_prior_outside")}
+    draws = f"{lo['prior_outside']['draws']:,}"
+    assert (f"For this decoder {count['prior_outside']} of {draws} prior draws land outside, "
+            f"for Q1's {count['amortized_prior_outside']};") in text
+    kl = lo["prior_outside"]["kl_prior_to_latents"]
+    assert " ± ".join(build_report.with_se(kl["mean"], kl["se"])).replace("\u2212", "-") in text
+    assert ("where this decoder was never trained (Q1's: "
+            f"{count['amortized_prior_outside']}, below)" in text) is (gap == "more")
+    assert {"more": "never trained more often than Q1's does: a likely reason why they fall",
+            "same": "So prior draws land outside as often through this decoder: gaps",
+            "fewer": "So prior draws land outside less often through this decoder: gaps"}[gap] in text
+    assert "which we did not test" not in text
+
+
 def test_the_mid_grey_columns_largest_standard_error_is_in_table_3s_caption(quick_outputs, reports):
     lo = metrics(quick_outputs, "vae_latent_opt")
     ses = [100 * v[d]["se"] for v in (lo["prior_vs_aggregate"], lo["amortized_prior_vs_aggregate"])

@@ -169,6 +169,9 @@ def test_quick_run_writes_the_comparisons_and_figures(quick_outputs):
     assert set(m["prior_vs_aggregate"]["classified"]) == {"prior", "aggregate"}
     assert 0 < m["real_variety"]["mean"] and "variety_ratio" in m["wide_start"]["prior_vs_aggregate"]
     assert m["amortized_prior_vs_aggregate"]["images"] == m["prior_vs_aggregate"]["images"]
+    assert m["verdicts"]["outside_gap"] in ("more", "same", "fewer")
+    for key in ("prior_outside", "amortized_prior_outside"):
+        assert 0 <= m[key]["outside"]["mean"] <= 1 and m[key]["draws"] == m["prior_vs_aggregate"]["images"]
     # Q3 (a) without the decoders: each method's own proposals against its refit, image by
     # image; a mean of differences is the difference of the means
     same = m["same_budget"]
@@ -325,6 +328,43 @@ def test_prior_against_aggregate_measures_variety_and_asks_the_classifier():
     shares = result["classified"]["aggregate"]["share"]
     assert shares[0] + shares[8] == pytest.approx(1.0) and 0 < shares[8] < 1
     assert vae_latent_opt.prior_against_aggregate(decoder, mu, logvar, prior, 0)["classified"] is None
+
+
+def test_prior_draws_fall_outside_latents_that_leave_gaps_and_not_inside_a_matching_mixture():
+    """Oracles. Latents whose every q_i is N(0, I): their mixture is the prior, so
+    KL(p || q) = 0 exactly, and a prior draw falls below the 1 % quantile of the mixture's own
+    draws about 1 % of the time. Narrow q_i (sigma 0.05) scattered like the prior: their
+    mixture matches the prior's mean and variance, but a prior draw in 50 dimensions lies far
+    from every one of them, so all prior draws fall outside."""
+    gen = torch.Generator().manual_seed(5)
+    n, d = 2000, 50
+    prior_z = torch.randn(n, d, generator=gen)
+    matching = vae_latent_opt.prior_outside_latents(torch.zeros(400, d), torch.zeros(400, d),
+                                                    prior_z, seed=1)
+    assert matching["kl_prior_to_latents"]["mean"] == pytest.approx(0, abs=1e-9)
+    share = matching["outside"]["mean"]
+    assert abs(share - 0.01) < 3 * math.sqrt(0.01 * 0.99 / n) and matching["expected"] == 0.01
+    assert matching["outside"]["se"] == pytest.approx(math.sqrt(share * (1 - share) / (n - 1)))
+    narrow = vae_latent_opt.prior_outside_latents(torch.randn(400, d, generator=gen),
+                                                  torch.full((400, d), 2 * math.log(0.05)),
+                                                  prior_z, seed=1)
+    assert narrow["outside"]["mean"] == 1.0 and narrow["draws"] == n
+    assert narrow["kl_prior_to_latents"]["mean"] > 100
+
+
+def with_outside(share, se=0.01):
+    return {"outside": {"mean": share, "se": se}}
+
+
+@pytest.mark.parametrize("lo_share, expected", [(0.3, "same"), (0.3282, "same"), (0.3284, "more"),
+                                                (0.2716, "fewer"), (1.0, "more")])
+def test_more_prior_draws_fall_outside_than_q1s_beyond_two_standard_errors(lo_share, expected):
+    """Both shares with SE 0.01: the line lies 0.0283 either side of Q1's 0.3."""
+    assert vae_latent_opt.outside_gap(with_outside(lo_share), with_outside(0.3)) == expected
+    verdicts = vae_latent_opt.q3_verdicts({}, None, outside=with_outside(lo_share),
+                                          outside_amortized=with_outside(0.3))
+    assert verdicts["outside_gap"] == expected
+    assert "outside_gap" not in vae_latent_opt.q3_verdicts({}, None, outside=with_outside(0.3))
 
 
 @pytest.mark.parametrize("aggregate,mostly", [(0.2501, True), (0.25, False), (0.2499, False)])
