@@ -39,8 +39,9 @@ SCATTER_POINTS = 2_500
 # Q4.10's prior samples, judged by blur: the share of mid-grey pixels (strictly between
 # GREY_BAND and 1 - GREY_BAND, neither background nor stroke) in PRIOR_SAMPLES draws.
 GREY_BAND, PRIOR_SAMPLES = 0.1, 1_000
-# The box blurs (odd sizes) among which Q4.1's blur control picks the one nearest PCA's error.
-BLUR_BOXES = (3, 5, 7, 9, 11, 13, 15)
+# The box blurs (odd sizes, up to nearly the whole image) among which Q4.1's blur control picks,
+# image by image, the one nearest PCA's error for that image.
+BLUR_BOXES = tuple(range(3, 28, 2))
 DIGITS = [str(d) for d in range(10)]     # the keys of every per-digit table
 
 
@@ -668,13 +669,22 @@ def box_blur(x, size: int):
                                           count_include_pad=False).view(len(x), -1)
 
 
-def blur_like(x, target_error: float):
-    """The box blur of x whose mean squared error from x (summed over pixels) is nearest
-    `target_error`: test images blurred about as much as PCA's reconstructions, the control for
-    the naming rule's bias on blur. Returns (blurred images, box size, their squared error)."""
-    errors = {size: sq_error_per_image(x, box_blur(x, size)).mean().item() for size in BLUR_BOXES}
-    size = min(errors, key=lambda s: abs(errors[s] - target_error))
-    return box_blur(x, size), size, errors[size]
+def blur_like(x, target_errors):
+    """Each image of x box-blurred by the box of BLUR_BOXES whose squared error from it (summed
+    over pixels) is nearest its own entry of `target_errors`: given PCA's error for each image,
+    test images blurred as much as PCA blurs them, image by image, so that each digit's blurred
+    copies also have about PCA's error for that digit. The control for the naming rule's bias
+    on blur. Returns (blurred images, the box size chosen for each image; the smaller box on a
+    tie)."""
+    target_errors = target_errors.double()
+    nearest = torch.full_like(target_errors, math.inf)
+    blurred, boxes = torch.empty_like(x), torch.zeros(len(x), dtype=torch.long)
+    for size in BLUR_BOXES:
+        candidate = box_blur(x, size)
+        gap = (sq_error_per_image(x, candidate) - target_errors).abs()
+        closer = gap < nearest
+        nearest[closer], blurred[closer], boxes[closer] = gap[closer], candidate[closer], size
+    return blurred, boxes
 
 
 @torch.no_grad()
@@ -703,25 +713,27 @@ def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
     return named
 
 
-def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels, show,
-                           pca_error: float) -> dict:
+def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels, show) -> dict:
     """Does each method's reconstruction still show its digit (4.1, 4.5, 4.7, 4.9)? Each test
     image and each reconstruction is named by its nearest reference training image; the test
-    images themselves give that namer's own accuracy, and the same images box-blurred about as
-    much as PCA's reconstructions (`blur_like` to `pca_error`, PCA's mean squared error) its
+    images themselves give that namer's own accuracy, and the same images box-blurred as much
+    as PCA blurs them, image by image (`blur_like` to PCA's squared error for each image), its
     bias on blurs (a blurred reconstruction may be named for its blur, not its digit). Also the
     names of the one image per digit that Figure 1 shows (`show`), and the VAE's paired gain
     over PPCA. Returns {method,
     "original_images" or "blurred_test_images": {"nearest_digit": ..., "shown_named": ...}, with
-    "gain_over_ppca" for the VAE and the blur's box size and squared error}."""
-    blurred, box, blur_error = blur_like(test_x, pca_error)
+    "gain_over_ppca" for the VAE, and for the blur how often each box size was chosen and its
+    squared errors (`sq_error`)}."""
+    blurred, boxes = blur_like(test_x, sq_error_per_image(test_x, recons["pca"]))
     images = {"original_images": test_x, "blurred_test_images": blurred, **recons}
     answers = {}
     for name, x in tqdm(images.items(), desc="naming reconstructions (1-NN)", unit="set"):
         named = nearest_digit(x, reference, reference_labels)
         answers[name] = {"nearest_digit": kept_digits(named, test_y), "shown_named": named[show].tolist()}
     answers["original_images"]["reference_images"] = len(reference)
-    answers["blurred_test_images"].update(box=box, sq_error=blur_error)
+    answers["blurred_test_images"].update(
+        box_counts={str(size): int((boxes == size).sum()) for size in BLUR_BOXES},
+        **sq_error(test_x, blurred, test_y))
     answers["vae"]["gain_over_ppca"] = paired_gain(test_x, recons["ppca_gradient"], recons["vae"], test_y)
     return answers
 
@@ -949,8 +961,7 @@ def main(run: utils.Run, argv=None):
     timings["vae_training_all_epochs"] = sum(training.history["epoch_seconds"])
 
     for name, answers in reconstruction_answers(recons, test_x, test_y, train_x[:NEIGHBOUR_IMAGES],
-                                                train_y[:NEIGHBOUR_IMAGES], show,
-                                                results["pca"]["test_sq_error"]).items():
+                                                train_y[:NEIGHBOUR_IMAGES], show).items():
         results.setdefault(name, {}).update(answers)
     geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
     decoded = decoded_mean_codes(

@@ -197,9 +197,10 @@ def test_the_share_left_unexplained_ties_within_two_standard_errors(se, tied):
     assert ("3" in answers["unexplained_ties"]["pca"]["best"]) is tied
 
 
-def test_blur_like_picks_the_box_whose_error_is_nearest_the_target():
+def test_blur_like_picks_for_each_image_the_box_whose_error_is_nearest_its_target():
     """Q4.1's blur control against scipy: a box mean over the pixels inside the image (the
-    box cut at the border) is uniform_filter of the image over uniform_filter of ones."""
+    box cut at the border) is uniform_filter of the image over uniform_filter of ones. Each
+    image gets its own target error, here near a different box's error for each image."""
     import scipy.ndimage
     x = torch.rand(20, 784, generator=torch.Generator().manual_seed(0)).double()
     images = x.view(-1, 28, 28).numpy()
@@ -207,12 +208,16 @@ def test_blur_like_picks_the_box_whose_error_is_nearest_the_target():
     def box(size):
         ones = scipy.ndimage.uniform_filter(np.ones((28, 28)), size, mode="constant")
         return np.stack([scipy.ndimage.uniform_filter(im, size, mode="constant") / ones for im in images])
-    errors = {s: ((box(s) - images) ** 2).sum((1, 2)).mean() for s in ppca_pca.BLUR_BOXES}
-    target = errors[7] + 0.1                     # nearest 7, whatever the other sizes give
-    blurred, size, error = ppca_pca.blur_like(x, target)
-    assert size == min(errors, key=lambda s: abs(errors[s] - target)) == 7
-    assert error == pytest.approx(errors[7])
-    assert np.allclose(blurred.view(-1, 28, 28).numpy(), box(7))
+    sizes = ppca_pca.BLUR_BOXES
+    errors = np.stack([((box(s) - images) ** 2).sum((1, 2)) for s in sizes], 1)   # image x box
+    wanted = np.arange(len(images)) % len(sizes)           # each image aims at another box
+    target = errors[np.arange(len(images)), wanted] + 1e-3
+    expected = np.abs(errors - target[:, None]).argmin(1)
+    assert len(set(expected)) > 5                            # the targets pick many sizes
+    blurred, boxes = ppca_pca.blur_like(x, torch.from_numpy(target))
+    assert boxes.tolist() == [sizes[i] for i in expected]
+    for i, k in enumerate(expected):
+        assert np.allclose(blurred[i].view(28, 28).numpy(), box(sizes[k])[i])
 
 
 def crafted_geometry(offset):
@@ -571,6 +576,10 @@ def test_quick_run_writes_every_method_and_figure(quick_outputs):
     assert all(0 < errors[d] <= spread[d] for d in spread)
     ranked = sorted(spread, key=lambda d: errors[d] / spread[d])
     assert m["answers"]["unexplained_best"]["pca"] == ranked[:3]
+    # Q4.1's blur control: every test image blurred once, each digit's copies near PCA's error
+    blur = m["blurred_test_images"]
+    assert sum(blur["box_counts"].values()) == m["test_images"]
+    assert all(abs(blur["test_sq_error_per_digit"][d] - errors[d]) < 0.05 * errors[d] for d in errors)
     for name in ("encodings.png", "reconstructions.png", "sq_error_per_digit.png",
                  "ppca_log_likelihood.png", "lattices.png", "samples.png"):
         assert (out / name).is_file(), name

@@ -1118,7 +1118,9 @@ def test_the_labs_third_measure_ranks_the_share_left_unexplained(quick_outputs, 
 
 
 @pytest.mark.parametrize("keeps", [True, False])
-def test_the_labs_blur_control_is_named_with_its_box_and_error(quick_outputs, tmp_path, keeps):
+def test_the_labs_blur_control_is_named_with_its_errors(quick_outputs, tmp_path, keeps):
+    """The blurred copies' mean error and the largest per-digit gap to PCA's are the metrics';
+    an older run's single box is still named by its size."""
     copy = tmp_path / "outputs"
     shutil.copytree(quick_outputs, copy)
     path = copy / "ppca_pca" / "metrics.json"
@@ -1127,13 +1129,34 @@ def test_the_labs_blur_control_is_named_with_its_box_and_error(quick_outputs, tm
     path.write_text(json.dumps(p))
     build(copy)
     text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
-    blur = p["blurred_test_images"]
-    box = (rf"blurred by a {blur['box']}.{{1,8}}{blur['box']} box filter, a rough stand-in for "
-           rf"PCA's blur, chosen for a squared error near PCA's \({blur['sq_error']:.1f} against "
-           rf"{p['pca']['test_sq_error']:.1f}\), are named")                         # (the box's size is math: any glyphs between)
-    assert re.search(box, text)
+    blur, pca = p["blurred_test_images"], p["pca"]
+    gap = max(abs(blur["test_sq_error_per_digit"][d] - pca["test_sq_error_per_digit"][d])
+              for d in map(str, range(10)))
+    assert (f"blurred by the box filter whose squared error is nearest its PCA reconstruction's "
+            f"({blur['test_sq_error']:.1f} against {pca['test_sq_error']:.1f} on average, and "
+            f"within {gap:.1f} of PCA's for every digit), are named") in text
     assert ("So blur alone does not explain PCA's losses" in text) is keeps
     assert ("so a digit PCA loses may only be blurred" in text) is not keeps
+    # an older run: one 9 x 9 box for every image, its mean error stored
+    for key in ("box_counts", "test_sq_error_per_digit"):
+        del blur[key]
+    blur.update(box=9, sq_error=46.0)
+    path.write_text(json.dumps(p))
+    build(copy)
+    text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
+    assert re.search(r"blurred by a 9.{1,8}9 box filter, a rough stand-in for PCA's blur, chosen "
+                     rf"for a squared error near PCA's \(46.0 against {pca['test_sq_error']:.1f}\)", text)
+
+
+def test_the_blur_controls_per_digit_gap_is_the_largest_over_the_ten_digits():
+    pca = {"test_sq_error_per_digit": {str(d): 40.0 + d for d in range(10)}}
+    blurred = {"box_counts": {"9": 10}, "test_sq_error": 44.71,
+               "test_sq_error_per_digit": {str(d): 40.0 + d + (0.36 if d == 4 else -0.1)
+                                           for d in range(10)}}
+    assert build_report.blur_control(blurred, pca) == {"per_image": True, "error": "44.7",
+                                                       "digit_gap": "0.4"}
+    assert build_report.blur_control({"nearest_digit": {}}, pca) == {"per_image": False, "box": 5,
+                                                                    "error": None}
 
 
 def test_the_lab_says_what_blur_costs_and_what_the_noise_variances_leave(quick_outputs, reports):
@@ -1277,7 +1300,7 @@ def test_q41_splits_the_digits_pca_loses_by_the_blur_control(quick_outputs, tmp_
     text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
     assert ("PCA keeps measurably fewer images than blur alone for 2 and 6, and about as many as "
             "blur alone, or more, for 3, 4, 5, 7 and 8.") in text
-    assert ("for 2 and 6 measurably more often than for similarly blurred test images, while 3, 4, "
+    assert ("for 2 and 6 measurably more often than for test images blurred as much, while 3, 4, "
             "5, 7 and 8 may only be blurred") in text
 
 
