@@ -701,6 +701,20 @@ def mean_code_images(geometry: dict, eigen, ppca_w_mu, lab_vae, device) -> dict:
             for name, g in geometry.items()}
 
 
+def pairs_decoded_as_one(geometry: dict, decoded: dict) -> dict:
+    """4.7 against 4.1 and 4.5: of PCA's and PPCA's three closest pairs of mean codes
+    (`digit_geometry`), those whose two mean codes decode to one and the same digit
+    (`decoded_mean_codes`): codes so close that decoding merges the two digits. Returns
+    {"pairs_decoded_as_one": {method: [[a, b, the digit both decode to], ...]}}."""
+    merged = {}
+    for name in ("pca", "ppca"):
+        named = decoded[name]["named"]
+        merged[name] = [[a, b, named[a]] for a, b in
+                        (pair["digits"] for pair in geometry[name]["closest_pairs"][:3])
+                        if named[a] == named[b]]
+    return {"pairs_decoded_as_one": merged}
+
+
 def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
     """4.1, 4.5 and 4.9 ask which digits are reconstructed *and decoded* well: each method's
     decoded mean codes (`mean_code_images`) named by Q4.1's rule, their nearest reference
@@ -864,10 +878,11 @@ def plot_lattices(path, decoded: dict) -> None:
     # print at their 8 pt
     fig, axes = plt.subplots(1, len(decoded), figsize=(0.6 * utils.PAGE_WIDTH, 2.0))
     step = 4 / (LATTICE - 1)                    # latent units between neighbouring images
-    half = 2 + (2 + 14) * step / 30             # image_grid: 2 px padding, 28 px images
+    half = LATTICE / 2 * step                   # the images abut: no padding lines across them
     for ax, (name, images) in zip(axes, decoded.items()):
-        ax.imshow(utils.image_grid(images, LATTICE, value_range=(0, 1)).numpy(), cmap="gray",
-                  vmin=0, vmax=1, extent=(-half, half, -half, half), interpolation="none")
+        ax.imshow(utils.image_grid(images, LATTICE, value_range=(0, 1), padding=0).numpy(),
+                  cmap="gray", vmin=0, vmax=1, extent=(-half, half, -half, half),
+                  interpolation="none")
         ax.set_xticks(range(-2, 3))
         ax.set_yticks(range(-2, 3))
         ax.set_xlabel("$z_1$")
@@ -985,6 +1000,7 @@ def main(run: utils.Run, argv=None):
                            **unexplained_answers(results, spread_per_digit),
                            **lost_beyond_blur(results, test_y),
                            **kept_beyond_false_alarms(results, test_y),
+                           **pairs_decoded_as_one(geometry, decoded),
                            **method_verdicts(results, comparison, geometry)},
                "seconds": timings, "train_images": len(train_x), "test_images": len(test_x),
                "lattice": LATTICE, "scatter_points": min(SCATTER_POINTS, len(test_x)),

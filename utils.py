@@ -445,6 +445,15 @@ def mean_and_se(values) -> dict:
     return {"mean": values.mean().item(), "se": (values.std() / len(values) ** 0.5).item()}
 
 
+def variety_per_image(images) -> torch.Tensor:
+    """How far each image lies from the set's mean image: its mean squared pixel difference.
+    Averaged over the set, this is the pixels' variance across the images (times (n - 1) / n):
+    how varied the set is. Decoded latents that all come out alike, say as one blend of digits,
+    score low, whatever a classifier calls them (Q2 and Q3 judge samples so, without one)."""
+    flat = images.flatten(1).double()
+    return (flat - flat.mean(0)).pow(2).mean(1)
+
+
 def equal_digit_mean(values, labels) -> dict:
     """The mean of per-image values weighted to equal digit shares, as if every digit had as
     many images: the mean of the per-digit means, and its standard error sqrt(sum_d se_d^2) / k

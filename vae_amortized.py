@@ -142,14 +142,16 @@ def plot_loss_curves(path, history, monitor, loss, sigma_p) -> None:
     }, height=2.3, legend_loc="above", dashed=(val,))
 
 
-def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, device) -> dict:
+def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, device):
     """Q1's reconstructions and Q2's prior samples from every snapshot's generator (the same
     fixed images and the same prior latents for all), and Q2's sample quality: 1,000 prior
-    samples per snapshot judged by Part 1's classifier (empty without it)."""
+    samples per snapshot judged by Part 1's classifier (empty without it) and, needing no
+    classifier, by their variety (`utils.variety_per_image`: mean, standard error). Returns
+    (quality, variety), each by epoch."""
     z_judge = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
                                       utils.QUALITY_SEED).to(device)
     rows = {"val": [show["val"]], "train": [show["train"]], "prior": []}
-    quality = {}
+    quality, variety = {}, {}
     snapshot = vae_model.VAE(latent_dim).to(device).eval()
     for epoch in snapshots:
         vae_model.load_snapshot(out / f"vae_epoch{epoch}.pt", snapshot, "vae_amortized", device,
@@ -158,32 +160,46 @@ def snapshot_figures(out, snapshots, latent_dim, show, z_show, classifier, devic
         rows["train"].append(snapshot.reconstruct(show["train"]))
         with torch.no_grad():
             rows["prior"].append(snapshot.decoder(z_show))
+            samples = snapshot.decoder(z_judge)
+            variety[str(epoch)] = utils.mean_and_se(utils.variety_per_image(samples))
             if classifier is not None:
-                quality[str(epoch)] = utils.classify_samples(classifier,
-                                                                 snapshot.decoder(z_judge))
+                quality[str(epoch)] = utils.classify_samples(classifier, samples)
     labels = [f"epoch {e}" for e in snapshots]
     for split in ("val", "train"):
         utils.plot_image_rows(out / f"q1_reconstructions_{split}.png", rows[split],
                               ["original"] + labels, col_labels=list(range(10)))
     utils.plot_image_rows(out / "q2_prior_samples.png", rows["prior"], labels)
-    return quality
+    return quality, variety
 
 
-@torch.no_grad()
-def classifier_baselines(classifier, train_x, val_x, seed: int) -> dict:
-    """What the Part 1 classifier says about images that are no digits, so that its verdict on
-    prior samples has a known bias: Gaussian noise (clipped to the pixel range), the mean
-    training image (the blurriest possible "sample") and real test images blurred by a 5x5 box
-    filter (blobs with a digit's layout)."""
+def baseline_images(train_x, val_x, seed: int) -> dict:
+    """Images that are no digits, against which Q2's measures of its samples are read:
+    Gaussian noise (clipped to the pixel range), the mean training image (the blurriest
+    possible "sample") and real test images blurred by a 5x5 box filter (blobs with a digit's
+    layout); as many as Q2 judges samples, where the test images allow."""
     n = min(utils.QUALITY_SAMPLES, len(val_x))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((n,) + tuple(val_x.shape[1:]), generator=generator).clamp(-1, 1)
-    mean_image = train_x.mean(0, keepdim=True)
     blurred = torch.nn.functional.avg_pool2d(val_x[:n], 5, stride=1, padding=2,
                                              count_include_pad=False)
-    return {"gaussian noise": utils.classify_samples(classifier, noise.to(val_x.device)),
-            "mean training image": utils.classify_samples(classifier, mean_image),
-            "blurred test images": utils.classify_samples(classifier, blurred)}
+    return {"gaussian noise": noise.to(val_x.device),
+            "mean training image": train_x.mean(0, keepdim=True), "blurred test images": blurred}
+
+
+@torch.no_grad()
+def classifier_baselines(classifier, baselines: dict) -> dict:
+    """What the Part 1 classifier says about images that are no digits (`baseline_images`), so
+    that its verdict on prior samples has a known bias."""
+    return {name: utils.classify_samples(classifier, images) for name, images in baselines.items()}
+
+
+def variety_references(baselines: dict, val_x) -> dict:
+    """Q2's variety read against real test images (as many as it judges samples) and the
+    baselines of many images: noise, which the measure rewards, and blurred test images."""
+    return {name: utils.mean_and_se(utils.variety_per_image(images)) for name, images in
+            (("real test images", val_x[:utils.QUALITY_SAMPLES]),
+             ("gaussian noise", baselines["gaussian noise"]),
+             ("blurred test images", baselines["blurred test images"]))}
 
 
 @torch.no_grad()
@@ -263,13 +279,12 @@ def data_facts(data) -> dict:
             "show_val_indices": data["show_val"].tolist()}
 
 
-def judge_by_classifier(classifier, out, snapshots, vae, data, show, device) -> dict:
+def judge_by_classifier(classifier, out, snapshots, vae, data, baselines, show, device) -> dict:
     """What Part 1's classifier says: of real test images (the reference for Q2's samples), of
     images that are no digits (its bias), and of Q1's reconstructions."""
     return {"real test images": utils.classify_samples(
                 classifier, data["val_x"][:utils.QUALITY_SAMPLES]),
-            "classifier_baselines": classifier_baselines(classifier, data["train_x"],
-                                                         data["val_x"], utils.QUALITY_SEED),
+            "classifier_baselines": classifier_baselines(classifier, baselines),
             "reconstructions_read": reconstructions_read(classifier, out, snapshots, vae, data,
                                                          show, device)}
 
@@ -320,10 +335,12 @@ def main(run: utils.Run, argv=None):
     show = {"val": val_x[data["show_val"].to(device)],
             "train": train_x[data["show_train"].to(device)]}
     z_show = vae_model.prior_latents(10, args.latent_dim, args.seed).to(device)
-    quality = snapshot_figures(out, snapshots, args.latent_dim, show, z_show, classifier, device)
+    quality, variety = snapshot_figures(out, snapshots, args.latent_dim, show, z_show, classifier,
+                                        device)
+    baselines = baseline_images(train_x, val_x, utils.QUALITY_SEED)
     judged = {"classifier_baselines": None, "reconstructions_read": None}
     if classifier is not None:
-        judged = judge_by_classifier(classifier, out, snapshots, vae, data, show, device)
+        judged = judge_by_classifier(classifier, out, snapshots, vae, data, baselines, show, device)
         quality["real test images"] = judged.pop("real test images")
 
     metrics = {
@@ -333,6 +350,8 @@ def main(run: utils.Run, argv=None):
         "monitor_images": {k: len(v) for k, v in monitor.items()},
         # Q2: 1,000 prior samples per snapshot judged by the Part 1 classifier (absent without it)
         "sample_quality": quality or None, **judged,
+        # ... and by their variety, which needs no classifier, beside real and baseline images
+        "prior_variety": variety, "variety_references": variety_references(baselines, val_x),
         **aggregate_posterior(vae, train_x), "eq7": eq7_check(), **data_facts(data),
         "train_seconds": sum(history["epoch_seconds"]), "steps": args.epochs * steps,
         "latent_dim": args.latent_dim, "loss": args.loss, "sigma_p": args.sigma_p,

@@ -209,15 +209,6 @@ def not_greyer(a: dict, b: dict) -> bool:
     return a["share"] - b["share"] < 2 * math.hypot(a["se"], b["se"])
 
 
-def variety_per_image(images) -> torch.Tensor:
-    """How far each image lies from the set's mean image: its mean squared pixel difference.
-    Averaged over the set, this is the pixels' variance across the images (times (n - 1) / n):
-    how varied the set is. Decoded latents that all come out alike, say as one blend of digits,
-    score low, whatever the classifier calls them."""
-    flat = images.flatten(1).double()
-    return (flat - flat.mean(0)).pow(2).mean(1)
-
-
 def variety_ratio(variety: dict) -> dict:
     """Prior draws' variety as a fraction of the training latents' ({prior, aggregate}, each a
     mean and its standard error), with its standard error by the delta method."""
@@ -241,12 +232,12 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
                             classifier=None) -> dict:
     """Q3's prior tested directly: does the decoder render prior draws as well as draws from
     the latents it was trained on (the aggregate posterior: the q_i of a random training image)?
-    As many draws of each, judged by their variety (`variety_per_image`: mean, standard error),
+    As many draws of each, judged by their variety (`utils.variety_per_image`: mean, standard error),
     by their mid-grey share per image (blur), the same verdict with the grey band at each of
     OTHER_GREY_BANDS, and, given the Part 1 classifier, by the digits it reads."""
     z = aggregate_draws(table_mu, table_logvar, len(prior_images), seed)
     images = {"prior": prior_images, "aggregate": decoder(z)}
-    variety = {name: utils.mean_and_se(variety_per_image(x)) for name, x in images.items()}
+    variety = {name: utils.mean_and_se(utils.variety_per_image(x)) for name, x in images.items()}
 
     def shares(band):
         grey = {name: utils.mean_and_se(grey_per_image(x, band)) for name, x in images.items()}
@@ -352,7 +343,7 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
     result = {"sample_quality": judge_priors(classifier, samples),
               "grey_share": grey_shares(samples, val_x), "grey_band": GREY_BAND,
               # as many real validation images, for scale
-              "real_variety": utils.mean_and_se(variety_per_image(val_x[:len(samples["latent_opt"])])),
+              "real_variety": utils.mean_and_se(utils.variety_per_image(val_x[:len(samples["latent_opt"])])),
               "real_grey_per_image": utils.mean_and_se(
                   grey_per_image(val_x[:len(samples["latent_opt"])])),
               "prior_vs_aggregate": prior_against_aggregate(decoder, table_mu, table_logvar,

@@ -192,6 +192,13 @@ def sig(x, figures: int = 2) -> str:
     return num(round(x, digits), digits)
 
 
+def figures_apart(a: float, b: float, least: int = 4) -> int:
+    """The significant figures that print a and b differently (at least `least`): one more than
+    the decimal places of their relative difference (2.6e-6 -> 7)."""
+    rel = abs(a - b) / max(abs(a), abs(b), 1e-300)
+    return least if rel == 0 else max(least, 1 - math.floor(math.log10(rel)))
+
+
 def small(x: float) -> str:
     """A small difference to two significant figures (0.0021, -0.013), signed."""
     return num(x, sig_decimals(x) if x else 1, sign=True)
@@ -246,13 +253,26 @@ def share_cell(s: float) -> str:
     return "100" if s == 1 else f"{100 * s:.1f}"
 
 
-def quality_row(name: str, q: dict) -> dict:
+def quality_row(name: str, q: dict, variety: dict | None = None) -> dict:
     """One row of Table 1, with its number of images and the largest standard error of its
-    shares, sqrt(p (1 - p) / n), in percentage points (a binomial share)."""
+    shares, sqrt(p (1 - p) / n), in percentage points (a binomial share); and the images'
+    variety (mean, standard error; '—' where the run did not measure it)."""
     return {"name": name, "share": [share_cell(s) for s in q["share"]],
             "entropy": num(q["entropy_bits"]), "confidence": num(q["mean_confidence"]),
             "covered": q["digits_covered"], "images": q["images"],
-            "se_max": max(100 * binomial_se(s, q["images"]) for s in q["share"])}
+            "se_max": max(100 * binomial_se(s, q["images"]) for s in q["share"]),
+            "variety": "—" if variety is None else num(variety["mean"], 3),
+            "variety_se": None if variety is None else variety["se"]}
+
+
+def blob_lag(quality: dict, epochs: list, digit: int) -> str:
+    """The snapshots after the first and before the last at which the classifier gives most
+    prior samples the label it gives blur ('97 % and 87 % at epochs 10 and 20'; '' if none)."""
+    mid = [e for e in epochs[1:-1] if quality[e]["share"][digit] > 0.5]
+    if not mid:
+        return ""
+    shares = digit_list([share_cell(quality[e]["share"][digit]) + "\u00a0%" for e in mid])
+    return f"{shares} at epoch{'s' if len(mid) > 1 else ''} {digit_list(mid)}"
 
 
 def top_digit(quality: dict) -> int:
@@ -286,7 +306,13 @@ def part1_values(classifier: dict) -> dict:
         "accuracy_se": with_se(100 * acc, 100 * binomial_se(acc, classifier["val_images"])),
         "above_bar": classifier["above_course_bar"], "bar": pct(classifier["course_bar"], 0),
         "best_accuracy": pct(val_acc[best]),
-        "best_epoch": best + 1}
+        "best_epoch": best + 1,
+        # the training images outside the subset, seen by no training step and no tuning
+        "held_out": None if "held_out_accuracy" not in classifier else {
+            "images": f"{classifier['held_out_images']:,}",
+            "accuracy_se": with_se(100 * classifier["held_out_accuracy"],
+                                   100 * binomial_se(classifier["held_out_accuracy"],
+                                                     classifier["held_out_images"]))}}
 
 
 def q1_values(amortized: dict) -> dict:
@@ -359,17 +385,27 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
     says of images that are no digits), and Q3's final generator as the table's last row."""
     quality = amortized.get("sample_quality")
     values = {"measured": bool(quality)}
+    # the KL term after the first epoch, per latent dimension (the latents' information about
+    # their images)
+    values["kl_first"] = sig(amortized["val_kl"][0], 1)
+    variety = amortized.get("prior_variety") or {}
+    references = amortized.get("variety_references") or {}
     if quality:
         epochs = [str(e) for e in amortized["snapshot_epochs"]]
         first, last, real = quality[epochs[0]], quality[epochs[-1]], quality["real test images"]
+        if variety and references:      # Q2's samples judged without the classifier
+            values["variety"] = {"first": num(variety[epochs[0]]["mean"], 3),
+                                 "last": num(variety[epochs[-1]]["mean"], 3),
+                                 "real": num(references["real test images"]["mean"], 3),
+                                 "noise": num(references["gaussian noise"]["mean"], 3)}
         values.update({
             "first_epoch": epochs[0], "last_epoch": epochs[-1], "samples": f"{first['images']:,}",
             "first_conf": num(first["mean_confidence"]), "last_conf": num(last["mean_confidence"]),
             "real_conf": num(real["mean_confidence"]),
             "first_covered": first["digits_covered"], "last_covered": last["digits_covered"],
             "first_entropy": num(first["entropy_bits"]), "last_entropy": num(last["entropy_bits"]),
-            "rows": [quality_row(f"amortized, epoch {e}", quality[e]) for e in epochs]
-                    + [quality_row("real test images", real)],
+            "rows": [quality_row(f"amortized, epoch {e}", quality[e], variety.get(e)) for e in epochs]
+                    + [quality_row("real test images", real, references.get("real test images"))],
             "first_top": top_digit(first), "first_top_share": pct(max(first["share"]), 0)})
         base = amortized.get("classifier_baselines")
         values["baseline"] = bool(base)
@@ -383,21 +419,29 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
                 "blur_top": top_digit(blur), "blur_share": pct(max(blur["share"]), 0),
                 "blur_covered": blur["digits_covered"], "blur_conf": num(blur["mean_confidence"]),
                 "blob_digit": top_digit(mean_img),
+                # the epochs between the first and the last at which the classifier still
+                # gives most samples the blur's label ('97 % and 87 % at epochs 10 and 20')
+                "blob_mid": blob_lag(quality, epochs, top_digit(mean_img)),
                 "blob_first_share": pct(first["share"][top_digit(mean_img)], 0),
                 "blob_last_share": pct(last["share"][top_digit(mean_img)], 0)})
-            values["rows"] += [quality_row("Gaussian noise", noise),
-                               quality_row("blurred test images", blur)]
+            values["rows"] += [quality_row("Gaussian noise", noise, references.get("gaussian noise")),
+                               quality_row("blurred test images", blur,
+                                           references.get("blurred test images"))]
     latent_opt_quality = (latent_opt.get("sample_quality") or {})
     if "latent_opt" in latent_opt_quality and "amortized" in latent_opt_quality:
         # Q3's generator right under Q2's, then the real images and the baselines, as the
         # caption lists them
         rows = values.setdefault("rows", [])
         after = sum(r["name"].startswith("amortized") for r in rows)
-        rows.insert(after, quality_row("latent optimization, final", latent_opt_quality["latent_opt"]))
+        lo_variety = (latent_opt.get("prior_vs_aggregate") or {}).get("variety", {}).get("prior")
+        rows.insert(after, quality_row("latent optimization, final", latent_opt_quality["latent_opt"],
+                                       lo_variety))
     if values.get("rows"):
         sizes = sorted({r["images"] for r in values["rows"]})
         values["images"] = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
         values["share_se_max"] = num(max(r["se_max"] for r in values["rows"]), 1)
+        variety_ses = [r["variety_se"] for r in values["rows"] if r["variety_se"] is not None]
+        values["variety_se_max"] = sig(max(variety_ses), 1) if variety_ses else None
     return values
 
 
@@ -1041,6 +1085,9 @@ def lab_ppca_values(p: dict) -> dict:
         "eig_closed": " and ".join(num(e, 3) for e in pc["w_eigenvalues"]),
         "eig_err": sig(100 * max(map(abs, comparison["w_eigenvalue_relative_errors"])), 1) + " %",
         "sigma2_err": sig(100 * abs(comparison["sigma2_relative_error"]), 1) + " %",
+        # both sigma^2 to the figures that show their difference, so that its size can be checked
+        "sigma2_pair": " against ".join(sig(v, figures_apart(pg["sigma2"], pc["sigma2"]))
+                                        for v in (pg["sigma2"], pc["sigma2"])),
         "ll_diff": sig(abs(pg["test_log_likelihood"] - pc["test_log_likelihood"]), 1),
         "matches_closed": ans["gradient_reaches_closed_form"],
         "data_eig": " and ".join(num(e, 2) for e in pc["data_eigenvalues"]),
@@ -1116,6 +1163,12 @@ def lab_code_values(p: dict) -> dict:
         "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
         "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
+        # 4.7 against 4.1 and 4.5: the closest pairs whose two mean codes decode to one digit
+        "merged": None if "pairs_decoded_as_one" not in ans else {
+            k: {"n": len(ans["pairs_decoded_as_one"][k]),
+                "which": "; ".join(f"{a} and {b} as {a_digit(d)}"
+                                   for a, b, d in ans["pairs_decoded_as_one"][k])}
+            for k in ("pca", "ppca")},
     }
 
 

@@ -226,6 +226,16 @@ def crafted_geometry(offset):
     return {"mean_encoding": means, "closest_pairs": pairs}
 
 
+def test_a_close_pair_is_decoded_as_one_only_when_both_mean_codes_give_the_same_digit():
+    """PCA's closest pairs 0-1, 1-2, 2-3: 0 and 1 both decode to 1 (merged), 1 and 2 to 1 and
+    3, 2 and 3 both to 3 (merged); the fourth pair, 3-4, is not among the three closest."""
+    geometry = {"pca": crafted_geometry(0), "ppca": crafted_geometry(0)}
+    named = [1, 1, 3, 3, 3, 5, 6, 7, 8, 9]
+    decoded = {"pca": {"named": named}, "ppca": {"named": list(range(10))}}
+    merged = ppca_pca.pairs_decoded_as_one(geometry, decoded)["pairs_decoded_as_one"]
+    assert merged == {"pca": [[0, 1, 1], [2, 3, 3]], "ppca": []}
+
+
 def test_lab_answers_rank_digits_and_compare_methods_from_the_errors():
     pca = {d: 10.0 + d for d in range(10)}                  # 0 best ... 9 worst
     ppca = dict(pca)

@@ -20,6 +20,25 @@ def test_quick_run_writes_figure_metrics_and_classifier(quick_outputs):
     assert (out / "classifier.pt").is_file()
 
 
+def test_the_held_out_accuracy_is_on_training_images_outside_the_subset(quick_outputs):
+    """Recomputed here: the first 500 training images not in the balanced subset (numpy's
+    setdiff1d), read by the saved classifier, scored by scikit-learn."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score
+
+    import model
+    import utils
+    m = metrics(quick_outputs / "sup_classification")
+    x, y, _, _ = utils.mnist_tensors("pm1")
+    subset = utils.balanced_subset(y, 30, utils.SUBSET_SEED).numpy()
+    held_out = np.setdiff1d(np.arange(len(y)), subset)[:500]
+    classifier = model.load_classifier(quick_outputs / "sup_classification" / "classifier.pt")
+    with torch.no_grad():
+        predicted = classifier(x[held_out]).argmax(1).numpy()
+    assert m["held_out_images"] == 500
+    assert m["held_out_accuracy"] == accuracy_score(y[held_out].numpy(), predicted)
+
+
 def test_augmentation_keeps_shape_scale_and_background():
     x = torch.full((8, 1, 28, 28), -1.0)
     x[:, :, 10:18, 10:18] = 1.0

@@ -641,3 +641,14 @@ def test_equal_digit_mean_is_the_mean_of_per_digit_means_with_stratified_se():
     assert got["images_per_digit"] == {"0": 3, "1": 2, "2": 2}
     # a digit with one image: its spread, and so the standard error, is unknown
     assert utils.equal_digit_mean(values[:4], labels[:4])["se"] is None
+
+
+def test_variety_is_the_pixels_variance_across_the_images():
+    """Averaged over the set, each image's mean squared distance from the set's mean image is
+    numpy's per-pixel variance across the images (ddof=0), averaged over the pixels."""
+    images = torch.randn(50, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+    per_image = utils.variety_per_image(images)
+    assert per_image.shape == (50,)
+    flat = images.flatten(1).double().numpy()
+    assert per_image.mean().item() == pytest.approx(flat.var(axis=0).mean())
+    assert utils.variety_per_image(images[:1].repeat(7, 1, 1, 1)).abs().max() == 0

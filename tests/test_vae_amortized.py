@@ -87,6 +87,12 @@ def test_quick_run_writes_curves_snapshots_and_sample_quality(quick_outputs):
     assert m["final_val"]["loss"] == pytest.approx(m["final_val"]["mse"] + m["final_val"]["kl"])
     assert m["snapshot_epochs"] == [1, 2]
     assert set(m["sample_quality"]) == {"1", "2", "real test images"}
+    # Q2's variety, without the classifier: per snapshot, and for real and baseline images;
+    # clipped noise varies most (it is what the measure rewards), a blur less than its originals
+    assert set(m["prior_variety"]) == {"1", "2"}
+    ref = m["variety_references"]
+    assert ref["gaussian noise"]["mean"] > ref["real test images"]["mean"] > ref["blurred test images"]["mean"] > 0
+    assert all(v["se"] > 0 for v in [*m["prior_variety"].values(), *ref.values()])
     assert m["overfit"]["verdict"] in ("yes", "no", "mildly") and m["loss"] == "exercise"
     assert metrics(quick_outputs / "vae_amortized_elbo")["loss"] == "elbo"
     assert len(m["show_val_indices"]) == len(m["show_train_indices"]) == 10

@@ -280,17 +280,6 @@ def test_prior_against_aggregate_draws_from_the_training_latents():
     assert result["other_bands_not_greyer"] == {"0.5": True, "0.95": True} and result["same_verdict_every_band"]
 
 
-def test_variety_is_the_pixels_variance_across_the_images():
-    """Averaged over the set, each image's mean squared distance from the set's mean image is
-    numpy's per-pixel variance across the images (ddof=0), averaged over the pixels."""
-    images = torch.randn(50, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
-    per_image = vae_latent_opt.variety_per_image(images)
-    assert per_image.shape == (50,)
-    flat = images.flatten(1).double().numpy()
-    assert per_image.mean().item() == pytest.approx(flat.var(axis=0).mean())
-    assert vae_latent_opt.variety_per_image(images[:1].repeat(7, 1, 1, 1)).abs().max() == 0
-
-
 def test_variety_ratio_has_the_delta_method_standard_error():
     ratio = vae_latent_opt.variety_ratio({"prior": {"mean": 0.04, "se": 0.001},
                                           "aggregate": {"mean": 0.08, "se": 0.002}})
