@@ -213,8 +213,9 @@ SHARES = {0.25: "a quarter", 1 / 3: "a third", 0.5: "half", 2 / 3: "two thirds",
 
 
 def share_of(part: float, whole: float):
-    """part / whole in words, the nearest of a quarter, a third, half, two thirds and three
-    quarters ('about half'; 'little' below an eighth, 'nearly all' above seven eighths): both
+    """part / whole in words, by the nearest of a quarter, a third, half, two thirds and three
+    quarters ('about half', or 'more than half' beyond 4 points of it; 'little' below an eighth,
+    'nearly all' above seven eighths): both
     are differences of noisy means, so the share is uncertain by several points and no
     percentage would survive rounding the two printed numbers. Only where it is a share of it
     (the same sign, and not larger); None otherwise."""
@@ -223,7 +224,10 @@ def share_of(part: float, whole: float):
     share = part / whole
     if share < 1 / 8 or share > 7 / 8:
         return "little" if share < 1 / 8 else "nearly all"
-    return "about " + SHARES[min(SHARES, key=lambda s: abs(s - share))]
+    nearest = min(SHARES, key=lambda s: abs(s - share))
+    # more than 4 points off the nearest named share: say which side (0.58 -> 'more than half')
+    side = "about" if abs(share - nearest) <= 0.04 else "more than" if share > nearest else "less than"
+    return f"{side} {SHARES[nearest]}"
 
 
 def binomial_se(share: float, n: int) -> float:
@@ -394,7 +398,9 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
         epochs = [str(e) for e in amortized["snapshot_epochs"]]
         first, last, real = quality[epochs[0]], quality[epochs[-1]], quality["real test images"]
         if variety and references:      # Q2's samples judged without the classifier
-            values["variety"] = {"first": num(variety[epochs[0]]["mean"], 3),
+            values["variety"] = {"moves": "rises" if variety[epochs[-1]]["mean"]
+                                 > variety[epochs[0]]["mean"] else "falls",
+                                 "first": num(variety[epochs[0]]["mean"], 3),
                                  "last": num(variety[epochs[-1]]["mean"], 3),
                                  "real": num(references["real test images"]["mean"], 3),
                                  "noise": num(references["gaussian noise"]["mean"], 3)}
@@ -490,6 +496,10 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
                        "last_epoch": epochs[-1], "curve_lo_last": num(lo_at[-1], 3),
                        "curve_am_last": num(am_at[-1], 3),
                        "curve_images": f"{amortized['monitor_images']['train']:,}"})
+    val10 = lo.get("val_fit_recon_mse", {}).get(str(epochs[-1])) if epochs else None
+    if val10 is not None and lo.get("amortized_val10_recon_mse") is not None:
+        # Figure 5's ten validation images at the last epoch: latent optimization's fit, Q1's
+        values["val10"] = {"lo": num(val10, 3), "am": num(lo["amortized_val10_recon_mse"], 3)}
     if "paired" in same:            # latent optimization minus amortized, image by image
         values["paired"] = {k: dict(zip(("mean", "se"), with_se(v["mean"], v["se"], sign=True)))
                             for k, v in same["paired"].items()}
@@ -510,16 +520,24 @@ def q3_proposal_values(latent_opt: dict, amortized: dict) -> dict:
                        "am_fitted_train": num(s["fitted_train"], 3),
                        # how far each method's own proposals fall short of the same refit to
                        # its own decoder: the proposals compared without their decoders
-                       "shortfall": {key: ("\u00a0±\u00a0".join(with_se(r["shortfall"]["mean"],
-                                                              r["shortfall"]["se"]))
-                                           if "shortfall" in r else
-                                           num(r["proposed_train"] - r["fitted_train"], 3))
-                                     for key, r in (("am", s), ("lo", same["latent_opt"]))},
+                       "shortfall": shortfalls(s, same["latent_opt"]),
                        "am_fitted_val": num(s["fitted_val"], 3),
                        # does the latent fit raise either method's training MSE (it lowers MSE + KL)?
                        "fit_raised_mse": any(same[k]["fitted_train"] > same[k]["proposed_train"]
                                              for k in ("amortized", "latent_opt"))})
     return values
+
+
+def shortfalls(am: dict, lo: dict) -> dict:
+    """How far each method's own proposals fall short of the same refit to its own decoder
+    (mean ± standard error), both to the decimals of the finer standard error, so that the two
+    read alike; older runs without standard errors: the plain difference."""
+    if not ("shortfall" in am and "shortfall" in lo):
+        return {key: num(r["proposed_train"] - r["fitted_train"], 3)
+                for key, r in (("am", am), ("lo", lo))}
+    decimals = max(se_decimals(r["shortfall"]["se"]) for r in (am, lo))
+    return {key: f"{num(r['shortfall']['mean'], decimals)}\u00a0±\u00a0{num(r['shortfall']['se'], decimals)}"
+            for key, r in (("am", am), ("lo", lo))}
 
 
 def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
@@ -860,6 +878,10 @@ def survival(named: dict, lost: dict, order: list) -> dict:
             "borderline": digit_list(near_half) if near_half else "",
             "borderline_shares": digit_list([num(100 * per[d]["kept"], 0) for d in near_half])
                                  if near_half else "",
+            # the lost digits split so: clearly lost, and lost only just (on the edge)
+            "shares_by_digit": {d: num(100 * per[d]["kept"], 0) for d in order},
+            "lost_clear": [d for d in order if d in lost and d not in near_half],
+            "lost_edge": [d for d in order if d in lost and d in near_half],
             "into": "; ".join(f"{digit_list(ds)} as {a_digit(t)}" for t, ds in groups),
             "lost_detail": digit_list([
                 f"{d} ({num(100 * per[d]['kept'], 0)} % kept, "
@@ -1145,19 +1167,16 @@ def lab_code_values(p: dict) -> dict:
         "apart_survive": ans["pca_apart_kept_more"],
         "crowd_rho": num(ans["pca_crowding_spearman"], sign=True),
         "crowd_p": num(ans["pca_crowding_p"]),
-        # does any of 4.7's three tests find a link between crowding and loss (p < 0.05)?
-        "crowding_link_found": min(ans["pca_apart_kept_p"], ans["pca_lost_to_nearest_p"],
-                                   ans["pca_crowding_p"]) < 0.05,
+        # does either of the tests 4.7 prints find a link between crowding and loss (p < 0.05)?
+        "crowding_link_found": min(ans["pca_apart_kept_p"], ans["pca_crowding_p"]) < 0.05,
         "crowded_are_worst": ans["pca_crowded_are_worst"],
         # the lost digits that come back most often as another digit
         "lost_n": len(ans["pca_lost_neighbour_rank"]),
         "lost_n_words": count_word(len(ans["pca_lost_neighbour_rank"])),
         "lost_to_nearest": count_word(ans["pca_lost_to_nearest"]),
-        "lost_to_nearest_p": num(ans["pca_lost_to_nearest_p"]),
         "lost_to_nearest_which": digit_list(
             [f"{d} as {a_digit(ans['lost']['pca'][d])}" for d, rank in
              ans["pca_lost_neighbour_rank"].items() if rank == 1]) if ans["pca_lost_to_nearest"] else "",
-        "lost_follow_codes": ans["pca_lost_follow_codes"],
         "separation": {k: num(enc[k]["separation"], 1) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": ans["vae_separates_better"],
         "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
