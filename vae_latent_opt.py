@@ -630,10 +630,22 @@ def beside_q1_and_q2(amortized, decoder, rows_train, rows_val, seed: int):
     return prior_rows + [decoder(z_prior)], amortized_val10
 
 
+def kl_noise_floor(n: int, latent_dim: int, seed: int) -> float:
+    """The moment-matched KL (`model.aggregate_posterior_kl`) of n points drawn from N(0, I)
+    itself (each with a vanishing variance of its own): what the estimate shows for a perfect
+    prior through its sample covariance alone, about d (d + 1) / (4 n) nats."""
+    gen = torch.Generator().manual_seed(seed)
+    return vae_model.aggregate_posterior_kl(torch.randn(n, latent_dim, generator=gen,
+                                                        dtype=torch.float64),
+                                            torch.full((n, latent_dim), -60.0, dtype=torch.float64))
+
+
 def latent_statistics(mu, logvar, latent_dim: int) -> dict:
     """Q3's prior question from the latents the decoder was trained on: their aggregate
-    posterior against N(0, I), as a whole and per dimension, and their sizes."""
+    posterior against N(0, I), as a whole and per dimension, with the estimate's floor for as
+    many points (`kl_noise_floor`), and their sizes."""
     return {"aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
+            "aggregate_posterior_kl_floor": kl_noise_floor(len(mu), latent_dim, utils.QUALITY_SEED),
             "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(mu, logvar),
             "latent_mu_mean_norm": mu.norm(dim=1).mean().item(), "latent_mu_std": mu.std().item(),
             "latent_sigma2_mean": logvar.exp().mean().item(),

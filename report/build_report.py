@@ -553,6 +553,10 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
         # the same KL as a unit Gaussian's shift: KL(N(m, 1) || N(0, 1)) = m^2 / 2
         "agg_kl_shift": num(math.sqrt(2 * lo["aggregate_posterior_kl"] / lo["latent_dim"])),
         "agg_kl_amortized": num(amortized["aggregate_posterior_kl"], 1),
+        # what the same estimate shows for as many draws from N(0, I) itself (older runs: none)
+        "agg_kl_floor": (num(lo["aggregate_posterior_kl_floor"], 1)
+                         if "aggregate_posterior_kl_floor" in lo else None),
+        "train_images": f"{lo['train_images']:,}",
         "agg_kl_lo_larger": lo["aggregate_posterior_kl"] > amortized["aggregate_posterior_kl"],
         "agg_kl_small": verdicts["aggregate_near_prior"],
         "codes_overlap": verdicts.get("codes_overlap"),
