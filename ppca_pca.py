@@ -273,7 +273,7 @@ def kept_beyond_false_alarms(results: dict, labels) -> dict:
 def lost_beyond_blur(results: dict, labels) -> dict:
     """Q4.1's blur control digit by digit. The naming rule keeps blurred digits less often, so a
     digit PCA loses (half or fewer of its images kept) is lost beyond blur only where PCA keeps
-    measurably fewer of its images than the same images box-blurred as much: more than two
+    measurably fewer of its images than the same images box-blurred to PCA's error: more than two
     standard errors of the difference apart, the two shares' binomial errors counted as
     independent (cautious: they are the same images). Returns the two lists of digits."""
     n = torch.bincount(labels, minlength=10)
@@ -672,7 +672,7 @@ def box_blur(x, size: int):
 def blur_like(x, target_errors):
     """Each image of x box-blurred by the box of BLUR_BOXES whose squared error from it (summed
     over pixels) is nearest its own entry of `target_errors`: given PCA's error for each image,
-    test images blurred as much as PCA blurs them, image by image, so that each digit's blurred
+    test images blurred to PCA's squared error, image by image, so that each digit's blurred
     copies also have about PCA's error for that digit. The control for the naming rule's bias
     on blur. Returns (blurred images, the box size chosen for each image; the smaller box on a
     tie)."""
@@ -704,15 +704,17 @@ def mean_code_images(geometry: dict, eigen, ppca_w_mu, lab_vae, device) -> dict:
 def pairs_decoded_as_one(geometry: dict, decoded: dict) -> dict:
     """4.7 against 4.1 and 4.5: of PCA's and PPCA's three closest pairs of mean codes
     (`digit_geometry`), those whose two mean codes decode to one and the same digit
-    (`decoded_mean_codes`): codes so close that decoding merges the two digits. Returns
-    {"pairs_decoded_as_one": {method: [[a, b, the digit both decode to], ...]}}."""
-    merged = {}
+    (`decoded_mean_codes`), and for comparison how many of all 45 pairs of digits do so.
+    Returns {"pairs_decoded_as_one": {method: [[a, b, the digit both decode to], ...]},
+    "pairs_decoded_as_one_of_all": {method: count}}."""
+    merged, of_all = {}, {}
     for name in ("pca", "ppca"):
         named = decoded[name]["named"]
         merged[name] = [[a, b, named[a]] for a, b in
                         (pair["digits"] for pair in geometry[name]["closest_pairs"][:3])
                         if named[a] == named[b]]
-    return {"pairs_decoded_as_one": merged}
+        of_all[name] = sum(named[a] == named[b] for a, b in itertools.combinations(range(10), 2))
+    return {"pairs_decoded_as_one": merged, "pairs_decoded_as_one_of_all": of_all}
 
 
 def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
@@ -730,15 +732,18 @@ def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
 def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels, show) -> dict:
     """Does each method's reconstruction still show its digit (4.1, 4.5, 4.7, 4.9)? Each test
     image and each reconstruction is named by its nearest reference training image; the test
-    images themselves give that namer's own accuracy, and the same images box-blurred as much
-    as PCA blurs them, image by image (`blur_like` to PCA's squared error for each image), its
+    images themselves give that namer's own accuracy, and the same images box-blurred to the
+    same squared error as PCA's reconstructions, image by image (`blur_like`), its
     bias on blurs (a blurred reconstruction may be named for its blur, not its digit). Also the
     names of the one image per digit that Figure 1 shows (`show`), and the VAE's paired gain
     over PPCA. Returns {method,
     "original_images" or "blurred_test_images": {"nearest_digit": ..., "shown_named": ...}, with
     "gain_over_ppca" for the VAE, and for the blur how often each box size was chosen and its
     squared errors (`sq_error`)}."""
-    blurred, boxes = blur_like(test_x, sq_error_per_image(test_x, recons["pca"]))
+    pca_errors = sq_error_per_image(test_x, recons["pca"])
+    blurred, boxes = blur_like(test_x, pca_errors)
+    # images that PCA degrades more than even the largest box does: their blur stays short of it
+    beyond = int((sq_error_per_image(test_x, box_blur(test_x, BLUR_BOXES[-1])) < pca_errors).sum())
     images = {"original_images": test_x, "blurred_test_images": blurred, **recons}
     answers = {}
     for name, x in tqdm(images.items(), desc="naming reconstructions (1-NN)", unit="set"):
@@ -747,6 +752,7 @@ def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_la
     answers["original_images"]["reference_images"] = len(reference)
     answers["blurred_test_images"].update(
         box_counts={str(size): int((boxes == size).sum()) for size in BLUR_BOXES},
+        beyond_largest_box=beyond,
         **sq_error(test_x, blurred, test_y))
     answers["vae"]["gain_over_ppca"] = paired_gain(test_x, recons["ppca_gradient"], recons["vae"], test_y)
     return answers

@@ -283,12 +283,17 @@ def prior_outside_latents(table_mu, table_logvar, prior_z, seed: int) -> dict:
 
 def outside_gap(outside: dict, outside_amortized: dict) -> str:
     """Do more of this decoder's prior draws fall outside its training latents
-    (`prior_outside_latents`) than Q1's fall outside its encoder's q: 'more', 'same' (within
-    two standard errors of the difference) or 'fewer'."""
-    lo, am = outside["outside"], outside_amortized["outside"]
-    if utils.within_two_se(lo["mean"], am["mean"], lo["se"], am["se"]):
+    (`prior_outside_latents`) than Q1's fall outside its encoder's q: 'more', 'same' or
+    'fewer', by the two-proportion test: 'same' unless the shares differ by two standard
+    errors of the difference under one pooled share (so two equal shares, even both 0 or
+    both 1, are the 'same')."""
+    lo, am = outside["outside"]["mean"], outside_amortized["outside"]["mean"]
+    n_lo, n_am = outside["draws"], outside_amortized["draws"]
+    pooled = (lo * n_lo + am * n_am) / (n_lo + n_am)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_lo + 1 / n_am))
+    if abs(lo - am) <= 2 * se:
         return "same"
-    return "more" if lo["mean"] > am["mean"] else "fewer"
+    return "more" if lo > am else "fewer"
 
 
 def prior_gaps(versus: dict, versus_amortized: dict) -> dict:
@@ -630,22 +635,24 @@ def beside_q1_and_q2(amortized, decoder, rows_train, rows_val, seed: int):
     return prior_rows + [decoder(z_prior)], amortized_val10
 
 
-def kl_noise_floor(n: int, latent_dim: int, seed: int) -> float:
-    """The moment-matched KL (`model.aggregate_posterior_kl`) of n points drawn from N(0, I)
-    itself (each with a vanishing variance of its own): what the estimate shows for a perfect
-    prior through its sample covariance alone, about d (d + 1) / (4 n) nats."""
+def kl_without_correlations(mu, logvar, seed: int) -> float:
+    """The moment-matched KL (`model.aggregate_posterior_kl`) of the same latents with each
+    dimension's means shuffled across images on its own: the marginals stay, the correlations
+    between dimensions go. It is the marginals' KL plus what the estimate shows from sampling
+    alone, so the full KL minus it is what the correlations add."""
     gen = torch.Generator().manual_seed(seed)
-    return vae_model.aggregate_posterior_kl(torch.randn(n, latent_dim, generator=gen,
-                                                        dtype=torch.float64),
-                                            torch.full((n, latent_dim), -60.0, dtype=torch.float64))
+    mu = mu.detach().double().cpu()
+    shuffle = torch.rand(mu.shape, generator=gen, dtype=torch.float64).argsort(dim=0)
+    return vae_model.aggregate_posterior_kl(mu.gather(0, shuffle), logvar)
 
 
 def latent_statistics(mu, logvar, latent_dim: int) -> dict:
     """Q3's prior question from the latents the decoder was trained on: their aggregate
-    posterior against N(0, I), as a whole and per dimension, with the estimate's floor for as
-    many points (`kl_noise_floor`), and their sizes."""
+    posterior against N(0, I), as a whole, without the correlations between dimensions
+    (`kl_without_correlations`) and per dimension, and their sizes."""
     return {"aggregate_posterior_kl": vae_model.aggregate_posterior_kl(mu, logvar),
-            "aggregate_posterior_kl_floor": kl_noise_floor(len(mu), latent_dim, utils.QUALITY_SEED),
+            "aggregate_posterior_kl_uncorrelated": kl_without_correlations(mu, logvar,
+                                                                           utils.QUALITY_SEED),
             "aggregate_posterior": vae_model.aggregate_posterior_per_dimension(mu, logvar),
             "latent_mu_mean_norm": mu.norm(dim=1).mean().item(), "latent_mu_std": mu.std().item(),
             "latent_sigma2_mean": logvar.exp().mean().item(),

@@ -234,6 +234,9 @@ def test_a_close_pair_is_decoded_as_one_only_when_both_mean_codes_give_the_same_
     decoded = {"pca": {"named": named}, "ppca": {"named": list(range(10))}}
     merged = ppca_pca.pairs_decoded_as_one(geometry, decoded)["pairs_decoded_as_one"]
     assert merged == {"pca": [[0, 1, 1], [2, 3, 3]], "ppca": []}
+    # of all 45 pairs, 0-1 and 2-3, 2-4 and 3-4 (all decoded as 3) decode to one digit
+    of_all = ppca_pca.pairs_decoded_as_one(geometry, decoded)["pairs_decoded_as_one_of_all"]
+    assert of_all == {"pca": 4, "ppca": 0}
 
 
 def test_lab_answers_rank_digits_and_compare_methods_from_the_errors():

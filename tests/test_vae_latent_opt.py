@@ -341,28 +341,45 @@ def test_prior_draws_fall_outside_latents_that_leave_gaps_and_not_inside_a_match
     assert narrow["kl_prior_to_latents"]["mean"] > 100
 
 
-def test_the_moment_matched_kls_noise_floor_is_the_sample_covariances_bias():
-    """n points from N(0, I) itself: the moment-matched KL's expectation is, to first order in
-    1/n, d (d + 1) / (4 n) from the covariance plus d / (2 n) from the mean (Wishart moments),
-    0.33 nats for n = 2,000 and d = 50; one seeded draw lies within 10 % of it."""
-    floor = vae_latent_opt.kl_noise_floor(2000, 50, seed=3)
-    assert floor == pytest.approx(50 * 51 / (4 * 2000) + 50 / (2 * 2000), rel=0.1)
-    assert floor == vae_latent_opt.kl_noise_floor(2000, 50, seed=3)        # seeded
+def test_shuffling_each_dimension_removes_exactly_the_correlations_part_of_the_kl():
+    """Closed forms. Independent dimensions (means of variance 0.7, own variance 0.3: total 1):
+    the KL is only sampling noise, d (d + 1) / (4 n) v^2 + d v / (2 n) = 0.165 nats to first
+    order (Wishart moments) for n = 2,000, d = 50, with or without the shuffle. Copy one
+    dimension's means into another (correlation 0.7): the full KL grows by
+    -log(1 - 0.7^2) / 2 = 0.337, the shuffled one does not."""
+    gen = torch.Generator().manual_seed(1)
+    n, d, v = 2000, 50, 0.7
+    mu = torch.randn(n, d, generator=gen, dtype=torch.float64) * v ** 0.5
+    logvar = torch.full((n, d), math.log(1 - v), dtype=torch.float64)
+    noise = d * (d + 1) / (4 * n) * v ** 2 + d * v / (2 * n)
+    assert model.aggregate_posterior_kl(mu, logvar) == pytest.approx(noise, rel=0.15)
+    assert vae_latent_opt.kl_without_correlations(mu, logvar, seed=3) == pytest.approx(noise, rel=0.15)
+    mu[:, 1] = mu[:, 0]
+    full = model.aggregate_posterior_kl(mu, logvar)
+    shuffled = vae_latent_opt.kl_without_correlations(mu, logvar, seed=3)
+    assert full - shuffled == pytest.approx(-0.5 * math.log(1 - v ** 2), abs=0.05)
+    assert shuffled == pytest.approx(noise, rel=0.15)
 
 
-def with_outside(share, se=0.01):
-    return {"outside": {"mean": share, "se": se}}
+def with_outside(share, draws=1000):
+    return {"outside": {"mean": share, "se": math.sqrt(share * (1 - share) / draws)}, "draws": draws}
 
 
-@pytest.mark.parametrize("lo_share, expected", [(0.3, "same"), (0.3282, "same"), (0.3284, "more"),
-                                                (0.2716, "fewer"), (1.0, "more")])
-def test_more_prior_draws_fall_outside_than_q1s_beyond_two_standard_errors(lo_share, expected):
-    """Both shares with SE 0.01: the line lies 0.0283 either side of Q1's 0.3."""
+@pytest.mark.parametrize("lo_share, expected", [(0.3, "same"), (0.341, "same"), (0.342, "more"),
+                                                (0.260, "same"), (0.259, "fewer"), (1.0, "more")])
+def test_more_prior_draws_fall_outside_than_q1s_by_the_two_proportion_test(lo_share, expected):
+    """1,000 draws each, Q1's share 0.3: two pooled standard errors of the difference are
+    2 sqrt(p (1 - p) 2 / 1000) with p the pooled share, 0.0417 at 0.321 and 0.0402 at 0.28."""
     assert vae_latent_opt.outside_gap(with_outside(lo_share), with_outside(0.3)) == expected
     verdicts = vae_latent_opt.q3_verdicts({}, None, outside=with_outside(lo_share),
                                           outside_amortized=with_outside(0.3))
     assert verdicts["outside_gap"] == expected
     assert "outside_gap" not in vae_latent_opt.q3_verdicts({}, None, outside=with_outside(0.3))
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_equal_shares_of_prior_draws_outside_are_the_same_even_at_0_or_1(share):
+    assert vae_latent_opt.outside_gap(with_outside(share), with_outside(share)) == "same"
 
 
 @pytest.mark.parametrize("aggregate,mostly", [(0.2501, True), (0.25, False), (0.2499, False)])
