@@ -985,19 +985,21 @@ def test_a_digit_takes_the_article_its_spoken_name_needs(digit, phrase):
     assert build_report.a_digit(digit) == phrase
 
 
-@pytest.mark.parametrize("encoder_val, opening", [   # (math prints as other letters: skipped)
-    (0.01, r"The amortized encoder\. It proposes a .{1,3} for a new image in one pass: its .{1,8} reconstruct the"),
-    (9.99, r"The amortized encoder\. Its .{1,8} reconstruct the same")])
+@pytest.mark.parametrize("fit_minus_encoder, opening", [   # (math prints as other letters: skipped)
+    (0.0061, r"The amortized encoder\. It proposes a .{1,3} for a new image in one pass: its .{1,8} reconstruct the"),
+    (0.0059, r"The amortized encoder\. Its .{1,8} reconstruct the same"),
+    (-0.05, r"The amortized encoder\. Its .{1,8} reconstruct the same")])
 def test_q3a_opens_with_the_validation_images_where_the_encoder_wins_there(
-        quick_outputs, tmp_path, encoder_val, opening):
+        quick_outputs, tmp_path, fit_minus_encoder, opening):
     """The question compares validation reconstructions: the answer leads with them when the
-    encoder's one-pass proposals beat latent optimization's fits there, else with training."""
+    encoder's one-pass proposals beat latent optimization's fits there by more than two
+    standard errors of the paired difference (here 2 x 0.003), else with training."""
     copy = tmp_path / "outputs"
     shutil.copytree(quick_outputs, copy)
     path = copy / "vae_latent_opt" / "metrics.json"
     lo = json.loads(path.read_text())
-    lo["verdicts"]["better_q"] = "amortized"
-    lo["same_budget"]["amortized"]["proposed_val"] = encoder_val
+    lo["verdicts"].update(better_q="amortized", encoder_nearer_best=False)
+    lo["same_budget"]["paired"]["val_fit_vs_encoder"] = {"mean": fit_minus_encoder, "se": 0.003}
     path.write_text(json.dumps(lo))
     build(copy)
     text = " ".join(pdf_text(copy / "report" / "ex1_report.pdf").split())
@@ -1085,9 +1087,9 @@ def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_o
     opens = re.search(r"Answer\. No\. The learned latents do not fill .{1,12}: although their "
                       r"mean and variance end near the prior's", text)
     assert bool(opens) is (gap == "more")
-    assert ("where this decoder was never trained (Q1's VAE: "
+    assert ("where this decoder was rarely if ever trained (Q1's VAE: "
             f"{count['amortized_prior_outside']}, below)" in text) is (gap == "more")
-    assert {"more": "never trained more often than Q1's does: a likely reason why they fall",
+    assert {"more": "rarely if ever trained more often than Q1's does: a likely reason why they fall",
             "same": "So prior draws land outside as often through this decoder: gaps",
             "fewer": "So prior draws land outside less often through this decoder: gaps"}[gap] in text
     assert "which we did not test" not in text
