@@ -618,7 +618,7 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
                                                                     gaps["difference_se"],
                                                                     sign=True)))})
     if versus and versus_am and "variety_gap" in verdicts:    # Table 4: how varied, how labelled
-        values.update(variety_values(lo, amortized, versus, versus_am),
+        values.update(variety_values(lo, versus, versus_am),
                       variety_gap=verdicts["variety_gap"])
     outside = {"lo": lo.get("prior_outside"), "am": lo.get("amortized_prior_outside")}
     if all(outside.values()) and "outside_gap" in verdicts:    # Q3 (b): prior draws in the gaps
@@ -667,27 +667,21 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
     return values
 
 
-def variety_values(lo: dict, amortized: dict, versus: dict, versus_am: dict) -> dict:
+def variety_values(lo: dict, versus: dict, versus_am: dict) -> dict:
     """Q3 (b)'s direct test, per decoder: the variety of its decoded training-latent draws and
-    prior draws (each with its standard error), prior over training as a share, the share of
-    each set that the classifier labels as the digit it names most among this decoder's prior
-    draws, and the mid-grey share; real test images for scale."""
-    rows, top = {}, None
-    if (versus.get("classified") or {}).get("prior"):
-        top = top_digit(versus["classified"]["prior"])
+    prior draws (each with its standard error), prior over training as a share, and the
+    mid-grey share; real test images for scale. (The classifier's labels of these draws stay
+    in metrics.json: the report leaves them out, since the classifier labels blur as a digit.)"""
+    rows = {}
     for key, v in (("lo", versus), ("am", versus_am)):
         row = {}
         for draws in ("aggregate", "prior"):
             mean, se = with_se(v["variety"][draws]["mean"], v["variety"][draws]["se"])
-            labelled = (v.get("classified") or {}).get(draws)
-            row[draws] = {"variety": f"{mean}\u00a0±\u00a0{se}", "grey": num(100 * v[draws]["share"], 1),
-                          "top": "—" if top is None or not labelled
-                          else num(100 * labelled["share"][top], 0)}
+            row[draws] = {"variety": f"{mean}\u00a0±\u00a0{se}", "grey": num(100 * v[draws]["share"], 1)}
         row["ratio"] = pct(v["variety_ratio"]["ratio"], 0)
         rows[key] = row
     real = lo["real_variety"]
     mean, se = with_se(real["mean"], real["se"])
-    real_labels = (amortized.get("sample_quality") or {}).get("real test images")
     wide = (lo.get("wide_start") or {}).get("prior_vs_aggregate", {}).get("variety_ratio")
     # the mid-grey shares' standard errors, in points, where every row has one
     grey_se = [100 * v[draws]["se"] for v in (versus, versus_am) for draws in ("aggregate", "prior")]
@@ -698,12 +692,10 @@ def variety_values(lo: dict, amortized: dict, versus: dict, versus_am: dict) -> 
     vs_q2 = ("about as varied as" if within_two_se(lo_prior["mean"], am_prior["mean"],
                                                    lo_prior["se"], am_prior["se"])
              else "less varied than" if lo_prior["mean"] < am_prior["mean"] else "more varied than")
-    return {"variety": rows, "variety_top": "—" if top is None else top, "vs_q2": vs_q2,
+    return {"variety": rows, "vs_q2": vs_q2,
             "grey_se_max": sig(max(grey_se), 1) if "real_grey_per_image" in lo else None,
             "real_variety": f"{mean}\u00a0±\u00a0{se}",
             "real_grey": num(100 * lo["grey_share"]["real"], 1),
-            "real_top": "—" if top is None or not real_labels
-            else num(100 * real_labels["share"][top], 0),
             "wide_ratio": None if wide is None else pct(wide["ratio"], 0)}
 
 
