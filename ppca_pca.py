@@ -674,17 +674,21 @@ def blur_like(x, target_errors):
     over pixels) is nearest its own entry of `target_errors`: given PCA's error for each image,
     test images blurred to PCA's squared error, image by image, so that each digit's blurred
     copies also have about PCA's error for that digit. The control for the naming rule's bias
-    on blur. Returns (blurred images, the box size chosen for each image; the smaller box on a
-    tie)."""
+    on blur. Returns (blurred images, the box size chosen for each image, the smaller box on a
+    tie; and whether any box reaches the image's target error: where none does, the blur stays
+    short of it)."""
     target_errors = target_errors.double()
     nearest = torch.full_like(target_errors, math.inf)
     blurred, boxes = torch.empty_like(x), torch.zeros(len(x), dtype=torch.long)
+    reached = torch.zeros(len(x), dtype=torch.bool)
     for size in BLUR_BOXES:
         candidate = box_blur(x, size)
-        gap = (sq_error_per_image(x, candidate) - target_errors).abs()
+        error = sq_error_per_image(x, candidate)
+        gap = (error - target_errors).abs()
         closer = gap < nearest
         nearest[closer], blurred[closer], boxes[closer] = gap[closer], candidate[closer], size
-    return blurred, boxes
+        reached |= error >= target_errors
+    return blurred, boxes, reached
 
 
 @torch.no_grad()
@@ -740,10 +744,7 @@ def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_la
     "original_images" or "blurred_test_images": {"nearest_digit": ..., "shown_named": ...}, with
     "gain_over_ppca" for the VAE, and for the blur how often each box size was chosen and its
     squared errors (`sq_error`)}."""
-    pca_errors = sq_error_per_image(test_x, recons["pca"])
-    blurred, boxes = blur_like(test_x, pca_errors)
-    # images that PCA degrades more than even the largest box does: their blur stays short of it
-    beyond = int((sq_error_per_image(test_x, box_blur(test_x, BLUR_BOXES[-1])) < pca_errors).sum())
+    blurred, boxes, reached = blur_like(test_x, sq_error_per_image(test_x, recons["pca"]))
     images = {"original_images": test_x, "blurred_test_images": blurred, **recons}
     answers = {}
     for name, x in tqdm(images.items(), desc="naming reconstructions (1-NN)", unit="set"):
@@ -752,7 +753,7 @@ def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_la
     answers["original_images"]["reference_images"] = len(reference)
     answers["blurred_test_images"].update(
         box_counts={str(size): int((boxes == size).sum()) for size in BLUR_BOXES},
-        beyond_largest_box=beyond,
+        beyond_every_box=int((~reached).sum()),     # PCA's error above every box's
         **sq_error(test_x, blurred, test_y))
     answers["vae"]["gain_over_ppca"] = paired_gain(test_x, recons["ppca_gradient"], recons["vae"], test_y)
     return answers

@@ -214,8 +214,11 @@ def test_blur_like_picks_for_each_image_the_box_whose_error_is_nearest_its_targe
     target = errors[np.arange(len(images)), wanted] + 1e-3
     expected = np.abs(errors - target[:, None]).argmin(1)
     assert len(set(expected)) > 5                            # the targets pick many sizes
-    blurred, boxes = ppca_pca.blur_like(x, torch.from_numpy(target))
+    blurred, boxes, reached = ppca_pca.blur_like(x, torch.from_numpy(target))
     assert boxes.tolist() == [sizes[i] for i in expected]
+    assert reached.tolist() == (errors.max(1) >= target).tolist()
+    _, _, reached = ppca_pca.blur_like(x, torch.from_numpy(errors.max(1) + 1.0))   # beyond every box
+    assert not reached.any()
     for i, k in enumerate(expected):
         assert np.allclose(blurred[i].view(28, 28).numpy(), box(sizes[k])[i])
 
