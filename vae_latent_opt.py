@@ -260,6 +260,9 @@ def prior_against_aggregate(decoder, table_mu, table_logvar, prior_images, seed:
 # than it gives all but OUTSIDE_SHARE of its own draws: a prior that matched the mixture would
 # put OUTSIDE_SHARE of its draws there.
 OUTSIDE_SHARE = 0.01
+# A dimension of q_i counts as narrow when its variance is below half the prior's: a prior draw
+# there lies, on average, more than two of q_i's variances from its mean (1 + mu^2 > 2 sigma^2).
+NARROW_VARIANCE = 0.5
 
 
 @torch.no_grad()
@@ -270,15 +273,20 @@ def prior_outside_latents(table_mu, table_logvar, prior_z, seed: int) -> dict:
     same as prior_against_aggregate's). Returns the share of prior draws outside (below the
     OUTSIDE_SHARE quantile of the own draws' log q) with its standard error, and
     KL(p || q) = E_p[log p(z) - log q(z)] over the prior draws (mean, standard error): prior
-    mass where no q_i has any."""
+    mass where no q_i has any. Also the mean number of dimensions per image in which q_i is
+    narrow (variance below NARROW_VARIANCE), and in how many dimensions any image's is: a prior
+    draw must fit one q_i in all of its narrow dimensions at once."""
     log_q = functools.partial(vae_model.aggregate_posterior_log_prob, mu=table_mu,
                               logvar=table_logvar)
     own = log_q(aggregate_draws(table_mu, table_logvar, len(prior_z), seed))
     prior = log_q(prior_z)
     outside = (prior < torch.quantile(own, OUTSIDE_SHARE)).double()
     log_ratio = vae_model.log_normal_pdf(prior_z.double(), 0.0, 0.0) - prior
+    narrow = table_logvar.exp() < NARROW_VARIANCE
     return {"outside": utils.mean_and_se(outside), "expected": OUTSIDE_SHARE,
-            "kl_prior_to_latents": utils.mean_and_se(log_ratio), "draws": len(prior_z)}
+            "kl_prior_to_latents": utils.mean_and_se(log_ratio), "draws": len(prior_z),
+            "narrow_dimensions": utils.mean_and_se(narrow.sum(dim=1).double()),
+            "narrow_in_any_image": int(narrow.any(dim=0).sum()), "narrow_variance": NARROW_VARIANCE}
 
 
 def outside_gap(outside: dict, outside_amortized: dict) -> str:

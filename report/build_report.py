@@ -633,6 +633,11 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
             "outside_kl": {key: "\u00a0±\u00a0".join(with_se(v["kl_prior_to_latents"]["mean"],
                                                               v["kl_prior_to_latents"]["se"]))
                            for key, v in outside.items()}})
+        if all("narrow_dimensions" in v for v in outside.values()):   # why they land outside
+            values["narrow"] = {key: num(v["narrow_dimensions"]["mean"], 0)
+                                for key, v in outside.items()}
+            values["narrow_variance"] = f"{outside['lo']['narrow_variance']:g}"
+            values["narrow_any"] = {key: v.get("narrow_in_any_image") for key, v in outside.items()}
     wide = lo.get("wide_start")
     if wide and verdicts.get("start_decides") is not None:   # the control started wider (Q3 b)
         versus_wide = wide["prior_vs_aggregate"]

@@ -1041,7 +1041,6 @@ def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shor
         text, _ = q3_report_with(quick_outputs, tmp_path / str(nearer), better_q="amortized",
                                  encoder_nearer_best=nearer)
         text = text.replace("\u2212", "-")
-        assert "the decoders: " in text and "measures the proposals alone" in text
         if nearer:
             # the answer opens with the comparison the question asks for, where the curves give one
             # ... with the validation images first, which the question compares
@@ -1049,15 +1048,20 @@ def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shor
                               r"On validation images, which the exercise compares, its one-pass",
                               text) is not None) is val_better
             # (since when the encoder leads: test_q3s_variety_table_and_curves_are_the_metrics)
-            assert ("To judge the proposals apart from the decoders, we refit each image's latent "
-                    "to the method's own decoder") in text
-            assert f"reconstruct only {am} worse (in MSE) than the refit" in text
-            assert f"{lo} worse (difference" in text
-            assert "measures the proposals alone (the answer above)" in text
+            assert ("Measured against a refit to its own decoder, which takes the decoders out, "
+                    "the encoder's proposals also fall short by less (below).") in text
+            # the body says why, then separates the proposals from the decoders
+            assert "Why. The encoder is one network" in text
+            assert "Proposals or decoders? The two decoders differ too: refitting" in text
+            assert re.search(rf"the encoder's .{{1,8}} reconstruct only {re.escape(am)} worse \(in "
+                             rf"MSE\) and the learned .{{1,6}} {re.escape(lo)} worse \(difference", text)
+            assert "measures the proposals alone" not in text
         else:
+            assert "the decoders: " in text and "measures the proposals alone" in text
             assert "Its proposals come closer to what a refit" not in text
             assert f"measures the proposals alone: {am} for the encoder's" in text
             assert f"{lo} for the learned" in text
+            assert "Proposals or decoders?" not in text
 
 
 @pytest.mark.parametrize("gap, says", [
@@ -1080,17 +1084,29 @@ def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_o
     count = {key: f"{round(lo[key]['outside']['mean'] * lo[key]['draws']):,}"
              for key in ("prior_outside", "amortized_prior_outside")}
     draws = f"{lo['prior_outside']['draws']:,}"
-    assert (f"For this decoder {count['prior_outside']} of {draws} prior draws land outside, "
-            f"for Q1's {count['amortized_prior_outside']};") in text
     kl = lo["prior_outside"]["kl_prior_to_latents"]
     assert " ± ".join(build_report.with_se(kl["mean"], kl["se"])).replace("\u2212", "-") in text
+    if gap == "more":     # the answer leads with the count, the body says why and gives the test
+        assert re.search(rf"Answer\. No\. Its prior samples .{{1,400}} but the latents do not fill "
+                         rf".{{1,12}}: {count['prior_outside']} of {draws} prior draws land where no "
+                         r"training latent's", text)
+        assert f"For Q1's encoder only {count['amortized_prior_outside']} of {draws} do" in text
+        narrow = {k: lo[k]["narrow_dimensions"]["mean"] for k in ("prior_outside",
+                                                                   "amortized_prior_outside")}
+        assert (f"in {narrow['prior_outside']:.0f} of its {lo['latent_dim']} dimensions on "
+                "average") in text
+        assert (f"narrow in only {narrow['amortized_prior_outside']:.0f} dimensions" in text
+                if round(narrow["amortized_prior_outside"]) else
+                "Q1's encoder makes no q narrow in any dimension" in text.replace("𝑞", "q"))
+        assert "Why. Each " in text and "Evidence. We scored each prior draw" in text
+        assert "Where prior draws land." not in text
+        return
+    assert (f"For this decoder {count['prior_outside']} of {draws} prior draws land outside, "
+            f"for Q1's {count['amortized_prior_outside']};") in text
     opens = re.search(r"Answer\. No\. The learned latents do not fill .{1,12}: although their "
                       r"mean and variance end near the prior's", text)
-    assert bool(opens) is (gap == "more")
-    assert ("where this decoder was rarely if ever trained (Q1's VAE: "
-            f"{count['amortized_prior_outside']}, below)" in text) is (gap == "more")
-    assert {"more": "rarely if ever trained more often than Q1's does: a likely reason why they fall",
-            "same": "So prior draws land outside as often through this decoder: gaps",
+    assert not opens
+    assert {"same": "So prior draws land outside as often through this decoder: gaps",
             "fewer": "So prior draws land outside less often through this decoder: gaps"}[gap] in text
     assert "which we did not test" not in text
 
@@ -1463,3 +1479,19 @@ def test_q49_calls_a_lost_digit_near_half_borderline(quick_outputs, tmp_path):
     # the bold verdict calls only the clearly lost digit challenging
     assert re.search(r"Q4\.9: Digit 4 is challenging for the VAE, and 5 on the edge: half or more", text)
     assert "Digits 4 and 5 are challenging" not in text and "Digits 5 and 4 are" not in text
+
+
+@pytest.mark.parametrize("mean, in_any, says", [
+    (3.0, 3, "narrow in only 3 dimensions, the same for every image, and keeps it close"),
+    (3.4, 7, "narrow in only 3 dimensions on average, and keeps it close"),
+    (0.0, 0, "makes no q narrow in any dimension and keeps it close")])
+def test_q3b_says_in_how_many_dimensions_q1s_encoder_is_narrow(quick_outputs, tmp_path, mean,
+                                                               in_any, says):
+    """Q3 (b)'s 'Why': 'the same for every image' only where the dimensions narrow in any image
+    are as many as those narrow in each; none narrow is said in words."""
+    def edit(lo):
+        lo["verdicts"].update(outside_gap="more", variety_gap="larger", start_decides=True)
+        lo["amortized_prior_outside"]["narrow_dimensions"]["mean"] = mean
+        lo["amortized_prior_outside"]["narrow_in_any_image"] = in_any
+    text, lo = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
+    assert says in text.replace("𝑞", "q")

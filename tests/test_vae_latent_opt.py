@@ -341,6 +341,26 @@ def test_prior_draws_fall_outside_latents_that_leave_gaps_and_not_inside_a_match
     assert narrow["kl_prior_to_latents"]["mean"] > 100
 
 
+def test_narrow_dimensions_count_each_images_variances_below_half_the_priors():
+    """Crafted variances: image 0 has 3 of 5 dimensions below 1/2 (one just below, 0.499), image
+    1 none (one exactly 1/2, which is not below), image 2 all 5: mean 8/3, standard error
+    sd([3, 0, 5]) / sqrt(3), from numpy; all 5 dimensions are narrow in some image, and with
+    image 2 left out only the 3 of image 0."""
+    variances = torch.tensor([[0.1, 0.499, 0.01, 0.501, 1.0],
+                              [0.5, 0.9, 1.2, 2.0, 0.7],
+                              [0.2, 0.2, 0.2, 0.2, 0.2]])
+    result = vae_latent_opt.prior_outside_latents(torch.zeros(3, 5), variances.log(),
+                                                  torch.randn(50, 5), seed=1)
+    counts = np.array([3, 0, 5])
+    assert result["narrow_variance"] == 0.5
+    assert result["narrow_dimensions"]["mean"] == pytest.approx(counts.mean())
+    assert result["narrow_dimensions"]["se"] == pytest.approx(counts.std(ddof=1) / np.sqrt(3))
+    assert result["narrow_in_any_image"] == 5
+    two = vae_latent_opt.prior_outside_latents(torch.zeros(2, 5), variances[:2].log(),
+                                               torch.randn(50, 5), seed=1)
+    assert two["narrow_in_any_image"] == 3 and two["narrow_dimensions"]["mean"] == 1.5
+
+
 def test_shuffling_each_dimension_removes_exactly_the_correlations_part_of_the_kl():
     """Closed forms. Independent dimensions (means of variance 0.7, own variance 0.3: total 1):
     the KL is only sampling noise, d (d + 1) / (4 n) v^2 + d v / (2 n) = 0.165 nats to first
