@@ -977,6 +977,17 @@ def lab_tables(p: dict) -> dict:
                                     for v in r["nearest_digit"]["per_digit"].values()) else
                         num(100 * max(binomial_se(v["kept"], v["images"]) for _, r in kept_rows
                                       for v in r["nearest_digit"]["per_digit"].values()), 1)),
+        # Q4.1's two checks on the naming rule, for PCA (older runs: not stored): of the images
+        # named as each digit, the share that show it, and each digit's share kept minus its
+        # false alarms, in points
+        "check_table": [] if "beyond_false_alarms" not in p["answers"] else [
+            {"label": "PCA: precision", "per_digit": [
+                "—" if pca["nearest_digit"]["per_digit"][str(d)].get("precision") is None else
+                num(100 * pca["nearest_digit"]["per_digit"][str(d)]["precision"], 0)
+                for d in range(10)]},
+            {"label": "PCA: kept − false alarms", "per_digit": [
+                num(100 * p["answers"]["beyond_false_alarms"]["pca"][str(d)], 0)
+                for d in range(10)]}],
         # ...and the digit that each digit's reconstructions are read as most often, and that
         # its mean code decodes to (Q4.7's crosses; older runs: not stored)
         "read_as_table": [{"label": f"named most often, {name}", "per_digit": [

@@ -945,6 +945,19 @@ def test_the_labs_kept_table_and_sample_blur_are_the_metrics(quick_outputs):
         assert rows[name]["all"] == f"{100 * kept['kept']:.0f}"
         assert rows[name]["per_digit"] == [f"{100 * kept['per_digit'][str(d)]['kept']:.0f}"
                                            for d in range(10)]
+    # the two checks on the naming rule, for PCA: precision ('—' where no image is named as the
+    # digit) and share kept minus false alarms (the false alarms are checked against sklearn in
+    # test_ppca_pca.py)
+    checks = {r["label"]: r["per_digit"] for r in values["check_table"]}
+    per = p["pca"]["nearest_digit"]["per_digit"]
+    assert checks["PCA: precision"] == [
+        "—" if per[str(d)]["precision"] is None else f"{100 * per[str(d)]['precision']:.0f}"
+        for d in range(10)]
+    score = p["answers"]["beyond_false_alarms"]["pca"]
+    assert checks["PCA: kept − false alarms"] == [
+        f"{100 * score[str(d)]:.0f}".replace("-", "\u2212") for d in range(10)]
+    for d in map(str, range(10)):
+        assert score[d] == pytest.approx(per[d]["kept"] - per[d]["false_alarm"])
     blur = p["prior_sample_mid_grey"]
     assert values["grey"]["vae"] == f"{100 * blur['vae']:.0f}\u00a0%"
     assert values["vae_samples_sharper"] == (blur["vae"] < blur["ppca"])
