@@ -387,38 +387,70 @@ CLOSE_KL = 0.05
 WIDE_START = 3.0
 
 
-def wide_start_control(train_x, latent_dim: int, epochs: int, batch_size: int, lr: float,
-                       latent_lr: float, seed: int, device) -> dict:
-    """Q3's training again, its latent means started WIDE_START times wider: how far its
+def start_control(train_x, latent_dim: int, epochs: int, batch_size: int, lr: float,
+                  latent_lr: float, seed: int, device, mu_scale: float = 1.0,
+                  unit_sigma: bool = False) -> dict:
+    """Q3's training again from another start: the latent means scaled by mu_scale, and with
+    unit_sigma every sigma_i = 1 (r_i = 0) instead of sigma_i ~ N(0, 1). Returns how far its
     latents start and end from N(0, I) (moment-matched KL, mean marginal variance), beside Q3's
-    own start, and its decoder's prior draws against draws from its trained latents
-    (`prior_against_aggregate`). Seeded on its own generator state, so that it changes nothing
-    else in the run."""
+    own start, its decoder's prior draws against draws from its trained latents
+    (`prior_against_aggregate`), and where prior draws land (`prior_outside_latents`). Seeded
+    on its own generator state, so that it changes nothing else in the run."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         decoder = vae_model.Decoder(latent_dim).to(device)
         latents = LatentTable(len(train_x), latent_dim, seed).to(device)
         q3_start = spread(latents.mu.weight, latents.logvar.weight)      # Q3's table at its start
         with torch.no_grad():
-            latents.mu.weight.mul_(WIDE_START)
-        wide_start = spread(latents.mu.weight, latents.logvar.weight)
+            latents.mu.weight.mul_(mu_scale)
+            if unit_sigma:
+                latents.logvar.weight.zero_()
+        start = spread(latents.mu.weight, latents.logvar.weight)
         optimizers = [torch.optim.Adam(decoder.parameters(), lr=lr),
                       torch.optim.SparseAdam(list(latents.parameters()), lr=latent_lr)]
         steps = utils.steps_per_epoch(len(train_x), batch_size)
-        with tqdm(total=epochs * steps, desc="Q3 control: latents started wider",
-                  unit="batch") as progress:
+        desc = "Q3 control: " + ("every sigma_i started at 1" if unit_sigma
+                                 else f"latent means started {mu_scale:g} times wider")
+        with tqdm(total=epochs * steps, desc=desc, unit="batch") as progress:
             for _ in range(epochs):
                 train_epoch(decoder, latents, optimizers, train_x, batch_size, progress)
         decoder.eval()
         mu, logvar = latents.mu.weight.detach(), latents.logvar.weight.detach()
+        prior_z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
+                                          utils.QUALITY_SEED).to(device)
         with torch.no_grad():
-            prior_images = decoder(vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
-                                                           utils.QUALITY_SEED).to(device))
+            prior_images = decoder(prior_z)
         versus = prior_against_aggregate(decoder, mu, logvar, prior_images, utils.QUALITY_SEED)
-    return {"start_scale": WIDE_START, **spread(mu, logvar), "at_start": wide_start,
-            "q3_at_start": q3_start,
+    return {"start_scale": mu_scale, "unit_sigma": unit_sigma, **spread(mu, logvar),
+            "at_start": start, "q3_at_start": q3_start,
             "prior_vs_aggregate": {k: versus[k] for k in ("prior", "aggregate", "images",
-                                                               "variety", "variety_ratio")}}
+                                                               "variety", "variety_ratio")},
+            "prior_outside": prior_outside_latents(mu, logvar, prior_z, utils.QUALITY_SEED)}
+
+
+def wide_start_control(train_x, latent_dim: int, epochs: int, batch_size: int, lr: float,
+                       latent_lr: float, seed: int, device) -> dict:
+    """Q3 (b)'s first control: the latent means started WIDE_START times wider."""
+    return start_control(train_x, latent_dim, epochs, batch_size, lr, latent_lr, seed, device,
+                         mu_scale=WIDE_START)
+
+
+def unit_sigma_control(train_x, latent_dim: int, epochs: int, batch_size: int, lr: float,
+                       latent_lr: float, seed: int, device) -> dict:
+    """Q3 (b)'s second control: every sigma_i started at 1 (r_i = 0). Q3's sigma_i ~ N(0, 1)
+    gives sigma_i^2 ~ chi^2_1, below NARROW_VARIANCE in about half of each q_i's dimensions
+    (P(|N(0, 1)| < 0.71) = 0.52), at random places for each image."""
+    return start_control(train_x, latent_dim, epochs, batch_size, lr, latent_lr, seed, device,
+                         unit_sigma=True)
+
+
+def narrow_from_start(start_logvar, logvar) -> dict:
+    """Where the narrow dimensions of the trained q_i (variance below NARROW_VARIANCE) come
+    from: the mean number per image at the start, at the end, and at the end among those
+    already narrow at the start."""
+    start, end = (lv.detach().cpu().exp() < NARROW_VARIANCE for lv in (start_logvar, logvar))
+    return {name: n.sum(dim=1).double().mean().item()
+            for name, n in (("at_start", start), ("at_end", end), ("at_both", start & end))}
 
 
 def spread(mu, logvar) -> dict:
@@ -457,6 +489,17 @@ def q3_verdicts(same: dict, quality, aggregate_kl=None, latent_dim=None, aggrega
     return {**proposal_verdicts(same),
             **prior_verdicts(quality, aggregate_kl, latent_dim, aggregate, grey, versus,
                              versus_amortized, control, outside, outside_amortized)}
+
+
+def unit_sigma_verdicts(unit: dict, versus: dict, outside_amortized) -> dict:
+    """Q3 (b)'s second control against the run itself: unit_outside_gap, do 'more', the 'same'
+    share or 'fewer' of its prior draws land outside its latents than Q1's outside its encoder's
+    q (`outside_gap`; None without Q1's VAE); unit_variety_gap, do its prior draws fall short of
+    its training latents in variety by the 'same' fraction as Q3's own, a 'larger' or a
+    'smaller' one (`variety_gap`)."""
+    return {"unit_outside_gap": None if outside_amortized is None
+            else outside_gap(unit["prior_outside"], outside_amortized),
+            "unit_variety_gap": variety_gap(unit["prior_vs_aggregate"], versus)}
 
 
 def proposal_verdicts(same: dict) -> dict:
@@ -732,14 +775,18 @@ def main(run: utils.Run, argv=None):
     prior_rows, amortized_val10 = beside_q1_and_q2(amortized, decoder, rows_train, rows_val, args.seed)
     plot_figures(out, snapshots, history, rows_train, rows_val, prior_rows, amortized is not None)
 
+    control_args = (train_x, args.latent_dim, args.epochs, args.batch_size, args.lr,
+                    args.latent_lr, args.seed, device)
     metrics = {
         **history, "snapshot_epochs": snapshots, "final_train": final_train,
         "val_fit_recon_mse": val_fit, "amortized_val10_recon_mse": amortized_val10,
         "same_budget": same, "same_budget_images": {**same_images, "steps": args.fit_steps},
         **prior_question(decoder, amortized, classifier, table_mu, table_logvar, train_x,
                          data["val_x"]),
-        "wide_start": wide_start_control(train_x, args.latent_dim, args.epochs, args.batch_size,
-                                         args.lr, args.latent_lr, args.seed, device),
+        "wide_start": wide_start_control(*control_args),
+        "unit_sigma_start": unit_sigma_control(*control_args),
+        "narrow_from_start": narrow_from_start(
+            init_latents(len(train_x), args.latent_dim, args.seed)[1], table_logvar),
         "train_seconds": sum(history["epoch_seconds"]), "train_images": len(train_x),
         "latent_dim": args.latent_dim, **utils.run_facts(run, device, args),
     }
@@ -749,6 +796,9 @@ def main(run: utils.Run, argv=None):
                                       metrics.get("amortized_prior_vs_aggregate"),
                                       metrics["wide_start"], metrics["prior_outside"],
                                       metrics.get("amortized_prior_outside"))
+    metrics["verdicts"].update(unit_sigma_verdicts(metrics["unit_sigma_start"],
+                                                   metrics["prior_vs_aggregate"],
+                                                   metrics.get("amortized_prior_outside")))
     utils.write_metrics(out / "metrics.json", metrics)
     print(f"final training loss {history['train_loss'][-1]:.4f}; "
           f"{metrics['train_seconds']:.1f} s; outputs in {out}")

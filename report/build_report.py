@@ -651,6 +651,24 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
                        "start_kl": num(wide["q3_at_start"]["aggregate_posterior_kl"], 0),
                        "wide_gap": num(100 * (versus_wide["prior"]["share"]
                                               - versus_wide["aggregate"]["share"]), 1, sign=True)})
+    unit = lo.get("unit_sigma_start")
+    if unit and verdicts.get("unit_variety_gap") is not None:   # every sigma_i started at 1 (Q3 b)
+        out = unit["prior_outside"]
+        values["unit"] = {
+            "outside": f"{round(out['outside']['mean'] * out['draws']):,}",
+            "kl": "\u00a0±\u00a0".join(with_se(out["kl_prior_to_latents"]["mean"],
+                                                 out["kl_prior_to_latents"]["se"])),
+            "narrow": num(out["narrow_dimensions"]["mean"], 0),
+            "ratio": pct(unit["prior_vs_aggregate"]["variety_ratio"]["ratio"], 0),
+            "var": num(unit["marginal_variance_mean"], 2),
+            "moment_kl": num(unit["aggregate_posterior_kl"], 1),
+            "variety_gap": verdicts["unit_variety_gap"],
+            "outside_gap": verdicts.get("unit_outside_gap")}
+    start = lo.get("narrow_from_start")
+    if start:                           # Q3's own narrow dimensions, then and now (Q3 b)
+        values["narrow_start"] = {k: num(v, 0) for k, v in start.items()}
+        values["narrow_start_share"] = pct(start["at_start"] / lo["latent_dim"], 0)
+        values["narrow_all_from_start"] = round(start["at_both"]) == round(start["at_end"])
     quality = lo.get("sample_quality") or {}
     grey = latent_opt.get("grey_share", {})
     if "amortized" in grey:
@@ -678,7 +696,9 @@ def variety_values(lo: dict, versus: dict, versus_am: dict) -> dict:
     mid-grey share; real test images for scale. (The classifier's labels of these draws stay
     in metrics.json: the report leaves them out, since the classifier labels blur as a digit.)"""
     rows = {}
-    for key, v in (("lo", versus), ("am", versus_am)):
+    # ... and the control whose every sigma_i started at 1, where the run has it
+    unit = (lo.get("unit_sigma_start") or {}).get("prior_vs_aggregate")
+    for key, v in (("lo", versus), ("am", versus_am)) + ((("unit", unit),) if unit else ()):
         row = {}
         for draws in ("aggregate", "prior"):
             mean, se = with_se(v["variety"][draws]["mean"], v["variety"][draws]["se"])
@@ -689,7 +709,8 @@ def variety_values(lo: dict, versus: dict, versus_am: dict) -> dict:
     mean, se = with_se(real["mean"], real["se"])
     wide = (lo.get("wide_start") or {}).get("prior_vs_aggregate", {}).get("variety_ratio")
     # the mid-grey shares' standard errors, in points, where every row has one
-    grey_se = [100 * v[draws]["se"] for v in (versus, versus_am) for draws in ("aggregate", "prior")]
+    grey_se = [100 * v[draws]["se"] for v in (versus, versus_am) + ((unit,) if unit else ())
+               for draws in ("aggregate", "prior")]
     if "real_grey_per_image" in lo:
         grey_se.append(100 * lo["real_grey_per_image"]["se"])
     # Q3 (b) compares its samples with Q2's: this decoder's prior draws against Q1's
@@ -1208,8 +1229,6 @@ def lab_code_values(p: dict) -> dict:
              ans["pca_lost_neighbour_rank"].items() if rank == 1]) if ans["pca_lost_to_nearest"] else "",
         "separation": {k: num(enc[k]["separation"], 1) for k in ("pca", "ppca", "vae")},
         "vae_separates_better": ans["vae_separates_better"],
-        "closest_rel": {k: num(enc[k]["closest_pairs"][0]["relative"]) for k in ("ppca", "vae")},
-        "closest_pair": {k: pair(enc[k]["closest_pairs"][0]) for k in ("ppca", "vae")},
         "vae_on_prior_scale": ans["vae_on_prior_scale"],
         # 4.7 against 4.1 and 4.5: the closest pairs whose two mean codes decode to one digit
         "merged": None if "pairs_decoded_as_one" not in ans else {

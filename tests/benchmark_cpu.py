@@ -466,8 +466,10 @@ WORKLOADS = [
      lambda: fit_step(10), 5 * 300),
     ("Q3 same-budget fits, 100 images (2 x 300)", "vae_latent_opt", lambda: fit_step(100),
      2 * 300),
-    # Q3(b)'s control (vae_latent_opt.wide_start_control): the same training, started wider
+    # Q3(b)'s controls (vae_latent_opt.start_control): the same training from other starts
     ("latent-optimization step, Q3's wide-start control", "vae_latent_opt",
+     lambda: vae_step(decoder_only=True), 30 * 79),
+    ("latent-optimization step, Q3's unit-sigma control", "vae_latent_opt",
      lambda: vae_step(decoder_only=True), 30 * 79),
     ("lab VAE step (d = 2), batch 128", "ppca_pca", lambda: vae_step(batch=128, latent=2), 5 * 469),
 ] + [workload for folder in ("log_likelihood", "log_likelihood_elbo") for workload in (

@@ -1087,18 +1087,44 @@ def test_q3b_puts_the_extra_blur_where_the_prior_gap_verdict_does(quick_outputs,
     assert "Answer. No. Its prior samples" in text and says in text
 
 
-@pytest.mark.parametrize("gap", ["more", "same", "fewer"])
-def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_outputs, tmp_path, gap):
+@pytest.mark.parametrize("gap, controls", [("more", True), ("more", False), ("same", True),
+                                           ("fewer", True)])
+def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_outputs, tmp_path, gap,
+                                                                       controls):
     """The counts and KLs are the metrics'; the answer box names the count only where more of
     this decoder's prior draws land outside than Q1's, and the paragraph follows the verdict."""
-    text, lo = q3_report_with(quick_outputs, tmp_path, outside_gap=gap, variety_gap="larger",
-                              start_decides=True, aggregate_near_prior=True,
-                              control_prior_greyer=True)
+    def edit(lo):
+        lo["verdicts"].update(outside_gap=gap, variety_gap="larger", start_decides=True,
+                              aggregate_near_prior=True, control_prior_greyer=True)
+        if not controls:            # an older run: no sigma_i = 1 control, no narrow start
+            del lo["unit_sigma_start"], lo["narrow_from_start"]
+    text, lo = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
     count = {key: f"{round(lo[key]['outside']['mean'] * lo[key]['draws']):,}"
              for key in ("prior_outside", "amortized_prior_outside")}
     draws = f"{lo['prior_outside']['draws']:,}"
     kl = lo["prior_outside"]["kl_prior_to_latents"]
     assert " ± ".join(build_report.with_se(kl["mean"], kl["se"])).replace("\u2212", "-") in text
+    if gap == "more" and controls:   # the answer: the samples, the start's part, the control
+        unit = lo["unit_sigma_start"]
+        assert re.search(rf"The initialization is part of the reason: .{{1,40}} starts each .{{1,8}} "
+                         rf"narrow in about half of its dimensions, and {count['prior_outside']} of "
+                         rf"{draws} prior draws end where no training latent's .{{1,8}} puts much "
+                         rf"mass \(Q1's encoder: {count['amortized_prior_outside']}\)", text)
+        unit_count = round(unit["prior_outside"]["outside"]["mean"] * unit["prior_outside"]["draws"])
+        verdicts = lo["verdicts"]
+        assert ((f"({unit_count:,} of {draws} outside)" in text)
+                is (verdicts["unit_outside_gap"] != "more"))
+        ratio = f"{100 * unit['prior_vs_aggregate']['variety_ratio']['ratio']:.0f} %"
+        assert f"{ratio} as varied as its training latents'" in text
+        assert ("A better start would have helped" in text) is (verdicts["unit_variety_gap"] == "smaller")
+        start = lo["narrow_from_start"]
+        assert (f"starts narrow in {start['at_start']:.0f} of its {lo['latent_dim']} dimensions on "
+                f"average, different ones for each image") in text
+        assert (f"{start['at_both']:.0f} of the {start['at_end']:.0f} left narrow were narrow at "
+                "the start") in text
+        assert "Evidence. We scored each prior draw" in text and "Where prior draws land." not in text
+        assert "Latent optimization from other starts (Q3)." in text
+        return
     if gap == "more":     # the answer leads with the count, the body says why and gives the test
         assert re.search(rf"Answer\. No\. Its prior samples .{{1,400}} but the latents do not fill "
                          rf".{{1,12}}: {count['prior_outside']} of {draws} prior draws land where no "
@@ -1273,9 +1299,12 @@ def test_q47_says_when_no_test_links_crowding_and_loss(quick_outputs, tmp_path, 
     path.write_text(json.dumps(p))
     build(copy)
     text = " ".join(pdf_text(copy / "report" / "apml_lab_report.pdf").split())
-    assert ("the tests below are too weak to confirm or rule out that crowded digits are kept "
-            "less often" in text) is not link
+    # no link found: one clause says so, with the tests' results in brackets; a link found: the
+    # tests each get their sentence, with the caution that ten digits make any test weak
+    assert ("the data are too few to show whether crowded digits are kept less often (" in text) \
+        is not link
     assert ("With only ten digits, no test of these links is strong." in text) is link
+    assert ("the distance to the nearest other mean code have Spearman" in text) is link
     paired = p["ppca_comparison"]["ppca_minus_pca_sq_error"]
     decimals = build_report.se_decimals(paired["se"])
     assert (f"On the same images, PPCA's error (gradient fit) differs from PCA's by only "

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 import model
@@ -439,6 +440,51 @@ def test_the_controls_prior_is_greyer_beyond_two_standard_errors_of_the_two_gaps
                                    versus=versus(0.4, 0.3),
                                    control=control(500.0, control_prior, 0.3))
     assert v["control_prior_greyer"] is greyer
+
+
+def test_the_unit_sigma_control_starts_every_sigma_at_one():
+    """Untrained (0 epochs): every sigma_i^2 = 1 and the means are Q3's, so the marginal
+    variance is 1 + 1 = 2 with no narrow dimension; Q3's own start (sigma^2 ~ chi^2_1) has the
+    same marginal variance in expectation. Trained one epoch, its prior draws are scored."""
+    x = torch.rand(4000, 1, 28, 28) * 2 - 1
+    result = vae_latent_opt.unit_sigma_control(x, 8, 0, 64, 1e-3, 1e-2, 0, torch.device("cpu"))
+    assert result["unit_sigma"] and result["start_scale"] == 1.0
+    assert result["at_start"]["marginal_variance_mean"] == pytest.approx(2, rel=0.05)
+    assert result["marginal_variance_mean"] == pytest.approx(2, rel=0.05)
+    assert result["prior_outside"]["narrow_dimensions"]["mean"] == 0
+    trained = vae_latent_opt.unit_sigma_control(x[:64], 8, 1, 64, 1e-3, 1e-2, 0,
+                                                torch.device("cpu"))
+    assert 0 <= trained["prior_outside"]["outside"]["mean"] <= 1
+
+
+def test_narrow_from_start_counts_each_images_narrow_dimensions_then_and_now():
+    """Crafted variances, 2 images x 4 dimensions: at the start 3 and 1 narrow (below 1/2), at
+    the end 2 and 2, of which 2 and 0 were narrow at the start too."""
+    start = torch.tensor([[0.1, 0.2, 0.3, 1.0], [0.4, 1.0, 1.0, 1.0]])
+    end = torch.tensor([[0.2, 0.9, 0.3, 0.6], [0.6, 0.1, 0.2, 1.0]])
+    got = vae_latent_opt.narrow_from_start(start.log(), end.log())
+    assert got == {"at_start": 2.0, "at_end": 2.0, "at_both": 1.0}
+    # Q3's own initialization: sigma ~ N(0, 1), so P(sigma^2 < 1/2) = P(|Z| < sqrt(1/2))
+    _, logvar = vae_latent_opt.init_latents(2000, 50, seed=3)
+    share = vae_latent_opt.narrow_from_start(logvar, logvar)["at_start"] / 50
+    assert share == pytest.approx(2 * scipy.stats.norm.cdf(0.5 ** 0.5) - 1, abs=0.01)
+
+
+@pytest.mark.parametrize("unit_ratio, unit_outside, variety, outside", [
+    (0.47, 0.009, "same", "same"), (0.30, 0.009, "larger", "same"),
+    (0.70, 0.5, "smaller", "more")])
+def test_unit_sigma_verdicts_compare_the_control_with_q3_and_q1(unit_ratio, unit_outside,
+                                                                variety, outside):
+    """The control's variety ratio against Q3's (0.47 ± 0.01) and its share of prior draws
+    outside against Q1's (9 of 1,000), each by its two-standard-error rule."""
+    def versus(ratio):
+        return {"variety_ratio": {"ratio": ratio, "se": 0.01}}
+    def outside_of(share):
+        return {"outside": {"mean": share, "se": 0.0}, "draws": 1000}
+    unit = {"prior_vs_aggregate": versus(unit_ratio), "prior_outside": outside_of(unit_outside)}
+    got = vae_latent_opt.unit_sigma_verdicts(unit, versus(0.47), outside_of(0.009))
+    assert got == {"unit_variety_gap": variety, "unit_outside_gap": outside}
+    assert vae_latent_opt.unit_sigma_verdicts(unit, versus(0.47), None)["unit_outside_gap"] is None
 
 
 def test_the_control_starts_its_means_wider_and_leaves_the_runs_random_stream_alone():
