@@ -1120,8 +1120,8 @@ def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_o
         start = lo["narrow_from_start"]
         assert (f"starts narrow in {start['at_start']:.0f} of its {lo['latent_dim']} dimensions on "
                 f"average, different ones for each image") in text
-        assert (f"{start['at_both']:.0f} of the {start['at_end']:.0f} left narrow were narrow at "
-                "the start") in text
+        assert (f"of the {start['at_end']:.0f} dimensions per image left narrow, "
+                f"{start['at_both']:.0f} were narrow at the start") in text
         assert "Evidence. We scored each prior draw" in text and "Where prior draws land." not in text
         assert "Latent optimization from other starts (Q3)." in text
         return
