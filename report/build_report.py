@@ -634,10 +634,15 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
                                                               v["kl_prior_to_latents"]["se"]))
                            for key, v in outside.items()}})
         if all("narrow_dimensions" in v for v in outside.values()):   # why they land outside
-            values["narrow"] = {key: num(v["narrow_dimensions"]["mean"], 0)
-                                for key, v in outside.items()}
+            means = {key: v["narrow_dimensions"]["mean"] for key, v in outside.items()}
+            values["narrow"] = {key: num(m, 0 if m == round(m) or m >= 10 else 1)
+                                for key, m in means.items()}
             values["narrow_variance"] = f"{outside['lo']['narrow_variance']:g}"
             values["narrow_any"] = {key: v.get("narrow_in_any_image") for key, v in outside.items()}
+            # Q1's encoder: no q narrow anywhere, or every q narrow in the same dimensions
+            any_am = outside["am"].get("narrow_in_any_image")
+            values["narrow_am_none"] = any_am == 0
+            values["narrow_am_same"] = any_am is not None and any_am > 0 and means["am"] == any_am
     wide = lo.get("wide_start")
     if wide and verdicts.get("start_decides") is not None:   # the control started wider (Q3 b)
         versus_wide = wide["prior_vs_aggregate"]
@@ -663,12 +668,21 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
             "var": num(unit["marginal_variance_mean"], 2),
             "moment_kl": num(unit["aggregate_posterior_kl"], 1),
             "variety_gap": verdicts["unit_variety_gap"],
-            "outside_gap": verdicts.get("unit_outside_gap")}
+            "outside_gap": verdicts.get("unit_outside_gap"),
+            # would a better start have helped: the control's prior draws more varied than Q3's,
+            # by two standard errors, not only relative to its own training latents
+            "prior_more_varied": (unit["prior_vs_aggregate"]["variety"]["prior"]["mean"]
+                                  - lo["prior_vs_aggregate"]["variety"]["prior"]["mean"]
+                                  > 2 * math.hypot(unit["prior_vs_aggregate"]["variety"]["prior"]["se"],
+                                                   lo["prior_vs_aggregate"]["variety"]["prior"]["se"]))}
     start = lo.get("narrow_from_start")
     if start:                           # Q3's own narrow dimensions, then and now (Q3 b)
-        values["narrow_start"] = {k: num(v, 0) for k, v in start.items()}
+        values["narrow_start"] = {k: num(start[k], 0) for k in ("at_start", "at_end", "at_both")}
         values["narrow_start_share"] = pct(start["at_start"] / lo["latent_dim"], 0)
-        values["narrow_all_from_start"] = round(start["at_both"]) == round(start["at_end"])
+        values["narrow_widened"] = start["at_end"] < start["at_start"]
+        step = start.get("max_log_variance_change")
+        values["narrow_step"] = None if step is None else {"r": num(step, 1),
+                                                           "factor": num(math.exp(step), 1)}
     quality = lo.get("sample_quality") or {}
     grey = latent_opt.get("grey_share", {})
     if "amortized" in grey:

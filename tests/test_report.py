@@ -1106,7 +1106,7 @@ def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_o
     assert " ± ".join(build_report.with_se(kl["mean"], kl["se"])).replace("\u2212", "-") in text
     if gap == "more" and controls:   # the answer: the samples, the start's part, the control
         unit = lo["unit_sigma_start"]
-        assert re.search(rf"The initialization is part of the reason: .{{1,40}} starts each .{{1,8}} "
+        assert re.search(rf"The initialization decides where prior draws land: .{{1,40}} starts each .{{1,8}} "
                          rf"narrow in about half of its dimensions, and {count['prior_outside']} of "
                          rf"{draws} prior draws end where no training latent's .{{1,8}} puts much "
                          rf"mass \(Q1's encoder: {count['amortized_prior_outside']}\)", text)
@@ -1116,7 +1116,11 @@ def test_q3b_says_how_many_prior_draws_land_outside_the_training_latents(quick_o
                 is (verdicts["unit_outside_gap"] != "more"))
         ratio = f"{100 * unit['prior_vs_aggregate']['variety_ratio']['ratio']:.0f} %"
         assert f"{ratio} as varied as its training latents'" in text
-        assert ("A better start would have helped" in text) is (verdicts["unit_variety_gap"] == "smaller")
+        assert ("A better start would have helped" in text) is (
+            verdicts["unit_variety_gap"] == "smaller" and unit["prior_vs_aggregate"]["variety"]["prior"]["mean"]
+            - lo["prior_vs_aggregate"]["variety"]["prior"]["mean"] > 2 * math.hypot(
+                unit["prior_vs_aggregate"]["variety"]["prior"]["se"],
+                lo["prior_vs_aggregate"]["variety"]["prior"]["se"]))
         start = lo["narrow_from_start"]
         assert (f"starts narrow in {start['at_start']:.0f} of its {lo['latent_dim']} dimensions on "
                 f"average, different ones for each image") in text
@@ -1530,7 +1534,9 @@ def test_q49_calls_a_lost_digit_near_half_borderline(quick_outputs, tmp_path):
 
 @pytest.mark.parametrize("mean, in_any, says", [
     (3.0, 3, "narrow in only 3 dimensions, the same for every image, and keeps it close"),
-    (3.4, 7, "narrow in only 3 dimensions on average, and keeps it close"),
+    (3.4, 7, "narrow in only 3.4 dimensions on average, and keeps it close"),
+    (2.6, 3, "narrow in only 2.6 dimensions on average, and keeps it close"),
+    (0.4, 2, "narrow in only 0.4 dimensions on average, and keeps it close"),
     (0.0, 0, "makes no q narrow in any dimension and keeps it close")])
 def test_q3b_says_in_how_many_dimensions_q1s_encoder_is_narrow(quick_outputs, tmp_path, mean,
                                                                in_any, says):
@@ -1542,3 +1548,28 @@ def test_q3b_says_in_how_many_dimensions_q1s_encoder_is_narrow(quick_outputs, tm
         lo["amortized_prior_outside"]["narrow_in_any_image"] = in_any
     text, lo = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
     assert says in text.replace("𝑞", "q")
+
+
+@pytest.mark.parametrize("variety, more_varied, outside, says", [
+    ("same", False, "fewer", "But that is not why they decode worse, so a better start alone would "
+                             "not have been sufficient: with every"),
+    ("larger", False, "same", "and prior draws fall even further short"),
+    ("smaller", True, "same", "A better start would have helped: with every"),
+    ("smaller", False, "same", "yet prior draws still decode to images only"),
+    ("same", False, "more", "A better start alone would not have been sufficient either: with every")])
+def test_q3bs_answer_follows_the_control_started_at_unit_sigma(quick_outputs, tmp_path, variety,
+                                                                more_varied, outside, says):
+    """The sigma_i = 1 control's verdicts decide the answer's last sentence: 'helped' only where
+    its prior draws fall short less than Q3's and are more varied in themselves."""
+    def edit(lo):
+        lo["verdicts"].update(outside_gap="more", variety_gap="larger", start_decides=True,
+                              aggregate_near_prior=True, unit_variety_gap=variety,
+                              unit_outside_gap=outside)
+        prior = lo["unit_sigma_start"]["prior_vs_aggregate"]["variety"]["prior"]
+        q3 = lo["prior_vs_aggregate"]["variety"]["prior"]
+        prior.update(mean=q3["mean"] * (2 if more_varied else 0.5), se=q3["se"])
+    text, lo = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
+    assert says in text
+    assert ("still land outside" in text) is (outside == "more")
+    assert ("Where the latents lie is not the whole story" in text) is (
+        outside != "more" and not (variety == "smaller" and more_varied))
