@@ -19,6 +19,8 @@ import math
 
 import torch
 import torch.nn as nn
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 
 import model as vae_model
@@ -289,6 +291,25 @@ def prior_outside_latents(table_mu, table_logvar, prior_z, seed: int) -> dict:
             "narrow_in_any_image": int(narrow.any(dim=0).sum()), "narrow_variance": NARROW_VARIANCE}
 
 
+# Q3 (b): how much digit order a table of latents carries, by a vote of this many nearest
+# neighbours among the other images' latent means (5-fold cross-validation)
+ORDER_NEIGHBOURS = 5
+
+
+def digit_order(mu, labels, seed: int) -> dict:
+    """The share of training images whose digit a vote of their ORDER_NEIGHBOURS nearest
+    neighbours names right, the neighbours' latent means compared with the image's own, each
+    image voted on by a model fitted without its fold (mean and standard error over images).
+    An encoder maps similar images to nearby latents; latents each fitted on their own from a
+    random start need not."""
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    y = labels.cpu().numpy()
+    named = cross_val_predict(KNeighborsClassifier(ORDER_NEIGHBOURS), mu.detach().cpu().numpy(),
+                              y, cv=folds)
+    return {**utils.mean_and_se(torch.from_numpy(named == y).double()),
+            "neighbours": ORDER_NEIGHBOURS}
+
+
 def outside_gap(outside: dict, outside_amortized: dict) -> str:
     """Do more of this decoder's prior draws fall outside its training latents
     (`prior_outside_latents`) than Q1's fall outside its encoder's q: 'more', 'same' or
@@ -343,13 +364,15 @@ def grey_shares(samples: dict, real) -> dict:
             "real": grey_share(real[:len(samples["latent_opt"])])}
 
 
-def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train_x, val_x) -> dict:
+def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train_x, val_x,
+                   train_y) -> dict:
     """Q3's prior question: the same prior latents through both final generators, judged by the
     Part 1 classifier and by their mid-grey pixels; each decoder's prior draws against draws
     from the latents it was trained on (this decoder's table; Q1's encoder's q of the same
     training images), so that the prior's part and the decoder's part of the difference
     between the two generators' samples can be told apart; whether prior draws land where
-    each decoder's training latents lie (`prior_outside_latents`); and how far the latents are
+    each decoder's training latents lie (`prior_outside_latents`); how much digit order each
+    table of latents carries (`digit_order`); and how far the latents are
     from N(0, I)."""
     latent_dim = table_mu.shape[1]
     prior_z = vae_model.prior_latents(utils.QUALITY_SAMPLES, latent_dim,
@@ -366,6 +389,7 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
                                                             utils.QUALITY_SEED, classifier),
               "prior_outside": prior_outside_latents(table_mu, table_logvar, prior_z,
                                                      utils.QUALITY_SEED),
+              "digit_order": digit_order(table_mu, train_y, utils.QUALITY_SEED),
               **latent_statistics(table_mu, table_logvar, latent_dim)}
     if amortized is not None:
         with torch.no_grad():
@@ -376,6 +400,7 @@ def prior_question(decoder, amortized, classifier, table_mu, table_logvar, train
                                           result["amortized_prior_vs_aggregate"])
         result["amortized_prior_outside"] = prior_outside_latents(mu, logvar, prior_z,
                                                                   utils.QUALITY_SEED)
+        result["amortized_digit_order"] = digit_order(mu, train_y, utils.QUALITY_SEED)
     return result
 
 
@@ -788,7 +813,7 @@ def main(run: utils.Run, argv=None):
         "val_fit_recon_mse": val_fit, "amortized_val10_recon_mse": amortized_val10,
         "same_budget": same, "same_budget_images": {**same_images, "steps": args.fit_steps},
         **prior_question(decoder, amortized, classifier, table_mu, table_logvar, train_x,
-                         data["val_x"]),
+                         data["val_x"], data["train_y"]),
         "wide_start": wide_start_control(*control_args),
         "unit_sigma_start": unit_sigma_control(*control_args),
         # Q3's start again: LatentTable draws it by init_latents from the same seed (a resumed

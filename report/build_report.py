@@ -675,11 +675,21 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
                                   - lo["prior_vs_aggregate"]["variety"]["prior"]["mean"]
                                   > 2 * math.hypot(unit["prior_vs_aggregate"]["variety"]["prior"]["se"],
                                                    lo["prior_vs_aggregate"]["variety"]["prior"]["se"]))}
+    order = {"lo": lo.get("digit_order"), "am": lo.get("amortized_digit_order")}
+    if all(order.values()):             # how much digit order each table of latents carries
+        values["order"] = {key: pct(v["mean"], 0) for key, v in order.items()}
+        values["order_neighbours"] = order["lo"]["neighbours"]
+        values["order_lower"] = (order["am"]["mean"] - order["lo"]["mean"]
+                                 > 2 * math.hypot(order["am"]["se"], order["lo"]["se"]))
     start = lo.get("narrow_from_start")
     if start:                           # Q3's own narrow dimensions, then and now (Q3 b)
         values["narrow_start"] = {k: num(start[k], 0) for k in ("at_start", "at_end", "at_both")}
         values["narrow_start_share"] = pct(start["at_start"] / lo["latent_dim"], 0)
         values["narrow_widened"] = start["at_end"] < start["at_start"]
+        # narrow at the end but not at the start, counted over all training images
+        values["narrow_new"] = round((start["at_end"] - start["at_both"]) * lo["train_images"])
+        values["narrow_new_words"] = (small_count(values["narrow_new"])
+                                      + (" dimension" if values["narrow_new"] == 1 else " dimensions"))
         step = start.get("max_log_variance_change")
         values["narrow_step"] = None if step is None else {"r": num(step, 1),
                                                            "factor": num(math.exp(step), 1)}

@@ -459,6 +459,21 @@ def test_the_unit_sigma_control_starts_every_sigma_at_one():
     assert trained["prior_outside"]["draws"] == vae_latent_opt.utils.QUALITY_SAMPLES
 
 
+def test_digit_order_names_digits_from_ordered_latents_and_guesses_from_random_ones():
+    """Oracles: latents placed in ten tight, far-apart clusters by digit carry all the order (every
+    image named right); latents drawn at random carry none (about 1 in 10, within four binomial
+    standard errors). The standard error is the binomial one, from numpy."""
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.arange(10).repeat(100)
+    ordered = 10.0 * torch.eye(10)[labels] + 0.01 * torch.randn(1000, 10, generator=gen)
+    got = vae_latent_opt.digit_order(ordered, labels, seed=0)
+    assert got == {"mean": 1.0, "se": 0.0, "neighbours": 5}
+    random = vae_latent_opt.digit_order(torch.randn(1000, 10, generator=gen), labels, seed=0)
+    assert abs(random["mean"] - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 1000)
+    share = random["mean"]
+    assert random["se"] == pytest.approx(np.sqrt(share * (1 - share) / 999))
+
+
 def test_narrow_from_start_counts_each_images_narrow_dimensions_then_and_now():
     """Crafted variances, 2 images x 4 dimensions: at the start 3 and 1 narrow (below 1/2), at
     the end 2 and 2, of which 2 and 0 were narrow at the start too."""
