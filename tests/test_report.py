@@ -1550,6 +1550,9 @@ def test_q3b_says_in_how_many_dimensions_q1s_encoder_is_narrow(quick_outputs, tm
         lo["amortized_prior_outside"]["narrow_in_any_image"] = in_any
     text, lo = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
     assert says in text.replace("𝑞", "q")
+    # Q1 names the same few dimensions where it explains why the VAE does not overfit
+    q1 = "q is narrower than the prior in only 3 of the"
+    assert (q1 in text.replace("𝑞", "q")) is ("the same for every image" in says)
 
 
 @pytest.mark.parametrize("variety, more_varied, outside, says", [
