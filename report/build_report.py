@@ -464,6 +464,11 @@ def aggregate_values(agg: dict) -> dict:
             "kl_dim": sig(agg["kl_per_dimension"], 2), "kl_dim_x": agg["kl_per_dimension"]}
 
 
+def clearly_above(a: dict, b: dict) -> bool:
+    """Mean a (with its standard error) above mean b, and not tied with it (`within_two_se`)."""
+    return a["mean"] > b["mean"] and not within_two_se(a["mean"], b["mean"], a["se"], b["se"])
+
+
 def q3_values(latent_opt: dict, amortized: dict) -> dict:
     return {**q3_proposal_values(latent_opt, amortized), **q3_prior_values(latent_opt, amortized)}
 
@@ -661,8 +666,6 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
         out = unit["prior_outside"]
         values["unit"] = {
             "outside": f"{round(out['outside']['mean'] * out['draws']):,}",
-            "kl": "\u00a0±\u00a0".join(with_se(out["kl_prior_to_latents"]["mean"],
-                                                 out["kl_prior_to_latents"]["se"])),
             "narrow": num(out["narrow_dimensions"]["mean"], 0),
             "ratio": pct(unit["prior_vs_aggregate"]["variety_ratio"]["ratio"], 0),
             "var": num(unit["marginal_variance_mean"], 2),
@@ -671,16 +674,13 @@ def q3_prior_values(latent_opt: dict, amortized: dict) -> dict:
             "outside_gap": verdicts.get("unit_outside_gap"),
             # would a better start have helped: the control's prior draws more varied than Q3's,
             # by two standard errors, not only relative to its own training latents
-            "prior_more_varied": (unit["prior_vs_aggregate"]["variety"]["prior"]["mean"]
-                                  - lo["prior_vs_aggregate"]["variety"]["prior"]["mean"]
-                                  > 2 * math.hypot(unit["prior_vs_aggregate"]["variety"]["prior"]["se"],
-                                                   lo["prior_vs_aggregate"]["variety"]["prior"]["se"]))}
+            "prior_more_varied": clearly_above(unit["prior_vs_aggregate"]["variety"]["prior"],
+                                               lo["prior_vs_aggregate"]["variety"]["prior"])}
     order = {"lo": lo.get("digit_order"), "am": lo.get("amortized_digit_order")}
     if all(order.values()):             # how much digit order each table of latents carries
         values["order"] = {key: pct(v["mean"], 0) for key, v in order.items()}
         values["order_neighbours"] = order["lo"]["neighbours"]
-        values["order_lower"] = (order["am"]["mean"] - order["lo"]["mean"]
-                                 > 2 * math.hypot(order["am"]["se"], order["lo"]["se"]))
+        values["order_lower"] = clearly_above(order["am"], order["lo"])
     start = lo.get("narrow_from_start")
     if start:                           # Q3's own narrow dimensions, then and now (Q3 b)
         values["narrow_start"] = {k: num(start[k], 0) for k in ("at_start", "at_end", "at_both")}
