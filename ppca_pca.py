@@ -406,23 +406,6 @@ def ranking_answers(results: dict, ink: dict) -> dict:
     }
 
 
-def unexplained_answers(results: dict, spread: dict) -> dict:
-    """4.1's third measure, with a bias of neither sum: each digit's error as a share of its test
-    images' spread about the training mean image (their mean squared distance from it), the
-    share of that digit's variation the 2-D code leaves unexplained. Per method, the best and
-    worst three digits and the digits tied with them (the spread, a mean over the same images,
-    is taken as fixed, as ink is)."""
-    methods = ("pca", "ppca_gradient", "vae")
-    share = {k: {d: results[k]["test_sq_error_per_digit"][d] / spread[d] for d in DIGITS}
-             for k in methods}
-    se = {k: {d: results[k]["test_sq_error_se_per_digit"][d] / spread[d] for d in DIGITS}
-          for k in methods}
-    ranked = {k: order(v) for k, v in share.items()}
-    return {"unexplained_best": {k: v[:3] for k, v in ranked.items()},
-            "unexplained_worst": {k: v[-3:][::-1] for k, v in ranked.items()},
-            "unexplained_ties": {k: boundary_ties(share[k], se[k]) for k in methods}}
-
-
 def survival_answers(results: dict, best: list, worst: list) -> dict:
     """Which digits each method keeps (most of their reconstructions nearest to a training image
     of the same digit) and what the lost ones are read as; where the two measures of 4.1
@@ -935,15 +918,12 @@ def lab_images(train_images: int, test_images: int):
     return train_x, train_y, test_x, test_y
 
 
-def per_digit_scales(train_x, test_x, test_y):
+def ink_per_digit(test_x, test_y) -> dict:
     """What each digit's squared error is measured against (Q4.1): its ink, its test images'
     mean sum of squared pixels (the error is a sum over pixels, so digits with more ink have
-    more to get wrong), and its spread, their mean squared distance from the mean training
-    image (for the share of its variation left unexplained)."""
+    more to get wrong)."""
     ink = test_x.double().pow(2).sum(1)
-    spread = (test_x.double() - train_x.double().mean(0)).pow(2).sum(1)
-    return ({str(d): ink[test_y == d].mean().item() for d in range(10)},
-            {str(d): spread[test_y == d].mean().item() for d in range(10)})
+    return {str(d): ink[test_y == d].mean().item() for d in range(10)}
 
 
 def main(run: utils.Run, argv=None):
@@ -994,17 +974,16 @@ def main(run: utils.Run, argv=None):
     # 4.6: PPCA's extra error over PCA on the same images (paired, so that the images cancel)
     comparison["ppca_minus_pca_sq_error"] = utils.mean_and_se(
         sq_error_per_image(test_x, recons["ppca_gradient"]) - sq_error_per_image(test_x, recons["pca"]))
-    ink_per_digit, spread_per_digit = per_digit_scales(train_x, test_x, test_y)
-    plot_figures(out, encodings, test_y, recon_rows, results, ink_per_digit,
+    ink = ink_per_digit(test_x, test_y)
+    plot_figures(out, encodings, test_y, recon_rows, results, ink,
                  (params["ppca_gradient"], params["ppca_closed_form"], curve, eigen[0], cov),
                  lab_vae, args.seed, device)
     blur = prior_sample_blur(*params["ppca_gradient"][:2], lab_vae, test_x, args.seed, device)
     metrics = {**results, "encodings": geometry, "ppca_comparison": comparison,
                "decoded_mean_codes": decoded,
-               "test_ink_per_digit": ink_per_digit, "test_spread_per_digit": spread_per_digit,
+               "test_ink_per_digit": ink,
                "prior_sample_mid_grey": blur,
-               "answers": {**lab_answers(results, geometry, ink_per_digit),
-                           **unexplained_answers(results, spread_per_digit),
+               "answers": {**lab_answers(results, geometry, ink),
                            **lost_beyond_blur(results, test_y),
                            **kept_beyond_false_alarms(results, test_y),
                            **pairs_decoded_as_one(geometry, decoded),

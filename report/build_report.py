@@ -250,43 +250,6 @@ def digit_list(ds) -> str:
 # ----------------------------------------------------------------------------------------------
 # HUJI Exercise 1
 # ----------------------------------------------------------------------------------------------
-def share_cell(s: float) -> str:
-    """A table cell in per cent: '·' for none, 100 for all, else one decimal. 1,000 images make
-    every share a whole number of tenths, so the cells of a row add up to exactly 100, and the
-    2 % line that counts a digit as covered can be read off the table."""
-    if s == 0:
-        return "·"
-    return "100" if s == 1 else f"{100 * s:.1f}"
-
-
-def quality_row(name: str, q: dict, variety: dict | None = None) -> dict:
-    """One row of Table 1, with its number of images and the largest standard error of its
-    shares, sqrt(p (1 - p) / n), in percentage points (a binomial share); and the images'
-    variety (mean, standard error; '—' where the run did not measure it)."""
-    return {"name": name, "share": [share_cell(s) for s in q["share"]],
-            "entropy": num(q["entropy_bits"]), "confidence": num(q["mean_confidence"]),
-            "covered": q["digits_covered"], "images": q["images"],
-            "se_max": max(100 * binomial_se(s, q["images"]) for s in q["share"]),
-            "variety": "—" if variety is None else num(variety["mean"], 3),
-            "variety_se": None if variety is None else variety["se"]}
-
-
-def blob_lag(quality: dict, epochs: list, digit: int) -> str:
-    """The snapshots after the first and before the last at which the classifier gives most
-    prior samples the label it gives blur ('99.9 %, 97.1 % and 86.9 % at epochs 5, 10 and 20', as
-    Table 1 prints the shares; '' if none)."""
-    mid = [e for e in epochs[1:-1] if quality[e]["share"][digit] > 0.5]
-    if not mid:
-        return ""
-    shares = digit_list([share_cell(quality[e]["share"][digit]) + "\u00a0%" for e in mid])
-    return f"{shares} at epoch{'s' if len(mid) > 1 else ''} {digit_list(mid)}"
-
-
-def top_digit(quality: dict) -> int:
-    """The digit the classifier names most often in a set of samples."""
-    return max(range(10), key=lambda d: quality["share"][d])
-
-
 def ex1_values(m: dict) -> dict:
     """Every value the Ex. 1 template reads, one group per question."""
     amortized, latent_opt = m["vae_amortized"], m["vae_latent_opt"]
@@ -387,72 +350,61 @@ def q1_values(amortized: dict) -> dict:
     return values
 
 
+def variety_row(name: str, variety: dict | None) -> dict:
+    """One row of Table 1: a set of images and its variety (mean, standard error; '—' where the
+    run did not measure it)."""
+    return {"name": name, "variety": "—" if variety is None else num(variety["mean"], 3),
+            "variety_se": None if variety is None else variety["se"]}
+
+
+def top_digit(quality: dict) -> int:
+    """The digit the classifier names most often in a set of samples."""
+    return max(range(10), key=lambda d: quality["share"][d])
+
+
 def q2_values(amortized: dict, latent_opt: dict) -> dict:
-    """The classifier's view of the prior samples per snapshot epoch, its baselines (what it
-    says of images that are no digits), and Q3's final generator as the table's last row."""
-    quality = amortized.get("sample_quality")
-    values = {"measured": bool(quality)}
-    # the KL term after the first epoch, per latent dimension (the latents' information about
-    # their images)
-    values["kl_first"] = sig(amortized["val_kl"][0], 1)
-    values["kl_first_small"] = amortized["val_kl"][0] < 0.1 * amortized["val_kl"][-1]
+    """Q2's prior samples per snapshot epoch judged by their variety, which needs no classifier,
+    beside real test images and two sets that are no clean digits (Table 1, with Q3's final
+    generator after Q2's); and what the Part 1 classifier says of those non-digits, which Q1
+    and Q3 quote to show how rough a judge it is."""
     variety = amortized.get("prior_variety") or {}
     references = amortized.get("variety_references") or {}
-    if quality:
-        epochs = [str(e) for e in amortized["snapshot_epochs"]]
-        first, last, real = quality[epochs[0]], quality[epochs[-1]], quality["real test images"]
-        if variety and references:      # Q2's samples judged without the classifier
-            values["variety"] = {"moves": "rises" if variety[epochs[-1]]["mean"]
-                                 > variety[epochs[0]]["mean"] else "falls",
-                                 "first": num(variety[epochs[0]]["mean"], 3),
-                                 "last": num(variety[epochs[-1]]["mean"], 3),
-                                 "real": num(references["real test images"]["mean"], 3),
-                                 "noise": num(references["gaussian noise"]["mean"], 3)}
-        values.update({
-            "first_epoch": epochs[0], "last_epoch": epochs[-1], "samples": f"{first['images']:,}",
-            "first_conf": num(first["mean_confidence"]), "last_conf": num(last["mean_confidence"]),
-            "real_conf": num(real["mean_confidence"]),
-            "first_covered": first["digits_covered"], "last_covered": last["digits_covered"],
-            "first_entropy": num(first["entropy_bits"]), "last_entropy": num(last["entropy_bits"]),
-            "rows": [quality_row(f"amortized, epoch {e}", quality[e], variety.get(e)) for e in epochs]
-                    + [quality_row("real test images", real, references.get("real test images"))],
-            "first_top": top_digit(first), "first_top_share": pct(max(first["share"]), 0)})
-        base = amortized.get("classifier_baselines")
-        values["baseline"] = bool(base)
-        if base:
-            noise, mean_img, blur = (base[k] for k in ("gaussian noise", "mean training image",
-                                                       "blurred test images"))
-            values.update({
-                "noise_top": top_digit(noise), "noise_share": pct(max(noise["share"]), 0),
-                "noise_conf": num(noise["mean_confidence"]),
-                "mean_top": top_digit(mean_img), "mean_conf": num(mean_img["mean_confidence"]),
-                "blur_top": top_digit(blur), "blur_share": pct(max(blur["share"]), 0),
-                "blur_covered": blur["digits_covered"], "blur_conf": num(blur["mean_confidence"]),
-                "blob_digit": top_digit(mean_img),
-                # the epochs between the first and the last at which the classifier still
-                # gives most samples the blur's label ('97.1 % and 86.9 % at epochs 10 and 20')
-                "blob_mid": blob_lag(quality, epochs, top_digit(mean_img)),
-                "blob_first_share": pct(first["share"][top_digit(mean_img)], 0),
-                "blob_first_most": first["share"][top_digit(mean_img)] > 0.5,
-                "blob_last_share": pct(last["share"][top_digit(mean_img)], 0)})
-            values["rows"] += [quality_row("Gaussian noise", noise, references.get("gaussian noise")),
-                               quality_row("blurred test images", blur,
-                                           references.get("blurred test images"))]
-    latent_opt_quality = (latent_opt.get("sample_quality") or {})
-    if "latent_opt" in latent_opt_quality and "amortized" in latent_opt_quality:
-        # Q3's generator right under Q2's, then the real images and the baselines, as the
-        # caption lists them
-        rows = values.setdefault("rows", [])
-        after = sum(r["name"].startswith("amortized") for r in rows)
+    epochs = [str(e) for e in amortized["snapshot_epochs"]]
+    values = {"measured": bool(variety and references), "first_epoch": epochs[0],
+              "last_epoch": epochs[-1],
+              # the KL term after the first epoch, per latent dimension (the latents'
+              # information about their images)
+              "kl_first": sig(amortized["val_kl"][0], 1),
+              "kl_first_small": amortized["val_kl"][0] < 0.1 * amortized["val_kl"][-1]}
+    if values["measured"]:
+        first, last = variety[epochs[0]]["mean"], variety[epochs[-1]]["mean"]
+        real = references["real test images"]["mean"]
         lo_variety = (latent_opt.get("prior_vs_aggregate") or {}).get("variety", {}).get("prior")
-        rows.insert(after, quality_row("latent optimization, final", latent_opt_quality["latent_opt"],
-                                       lo_variety))
-    if values.get("rows"):
-        sizes = sorted({r["images"] for r in values["rows"]})
-        values["images"] = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
-        values["share_se_max"] = num(max(r["se_max"] for r in values["rows"]), 1)
-        variety_ses = [r["variety_se"] for r in values["rows"] if r["variety_se"] is not None]
-        values["variety_se_max"] = sig(max(variety_ses), 1) if variety_ses else None
+        rows = [variety_row(f"amortized, epoch {e}", variety[e]) for e in epochs]
+        if lo_variety is not None:          # Q3's generator right under Q2's
+            rows.append(variety_row("latent optimization, final", lo_variety))
+        rows += [variety_row(name, references[key]) for name, key in
+                 (("real test images", "real test images"), ("Gaussian noise", "gaussian noise"),
+                  ("blurred test images", "blurred test images"))]
+        quality = amortized.get("sample_quality") or {}
+        values.update({
+            "variety": {"moves": "rises" if last > first else "falls", "first": num(first, 3),
+                        "last": num(last, 3), "real": num(real, 3),
+                        "noise": num(references["gaussian noise"]["mean"], 3),
+                        "blurred": num(references["blurred test images"]["mean"], 3),
+                        "last_of_real": pct(last / real, 0)},
+            # at the first epoch the samples are 'nearly the same image' when they vary less
+            # than a tenth as much as real test images
+            "first_alike": first < 0.1 * real,
+            "rows": rows, "variety_se_max": sig(max(r["variety_se"] for r in rows), 1),
+            "images": f"{quality[epochs[0]]['images']:,}" if epochs[0] in quality else None})
+    base = amortized.get("classifier_baselines")
+    values["baseline"] = bool(base)
+    if base:
+        noise, blur = base["gaussian noise"], base["blurred test images"]
+        values.update({"noise_top": top_digit(noise), "noise_share": pct(max(noise["share"]), 0),
+                       "blur_share": pct(max(blur["share"]), 0),
+                       "blob_digit": top_digit(base["mean training image"])})
     return values
 
 
@@ -1127,14 +1079,6 @@ def lab_pca_values(p: dict) -> dict:
         "rel_worst": digit_list(ans["pca_relative_worst"]),
         "rel_ties": {end: tie_note(ans["relative_ties"]["pca"][end], ans[f"pca_relative_{end}"])
                      for end in ("best", "worst")},
-        # a third measure: the error as a share of each digit's spread about the mean image
-        "unexplained": None if "unexplained_best" not in ans else {
-            "best": digit_list(ans["unexplained_best"]["pca"]),
-            "worst": digit_list(ans["unexplained_worst"]["pca"]),
-            "ties": {end: tie_note(ans["unexplained_ties"]["pca"][end], ans[f"unexplained_{end}"]["pca"])
-                     for end in ("best", "worst")},
-            "same_best_as_kept": ({str(d) for d in ans["unexplained_best"]["pca"]}
-                                  == {d for d in ans["kept_order"]["pca"] if d not in ans["lost"]["pca"]})},
         # every method's ranking relative to ink (Q4.5, Q4.9), with its ties
         "rel": {k: {"best": digit_list(ans["relative_best"][k]),
                     "worst": digit_list(ans["relative_worst"][k]),
@@ -1221,12 +1165,9 @@ def lab_code_values(p: dict) -> dict:
     def pair(q):                    # '4–9'
         return "–".join(map(str, q["digits"]))
 
-    def pairs(k):                   # distances relative to the mean distance between digit means
-        return ", ".join(f"{pair(q)} ({num(q['relative'])})" for q in enc[k]["closest_pairs"][:3])
     return {
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
         "axis_ratio": num(ans["ppca_second_axis_shrink_ratio"]),
-        "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
         "pairs_plain": {k: digit_list([pair(q) for q in enc[k]["closest_pairs"][:3]])
                         for k in ("pca", "ppca")},
         "pairs_shared": ans["closest_pairs_shared_pca_ppca"],
