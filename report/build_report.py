@@ -1165,9 +1165,13 @@ def lab_code_values(p: dict) -> dict:
     def pair(q):                    # '4–9'
         return "–".join(map(str, q["digits"]))
 
+    def pairs(k):                   # distances relative to the mean distance between digit means
+        return ", ".join(f"{pair(q)} ({num(q['relative'])})" for q in enc[k]["closest_pairs"][:3])
+
     return {
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
         "axis_ratio": num(ans["ppca_second_axis_shrink_ratio"]),
+        "pairs": {k: pairs(k) for k in ("pca", "ppca")},
         "pairs_plain": {k: digit_list([pair(q) for q in enc[k]["closest_pairs"][:3]])
                         for k in ("pca", "ppca")},
         "pairs_shared": ans["closest_pairs_shared_pca_ppca"],

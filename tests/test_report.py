@@ -346,6 +346,17 @@ def test_q1s_answer_says_whether_the_gap_on_equal_digit_shares_is_measurable(
     assert "Answer. No. The validation loss" in text
 
 
+@pytest.mark.parametrize("improving", [True, False])
+def test_q1_calls_the_model_underfitted_only_while_the_validation_loss_still_falls(
+        quick_outputs, tmp_path, improving):
+    def edit(a):
+        a["overfit"].update(verdict="no", still_improving=improving)
+    text = q1_report_with(quick_outputs, tmp_path, edit)
+    epochs = metrics(quick_outputs, "vae_amortized")["args"]["epochs"]
+    assert (f"So after {epochs} epochs the model underfits rather than overfits: more training "
+            "would still lower the validation loss" in text) is improving
+
+
 def test_q1_from_an_older_run_without_equal_digit_shares_compares_the_plain_means(
         quick_outputs, tmp_path):
     def edit(a):
@@ -1036,10 +1047,10 @@ def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shor
             # the answer opens with the comparison the question asks for, where the curves give one
             # ... with the validation images first, which the question compares
             assert (re.search(r"Answer\. The amortized encoder, after the exercise's \d+ epochs\. "
-                              r"On validation images, which the exercise compares, its one-pass",
+                              r"On validation images, which the exercise compares, its one- ?pass",
                               text) is not None) is val_better
             # (since when the encoder leads: test_q3s_variety_table_and_curves_are_the_metrics)
-            assert re.search(rf"With each decoder held fixed, the encoder's .{{1,8}} are only "
+            assert re.search(rf"On the training images of Table 2, with each decoder held fixed, the encoder's .{{1,8}} are only "
                              rf"{re.escape(am)} worse than a \d+-step refit, the learned .{{1,6}} "
                              rf"{re.escape(lo)} worse \(paired difference [+-]\d", text)
             # the body says why, then separates the proposals from the decoders
@@ -1222,8 +1233,20 @@ def test_q47_says_which_close_pairs_decoding_merges(quick_outputs, tmp_path, pca
         pairs_decoded_as_one={"pca": pca, "ppca": pca if ppca is None else ppca},
         pairs_decoded_as_one_of_all={"pca": 6, "ppca": 6}), "apml_lab_report.pdf")
     # the comparison with Q4.1 and Q4.5 closes the bold answer; the decoding follows it
-    assert re.search(r"Compared with Q4\.1 and Q4\.5, PCA keeps [a-z ]+ and [a-z ]+\. "
+    # then the closest pairs' distances, each pair with its own (test_q47_gives_the_closest_pairs...)
+    assert re.search(r"Compared with Q4\.1 and Q4\.5, PCA keeps [a-z ]+ and [a-z ]+\. In units of "
+                     r"the mean distance between digit means, the closest pairs lie .+? for PPCA\. "
                      + re.escape(says), text)
+
+
+def test_q47_gives_the_closest_pairs_distances_from_the_metrics(quick_outputs, reports):
+    """Q4.7's closest pairs can be checked: each with its distance relative to the mean distance
+    between digit means, as the metrics give them, for PCA and for PPCA."""
+    enc = metrics(quick_outputs, "ppca_pca")["encodings"]
+    said = {k: ", ".join(f"{'–'.join(map(str, q['digits']))} ({q['relative']:.2f})"
+                         for q in enc[k]["closest_pairs"][:3]) for k in ("pca", "ppca")}
+    assert (f"the closest pairs lie {said['pca']} apart for PCA and {said['ppca']} for PPCA."
+            in " ".join(reports["lab"].split()))
 
 
 def test_q2_gives_the_samples_variety_against_real_and_blurred_images(quick_outputs, reports):
