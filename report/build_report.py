@@ -864,6 +864,19 @@ def tie_note(ties: list, end: list, parens: bool = True) -> str:
     return f" ({note})" if parens else f"; {note}"
 
 
+# a kept digit is reconstructed 'well' when at least two thirds of its images are kept, and
+# 'only partly' between half (kept at all) and two thirds
+WELL_KEPT = 2 / 3
+
+
+def kept_phrase(per: dict, kept: list) -> str:
+    """'1 and 0 well and 9 only partly': the kept digits by whether WELL_KEPT of their images are."""
+    well = [d for d in kept if per[d]["kept"] >= WELL_KEPT]
+    partly = [d for d in kept if per[d]["kept"] < WELL_KEPT]
+    return " and ".join(([f"{digit_list(well)} well"] if well else [])
+                        + ([f"{digit_list(partly)} only partly"] if partly else []))
+
+
 def survival(named: dict, lost: dict, order: list) -> dict:
     """Which digits a method's reconstructions keep (by the nearest training image), with the
     shares kept, and what the lost ones come back as most often, grouped by what they become."""
@@ -879,6 +892,7 @@ def survival(named: dict, lost: dict, order: list) -> dict:
     targets = [d for d in kept if int(d) in into]
     groups = sorted(into.items(), key=lambda item: -len(item[1]))
     return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
+            "kept_how": kept_phrase(per, kept),
             "lost_n": len(lost), "lost_words": count_word(len(lost)),
             "kept_words": count_word(len(kept)),
             "lost": digit_list([d for d in order if d in lost]) if lost else "",

@@ -1234,7 +1234,9 @@ def test_q47_says_which_close_pairs_decoding_merges(quick_outputs, tmp_path, pca
         pairs_decoded_as_one_of_all={"pca": 6, "ppca": 6}), "apml_lab_report.pdf")
     # the comparison with Q4.1 and Q4.5 closes the bold answer; the decoding follows it
     # then the closest pairs' distances, each pair with its own (test_q47_gives_the_closest_pairs...)
-    assert re.search(r"Compared with Q4\.1 and Q4\.5, PCA keeps [a-z ]+ and [a-z ]+\. In units of "
+    assert re.search(r"Compared with Q4\.1 and Q4\.5, PCA keeps [a-z ]+ and [a-z ]+\. The groups "
+                     r"chain together digits whose mean codes lie close and stop at the largest jump "
+                     r"in distance \(single-linkage clustering\)\. In units of "
                      r"the mean distance between digit means, the closest pairs lie .+? for PPCA\. "
                      + re.escape(says), text)
 
@@ -1491,7 +1493,8 @@ def test_q41_controls_the_naming_rules_favourites_by_their_false_alarms(quick_ou
             "these, only 43 and 33 % show that digit." in text) is stored
     assert ("here 0 and 9, whose shares kept may be too high." in text) is not stored
     # the headline gives the digits' shares kept, so that a weaker third (here 9) shows
-    assert re.search(r"PCA reconstructs digits [0-9, and]+ well: [0-9, and]+ % of their "
+    assert re.search(r"PCA reconstructs digits [0-9, and]+ (well|only partly)( and [0-9, and]+ only "
+                     r"partly)?: [0-9, and]+ % of their "
                      r"reconstructions still look most like their own digit \(they lie nearest to "
                      r"a training image of the same digit\)", text)
 
@@ -1510,6 +1513,17 @@ def test_q46_opens_with_the_paired_difference_not_the_rounded_means(quick_output
             f"images, PPCA's error minus PCA's is {mean} ± {se} per image (closed form "
             f"{p['ppca_closed_form']['test_sq_error']:.2f}; Table 1)").replace(
                 "\u2212", "-") in text             # pdf_text writes Typst's minus as '-'
+
+
+@pytest.mark.parametrize("shares, says", [
+    ({"1": 0.99, "0": 0.91, "9": 0.56}, "1 and 0 well and 9 only partly"),
+    ({"1": 0.99, "0": 2 / 3}, "1 and 0 well"),          # two thirds exactly is well
+    ({"9": 0.66, "4": 0.51}, "9 and 4 only partly"), ({}, "")])
+def test_kept_digits_are_kept_well_from_two_thirds_of_their_images(shares, says):
+    """Q4.1 and Q4.5 say how well each kept digit is kept: 'well' from two thirds of its images,
+    'only partly' between half and two thirds, in the order given (most kept first)."""
+    per = {d: {"kept": s} for d, s in shares.items()}
+    assert build_report.kept_phrase(per, list(shares)) == says
 
 
 @pytest.mark.parametrize("kept, borderline", [(0.49, "5"), (0.515, "5"), (0.45, ""), (0.56, "")])
