@@ -701,6 +701,15 @@ def variety_values(lo: dict, versus: dict, versus_am: dict) -> dict:
             "wide_ratio": None if wide is None else pct(wide["ratio"], 0)}
 
 
+def eq9_at_largest_m(convergence: dict) -> dict:
+    """Figure 9's right ends: at the largest M, how many of its images Eq. 9 puts below the
+    Laplace estimate and by how much at most, and how many above it (Eq. 9 is not always lower)."""
+    ends = [eq9[-1] - laplace[-1] for eq9, laplace in zip(convergence["eq9"], convergence["laplace"])]
+    below, above = [-e for e in ends if e < 0], [e for e in ends if e > 0]
+    return {"n": len(ends), "below": len(below), "below_max": num(max(below, default=0), 1),
+            "above": len(above), "above_max": num(max(above, default=0), 1)}
+
+
 def estimate_diagnostics(likelihood: dict) -> dict:
     """How far each Q4 estimate can be trusted: effective sample size, k-hat, bootstrap error,
     movement with M, the gap between the two estimates, and the proposal's mismatch."""
@@ -725,6 +734,7 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
         # whole nats for Eq. 9, whose single estimates differ by several nats between runs
         "eq9_move_abs": None if move["eq9"] is None else num(move["eq9"]["max_abs"], 0),
+        "eq9_end": eq9_at_largest_m(likelihood["convergence"]),
         # the same images' estimates from the curves' fresh samples against Figure 7's, at M
         "stream": None if likelihood["stream_disagreement"] is None else
             {k: num(v, 0 if k == "eq9" else 1) for k, v in likelihood["stream_disagreement"].items()},

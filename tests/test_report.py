@@ -18,6 +18,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import scipy.stats
 from pypdf import PdfReader
@@ -1524,6 +1525,20 @@ def test_kept_digits_are_kept_well_from_two_thirds_of_their_images(shares, says)
     'only partly' between half and two thirds, in the order given (most kept first)."""
     per = {d: {"kept": s} for d, s in shares.items()}
     assert build_report.kept_phrase(per, list(shares)) == says
+
+
+@pytest.mark.parametrize("ends, says", [
+    ([-10.47, -0.15, 0.87, 0.44], {"n": 4, "below": 2, "below_max": "10.5", "above": 2, "above_max": "0.9"}),
+    ([-3.0, -1.0], {"n": 2, "below": 2, "below_max": "3.0", "above": 0, "above_max": "0.0"})])
+def test_figure_9s_caption_counts_where_eq9_ends_against_the_laplace_estimate(ends, says):
+    """At the largest M, each image's Eq. 9 minus its Laplace estimate (the curves' last
+    points): how many lie below and above 0, and by how much at most, against numpy."""
+    rng = np.random.default_rng(0)
+    laplace = [list(rng.normal(-300, 50, 3)) for _ in ends]
+    eq9 = [list(rng.normal(-320, 50, 2)) + [lap[-1] + e] for lap, e in zip(laplace, ends)]
+    diff = np.array([e[-1] - lap[-1] for e, lap in zip(eq9, laplace)])
+    assert build_report.eq9_at_largest_m({"eq9": eq9, "laplace": laplace}) == says
+    assert (diff < 0).sum() == says["below"] and (diff > 0).sum() == says["above"]
 
 
 @pytest.mark.parametrize("kept, borderline", [(0.49, "5"), (0.515, "5"), (0.45, ""), (0.56, "")])
