@@ -172,6 +172,19 @@ def crafted_results(pca, ppca, vae, se=0.01, named=None, blurred_kept=None):
     return results
 
 
+def test_figure_1_shows_per_digit_an_image_named_as_most_of_that_digits_are():
+    """Each pick is an image of its digit whose PCA name is that digit's most frequent name
+    (numpy's counts the oracle), drawn by the seed: the same seed, the same picks."""
+    rng = np.random.default_rng(5)
+    labels = torch.as_tensor(rng.integers(0, 10, 2000))
+    named = torch.where(torch.as_tensor(rng.random(2000)) < 0.6, (labels + 3) % 10, labels)
+    picks = ppca_pca.typical_outcome_per_digit(named, labels, seed=1)
+    for digit, i in enumerate(picks.tolist()):
+        mine = named.numpy()[labels.numpy() == digit]
+        assert labels[i] == digit and named[i] == np.bincount(mine, minlength=10).argmax()
+    assert torch.equal(picks, ppca_pca.typical_outcome_per_digit(named, labels, seed=1))
+
+
 def test_blur_like_picks_for_each_image_the_box_whose_error_is_nearest_its_target():
     """Q4.1's blur control against scipy: a box mean over the pixels inside the image (the
     box cut at the border) is uniform_filter of the image over uniform_filter of ones. Each
