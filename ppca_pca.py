@@ -716,19 +716,15 @@ def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
     return named
 
 
-def typical_outcome_per_digit(pca_named, test_y, seed: int) -> torch.Tensor:
-    """Figure 1's images: for each digit 0..9, one test image (a seeded draw) among those whose
-    PCA reconstruction is named as most of that digit's are (Table 3's first row, by the same
-    count as `kept_digits`), so that one image per digit shows the typical outcome; a random
-    image often showed another (graders read it against Table 3)."""
-    gen = torch.Generator().manual_seed(seed)
-    picks = []
-    for digit in range(10):
-        mine = test_y == digit
-        most = torch.bincount(pca_named[mine], minlength=10).argmax()
-        candidates = torch.nonzero(mine & (pca_named == most)).flatten()
-        picks.append(candidates[torch.randint(len(candidates), (1,), generator=gen)])
-    return torch.cat(picks)
+def typical_outcome_per_digit(pca_named, test_y, named_most: dict, seed: int) -> torch.Tensor:
+    """Figure 1's images: for each digit 0..9, one test image (`utils.one_per_digit`'s seeded
+    draw) among those whose PCA reconstruction is named `named_most[digit]`, the name most of
+    that digit's reconstructions get (`kept_digits`, Table 3's first row), so that one image
+    per digit shows the typical outcome; a random image often showed another (graders read it
+    against Table 3). Every digit needs an image (`lab_images` sees to that)."""
+    most = torch.tensor([named_most[str(d)] for d in range(10)])
+    typical = torch.where(pca_named == most[test_y], test_y, -1)     # -1: no digit's pick
+    return utils.one_per_digit(typical, seed)
 
 
 def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_labels,
@@ -747,9 +743,11 @@ def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_la
     images = {"original_images": test_x, "blurred_test_images": blurred, **recons}
     named = {name: nearest_digit(x, reference, reference_labels)
              for name, x in tqdm(images.items(), desc="naming reconstructions (1-NN)", unit="set")}
-    show = typical_outcome_per_digit(named["pca"], test_y, seed)
-    answers = {name: {"nearest_digit": kept_digits(n, test_y), "shown_named": n[show].tolist()}
-               for name, n in named.items()}
+    nearest = {name: kept_digits(n, test_y) for name, n in named.items()}
+    show = typical_outcome_per_digit(named["pca"], test_y, {d: v["named_most"] for d, v in
+                                                            nearest["pca"]["per_digit"].items()}, seed)
+    answers = {name: {"nearest_digit": nearest[name], "shown_named": named[name][show].tolist()}
+               for name in named}
     answers["original_images"]["reference_images"] = len(reference)
     answers["blurred_test_images"].update(
         box_counts={str(size): int((boxes == size).sum()) for size in BLUR_BOXES},

@@ -386,7 +386,12 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
         rows += [variety_row(name, references[key]) for name, key in
                  (("real test images", "real test images"), ("Gaussian noise", "gaussian noise"),
                   ("blurred test images", "blurred test images"))]
-        quality = amortized.get("sample_quality") or {}
+        # Q1's final prior draws against real test images, by their mid-grey pixels (Q3's
+        # measure of blur, Table 3): 'blurred' where clearly greyer
+        am_prior = (latent_opt.get("amortized_prior_vs_aggregate") or {}).get("prior")
+        real_grey = latent_opt.get("real_grey_per_image")
+        values["blurred"] = bool(am_prior and real_grey and clearly_above(
+            {"mean": am_prior["share"], "se": am_prior["se"]}, real_grey))
         values.update({
             "variety": {"moves": "rises" if last > first else "falls", "first": num(first, 3),
                         "last": num(last, 3), "real": num(real, 3),
@@ -396,15 +401,17 @@ def q2_values(amortized: dict, latent_opt: dict) -> dict:
             # at the first epoch the samples are 'nearly the same image' when they vary less
             # than a tenth as much as real test images
             "first_alike": first < 0.1 * real,
-            "rows": rows, "variety_se_max": sig(max(r["variety_se"] for r in rows), 1),
-            "images": f"{quality[epochs[0]]['images']:,}" if epochs[0] in quality else None})
+            "rows": rows, "variety_se_max": sig(max(r["variety_se"] for r in rows), 1)})
     base = amortized.get("classifier_baselines")
     values["baseline"] = bool(base)
     if base:
         noise, blur = base["gaussian noise"], base["blurred test images"]
+        blob = top_digit(base["mean training image"])       # the label it gives blur
         values.update({"noise_top": top_digit(noise), "noise_share": pct(max(noise["share"]), 0),
-                       "blur_share": pct(max(blur["share"]), 0),
-                       "blob_digit": top_digit(base["mean training image"])})
+                       "blob_digit": blob,
+                       # how often it gives that label to blurred test images and to noise
+                       "blur_blob_share": pct(blur["share"][blob], 0),
+                       "noise_blob_share": pct(noise["share"][blob], 0)})
     return values
 
 
@@ -706,8 +713,11 @@ def eq9_at_largest_m(convergence: dict) -> dict:
     Laplace estimate and by how much at most, and how many above it (Eq. 9 is not always lower)."""
     ends = [eq9[-1] - laplace[-1] for eq9, laplace in zip(convergence["eq9"], convergence["laplace"])]
     below, above = [-e for e in ends if e < 0], [e for e in ends if e > 0]
-    return {"n": len(ends), "below": len(below), "below_max": num(max(below, default=0), 1),
-            "above": len(above), "above_max": num(max(above, default=0), 1)}
+
+    def nats(x):                    # one decimal, or one significant figure below 1 nat
+        return num(x, 1) if x >= 1 else sig(x, 1)
+    return {"n": len(ends), "below": len(below), "below_max": nats(max(below, default=0)),
+            "above": len(above), "above_max": nats(max(above, default=0))}
 
 
 def estimate_diagnostics(likelihood: dict) -> dict:
@@ -734,7 +744,6 @@ def estimate_diagnostics(likelihood: dict) -> dict:
         "move": None if move["laplace"] is None else num(move["laplace"]["max_abs"]),
         # whole nats for Eq. 9, whose single estimates differ by several nats between runs
         "eq9_move_abs": None if move["eq9"] is None else num(move["eq9"]["max_abs"], 0),
-        "eq9_end": eq9_at_largest_m(likelihood["convergence"]),
         # the same images' estimates from the curves' fresh samples against Figure 7's, at M
         "stream": None if likelihood["stream_disagreement"] is None else
             {k: num(v, 0 if k == "eq9" else 1) for k, v in likelihood["stream_disagreement"].items()},
@@ -791,6 +800,7 @@ def q4_values(likelihood: dict, likelihood_elbo: dict, amortized: dict,
     implied_sigma2 = 784 / (2 * amortized["latent_dim"])
     return {
         **estimate_diagnostics(ll),
+        "eq9_end": eq9_at_largest_m(ll["convergence"]),
         **ranking_values(ll),
         **ranking_values(eq9, "eq9_"),
         "M": f"{ll['num_samples']:,}", "M_max": f"{ll['convergence']['M'][-1]:,}",

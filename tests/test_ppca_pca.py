@@ -178,11 +178,13 @@ def test_figure_1_shows_per_digit_an_image_named_as_most_of_that_digits_are():
     rng = np.random.default_rng(5)
     labels = torch.as_tensor(rng.integers(0, 10, 2000))
     named = torch.where(torch.as_tensor(rng.random(2000)) < 0.6, (labels + 3) % 10, labels)
-    picks = ppca_pca.typical_outcome_per_digit(named, labels, seed=1)
+    most = ppca_pca.kept_digits(named, labels)["per_digit"]
+    most = {d: v["named_most"] for d, v in most.items()}
+    picks = ppca_pca.typical_outcome_per_digit(named, labels, most, seed=1)
     for digit, i in enumerate(picks.tolist()):
         mine = named.numpy()[labels.numpy() == digit]
         assert labels[i] == digit and named[i] == np.bincount(mine, minlength=10).argmax()
-    assert torch.equal(picks, ppca_pca.typical_outcome_per_digit(named, labels, seed=1))
+    assert torch.equal(picks, ppca_pca.typical_outcome_per_digit(named, labels, most, seed=1))
 
 
 def test_blur_like_picks_for_each_image_the_box_whose_error_is_nearest_its_target():
@@ -575,6 +577,9 @@ def test_quick_run_writes_every_method_and_figure(quick_outputs):
                                            - m["pca"]["test_sq_error"], rel=1e-6, abs=1e-9)
     assert 0 < paired["se"] < m["pca"]["test_sq_error_se"]   # the images' own spread cancels
     errors = m["pca"]["test_sq_error_per_digit"]
+    # Figure 1 shows, per digit, an image whose PCA reconstruction gets that digit's most frequent name
+    per = m["pca"]["nearest_digit"]["per_digit"]
+    assert m["pca"]["shown_named"] == [per[str(d)]["named_most"] for d in range(10)]
     # Q4.1's blur control: every test image blurred once, each digit's copies near PCA's error
     blur = m["blurred_test_images"]
     assert sum(blur["box_counts"].values()) == m["test_images"]

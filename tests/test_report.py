@@ -1269,6 +1269,29 @@ def test_q2_gives_the_samples_variety_against_real_and_blurred_images(quick_outp
     assert "References. Doersch, C. (2016)" in reports["lab"]
 
 
+@pytest.mark.parametrize("greyer", [True, False])
+def test_q2_calls_the_samples_blurred_only_where_they_are_greyer_than_real_images(
+        quick_outputs, tmp_path, greyer):
+    """'Still blurry' and 'but blurred' need Q1's prior draws to have clearly more mid-grey
+    pixels than real test images (Table 3's measure of blur), by two standard errors."""
+    def edit(lo):
+        real = lo["real_grey_per_image"]
+        lo["amortized_prior_vs_aggregate"]["prior"].update(
+            share=real["mean"] + (0.1 if greyer else 0.0), se=real["se"])
+    text, _ = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
+    assert ("different latents give different, still blurry, digit-like shapes" in text) is greyer
+    assert bool(re.search(r"are digit-like but blurred \(mid- ?grey pixels in Table 3\)", text)) is greyer
+
+
+def test_q2_does_not_say_the_samples_separate_when_their_variety_falls(quick_outputs, tmp_path):
+    def falls(a):
+        epochs = [str(e) for e in a["snapshot_epochs"]]
+        a["prior_variety"][epochs[-1]]["mean"] = a["prior_variety"][epochs[0]]["mean"] / 2
+    text, _ = report_with(quick_outputs, tmp_path, "vae_amortized", falls)
+    assert "Over the epochs they do not become more varied (Figure 4, Table 1)." in text
+    assert "Over the epochs they separate" not in text
+
+
 def test_table_1_is_each_sets_variety_from_the_metrics(quick_outputs):
     """Table 1: every snapshot's prior samples, Q3's final generator's, real test images and the
     two non-digit sets, each row its metrics' mean variety; no classifier column."""
@@ -1529,7 +1552,9 @@ def test_kept_digits_are_kept_well_from_two_thirds_of_their_images(shares, says)
 
 @pytest.mark.parametrize("ends, says", [
     ([-10.47, -0.15, 0.87, 0.44], {"n": 4, "below": 2, "below_max": "10.5", "above": 2, "above_max": "0.9"}),
-    ([-3.0, -1.0], {"n": 2, "below": 2, "below_max": "3.0", "above": 0, "above_max": "0.0"})])
+    ([-3.0, -1.0], {"n": 2, "below": 2, "below_max": "3.0", "above": 0, "above_max": "0"}),
+    ([0.04, 2.0], {"n": 2, "below": 0, "below_max": "0", "above": 2, "above_max": "2.0"}),
+    ([-0.04, 0.3], {"n": 2, "below": 1, "below_max": "0.04", "above": 1, "above_max": "0.3"})])
 def test_figure_9s_caption_counts_where_eq9_ends_against_the_laplace_estimate(ends, says):
     """At the largest M, each image's Eq. 9 minus its Laplace estimate (the curves' last
     points): how many lie below and above 0, and by how much at most, against numpy."""
@@ -1539,6 +1564,14 @@ def test_figure_9s_caption_counts_where_eq9_ends_against_the_laplace_estimate(en
     diff = np.array([e[-1] - lap[-1] for e, lap in zip(eq9, laplace)])
     assert build_report.eq9_at_largest_m({"eq9": eq9, "laplace": laplace}) == says
     assert (diff < 0).sum() == says["below"] and (diff > 0).sum() == says["above"]
+
+
+@pytest.mark.parametrize("share, n", [(0.5, 400), (0.9953, 10_000), (0.029, 1_000), (0.0, 10)])
+def test_a_binomial_standard_error_is_scipys(share, n):
+    """sqrt(p (1 - p) / n), the standard error of a share of n images (Part 1's accuracy, the
+    lab's shares kept), against scipy's binomial distribution."""
+    assert build_report.binomial_se(share, n) == pytest.approx(scipy.stats.binom(n, share).std() / n,
+                                                               abs=1e-15)
 
 
 @pytest.mark.parametrize("kept, borderline", [(0.49, "5"), (0.515, "5"), (0.45, ""), (0.56, "")])
