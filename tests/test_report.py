@@ -1605,7 +1605,7 @@ def test_q49_calls_a_lost_digit_near_half_borderline(quick_outputs, tmp_path):
     assert ("of another digit (Q4.1; 5 only just: 49 % kept, within two standard errors of half "
             "in this one training run)") in text
     # the bold verdict calls only the clearly lost digit challenging
-    assert re.search(r"Q4\.9: Digit 4 is challenging for the VAE, and 5 on the edge: half or more", text)
+    assert re.search(r"Q4\.9: Digit 4 is challenging for the VAE, and 5 on the edge: more than half", text)
     assert "Digits 4 and 5 are challenging" not in text and "Digits 5 and 4 are" not in text
 
 
