@@ -1566,6 +1566,20 @@ def test_figure_9s_caption_counts_where_eq9_ends_against_the_laplace_estimate(en
     assert (diff < 0).sum() == says["below"] and (diff > 0).sum() == says["above"]
 
 
+@pytest.mark.parametrize("lost, named, says", [
+    ({"4": 9, "5": 5}, {4: 9, 5: 3}, {"digits": "4 and 5", "as": "a 9 and a 3", "one": False}),
+    ({"8": 3}, {8: 8}, None),                   # its mean code still decodes to itself
+    ({"8": 3, "2": 1}, {8: 1, 2: 2}, {"digits": "8", "as": "a 1", "one": True}),
+    ({}, {}, None)])
+def test_q49_names_the_lost_digits_whose_mean_code_decodes_to_another(lost, named, says):
+    """Q4.9 ties the VAE's lost digits to Table 3: those whose mean code decodes to another
+    digit, in digit order, with what they decode to."""
+    names = [named.get(d, d) for d in range(10)]
+    p = {"answers": {"lost": {"vae": lost}},
+         "decoded_mean_codes": {"vae": {"named": names, "own": [d for d in range(10) if names[d] == d]}}}
+    assert build_report.decoded_values(p)["vae_lost_codes"] == says
+
+
 @pytest.mark.parametrize("share, n", [(0.5, 400), (0.9953, 10_000), (0.029, 1_000), (0.0, 10)])
 def test_a_binomial_standard_error_is_scipys(share, n):
     """sqrt(p (1 - p) / n), the standard error of a share of n images (Part 1's accuracy, the
@@ -1626,7 +1640,7 @@ def test_q3b_says_in_how_many_dimensions_q1s_encoder_is_narrow(quick_outputs, tm
     text, lo = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
     assert says in text.replace("𝑞", "q")
     # Q1 names the same few dimensions where it explains why the VAE does not overfit
-    q1 = "q is narrower than the prior in only 3 of the"
+    q1 = "q is narrow, with variance below 0.5, in only 3 of the"
     assert (q1 in text.replace("𝑞", "q")) is ("the same for every image" in says)
 
 
