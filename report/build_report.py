@@ -1053,10 +1053,7 @@ def blur_control(blurred: dict, pca: dict) -> dict:
         gaps = [abs(blurred["test_sq_error_per_digit"][d] - pca["test_sq_error_per_digit"][d])
                 for d in map(str, range(10))]
         return {"per_image": True, "error": num(blurred["test_sq_error"], 1),
-                "digit_gap": num(max(gaps), 1),
-                # images PCA degrades more than any box blurs them (older runs: None)
-                "beyond": (f"{blurred['beyond_every_box']:,}"
-                           if "beyond_every_box" in blurred else None)}
+                "digit_gap": num(max(gaps), 1)}
     return {"per_image": False, "box": blurred.get("box", 5),
             "error": None if "sq_error" not in blurred else num(blurred["sq_error"], 1)}
 
@@ -1213,7 +1210,7 @@ def lab_code_values(p: dict) -> dict:
     return {
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
         "axis_ratio": num(ans["ppca_second_axis_shrink_ratio"]),
-        "pairs": {k: pairs(k) for k in ("pca", "ppca")},
+        "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
         "pairs_plain": {k: digit_list([pair(q) for q in enc[k]["closest_pairs"][:3]])
                         for k in ("pca", "ppca")},
         "pairs_shared": ans["closest_pairs_shared_pca_ppca"],
