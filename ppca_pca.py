@@ -716,13 +716,13 @@ def decoded_mean_codes(images: dict, reference, reference_labels) -> dict:
     return named
 
 
-def typical_outcome_per_digit(pca_named, test_y, named_most: dict, seed: int) -> torch.Tensor:
+def typical_outcome_per_digit(pca_named, test_y, per_digit: dict, seed: int) -> torch.Tensor:
     """Figure 1's images: for each digit 0..9, one test image (`utils.one_per_digit`'s seeded
-    draw) among those whose PCA reconstruction is named `named_most[digit]`, the name most of
-    that digit's reconstructions get (`kept_digits`, Table 3's first row), so that one image
+    draw) among those whose PCA reconstruction gets the name most of that digit's get
+    (`kept_digits`' per_digit "named_most", Table 3's first row), so that one image
     per digit shows the typical outcome; a random image often showed another (graders read it
     against Table 3). Every digit needs an image (`lab_images` sees to that)."""
-    most = torch.tensor([named_most[str(d)] for d in range(10)])
+    most = torch.tensor([per_digit[str(d)]["named_most"] for d in range(10)])
     typical = torch.where(pca_named == most[test_y], test_y, -1)     # -1: no digit's pick
     return utils.one_per_digit(typical, seed)
 
@@ -744,8 +744,7 @@ def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_la
     named = {name: nearest_digit(x, reference, reference_labels)
              for name, x in tqdm(images.items(), desc="naming reconstructions (1-NN)", unit="set")}
     nearest = {name: kept_digits(n, test_y) for name, n in named.items()}
-    show = typical_outcome_per_digit(named["pca"], test_y, {d: v["named_most"] for d, v in
-                                                            nearest["pca"]["per_digit"].items()}, seed)
+    show = typical_outcome_per_digit(named["pca"], test_y, nearest["pca"]["per_digit"], seed)
     answers = {name: {"nearest_digit": nearest[name], "shown_named": named[name][show].tolist()}
                for name in named}
     answers["original_images"]["reference_images"] = len(reference)

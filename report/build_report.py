@@ -350,11 +350,9 @@ def q1_values(amortized: dict) -> dict:
     return values
 
 
-def variety_row(name: str, variety: dict | None) -> dict:
-    """One row of Table 1: a set of images and its variety (mean, standard error; '—' where the
-    run did not measure it)."""
-    return {"name": name, "variety": "—" if variety is None else num(variety["mean"], 3),
-            "variety_se": None if variety is None else variety["se"]}
+def variety_row(name: str, variety: dict) -> dict:
+    """One row of Table 1: a set of images and its variety (mean, with its standard error)."""
+    return {"name": name, "variety": num(variety["mean"], 3), "variety_se": variety["se"]}
 
 
 def top_digit(quality: dict) -> int:

@@ -179,7 +179,6 @@ def test_figure_1_shows_per_digit_an_image_named_as_most_of_that_digits_are():
     labels = torch.as_tensor(rng.integers(0, 10, 2000))
     named = torch.where(torch.as_tensor(rng.random(2000)) < 0.6, (labels + 3) % 10, labels)
     most = ppca_pca.kept_digits(named, labels)["per_digit"]
-    most = {d: v["named_most"] for d, v in most.items()}
     picks = ppca_pca.typical_outcome_per_digit(named, labels, most, seed=1)
     for digit, i in enumerate(picks.tolist()):
         mine = named.numpy()[labels.numpy() == digit]
