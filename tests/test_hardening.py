@@ -296,12 +296,13 @@ def test_damaged_idx_files_are_one_line(tmp_path, monkeypatch, capsys, damage, e
     assert not (tmp_path / "o").exists()
 
 
+# mtime=0 and ids: the same parameters in every process (pytest-xdist's workers must agree).
 @pytest.mark.parametrize("content,expected", [
     (b"not gzip at all", "not a readable MNIST copy"),
-    (gzip.compress(b"garbage inside gzip"), "not a readable MNIST copy"),
-    (gzip.compress(pickle.dumps(Evil(), protocol=2)), "refusing to unpickle"),
-    (gzip.compress(pickle.dumps((1, 2, 3), protocol=2)), "not a readable MNIST copy"),
-])
+    (gzip.compress(b"garbage inside gzip", mtime=0), "not a readable MNIST copy"),
+    (gzip.compress(pickle.dumps(Evil(), protocol=2), mtime=0), "refusing to unpickle"),
+    (gzip.compress(pickle.dumps((1, 2, 3), protocol=2), mtime=0), "not a readable MNIST copy"),
+], ids=["not gzip", "garbage in gzip", "malicious pickle", "wrong pickle"])
 def test_corrupt_or_malicious_mnist_pickle_is_one_line(tmp_path, monkeypatch, capsys, content,
                                                        expected):
     bad = tmp_path / "mnist.pkl.gz"
