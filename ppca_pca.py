@@ -757,15 +757,16 @@ def reconstruction_answers(recons: dict, test_x, test_y, reference, reference_la
 
 
 def plot_figures(out, encodings, test_y, recon_rows, results, ink, ppca, lab_vae, seed, device):
-    """Every figure of the lab: the codes (4.2, 4.4, 4.7), reconstructions, errors per digit
+    """Every figure of the lab: the codes (4.2, 4.4, 4.7), reconstructions and decoded mean codes
+    (recon_rows: row label -> (images, the digit each is named as, or None)), errors per digit
     relative to ink, the PPCA fit's convergence, the decoded lattices (4.9) and prior samples
     (4.10)."""
     plot_encodings(out / "encodings.png", encodings, test_y)
-    # over each reconstruction, "read as" the digit its nearest training image shows (4.1's rule)
-    named = {"PCA": "pca", "PPCA": "ppca_gradient", "VAE": "vae"}
-    titles = [list(range(10))] + [[f"→{d}" for d in results[named[k]]["shown_named"]]
-                                  for k in list(recon_rows)[1:]]
-    utils.plot_image_rows(out / "reconstructions.png", list(recon_rows.values()),
+    # over each decoded image, "read as" the digit its nearest training image shows (4.1's
+    # rule); over the originals, their digits
+    titles = [list(range(10)) if named is None else [f"→{d}" for d in named]
+              for _, named in recon_rows.values()]
+    utils.plot_image_rows(out / "reconstructions.png", [x for x, _ in recon_rows.values()],
                           list(recon_rows.keys()), cell_titles=titles, value_range=(0, 1))
     plot_error_bars(out / "sq_error_per_digit.png", results, ink)
     (w, mu, _), closed_params, curve, mean, cov = ppca
@@ -979,11 +980,18 @@ def main(run: utils.Run, argv=None):
     for name, answer in answers.items():
         results.setdefault(name, {}).update(answer)
     geometry = {name.lower(): digit_geometry(z.double(), test_y) for name, z in encodings.items()}
-    decoded = decoded_mean_codes(
-        mean_code_images(geometry, eigen, params["ppca_gradient"][:2], lab_vae, device),
-        train_x[:NEIGHBOUR_IMAGES], train_y[:NEIGHBOUR_IMAGES])
-    recon_rows = {"original": test_x[show], "PCA": recons["pca"][show],
-                  "PPCA": recons["ppca_gradient"][show], "VAE": recons["vae"][show]}
+    mean_images = mean_code_images(geometry, eigen, params["ppca_gradient"][:2], lab_vae, device)
+    decoded = decoded_mean_codes(mean_images, train_x[:NEIGHBOUR_IMAGES],
+                                 train_y[:NEIGHBOUR_IMAGES])
+    # Figure 1: the shown images' reconstructions, each titled with the digit it is named as,
+    # then each digit's mean code decoded (4.1, 4.5, 4.9 ask which digits are *decoded* well)
+    named_as = {name: results[name]["shown_named"] for name in ("pca", "ppca_gradient", "vae")}
+    recon_rows = {"original": (test_x[show], None),
+                  "PCA": (recons["pca"][show], named_as["pca"]),
+                  "PPCA": (recons["ppca_gradient"][show], named_as["ppca_gradient"]),
+                  "VAE": (recons["vae"][show], named_as["vae"]),
+                  **{f"{label} mean": (mean_images[key], decoded[key]["named"])
+                     for label, key in (("PCA", "pca"), ("PPCA", "ppca"), ("VAE", "vae"))}}
     # 4.6: PPCA's extra error over PCA on the same images (paired, so that the images cancel)
     comparison["ppca_minus_pca_sq_error"] = utils.mean_and_se(
         sq_error_per_image(test_x, recons["ppca_gradient"]) - sq_error_per_image(test_x, recons["pca"]))

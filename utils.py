@@ -904,9 +904,23 @@ def run_main(main, argv=None, product: str = "its metrics.json", out_flag: str =
     for stream in (sys.stdout, sys.stderr):   # a path the console cannot encode: escaped, not fatal
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    # The caller's handlers come back at the end: run in a notebook or a test runner, a script
+    # must not leave Ctrl-C ignored or SIGTERM raising Terminated in that process.
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {signum: signal.getsignal(signum) for signum in signals}
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _raise_terminated)
-    run = Run(product, script=name, out_flag=out_flag)
+    try:
+        _run_reporting_failures(main, argv, name, Run(product, script=name, out_flag=out_flag),
+                                out_flag)
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:            # None: a handler not set from Python, left as is
+                signal.signal(signum, handler)
+
+
+def _run_reporting_failures(main, argv, name: str, run: Run, out_flag: str) -> None:
+    """run_main's body: main, with each failure of a user's making as one line and an exit code."""
     try:
         try:
             main(run, argv)
@@ -932,7 +946,7 @@ def run_main(main, argv=None, product: str = "its metrics.json", out_flag: str =
               f"{fix}, then run the same command again", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Terminated) as err:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C while exiting: no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C during the message: no traceback
         print(f"{name}: {run.interruption_message()}", file=sys.stderr)
         sys.exit(130 if isinstance(err, KeyboardInterrupt) else 143)
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import signal
 import random
 import subprocess
 import sys
@@ -148,6 +149,41 @@ def test_usage_error_exits_2_with_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "something is wrong; do this" in err
+
+
+@pytest.mark.parametrize("failure, code", [(None, None), (KeyboardInterrupt, 130),
+                                           (utils.Terminated, 143), (utils.UsageError, 2)])
+def test_run_main_gives_the_callers_signal_handlers_back(failure, code, capsys):
+    """In a notebook or a test runner, a finished or interrupted script leaves Ctrl-C and
+    SIGTERM to the caller's handlers (an interruption once left Ctrl-C ignored for good)."""
+    def caller_int(signum, frame):
+        pass
+
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    before = {signum: signal.getsignal(signum) for signum in signals}
+    signal.signal(signal.SIGINT, caller_int)
+    seen = {}
+
+    def main(run, argv):
+        seen.update({signum: signal.getsignal(signum) for signum in signals})
+        if failure is not None:
+            raise failure("stop")
+
+    try:
+        if failure is None:
+            utils.run_main(main)
+        else:
+            with pytest.raises(SystemExit) as exit_info:
+                utils.run_main(main)
+            assert exit_info.value.code == code
+        if hasattr(signal, "SIGTERM"):
+            assert seen[signal.SIGTERM] is utils._raise_terminated    # installed while it runs
+            assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is caller_int
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    capsys.readouterr()
 
 
 # ---- checkpoints, resuming, seeding, devices, metrics, figures ------------------------------
