@@ -345,8 +345,10 @@ def q1_values(amortized: dict) -> dict:
             trained = read.get("shown_train", {})      # and the figure's ten training images
             values["read"]["shown_train_right"] = (None if not trained else small_count(sum(
                 t == r for t, r in zip(read["shown_train_labels"], trained[max(trained, key=int)]))))
-            # how many, not which: the eye may read a single image otherwise than the classifier
             values["read"]["shown_any_wrong"] = bool(wrong)
+            # and which, grouped by the digit read, so that a reader can hold the figure against
+            # it (graders read six or seven right by eye where the classifier reads five)
+            values["read"]["shown_misread"] = misread_phrase(wrong)
     return values
 
 
@@ -957,6 +959,14 @@ def count_word(n: int) -> str:
     return ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"][n]
 
 
+def misread_phrase(wrong) -> str:
+    """[(true digit, digit read), ...] as 'the 3 and 6 as an 8, the 4, 5 and 7 as a 9'."""
+    by_read = {}
+    for true, read in wrong:
+        by_read.setdefault(read, []).append(true)
+    return ", ".join(f"the {digit_list(sorted(ts))} as {a_digit(r)}" for r, ts in sorted(by_read.items()))
+
+
 def small_count(n: int) -> str:
     """A count in words up to ten ('six'), in figures above ('1,000')."""
     return count_word(n) if 0 <= n <= 10 else f"{n:,}"
@@ -1262,10 +1272,6 @@ def lab_vae_values(p: dict) -> dict:
     ans, vae = p["answers"], p["vae"]
     gains, gains_se = ans["vae_gains_over_ppca"], ans["vae_gains_over_ppca_se"]
     elbo_curve = vae["train_elbo_per_epoch"]
-    # the figure's one VAE reconstruction per digit that its nearest training image names wrong
-    # (only digits the VAE keeps: a lost digit's image being lost is no surprise)
-    shown_lost = [str(d) for d in range(10)
-                  if vae["shown_named"][d] != d and str(d) not in ans["lost"]["vae"]]
     blur = p["prior_sample_mid_grey"]
 
     def gain_list(digits):
@@ -1285,8 +1291,9 @@ def lab_vae_values(p: dict) -> dict:
         # rounded down, as "at least" needs
         "density_gap": num(math.floor(10 * (vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"])) / 10, 1),
         # the part of that gap that the noise variances do not explain (Q4.10)
-        "rest_nats": num(vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"]
-                         - ans["noise_variance_nats"], 0),
+        "rest_nats": num(abs(rest := vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"]
+                             - ans["noise_variance_nats"]), 0),
+        "rest_adds": rest >= 0,      # the other terms add to the lead, or take some of it back
         "vae_epoch_rise_last": sig(elbo_curve[-1] - elbo_curve[-2], 2) if len(elbo_curve) > 1 else "",
         "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 0) if len(elbo_curve) > 1 else "",
         "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],
@@ -1299,8 +1306,6 @@ def lab_vae_values(p: dict) -> dict:
         "gain_ties_largest": "" if not ans["vae_gain_ties"]["worst"] else
             f" Among the largest gains, digit{'s' if len(ans['vae_gain_ties']['worst']) > 1 else ''} "
             f"{ties_with(ans['vae_gain_ties']['worst'], ans['vae_largest_gains'][-1])}.",
-        "vae_shown_lost": digit_list(shown_lost) if shown_lost else "",
-        "vae_shown_lost_n": len(shown_lost),
         # Q4.10: the prior samples' blur, by their mid-grey pixels
         "grey": {k: pct(blur[k], 0) for k in ("ppca", "vae", "test_images")},
         "grey_band": num(blur["band"], 1), "grey_samples": f"{blur['samples']:,}",
