@@ -727,11 +727,12 @@ def typical_outcome_per_digit(named: list, test_y, per_digit: list, seed: int) -
     most frequent name is some image's name."""
     typical = [n == torch.tensor([p[str(d)]["named_most"] for d in range(10)])[test_y]
                for n, p in zip(named, per_digit)]
+    typical_for_first = torch.stack(typical).cumprod(0).bool()    # [k]: for methods 0..k at once
     chosen = torch.full_like(torch.as_tensor(test_y), -1)          # -1: no digit's pick
     for digit in range(10):
         of_digit = test_y == digit
-        for k in range(len(typical), 0, -1):
-            candidates = of_digit & torch.stack(typical[:k]).all(0)
+        for mask in reversed(typical_for_first):                   # all methods first
+            candidates = of_digit & mask
             if candidates.any():
                 chosen[candidates] = digit
                 break

@@ -311,7 +311,7 @@ def q1_values(amortized: dict) -> dict:
         "read": None}
     # the overfitting comparison on equal digit shares, where the run measured it (older runs
     # compared the raw means); the raw validation mean beside it
-    equal = a.get("final_equal_digits", {"train": a["final_train"], "val": a["final_val"]})
+    equal = q1_final_means(a)
     for split in ("train", "val"):
         e = equal[split]
         values[f"recon_{split}_se"] = (with_se(e["recon_mse"], e["recon_mse_se"])
@@ -787,12 +787,19 @@ def ranking_values(estimate: dict, prefix: str = "") -> dict:
                                   < 2 * estimate["paired_train_minus_test_se"]}
 
 
+def q1_final_means(amortized: dict) -> dict:
+    """Q1's final training and validation means on equal digit shares, where the run measured
+    them (older runs: the raw means)."""
+    if "final_equal_digits" in amortized:
+        return amortized["final_equal_digits"]
+    return {"train": amortized["final_train"], "val": amortized["final_val"]}
+
+
 def q1_gap_in_nats(amortized: dict, likelihood: dict) -> dict:
     """Q4 (c): what Q1's gap in reconstruction error between validation and training images is
     worth in log p(x|z) at the mean of q: 784 pixels times the MSE difference over 2 sigma_p^2
     (the Gaussian decoder's exponent), beside the two standard errors Q4's images could show."""
-    equal = (amortized["final_equal_digits"] if "final_equal_digits" in amortized
-             else {"train": amortized["final_train"], "val": amortized["final_val"]})
+    equal = q1_final_means(amortized)
     mse_gap = equal["val"]["recon_mse"] - equal["train"]["recon_mse"]
     nats = 784 * mse_gap / (2 * likelihood["sigma_p"] ** 2)
     return {"q1_gap_mse": sig(mse_gap, 2),
@@ -966,7 +973,8 @@ def misread_phrase(wrong) -> str:
     by_read = {}
     for true, read in wrong:
         by_read.setdefault(read, []).append(true)
-    return ", ".join(f"the {digit_list(sorted(ts))} as {a_digit(r)}" for r, ts in sorted(by_read.items()))
+    return ", ".join(f"the {digit_list(sorted(ts))} as {a_digit(r)}"
+                     for r, ts in sorted(by_read.items()))
 
 
 def small_count(n: int) -> str:
@@ -1274,9 +1282,10 @@ def lab_vae_values(p: dict) -> dict:
     ans, vae = p["answers"], p["vae"]
     gains, gains_se = ans["vae_gains_over_ppca"], ans["vae_gains_over_ppca_se"]
     elbo_curve = vae["train_elbo_per_epoch"]
-    # Q4.10: the VAE's lead over PPCA that the noise variances do not explain
-    rest_of_lead = (vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"]
-                    - ans["noise_variance_nats"])
+    # Q4.10: the VAE's lower bound minus PPCA's exact log-likelihood, and the part of it that
+    # the noise variances do not explain
+    lead = vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"]
+    rest_of_lead = lead - ans["noise_variance_nats"]
     blur = p["prior_sample_mid_grey"]
 
     def gain_list(digits):
@@ -1294,7 +1303,7 @@ def lab_vae_values(p: dict) -> dict:
                        for k in ("pca", "ppca_gradient", "vae")}),
         # the VAE's lower bound minus PPCA's exact log-likelihood: the least it is ahead by
         # rounded down, as "at least" needs
-        "density_gap": num(math.floor(10 * (vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"])) / 10, 1),
+        "density_gap": num(math.floor(10 * lead) / 10, 1),
         # the part of that gap that the noise variances do not explain (Q4.10)
         "rest_nats": num(abs(rest_of_lead), 0),
         "rest_adds": rest_of_lead >= 0,   # the other terms add to the lead, or take some back

@@ -1411,18 +1411,23 @@ def test_q47_says_when_no_test_links_crowding_and_loss(quick_outputs, tmp_path, 
             f"{paired['mean']:+.{decimals}f} ± {paired['se']:.{decimals}f}").replace("-", "−") in text
 
 
+def q410_text(quick_outputs, tmp_path, s_vae, s_ppca, test_elbo):
+    """The lab report's text with the VAE's and PPCA's noise variances and the VAE's test ELBO
+    set (PPCA's test log-likelihood 14.36), the VAE the better density."""
+    def edit(p):
+        p["vae"].update(sigma2=s_vae, test_elbo=test_elbo)
+        p["ppca_closed_form"].update(sigma2=s_ppca, test_log_likelihood=14.36)
+        p["answers"].update(vae_better_density=True,
+                            noise_variance_nats=392 * math.log(s_ppca / s_vae))
+    return report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")[0]
+
+
 def test_q410_splits_the_density_gap_as_its_printed_variances_give(quick_outputs, tmp_path):
     """Q4.10's nats from the noise variances, D/2 log(sigma2_PPCA / sigma2_VAE), and the rest of
     the gap: recomputed from the printed variances, they give the printed nats (with three
     figures, 0.0561 and 0.0411, the rest came out 0.7 nats off)."""
     s_vae, s_ppca = 0.041053175926, 0.056095805186          # a full run's
-
-    def edit(p):
-        p["vae"].update(sigma2=s_vae, test_elbo=147.1)
-        p["ppca_closed_form"].update(sigma2=s_ppca, test_log_likelihood=14.36)
-        p["answers"].update(vae_better_density=True,
-                            noise_variance_nats=392 * math.log(s_ppca / s_vae))
-    text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
+    text = q410_text(quick_outputs, tmp_path, s_vae, s_ppca, 147.1)
     found = re.search(r"Of the ELBO.s lead, ([\d.]+) nats, about (\d+) come from the VAE.s "
                       r"smaller fitted noise variance \(.{1,8}=\s*([\d.]+) against ([\d.]+)\).*?"
                       r"The rest, about (\d+) nats", text)
@@ -1438,13 +1443,7 @@ def test_q410_says_when_the_other_terms_take_back_part_of_the_noise_variances_le
     """With 15 epochs the noise variances alone give more than the whole lead (177 of 158.6
     nats): the other terms then take nats back, and the text says so instead of '-18 nats'."""
     s_vae, s_ppca = 0.03572, 0.05610
-
-    def edit(p):
-        p["vae"].update(sigma2=s_vae, test_elbo=173.0)
-        p["ppca_closed_form"].update(sigma2=s_ppca, test_log_likelihood=14.36)
-        p["answers"].update(vae_better_density=True,
-                            noise_variance_nats=392 * math.log(s_ppca / s_vae))
-    text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
+    text = q410_text(quick_outputs, tmp_path, s_vae, s_ppca, 173.0)
     back = round(392 * math.log(s_ppca / s_vae) - (173.0 - 14.36))
     alone = round(392 * math.log(s_ppca / s_vae))
     assert re.search(rf"Of the ELBO.s lead, 158\.6 nats, the VAE.s smaller fitted noise variance "
