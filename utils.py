@@ -714,8 +714,9 @@ def input_file(named: Path | None, default: Path, required: bool = False) -> Pat
         if default.is_file():
             return default
         if required:
-            raise UsageError(f"{display_path(default)} not found; run the script that writes it "
-                             f"first, or name the file")
+            writer = EXPERIMENTS.get(default.parent.name, ["the script that writes it"])[0]
+            raise UsageError(f"{display_path(default)} not found; run {writer} first (make all "
+                             f"runs every script in order), or name the file")
         print(f"note: {display_path(default)} not found; the parts that need it are skipped")
         return None
     path = named / default.name if named.is_dir() else named
@@ -1166,6 +1167,10 @@ class Training:
         self.next_epoch, history = (1, {}) if fresh or not self.path.is_file() else self.resume()
         self.run, self.out = run, run.claim(out)     # a bad checkpoint failed before this line
         run.saved_epoch = run.resumed_epochs = self.next_epoch - 1
+        if self.next_epoch > 1:          # say so: a finished run only evaluates again
+            print(f"resuming {display_path(self.path)} after epoch {self.next_epoch - 1} of "
+                  f"{epochs}" + (": training is complete, only the evaluation runs again"
+                                 if self.next_epoch > epochs else ""))
         self.history = history or {"epoch_seconds": []}
         from tqdm import tqdm
 

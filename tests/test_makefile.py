@@ -112,6 +112,17 @@ def test_a_name_reaches_the_submission_script_as_typed(name):
     assert f"--name={name}" in argv and "--cse=ada01" in argv
 
 
+def test_make_submission_never_starts_an_experiment(tmp_path):
+    """Into an empty folder (as after a code change, when every run is out of date) make
+    submission typesets and packs, and runs no experiment: a quick run's folder is never
+    trained again at full size, and submission.py refuses runs made by other code."""
+    proc = make_dry("submission", "NAME=Ada", "CSE=ada01", f"OUT={tmp_path / 'quick'}")
+    assert proc.returncode == 0, proc.stderr
+    scripts = [token for line in proc.stdout.splitlines() for token in line.split()
+               if token.endswith(".py")]
+    assert scripts == ["report/build_report.py", "report/submission.py"], proc.stdout
+
+
 def test_a_name_that_looks_like_a_make_function_is_not_run_by_make(tmp_path):
     """make reads NAME when it checks that it is not empty: it must not expand it."""
     witness = tmp_path / "ran"

@@ -291,11 +291,15 @@ def resume(out, config=None, epochs=3, fresh=False):
         run.release()
 
 
-def test_training_resumes_after_the_last_epoch_and_refuses_other_settings(tmp_path):
+def test_training_resumes_after_the_last_epoch_and_refuses_other_settings(tmp_path, capsys):
     ckpt, _ = train_two_epochs(tmp_path)
     assert ckpt["epoch"] == 2 and ckpt["history"]["loss"] == [1.0, 1.0]
+    capsys.readouterr()
     next_epoch, history = resume(tmp_path)
     assert next_epoch == 3 and history["loss"] == [1.0, 1.0]
+    assert "checkpoint_last.pt after epoch 2 of 3\n" in capsys.readouterr().out   # said once
+    resume(tmp_path, epochs=2)                                        # a finished run
+    assert "after epoch 2 of 2: training is complete" in capsys.readouterr().out
     with pytest.raises(utils.UsageError, match="lr.*--fresh"):
         resume(tmp_path, {"lr": 0.2})
     assert resume(tmp_path, {"lr": 0.2}, fresh=True) == (1, {"epoch_seconds": []})
@@ -551,6 +555,10 @@ def test_a_named_file_argument_must_exist_and_a_folder_means_the_file_inside(tmp
     assert "note:" in capsys.readouterr().out                          # ... is only a note
     with pytest.raises(utils.UsageError, match="not found"):
         utils.input_file(None, default, required=True)
+    # a missing default of the chain's names the script that writes it
+    chain_default = tmp_path / "vae_amortized" / "vae_final.pt"
+    with pytest.raises(utils.UsageError, match=r"vae_final.pt not found; run vae_amortized.py first"):
+        utils.input_file(None, chain_default, required=True)
     folder = tmp_path / "run"
     folder.mkdir()
     with pytest.raises(utils.UsageError, match="holds no vae_final.pt"):
