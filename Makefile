@@ -2,7 +2,7 @@
 # assistant and checked by running it; if you hand it in, keep this note true.
 # make all    build .venv from requirements.txt if missing, run every experiment whose outputs are
 #             not complete yet, in order, then typeset both reports into $(OUT)/report/
-# make quick  the same chain with every script's --quick, into outputs/quick/ (about a minute)
+# make quick  the same chain with every script's --quick, into outputs/quick/ (about 2 minutes)
 # make report typeset both reports again from $(OUT)/ (keeps your edits in $(OUT)/report/*.typ)
 # make test   build .venv if missing, run the test suite
 # make submission NAME="Your Name" CSE=username   the Sec. 4.3.3 zip of Exercise 1 (README with
