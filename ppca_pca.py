@@ -836,14 +836,17 @@ def label_positions(marks, points, box, radius: float) -> np.ndarray:
     return placed
 
 
-def plot_encodings(path, encodings, labels):
+def plot_encodings(path, encodings, labels, enlarged: str = "VAE"):
     plt = utils.pyplot()
     labels = labels.numpy()
     encodings = {name: z.double().numpy() for name, z in encodings.items()}
     means = {name: np.stack([z[labels == d].mean(0) for d in range(10)])
              for name, z in encodings.items()}
 
-    fig, axes = plt.subplots(1, len(encodings), figsize=(utils.PAGE_WIDTH, 2.6))
+    # A last, narrower panel shows the `enlarged` method's mean codes alone, magnified: the lab
+    # VAE packs several within a fraction of its codes' spread, where their labels' lines meet.
+    fig, axes = plt.subplots(1, len(encodings) + 1, figsize=(utils.PAGE_WIDTH, 2.6),
+                             width_ratios=[1] * len(encodings) + [0.8])
     # A random subset, in random order (no digit drawn over all others): all 10,000 points hide
     # one another where digits overlap. Each digit's ellipse (one standard deviation of all its
     # codes) shows its spread under the dots.
@@ -867,21 +870,36 @@ def plot_encodings(path, encodings, labels):
         ax.set_ylabel("$z_2$")
         ax.margins(0.16)                # room around the cloud for the labels that need it
         ax.set_aspect("equal", adjustable="datalim")   # shapes comparable by eye (Q4.4)
+    zoom = axes[-1]
+    low, high = means[enlarged].min(0), means[enlarged].max(0)
+    pad = 0.35 * (high - low).max()     # room for the labels around the crosses
+    box = np.array([low - pad, high + pad])
+    axes[list(encodings).index(enlarged)].add_patch(plt.Rectangle(
+        box[0], *(box[1] - box[0]), fill=False, lw=0.6, ls="--", color="black", zorder=3))
+    zoom.scatter(*means[enlarged].T, marker="x", s=14, c=[colours(d) for d in range(10)],
+                 lw=1.0, zorder=3)
+    zoom.set_xlim(box[0][0], box[1][0])
+    zoom.set_ylim(box[0][1], box[1][1])
+    zoom.set_aspect("equal", adjustable="datalim")
+    zoom.set_title(f"{enlarged} means")
+    zoom.set_xlabel("$z_1$")
     fig.colorbar(sc, ax=axes, ticks=range(10), label="digit", fraction=0.02, pad=0.01)
     # Labels go where no code (drawn or not) and no ellipse is, so that none sits on the data:
     # the pairs whose means nearly coincide (4 and 9, 5 and 8) are the ones Q4.7 discusses.
-    # Lay out first, then freeze the layout.
+    # In the enlarged panel, which draws only the means, they avoid the crosses. Lay out
+    # first, then freeze the layout.
     fig.canvas.draw()
     fig.set_layout_engine("none")
     radius = 7.0 * fig.dpi / 72           # an 8 pt digit in a round badge, in display pixels
-    for ax, (name, z) in zip(axes, encodings.items()):
+    panels = [(ax, means[name], np.vstack([z, means[name], *(o.T for o in outlines[name])]))
+              for ax, (name, z) in zip(axes, encodings.items()) if name != enlarged]
+    panels.append((zoom, means[enlarged], means[enlarged]))
+    for ax, marks, obstacles in panels:
         to_px, bbox = ax.transData, ax.get_window_extent()
-        spots = label_positions(to_px.transform(means[name]),
-                                to_px.transform(np.vstack([z, means[name],
-                                                           *(o.T for o in outlines[name])])),
+        spots = label_positions(to_px.transform(marks), to_px.transform(obstacles),
                                 bbox.get_points(), radius)
         for d, spot in enumerate(to_px.inverted().transform(spots)):
-            ax.annotate(str(d), means[name][d], xytext=spot, fontsize=8, weight="bold", ha="center",
+            ax.annotate(str(d), marks[d], xytext=spot, fontsize=8, weight="bold", ha="center",
                         va="center", zorder=4, bbox={"boxstyle": "circle,pad=0.12", "fc": "white"},
                         arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "black",
                                     "shrinkA": 0, "shrinkB": 2})
