@@ -1111,6 +1111,11 @@ def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shor
             assert "Why. The encoder is one network" in text
             assert "Proposals or decoders? The two decoders differ too: refitting" in text
             assert "the rest is the proposals' own" in text
+            # on validation images, the decoders' share beside the whole methods' gap
+            fitted = same["paired"]["fitted_val"]
+            assert re.search(r"On the validation images the refits alone differ by [+-]\d[0-9.]* ± "
+                             r"[0-9.]+, the whole methods by [+-]\d[0-9.]* ± [0-9.]+: the answer's "
+                             r"validation comparison is of methods, decoders included\.", text), fitted
             assert "measures the proposals alone" not in text
         else:
             assert "the decoders: " in text and "measures the proposals alone" in text
