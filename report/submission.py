@@ -190,10 +190,10 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
     code = sorted(set().union(*(local_imports(s) for s in PART1 + VAE)), key=_order)
     edited = code_changed_since_runs(outputs, built, code)
     if edited:
-        again = ("make -B quick FLAGS=--fresh, which typesets too" if quick_run(outputs)
-                 else "make -B all FLAGS=--fresh after a change to training, which typesets too")
+        again = ("make -B quick FLAGS=--fresh" if quick_run(outputs)
+                 else "make -B all FLAGS=--fresh after a change to training")
         raise UsageError(f"{', '.join(edited)} changed since the runs that {PDF} shows: run the "
-                         f"experiments again ({again}), then pack again")
+                         f"experiments again ({again}, which typesets too), then pack again")
     shared = [f for f in code if f not in PART1 + VAE]
     target = target or outputs / f"ex1_submission_{cse}.zip"
     files = [(f, ROOT / f) for f in code + EXTRA] + [(PDF, pdf)]
