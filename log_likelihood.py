@@ -33,8 +33,6 @@ from tqdm import tqdm
 import model as vae_model
 import utils
 
-DEFAULT_CHECKPOINT = utils.default_input(utils.AMORTIZED_VAE)
-
 
 # ----------------------------------------------------------------------------------------------
 # Eq. 9 with any Gaussian proposal, and its diagnostics
@@ -244,7 +242,7 @@ CONVERGENCE_M = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000)
 
 def parse_args(argv=None):
     parser = utils.script_parser("log_likelihood", __doc__.splitlines()[0], resumable=False)
-    utils.add_file_argument(parser, "--checkpoint", DEFAULT_CHECKPOINT,
+    utils.add_file_argument(parser, "--checkpoint", utils.AMORTIZED_VAE,
                             "the amortized VAE written by vae_amortized.py", required=True)
     utils.add_vae_data_arguments(parser)      # the split the checkpoint's VAE was trained on
     parser.add_quick_argument(("--num-samples", "-M"), 1000, 50, "importance samples per image",
@@ -286,9 +284,10 @@ def estimate(x, mean, scale, decoder, sampling: Sampling, generator):
     return result
 
 
-def load_vae(named, per_class: int, device):
-    """The amortized VAE to evaluate, checked against the data split it was trained on."""
-    checkpoint = utils.input_file(named, DEFAULT_CHECKPOINT, required=True)
+def load_vae(named, quick: bool, per_class: int, device):
+    """The amortized VAE to evaluate (`named`, or the --quick or full run's by default),
+    checked against the data split it was trained on."""
+    checkpoint = utils.input_file(named, utils.AMORTIZED_VAE, quick, required=True)
     vae, _ = vae_model.load_amortized_vae(checkpoint, device, per_class)
     # Channels-last weights: decoding 1,024 latents at a time runs at about 2x the speed on a
     # CPU (tests/benchmark_cpu.py), with the same results up to float rounding.
@@ -605,7 +604,7 @@ def plot_convergence(path, convergence, num_samples):
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
-    checkpoint, vae = load_vae(args.checkpoint, args.per_class, device)
+    checkpoint, vae = load_vae(args.checkpoint, args.quick, args.per_class, device)
     data = utils.vae_data(args.per_class, args.val_images, device)
     x, digits, split, index = pick_images(data, args.per_digit, args.seed, device)
     out = run.claim(args.out)

@@ -182,13 +182,18 @@ class LabVAE(nn.Module):
     def decode(self, z):
         return (self.vae.decoder(z).reshape(-1, D) + 1) / 2
 
-    def elbo(self, x, eps=None):
-        """Per-image ELBO in nats with one reparameterized sample:
-        log N(x; f(z), sigma^2 I) - KL(q || N(0, I)), the KL in closed form (3.5)."""
+    def elbo_terms(self, x, eps=None):
+        """The ELBO's two terms per image, in nats, with one reparameterized sample z ~ q:
+        (log N(x; f(z), sigma^2 I), KL(q || N(0, I)) in closed form (3.5))."""
         mu, logvar = self.encode(x)
         z = vae_model.reparameterize(mu, logvar, eps)
         log_lik = vae_model.log_normal_pdf(x, self.decode(z), self.log_sigma2)
-        return log_lik - vae_model.kl_std_normal(mu, logvar).sum(1)
+        return log_lik, vae_model.kl_std_normal(mu, logvar).sum(1)
+
+    def elbo(self, x, eps=None):
+        """Per-image ELBO in nats: log N(x; f(z), sigma^2 I) - KL(q || N(0, I))."""
+        log_lik, kl = self.elbo_terms(x, eps)
+        return log_lik - kl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,10 +305,12 @@ def shrinkage_error(x, mean, evals, evecs, m: int = LATENT) -> float:
 
 
 def digit_geometry(z, labels):
-    """Mean encoding per digit, the encodings' ranges, how well the digits separate, and the
-    digit pairs whose mean encodings are closest (pairwise Euclidean distance, relative to the
-    mean distance so methods with different scales compare)."""
+    """Mean encoding per digit, the encodings' ranges, spreads and tails (each coordinate's
+    excess kurtosis, 0 for a Gaussian), how well the digits separate, and the digit pairs whose
+    mean encodings are closest (pairwise Euclidean distance, relative to the mean distance so
+    methods with different scales compare)."""
     means = torch.stack([z[labels == d].mean(0) for d in range(10)]).double()
+    standard = (z.double() - z.double().mean(0)) / z.double().std(0, correction=0)
     # Fisher's criterion, tr(S_W^-1 S_B): the covariance of the ten digit means against the
     # average covariance within a digit. No invertible linear map of the codes changes it, so
     # PPCA (a linear map of PCA's codes, Q4.4) scores as PCA does, and the VAE is compared with
@@ -317,6 +324,7 @@ def digit_geometry(z, labels):
         "mean_encoding": {str(d): means[d].tolist() for d in range(10)},
         "range_min": z.min(0).values.tolist(), "range_max": z.max(0).values.tolist(),
         "std": z.double().std(0).tolist(),
+        "excess_kurtosis": (standard.pow(4).mean(0) - 3).tolist(),
         "separation": torch.linalg.solve(within, between).trace().item(),
         "closest_pairs": [{"digits": [i, j], "distance": dd, "relative": dd / mean_dist}
                           for dd, i, j in pairs[:5]],
@@ -516,6 +524,9 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
             "vae_closest_pair_closer": (geometry["vae"]["closest_pairs"][0]["relative"]
                                         < geometry["ppca"]["closest_pairs"][0]["relative"]),
             "vae_on_prior_scale": all(0.5 <= sd <= 2 for sd in geometry["vae"]["std"]),
+            # ...yet heavier-tailed than N(0, I) if a coordinate's excess kurtosis passes 1 (its
+            # standard error for 10,000 Gaussian draws is sqrt(24 / 10,000) = 0.05)
+            "vae_heavy_tails": max(geometry["vae"]["excess_kurtosis"]) > 1,
             "vae_below_ppca": vae["test_sq_error"] < grad["test_sq_error"],
             # the ELBO is a lower bound on the VAE's log-likelihood: above PPCA's exact one,
             # the VAE is the better density model of the test images too (Q4.10)
@@ -523,7 +534,28 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
             # ...but a Gaussian density's normalizer alone moves by D/2 log(sigma2 ratio): how
             # much of that gap the two noise variances explain, whatever the decoders do
             "noise_variance_nats": D / 2 * math.log(sigma2 / vae["sigma2"]),
+            "elbo_lead_terms": elbo_lead_terms(closed, vae),
             "vae_error_relative_to_ppca": vae["test_sq_error"] / grad["test_sq_error"] - 1}
+
+
+def elbo_lead_terms(closed: dict, vae: dict) -> dict:
+    """Q4.10: the VAE's test ELBO minus PPCA's exact test log-likelihood, split exactly into
+    four terms (nats per image) that sum to it. Both are Gaussian log-densities,
+    -D/2 log(2 pi sigma^2) - (misfit) - (extra), where PPCA's covariance C has eigenvalues
+    lambda_1, lambda_2 along its principal directions and sigma^2 elsewhere, so
+    log|C| = D log sigma^2 + sum_i log(lambda_i / sigma^2), and its misfit is
+    (x - mu)^T C^-1 (x - mu) / 2; the VAE's misfit is ||x - f(z)||^2 / (2 sigma^2) at its sampled
+    z, and its extra term is the KL."""
+    sigma2_ppca, sigma2_vae = closed["sigma2"], vae["sigma2"]
+    wider = 0.5 * sum(math.log(v / sigma2_ppca) for v in closed["data_eigenvalues"])
+    ppca_misfit = (-closed["test_log_likelihood"] - D / 2 * math.log(2 * math.pi * sigma2_ppca)
+                   - wider)
+    vae_misfit = -vae["test_expected_log_likelihood"] - D / 2 * math.log(2 * math.pi * sigma2_vae)
+    return {"noise_variance": D / 2 * math.log(sigma2_ppca / sigma2_vae),
+            "ppca_principal_directions": wider,     # PPCA's wider two directions cost it this
+            "misfit": ppca_misfit - vae_misfit,     # each near D/2 at a maximum-likelihood sigma^2
+            "kl": -vae["test_kl"],
+            "ppca_misfit": ppca_misfit, "vae_misfit": vae_misfit}
 
 
 def mid_grey_share(images) -> float:
@@ -639,10 +671,12 @@ def vae_answers(lab_vae, test_x, test_y, device):
     (decoded codes). Returns (result, codes, reconstructions)."""
     lab_vae.eval()
     td = test_x.to(device)
-    test_elbo = torch.cat([lab_vae.elbo(b) for b in td.split(2000)]).mean().item()
+    log_lik, kl = (torch.cat(t) for t in zip(*[lab_vae.elbo_terms(b) for b in td.split(2000)]))
     z = torch.cat([lab_vae.encode(b)[0] for b in td.split(2000)]).cpu()
     recon = torch.cat([lab_vae.decode(b.to(device)) for b in z.split(2000)]).cpu()
-    return ({**sq_error(test_x, recon, test_y), "test_elbo": test_elbo,
+    elbo = utils.mean_and_se(log_lik - kl)        # one z per image: its SE covers that draw too
+    return ({**sq_error(test_x, recon, test_y), "test_elbo": elbo["mean"], "test_elbo_se": elbo["se"],
+             "test_expected_log_likelihood": log_lik.mean().item(), "test_kl": kl.mean().item(),
              "sigma2": lab_vae.log_sigma2.exp().item()}, z, recon)
 
 
@@ -836,17 +870,18 @@ def label_positions(marks, points, box, radius: float) -> np.ndarray:
     return placed
 
 
-def plot_encodings(path, encodings, labels, enlarged: str = "VAE"):
+def plot_encodings(path, encodings, labels):
     plt = utils.pyplot()
     labels = labels.numpy()
     encodings = {name: z.double().numpy() for name, z in encodings.items()}
     means = {name: np.stack([z[labels == d].mean(0) for d in range(10)])
              for name, z in encodings.items()}
 
-    # A last, narrower panel shows the `enlarged` method's mean codes alone, magnified: the lab
-    # VAE packs several within a fraction of its codes' spread, where their labels' lines meet.
-    fig, axes = plt.subplots(1, len(encodings) + 1, figsize=(utils.PAGE_WIDTH, 2.6),
-                             width_ratios=[1] * len(encodings) + [0.8])
+    # Top row: each method's codes. Bottom row: the same method's ten mean codes alone,
+    # magnified from the dashed box above them: several lie within a fraction of the codes'
+    # spread (Q4.7 asks which), too close to label among the codes.
+    fig, axes = plt.subplots(2, len(encodings), figsize=(utils.PAGE_WIDTH, 4.3),
+                             height_ratios=[1, 0.62], squeeze=False)
     # A random subset, in random order (no digit drawn over all others): all 10,000 points hide
     # one another where digits overlap. Each digit's ellipse (one standard deviation of all its
     # codes) shows its spread under the dots.
@@ -854,55 +889,49 @@ def plot_encodings(path, encodings, labels, enlarged: str = "VAE"):
     colours = plt.get_cmap("tab10")
     turn = np.linspace(0, 2 * np.pi, 91)
     circle = np.stack([np.cos(turn), np.sin(turn)])      # mapped onto each digit's ellipse
-    outlines = {}                   # points along each ellipse, which the labels avoid too
-    for ax, (name, z) in zip(axes, encodings.items()):
+    for (ax, zoom), (name, z) in zip(axes.T, encodings.items()):
         sc = ax.scatter(z[order, 0], z[order, 1], c=labels[order], cmap="tab10", s=1.5,
                         alpha=0.7, vmin=-0.5, vmax=9.5, rasterized=True, lw=0)
-        outlines[name] = []
         for d in range(10):
             evals, evecs = np.linalg.eigh(np.cov(z[labels == d].T))
             outline = means[name][d][:, None] + (evecs * np.sqrt(evals.clip(min=0))) @ circle  # rounding: -1e-17
             ax.plot(*outline, lw=0.8, color=colours(d))
-            outlines[name].append(outline)
         ax.scatter(*means[name].T, marker="x", s=12, c="black", lw=0.8, zorder=3)
         ax.set_title(name)
-        ax.set_xlabel("$z_1$")
-        ax.set_ylabel("$z_2$")
-        ax.margins(0.16)                # room around the cloud for the labels that need it
         ax.set_aspect("equal", adjustable="datalim")   # shapes comparable by eye (Q4.4)
-    zoom = axes[-1]
-    low, high = means[enlarged].min(0), means[enlarged].max(0)
-    pad = 0.35 * (high - low).max()     # room for the labels around the crosses
-    box = np.array([low - pad, high + pad])
-    axes[list(encodings).index(enlarged)].add_patch(plt.Rectangle(
-        box[0], *(box[1] - box[0]), fill=False, lw=0.6, ls="--", color="black", zorder=3))
-    zoom.scatter(*means[enlarged].T, marker="x", s=14, c=[colours(d) for d in range(10)],
-                 lw=1.0, zorder=3)
-    zoom.set_xlim(box[0][0], box[1][0])
-    zoom.set_ylim(box[0][1], box[1][1])
-    zoom.set_aspect("equal", adjustable="datalim")
-    zoom.set_title(f"{enlarged} means")
-    zoom.set_xlabel("$z_1$")
+        low, high = means[name].min(0), means[name].max(0)
+        pad = 0.22 * (high - low).max()    # room for the labels around the crosses
+        box = np.array([low - pad, high + pad])
+        ax.update_datalim(box)              # the box (drawn below) stays in view
+        zoom.scatter(*means[name].T, marker="x", s=16, c=[colours(d) for d in range(10)],
+                     lw=1.2, zorder=3)
+        zoom.update_datalim(box)            # the box, widened to the panel's shape
+        zoom.margins(0)
+        zoom.set_aspect("equal", adjustable="datalim")
+        zoom.set_title(f"{name}: mean codes", fontsize="medium")
+        for a in (ax, zoom):
+            a.set_xlabel("$z_1$")
+            a.set_ylabel("$z_2$")
     fig.colorbar(sc, ax=axes, ticks=range(10), label="digit", fraction=0.02, pad=0.01)
-    # Labels go where no code (drawn or not) and no ellipse is, so that none sits on the data:
-    # the pairs whose means nearly coincide (4 and 9, 5 and 8) are the ones Q4.7 discusses.
-    # In the enlarged panel, which draws only the means, they avoid the crosses. Lay out
-    # first, then freeze the layout.
+    # Each mean code's digit in a round label where no other cross is, joined to it by a
+    # line: the pairs whose means nearly coincide (4 and 9, 5 and 8) are the ones Q4.7
+    # discusses. Lay out first, then freeze the layout.
     fig.canvas.draw()
     fig.set_layout_engine("none")
     radius = 7.0 * fig.dpi / 72           # an 8 pt digit in a round badge, in display pixels
-    panels = [(ax, means[name], np.vstack([z, means[name], *(o.T for o in outlines[name])]))
-              for ax, (name, z) in zip(axes, encodings.items()) if name != enlarged]
-    panels.append((zoom, means[enlarged], means[enlarged]))
-    for ax, marks, obstacles in panels:
-        to_px, bbox = ax.transData, ax.get_window_extent()
-        spots = label_positions(to_px.transform(marks), to_px.transform(obstacles),
+    for ax, zoom, marks in zip(axes[0], axes[1], means.values()):
+        (x0, x1), (y0, y1) = zoom.get_xlim(), zoom.get_ylim()     # what the panel below shows
+        ax.add_artist(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6, ls="--",
+                                    color="black", zorder=3))      # (add_patch would rescale)
+        to_px, bbox = zoom.transData, zoom.get_window_extent()
+        spots = label_positions(to_px.transform(marks), to_px.transform(marks),
                                 bbox.get_points(), radius)
         for d, spot in enumerate(to_px.inverted().transform(spots)):
-            ax.annotate(str(d), marks[d], xytext=spot, fontsize=8, weight="bold", ha="center",
-                        va="center", zorder=4, bbox={"boxstyle": "circle,pad=0.12", "fc": "white"},
-                        arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "black",
-                                    "shrinkA": 0, "shrinkB": 2})
+            zoom.annotate(str(d), marks[d], xytext=spot, fontsize=8, weight="bold", ha="center",
+                          va="center", zorder=4, bbox={"boxstyle": "circle,pad=0.12", "fc": "white",
+                                                       "ec": colours(d)},
+                          arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "black",
+                                      "shrinkA": 0, "shrinkB": 2})
     utils.save_figure(fig, path)
 
 

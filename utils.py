@@ -90,9 +90,15 @@ def experiment_command(folder: str, outputs="outputs", quick: bool = False) -> s
                      *(["--quick"] if quick else []), f"--out {outputs}/{folder}"])
 
 
-def default_input(template: str) -> Path:
-    """A file argument's default: one of the files above, in outputs/."""
-    return Path(template.format(out=OUTPUTS_DIR))
+def default_outputs(quick: bool) -> Path:
+    """Where a script writes, and finds its inputs, unless told: outputs/, or outputs/quick/
+    with --quick, as make quick does (so a smoke run never meets a full run's files)."""
+    return OUTPUTS_DIR / "quick" if quick else OUTPUTS_DIR
+
+
+def default_input(template: str, quick: bool = False) -> Path:
+    """A file argument's default: one of the files above, in `default_outputs`."""
+    return Path(template.format(out=default_outputs(quick)))
 
 
 class UsageError(Exception):
@@ -617,9 +623,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with the defaults in --help, one-line errors (exit 2), and options whose default
     is smaller with --quick."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, out_folder: str | None = None, **kwargs):
         super().__init__(*args, formatter_class=DefaultsInHelp, **kwargs)
         self._quick_defaults = {}
+        self._out_folder = out_folder    # --out's default: default_outputs(--quick)/out_folder
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -635,6 +642,8 @@ class OneLineParser(argparse.ArgumentParser):
         for dest, (full, quick) in self._quick_defaults.items():
             if not hasattr(ns, dest):
                 setattr(ns, dest, quick if ns.quick else full)
+        if self._out_folder is not None and ns.out is None:
+            ns.out = default_outputs(ns.quick) / self._out_folder
         return ns
 
 
@@ -674,13 +683,15 @@ def path_in(text: str) -> Path:
 
 def script_parser(script: str, description: str, resumable: bool = True) -> OneLineParser:
     """A parser with the flags every script has: --seed --device --out --quick --fresh."""
-    parser = OneLineParser(prog=f"{script}.py", description=description)
+    parser = OneLineParser(prog=f"{script}.py", description=description, out_folder=script)
     parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                         help="random seed (python, numpy, torch)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to compute; auto = cuda, else mps, else cpu")
-    parser.add_argument("--out", type=path_in, default=OUTPUTS_DIR / script,
-                        help="output folder (checkpoints, figures, metrics.json)")
+    parser.add_argument("--out", type=path_in, default=None, help=(
+        f"output folder (checkpoints, figures, metrics.json; default: "
+        f"{display_path(default_outputs(False) / script)}, with --quick "
+        f"{display_path(default_outputs(True) / script)})"))
     parser.add_argument("--quick", action="store_true", help="smoke mode: every size below "
                         "that says so is smaller, and the run finishes in seconds")
     parser.add_argument("--fresh", action="store_true", help=(
@@ -699,24 +710,32 @@ def add_vae_data_arguments(parser) -> None:
                               type=int_in(TEST_IMAGES_EVERY_DIGIT, 10_000))
 
 
-def add_file_argument(parser, flag: str, default: Path, help: str, required: bool = False):
-    """A file argument whose default is another script's output; `input_file` checks it."""
+def add_file_argument(parser, flag: str, template: str, help: str, required: bool = False):
+    """A file argument whose default is another script's output (`template`, one of the files
+    above); `input_file` checks it."""
+    full, quick = default_input(template), default_input(template, quick=True)
     parser.add_argument(flag, type=path_in, default=None, metavar="PATH",
-                        help=f"{help}; a folder means the {default.name} inside it (default: "
-                             f"{display_path(default)}{'' if required else ', if it exists'})")
+                        help=f"{help}; a folder means the {full.name} inside it (default: "
+                             f"{display_path(full)}, with --quick {display_path(quick)}"
+                             f"{'' if required else ', if it exists'})")
 
 
-def input_file(named: Path | None, default: Path, required: bool = False) -> Path | None:
+def input_file(named: Path | None, template: str, quick: bool,
+               required: bool = False) -> Path | None:
     """The file a file argument names; a folder means the file of the default's name inside it.
-    A path the user named must exist (else one line); only a missing default is a note and
-    None (or an error if the script needs it)."""
+    A path the user named must exist (else one line); only a missing default (`template` in
+    outputs/, or in outputs/quick/ for a --quick run) is a note and None (or an error if the
+    script needs it)."""
+    default = default_input(template, quick)
     if named is None:
         if default.is_file():
             return default
         if required:
             writer = EXPERIMENTS.get(default.parent.name, ["the script that writes it"])[0]
-            raise UsageError(f"{display_path(default)} not found; run {writer} first (make all "
-                             f"runs every script in order), or name the file")
+            make = "make quick" if quick else "make all"
+            raise UsageError(f"{display_path(default)} not found; run {writer}"
+                             f"{' --quick' if quick else ''} first ({make} runs every script in "
+                             f"order), or name the file")
         print(f"note: {display_path(default)} not found; the parts that need it are skipped")
         return None
     path = named / default.name if named.is_dir() else named

@@ -22,8 +22,6 @@ import torch
 import model as vae_model
 import utils
 
-DEFAULT_CLASSIFIER = utils.default_input(utils.CLASSIFIER)
-
 
 def parse_args(argv=None):
     parser = utils.script_parser("vae_amortized", __doc__.splitlines()[0])
@@ -41,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--sigma-p", type=utils.float_in(1e-3, 1e3), default=0.4,
                         help="std of p(x|z) = N(G(z), sigma_p^2 I): the --loss elbo objective "
                              "and Q4 use it")
-    utils.add_file_argument(parser, "--classifier", DEFAULT_CLASSIFIER,
+    utils.add_file_argument(parser, "--classifier", utils.CLASSIFIER,
                             "Part 1's classifier.pt, to judge the prior samples")
     return parser.parse_args(argv)
 
@@ -292,8 +290,8 @@ def judge_by_classifier(classifier, out, snapshots, vae, data, baselines, show, 
 def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
-    classifier = vae_model.load_classifier(utils.input_file(args.classifier, DEFAULT_CLASSIFIER),
-                                           device)                             # checked first
+    classifier = vae_model.load_classifier(                                    # checked first
+        utils.input_file(args.classifier, utils.CLASSIFIER, args.quick), device)
     data = utils.vae_data(args.per_class, args.val_images, device)
     train_x, val_x = data["train_x"], data["val_x"]
     objective = {"objective": args.loss, "sigma_p": args.sigma_p}

@@ -26,10 +26,8 @@ from tqdm import tqdm
 import model as vae_model
 import utils
 
-DEFAULT_AMORTIZED = utils.default_input(utils.AMORTIZED_VAE)
 # Flags that change only what happens after training: a checkpoint made with others resumes.
 AFTER_TRAINING = ("amortized", "classifier", "fit_steps", "fit_lr", "compare_per_digit")
-DEFAULT_CLASSIFIER = utils.default_input(utils.CLASSIFIER)
 Q_LOSS_DRAWS = 64       # z ~ q per image when a whole q is judged by the loss (q_loss)
 
 
@@ -636,9 +634,9 @@ def parse_args(argv=None):
                         help="learning rate of that test-time latent fit")
     parser.add_quick_argument("--compare-per-digit", 5, 2, "training and validation images per "
                               "digit in the same-budget comparison", type=utils.int_in(1, 20))
-    utils.add_file_argument(parser, "--amortized", DEFAULT_AMORTIZED,
+    utils.add_file_argument(parser, "--amortized", utils.AMORTIZED_VAE,
                             "Q1's final VAE, for the side-by-side figures and comparisons")
-    utils.add_file_argument(parser, "--classifier", DEFAULT_CLASSIFIER,
+    utils.add_file_argument(parser, "--classifier", utils.CLASSIFIER,
                             "Part 1's classifier.pt, to judge the prior samples")
     return parser.parse_args(argv)
 
@@ -762,10 +760,10 @@ def main(run: utils.Run, argv=None):
     args = parse_args(argv)
     device = utils.device_and_seeds(args.device, args.seed)
     # Every file argument is loaded and checked before the first training step.
-    amortized = load_amortized(utils.input_file(args.amortized, DEFAULT_AMORTIZED),
+    amortized = load_amortized(utils.input_file(args.amortized, utils.AMORTIZED_VAE, args.quick),
                                args.latent_dim, args.per_class, device)
-    classifier = vae_model.load_classifier(utils.input_file(args.classifier, DEFAULT_CLASSIFIER),
-                                           device)
+    classifier = vae_model.load_classifier(
+        utils.input_file(args.classifier, utils.CLASSIFIER, args.quick), device)
     data = utils.vae_data(args.per_class, args.val_images, device)
     train_x = data["train_x"]
 

@@ -1237,6 +1237,9 @@ def lab_code_values(p: dict) -> dict:
 
     return {
         "span": {k: span(k) for k in ("pca", "ppca", "vae")},
+        "kurtosis": {k: " and ".join(num(v, 1) for v in enc[k]["excess_kurtosis"])
+                     for k in ("ppca", "vae")},
+        "vae_heavy_tails": ans["vae_heavy_tails"],
         "axis_ratio": num(ans["ppca_second_axis_shrink_ratio"]),
         "pairs": {k: pairs(k) for k in ("pca", "ppca", "vae")},
         "pairs_plain": {k: digit_list([pair(q) for q in enc[k]["closest_pairs"][:3]])
@@ -1285,7 +1288,7 @@ def lab_vae_values(p: dict) -> dict:
     # Q4.10: the VAE's lower bound minus PPCA's exact log-likelihood, and the part of it that
     # the noise variances do not explain
     lead = vae["test_elbo"] - p["ppca_closed_form"]["test_log_likelihood"]
-    rest_of_lead = lead - ans["noise_variance_nats"]
+    terms = ans["elbo_lead_terms"]
     blur = p["prior_sample_mid_grey"]
 
     def gain_list(digits):
@@ -1296,17 +1299,20 @@ def lab_vae_values(p: dict) -> dict:
         "vae_sigma2": sig(vae["sigma2"], 4),
         "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
-        "vae_elbo": num(vae["test_elbo"], 1), "vae_error": num(vae["test_sq_error"]),
+        # with its standard error over the test images (and the one z drawn for each)
+        "vae_elbo": (num(vae["test_elbo"], 1) if "test_elbo_se" not in vae else
+                     "{} ± {}".format(*with_se(vae["test_elbo"], vae["test_elbo_se"]))),
+        "vae_error": num(vae["test_sq_error"]),
         # the overall means with their standard errors over the test images, where stored
         "errors_se": (None if "test_sq_error_se" not in vae else
                       {k: with_se(p[k]["test_sq_error"], p[k]["test_sq_error_se"])
                        for k in ("pca", "ppca_gradient", "vae")}),
-        # the VAE's lower bound minus PPCA's exact log-likelihood: the least it is ahead by
-        # rounded down, as "at least" needs
-        "density_gap": num(math.floor(10 * lead) / 10, 1),
-        # the part of that gap that the noise variances do not explain (Q4.10)
-        "rest_nats": num(abs(rest_of_lead), 0),
-        "rest_adds": rest_of_lead >= 0,   # the other terms add to the lead, or take some back
+        # the VAE's lower bound minus PPCA's exact log-likelihood, to the ELBO's precision
+        "density_gap": num(lead, se_decimals(vae["test_elbo_se"]) if "test_elbo_se" in vae else 1),
+        # the rest of that gap, term by term (Q4.10; with the noise variances' they sum to it)
+        "lead_terms": {"wider": num(terms["ppca_principal_directions"], 0),
+                       "kl": num(-terms["kl"], 0), "misfit": num(abs(terms["misfit"]), 0),
+                       "vae_misfit_larger": terms["misfit"] < 0},
         "vae_epoch_rise_last": sig(elbo_curve[-1] - elbo_curve[-2], 2) if len(elbo_curve) > 1 else "",
         "vae_epoch_rise_first": num(elbo_curve[1] - elbo_curve[0], 0) if len(elbo_curve) > 1 else "",
         "vae_epoch_ordinals": [ordinal(len(elbo_curve) - 1), ordinal(len(elbo_curve))],

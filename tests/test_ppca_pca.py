@@ -517,13 +517,15 @@ def method_results(ll_gap=0.0, vae_error=40.0, ppca_error=43.0, eigenvalues=(5.0
     return {"ppca_gradient": {"test_log_likelihood": 14.0 + ll_gap, "test_sq_error": ppca_error},
             "ppca_closed_form": {"test_log_likelihood": 14.0, "data_eigenvalues": list(eigenvalues),
                                  "sigma2": sigma2},
-            "vae": {"test_sq_error": vae_error, "test_elbo": vae_elbo, "sigma2": vae_sigma2}}
+            "vae": {"test_sq_error": vae_error, "test_elbo": vae_elbo, "sigma2": vae_sigma2,
+                    "test_kl": 5.0, "test_expected_log_likelihood": vae_elbo + 5.0}}
 
 
 def method_geometry(vae_sd=(1.0, 1.0), vae_separation=2.0, ppca_separation=1.0,
-                    vae_closest=0.1, ppca_closest=0.1):
+                    vae_closest=0.1, ppca_closest=0.1, vae_kurtosis=(0.0, 0.0)):
     return {"vae": {"std": list(vae_sd), "separation": vae_separation,
-                    "closest_pairs": [{"relative": vae_closest}]},
+                    "closest_pairs": [{"relative": vae_closest}],
+                    "excess_kurtosis": list(vae_kurtosis)},
             "ppca": {"separation": ppca_separation, "closest_pairs": [{"relative": ppca_closest}]}}
 
 
@@ -726,3 +728,53 @@ def test_a_lost_digit_is_lost_beyond_blur_only_more_than_two_standard_errors_bel
         results = {k: {"nearest_digit": {"per_digit": {str(d): {"kept": v[d]} for d in range(10)}}}
                    for k, v in shares.items()}
         assert ppca_pca.lost_beyond_blur(results, labels)["pca_lost_beyond_blur"] == beyond
+
+
+def test_q410s_lead_splits_into_four_terms_as_torchs_densities_give_them():
+    """The VAE's ELBO minus PPCA's log-likelihood (Q4.10) split into noise variance, PPCA's two
+    wider directions, the misfits and the KL: each term against torch's densities in 784-D."""
+    gen = torch.Generator().manual_seed(0)
+    d, lam, s2_ppca, s2_vae, kl = 784, (5.0, 3.0), 0.05, 0.03, 4.0
+    basis = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))[0]
+    cov = (s2_ppca * torch.eye(d, dtype=torch.float64)
+           + (basis * (torch.tensor(lam, dtype=torch.float64) - s2_ppca)) @ basis.T)
+    mu = torch.rand(d, generator=gen, dtype=torch.float64)
+    ppca = torch.distributions.MultivariateNormal(mu, cov)
+    x = mu + torch.randn(50, d, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    f = x + 0.2 * torch.randn(50, d, generator=gen, dtype=torch.float64)   # the VAE's f(z)
+    vae_ll = torch.distributions.Normal(f, math.sqrt(s2_vae)).log_prob(x).sum(1).mean().item()
+    closed = {"sigma2": s2_ppca, "data_eigenvalues": list(lam),
+              "test_log_likelihood": ppca.log_prob(x).mean().item()}
+    vae = {"sigma2": s2_vae, "test_expected_log_likelihood": vae_ll, "test_kl": kl}
+    terms = ppca_pca.elbo_lead_terms(closed, vae)
+    lead = vae_ll - kl - closed["test_log_likelihood"]
+    assert sum(terms[k] for k in ("noise_variance", "ppca_principal_directions", "misfit", "kl")) \
+        == pytest.approx(lead, abs=1e-8)
+    diff = x - mu
+    assert terms["ppca_misfit"] == pytest.approx(
+        0.5 * torch.einsum("ni,ij,nj->n", diff, torch.linalg.inv(cov), diff).mean().item())
+    assert terms["vae_misfit"] == pytest.approx(((x - f) ** 2).sum(1).mean().item() / (2 * s2_vae))
+    assert terms["ppca_principal_directions"] == pytest.approx(
+        0.5 * (torch.logdet(cov).item() - d * math.log(s2_ppca)))
+    assert terms["kl"] == -kl
+
+
+@pytest.mark.parametrize("kurtosis, heavy", [((0.2, 1.01), True), ((1.0, -0.5), False)])
+def test_the_vaes_codes_are_heavy_tailed_when_a_coordinates_excess_kurtosis_passes_1(kurtosis,
+                                                                                    heavy):
+    v = ppca_pca.method_verdicts(method_results(), {"subspace_angles_deg": [0.1]},
+                                 method_geometry(vae_kurtosis=kurtosis))
+    assert v["vae_heavy_tails"] is heavy
+
+
+def test_the_codes_excess_kurtosis_is_scipys():
+    """Q4.8's tails: per coordinate, scipy's (Fisher's, biased) excess kurtosis: about 0 for
+    Gaussian codes, 3 for Laplace ones."""
+    gen = torch.Generator().manual_seed(8)
+    u = torch.rand(4000, generator=gen, dtype=torch.float64) - 0.5
+    laplace = -u.sign() * torch.log1p(-2 * u.abs())            # by its inverse CDF
+    z = torch.stack([torch.randn(4000, generator=gen, dtype=torch.float64), laplace], 1)
+    labels = torch.arange(4000) % 10
+    got = ppca_pca.digit_geometry(z, labels)["excess_kurtosis"]
+    assert got == pytest.approx(scipy.stats.kurtosis(z.numpy(), axis=0).tolist(), rel=1e-9)
+    assert abs(got[0]) < 0.3 and 2 < got[1] < 4

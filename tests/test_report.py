@@ -1426,43 +1426,44 @@ def test_q47_says_when_no_test_links_crowding_and_loss(quick_outputs, tmp_path, 
 
 def q410_text(quick_outputs, tmp_path, s_vae, s_ppca, test_elbo):
     """The lab report's text with the VAE's and PPCA's noise variances and the VAE's test ELBO
-    set (PPCA's test log-likelihood 14.36), the VAE the better density."""
+    set (PPCA's test log-likelihood 14.36), the VAE the better density, and the lead's other
+    terms (PPCA's wider directions 4.36, the KL -8.87, the misfits' difference the rest)."""
     def edit(p):
-        p["vae"].update(sigma2=s_vae, test_elbo=test_elbo)
+        p["vae"].update(sigma2=s_vae, test_elbo=test_elbo, test_elbo_se=2.14)
         p["ppca_closed_form"].update(sigma2=s_ppca, test_log_likelihood=14.36)
-        p["answers"].update(vae_better_density=True,
-                            noise_variance_nats=392 * math.log(s_ppca / s_vae))
+        noise = 392 * math.log(s_ppca / s_vae)
+        misfit = test_elbo - 14.36 - noise - 4.36 + 8.87
+        p["answers"].update(vae_better_density=True, noise_variance_nats=noise, elbo_lead_terms={
+            "noise_variance": noise, "ppca_principal_directions": 4.36, "kl": -8.87,
+            "misfit": misfit, "ppca_misfit": 390.0, "vae_misfit": 390.0 - misfit})
     return report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")[0]
 
 
-def test_q410_splits_the_density_gap_as_its_printed_variances_give(quick_outputs, tmp_path):
-    """Q4.10's nats from the noise variances, D/2 log(sigma2_PPCA / sigma2_VAE), and the rest of
-    the gap: recomputed from the printed variances, they give the printed nats (with three
-    figures, 0.0561 and 0.0411, the rest came out 0.7 nats off)."""
-    s_vae, s_ppca = 0.041053175926, 0.056095805186          # a full run's
-    text = q410_text(quick_outputs, tmp_path, s_vae, s_ppca, 147.1)
-    found = re.search(r"Of the ELBO.s lead, ([\d.]+) nats, about (\d+) come from the VAE.s "
-                      r"smaller fitted noise variance \(.{1,8}=\s*([\d.]+) against ([\d.]+)\).*?"
-                      r"The rest, about (\d+) nats", text)
+@pytest.mark.parametrize("s_vae, s_ppca, test_elbo, verb", [
+    (0.041053175926, 0.056095805186, 147.1, "adding"),      # a 5-epoch run's (misfit +15.4)
+    (0.03565, 0.05610, 174.0, "taking back")])              # a 15-epoch run's (-13.6)
+def test_q410_splits_the_density_gap_into_terms_that_sum_to_it(quick_outputs, tmp_path, s_vae,
+                                                               s_ppca, test_elbo, verb):
+    """Q4.10's nats from the noise variances, D/2 log(sigma2_PPCA / sigma2_VAE), recomputed from
+    the printed variances, give the printed nats (with three figures, 0.0561 and 0.0411, they
+    came out 0.7 nats off); with the other three printed terms they sum to the printed lead."""
+    text = q410_text(quick_outputs, tmp_path, s_vae, s_ppca, test_elbo)
+    found = re.search(r"Of the ELBO.s lead, about ([\d.]+) nats, the VAE.s smaller fitted noise variance "
+                      r"\(.{1,8}=\s*([\d.]+) against ([\d.]+)\) alone would give about (\d+):.*?"
+                      r"PPCA.s two wider principal directions cost it (\d+) more.*?the VAE.s KL "
+                      r"term takes back (\d+),.*?is (\d+) (larger|smaller) than PPCA.s.*?"
+                      rf"{verb} (\d+)\.", text)
     assert found, "Q4.10's split of the gap"
-    gap, noise, vae, ppca, rest = (float(g) for g in found.groups())
-    assert (vae, ppca) == (0.04105, 0.05610)
-    assert round(392 * math.log(ppca / vae)) == noise == 122
-    assert abs(gap - 392 * math.log(ppca / vae) - rest) < 0.5
-
-
-def test_q410_says_when_the_other_terms_take_back_part_of_the_noise_variances_lead(quick_outputs,
-                                                                                  tmp_path):
-    """With 15 epochs the noise variances alone give more than the whole lead (177 of 158.6
-    nats): the other terms then take nats back, and the text says so instead of '-18 nats'."""
-    s_vae, s_ppca = 0.03572, 0.05610
-    text = q410_text(quick_outputs, tmp_path, s_vae, s_ppca, 173.0)
-    back = round(392 * math.log(s_ppca / s_vae) - (173.0 - 14.36))
-    alone = round(392 * math.log(s_ppca / s_vae))
-    assert re.search(rf"Of the ELBO.s lead, 158\.6 nats, the VAE.s smaller fitted noise variance "
-                     rf"\(.{{1,8}}=\s*0\.03572 against 0\.05610\) alone would give about {alone}", text)
-    assert f"the objectives' other terms take back about {back} (a rough split)" in text
-    assert "The rest, about" not in text
+    # the ELBO with its standard error, and the lead to the same precision
+    assert f"is {round(test_elbo)} ± 2 nats per image, against the exact 14.360" in text
+    gap, vae, ppca, noise, wider, kl, misfit_printed, which, again = found.groups()
+    gap, vae, ppca, noise, wider, kl, printed = map(float, (gap, vae, ppca, noise, wider, kl,
+                                                             misfit_printed))
+    assert (vae, ppca) == (round(s_vae, 5), round(s_ppca, 5))
+    assert round(392 * math.log(ppca / vae)) == noise
+    assert which == ("smaller" if verb == "adding" else "larger") and float(again) == printed
+    signed = printed if verb == "adding" else -printed
+    assert abs(noise + wider - kl + signed - gap) <= 2.6     # five rounded, each within 0.5
 
 
 @pytest.mark.parametrize("improved, says", [(10, True), (9, False)])

@@ -501,7 +501,7 @@ def test_unwritable_out_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize("flags", [["--out", ""], ["--out", "  "], ["--classifier", ""]])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(flags, capsys):
     parser = utils.script_parser("demo", "demo")
-    utils.add_file_argument(parser, "--classifier", Path("outputs/classifier.pt"), "classifier")
+    utils.add_file_argument(parser, "--classifier", "outputs/classifier.pt", "classifier")
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(flags)
     assert exit_.value.code == 2
@@ -550,24 +550,41 @@ except utils.UsageError as err:
 
 # ---- file arguments ----------------------------------------------------------------------------
 def test_a_named_file_argument_must_exist_and_a_folder_means_the_file_inside(tmp_path, capsys):
-    default = tmp_path / "default" / "vae_final.pt"
-    assert utils.input_file(None, default) is None                     # a missing default ...
+    default = str(tmp_path / "default" / "vae_final.pt")       # a template without {out}
+    assert utils.input_file(None, default, quick=False) is None         # a missing default ...
     assert "note:" in capsys.readouterr().out                          # ... is only a note
     with pytest.raises(utils.UsageError, match="not found"):
-        utils.input_file(None, default, required=True)
-    # a missing default of the chain's names the script that writes it
-    chain_default = tmp_path / "vae_amortized" / "vae_final.pt"
-    with pytest.raises(utils.UsageError, match=r"vae_final.pt not found; run vae_amortized.py first"):
-        utils.input_file(None, chain_default, required=True)
+        utils.input_file(None, default, quick=False, required=True)
+    # a missing default of the chain's names the script that writes it, --quick for a quick run
+    chain_default = str(tmp_path / "vae_amortized" / "vae_final.pt")
+    with pytest.raises(utils.UsageError, match=r"vae_final.pt not found; run vae_amortized.py "
+                                               r"first \(make all runs"):
+        utils.input_file(None, chain_default, quick=False, required=True)
+    with pytest.raises(utils.UsageError, match=r"^outputs/quick/vae_amortized/absent.pt not found; "
+                                               r"run vae_amortized.py --quick first \(make quick"):
+        utils.input_file(None, "{out}/vae_amortized/absent.pt", quick=True, required=True)
     folder = tmp_path / "run"
     folder.mkdir()
     with pytest.raises(utils.UsageError, match="holds no vae_final.pt"):
-        utils.input_file(folder, default)
+        utils.input_file(folder, default, quick=False)
     with pytest.raises(utils.UsageError, match="not found"):
-        utils.input_file(tmp_path / "nothing.pt", default)
+        utils.input_file(tmp_path / "nothing.pt", default, quick=False)
     (folder / "vae_final.pt").write_bytes(b"x")
-    assert utils.input_file(folder, default) == folder / "vae_final.pt"
-    assert utils.input_file(folder / "vae_final.pt", default) == folder / "vae_final.pt"
+    assert utils.input_file(folder, default, quick=False) == folder / "vae_final.pt"
+    assert utils.input_file(folder / "vae_final.pt", default, quick=True) == folder / "vae_final.pt"
+
+
+def test_a_quick_run_defaults_to_make_quicks_folders_so_a_full_run_is_never_touched():
+    """--quick without --out writes outputs/quick/<script> and reads its inputs there, as make
+    quick does; a named --out is kept either way."""
+    parser = utils.script_parser("vae_amortized", "test")
+    assert parser.parse_args([]).out == utils.OUTPUTS_DIR / "vae_amortized"
+    assert parser.parse_args(["--quick"]).out == utils.OUTPUTS_DIR / "quick" / "vae_amortized"
+    assert parser.parse_args(["--quick", "--out", "elsewhere"]).out == Path("elsewhere")
+    assert utils.default_input(utils.CLASSIFIER) == (
+        utils.OUTPUTS_DIR / "sup_classification" / "classifier.pt")
+    assert utils.default_input(utils.CLASSIFIER, quick=True) == (
+        utils.OUTPUTS_DIR / "quick" / "sup_classification" / "classifier.pt")
 
 
 def test_importing_utils_does_not_import_torch():

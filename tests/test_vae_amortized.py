@@ -14,7 +14,7 @@ import torch
 
 import model
 import vae_amortized
-from conftest import comparable, metrics, run_injected, run_script
+from conftest import chain_args, comparable, metrics, run_injected, run_inprocess, run_script
 
 
 def verdict(val_losses, train_recon, val_recon):
@@ -102,11 +102,10 @@ def test_quick_run_writes_curves_snapshots_and_sample_quality(quick_outputs):
 
 
 def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, quick_outputs):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    classifier = quick_outputs / "sup_classification" / "classifier.pt"
-    args = ["--quick", "--epochs", "3", "--device", "cpu", "--classifier", classifier]
-    run_script("vae_amortized.py", *args, "--out", whole)
-    proc = run_injected("kill-after-epoch", 2, "vae_amortized.py", *args, "--out", killed)
+    """Killed after epoch 1 of 2: run again, equal to the quick chain's uninterrupted run."""
+    whole, killed = quick_outputs / "vae_amortized", tmp_path / "killed"
+    args = chain_args(quick_outputs, "vae_amortized")
+    proc = run_injected("kill-after-epoch", 1, "vae_amortized.py", *args, "--out", killed)
     assert proc.returncode == 137 and not (killed / "metrics.json").exists()
     run_script("vae_amortized.py", *args, "--out", killed)
     assert comparable(killed) == comparable(whole)
@@ -181,14 +180,14 @@ def test_the_gap_in_standard_errors_and_unknown_ones():
     assert unknown["recon_gap_within_two_se"] is None and unknown["recon_gap_in_se"] is None
 
 
-def test_a_lost_snapshot_of_a_finished_run_advises_fresh_not_a_loop(tmp_path, quick_outputs):
+def test_a_lost_snapshot_of_a_finished_run_advises_fresh_not_a_loop(tmp_path, quick_outputs,
+                                                                    capsys):
     """Running the same command again cannot bring back a deleted vae_epoch1.pt: the one line
     must say --fresh."""
     out = tmp_path / "vae"
     shutil.copytree(quick_outputs / "vae_amortized", out)
     (out / "vae_epoch1.pt").unlink()
-    proc = run_script("vae_amortized.py", "--quick", "--device", "cpu", "--out", out,
-                      "--classifier", quick_outputs / "sup_classification" / "classifier.pt",
-                      check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "vae_epoch1.pt not found" in proc.stderr and "--fresh" in proc.stderr
+    code, err = run_inprocess("vae_amortized.py", [*chain_args(quick_outputs, "vae_amortized"),
+                                                   "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "vae_epoch1.pt not found" in err and "--fresh" in err
