@@ -925,6 +925,7 @@ def survival(named: dict, lost: dict, order: list) -> dict:
     shares kept, and what the lost ones come back as most often, grouped by what they become."""
     per = named["per_digit"]
     kept = [d for d in order if d not in lost]
+    partly = [d for d in kept if per[d]["kept"] < WELL_KEPT]
     near_half = [d for d in order if "images" in per[d]
                  and abs(per[d]["kept"] - 0.5) < 2 * binomial_se(per[d]["kept"], per[d]["images"])]
     into = {}
@@ -936,6 +937,9 @@ def survival(named: dict, lost: dict, order: list) -> dict:
     groups = sorted(into.items(), key=lambda item: -len(item[1]))
     return {"share": pct(named["kept"], 0), "kept": digit_list(kept) if kept else "",
             "kept_how": kept_phrase(per, kept),
+            # kept, but not well (Q4.1's 'only partly'), with their shares
+            "partly": digit_list(partly) if partly else "",
+            "partly_shares": digit_list([num(100 * per[d]["kept"], 0) for d in partly]) if partly else "",
             "lost_n": len(lost), "lost_words": count_word(len(lost)),
             "kept_words": count_word(len(kept)),
             "lost": digit_list([d for d in order if d in lost]) if lost else "",

@@ -1097,11 +1097,14 @@ def test_q3a_compares_the_decoders_by_the_refits_and_the_proposals_by_their_shor
                                  encoder_nearer_best=nearer)
         text = text.replace("\u2212", "-")
         if nearer:
-            # the answer opens with the comparison the question asks for, where the curves give one
-            # ... with the validation images first, which the question compares
-            assert (re.search(r"Answer\. The amortized encoder, after the exercise's \d+ epochs\. "
-                              r"On validation images, which the exercise compares, its one- ?pass",
-                              text) is not None) is val_better
+            # the answer opens with the proposals' comparison, each decoder held fixed, and
+            # gives the validation images' comparison, which the question names, as the whole
+            # methods' (graders 157, 160: that gap is the decoders')
+            assert re.search(r"Answer\. The amortized encoder, after the exercise's \d+ epochs\. "
+                             r"On the training images of Table 2, with each decoder held fixed", text)
+            assert (re.search(r"On validation images, which the exercise compares, the whole methods "
+                              r"differ too, decoders included \(below\): the one- ?pass", text)
+                    is not None) is val_better
             # (since when the encoder leads: test_q3s_variety_table_and_curves_are_the_metrics)
             assert re.search(rf"On the training images of Table 2, with each decoder held fixed, the encoder's "
                              rf".{{1,8}} fall short of a \d+-step refit from a random start by only "
@@ -1708,6 +1711,23 @@ def test_q49_calls_a_lost_digit_near_half_borderline(quick_outputs, tmp_path):
     # the bold verdict calls only the clearly lost digit challenging
     assert re.search(r"Q4\.9: Digit 4 is challenging for the VAE, and 5 on the edge: more than half", text)
     assert "Digits 4 and 5 are challenging" not in text and "Digits 5 and 4 are" not in text
+
+
+@pytest.mark.parametrize("five, says", [(0.56, True), (2 / 3, False)])
+def test_q49_names_a_digit_the_vae_keeps_only_partly(quick_outputs, tmp_path, five, says):
+    """Grader 159: Q4.9 named only the lost 4, while the VAE kept 5 at 56 %, the share Q4.1
+    calls 'only partly' for PCA; below two thirds the answer says so, with the share."""
+    def edit(p):
+        per = p["vae"]["nearest_digit"]["per_digit"]
+        for d in per:
+            per[d].update(kept=0.9, named_most=int(d), images=1000)
+        per["5"].update(kept=five)
+        per["4"].update(kept=0.3, named_most=9)
+        p["answers"]["lost"]["vae"] = {"4": 9}
+    text, _ = report_with(quick_outputs, tmp_path, "ppca_pca", edit, "apml_lab_report.pdf")
+    assert "It keeps most images of the other nine" in text
+    assert ("other nine (5 only partly: 56 % kept), where PPCA" in text) is says
+    assert ("only partly:" in text.split("Q4.9:")[1].split("In all")[0]) is says
 
 
 @pytest.mark.parametrize("mean, in_any, says", [
