@@ -309,13 +309,14 @@ def digit_geometry(z, labels):
     excess kurtosis, 0 for a Gaussian), how well the digits separate, and the digit pairs whose
     mean encodings are closest (pairwise Euclidean distance, relative to the mean distance so
     methods with different scales compare)."""
-    means = torch.stack([z[labels == d].mean(0) for d in range(10)]).double()
-    standard = (z.double() - z.double().mean(0)) / z.double().std(0, correction=0)
+    z = z.double()
+    means = torch.stack([z[labels == d].mean(0) for d in range(10)])
+    standard = (z - z.mean(0)) / z.std(0, correction=0)
     # Fisher's criterion, tr(S_W^-1 S_B): the covariance of the ten digit means against the
     # average covariance within a digit. No invertible linear map of the codes changes it, so
     # PPCA (a linear map of PCA's codes, Q4.4) scores as PCA does, and the VAE is compared with
     # them on shape, not on the axes' scales.
-    within = torch.stack([z[labels == d].double().T.cov() for d in range(10)]).mean(0)
+    within = torch.stack([z[labels == d].T.cov() for d in range(10)]).mean(0)
     between = means.T.cov()
     dist = torch.cdist(means, means)
     pairs = sorted(((dist[i, j].item(), i, j) for i in range(10) for j in range(i + 1, 10)))
@@ -323,7 +324,7 @@ def digit_geometry(z, labels):
     return {
         "mean_encoding": {str(d): means[d].tolist() for d in range(10)},
         "range_min": z.min(0).values.tolist(), "range_max": z.max(0).values.tolist(),
-        "std": z.double().std(0).tolist(),
+        "std": z.std(0).tolist(),
         "excess_kurtosis": (standard.pow(4).mean(0) - 3).tolist(),
         "separation": torch.linalg.solve(within, between).trace().item(),
         "closest_pairs": [{"digits": [i, j], "distance": dd, "relative": dd / mean_dist}
@@ -513,6 +514,7 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
     VAE's error relative to PPCA's; and is its test ELBO above PPCA's test log-likelihood."""
     grad, closed, vae = results["ppca_gradient"], results["ppca_closed_form"], results["vae"]
     lam, sigma2 = closed["data_eigenvalues"], closed["sigma2"]
+    lead_terms = elbo_lead_terms(closed, vae)
     shrink = [math.sqrt(max(v - sigma2, 0.0)) / v for v in lam]
     return {"gradient_reaches_closed_form": bool(
                 abs(grad["test_log_likelihood"] - closed["test_log_likelihood"]) < 0.01
@@ -533,8 +535,8 @@ def method_verdicts(results: dict, comparison: dict, geometry: dict) -> dict:
             "vae_better_density": vae["test_elbo"] > closed["test_log_likelihood"],
             # ...but a Gaussian density's normalizer alone moves by D/2 log(sigma2 ratio): how
             # much of that gap the two noise variances explain, whatever the decoders do
-            "noise_variance_nats": D / 2 * math.log(sigma2 / vae["sigma2"]),
-            "elbo_lead_terms": elbo_lead_terms(closed, vae),
+            "noise_variance_nats": lead_terms["noise_variance"],
+            "elbo_lead_terms": lead_terms,
             "vae_error_relative_to_ppca": vae["test_sq_error"] / grad["test_sq_error"] - 1}
 
 

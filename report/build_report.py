@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -1304,15 +1303,14 @@ def lab_vae_values(p: dict) -> dict:
         "vae_lr": f"{p['args']['lr']:g}",
         "vae_batch": p["args"]["batch_size"], "vae_epochs": vae["epochs"],
         # with its standard error over the test images (and the one z drawn for each)
-        "vae_elbo": (num(vae["test_elbo"], 1) if "test_elbo_se" not in vae else
-                     "{} ± {}".format(*with_se(vae["test_elbo"], vae["test_elbo_se"]))),
+        "vae_elbo": "{} ± {}".format(*with_se(vae["test_elbo"], vae["test_elbo_se"])),
         "vae_error": num(vae["test_sq_error"]),
         # the overall means with their standard errors over the test images, where stored
         "errors_se": (None if "test_sq_error_se" not in vae else
                       {k: with_se(p[k]["test_sq_error"], p[k]["test_sq_error_se"])
                        for k in ("pca", "ppca_gradient", "vae")}),
         # the VAE's lower bound minus PPCA's exact log-likelihood, to the ELBO's precision
-        "density_gap": num(lead, se_decimals(vae["test_elbo_se"]) if "test_elbo_se" in vae else 1),
+        "density_gap": num(lead, se_decimals(vae["test_elbo_se"])),
         # the rest of that gap, term by term (Q4.10; with the noise variances' they sum to it)
         "lead_terms": {"wider": num(terms["ppca_principal_directions"], 0),
                        "kl": num(-terms["kl"], 0), "misfit": num(abs(terms["misfit"]), 0),

@@ -11,7 +11,6 @@ import socket
 import sys
 from pathlib import Path
 
-import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
