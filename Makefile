@@ -108,9 +108,9 @@ ifeq ($(strip $(value CSE)),)
 $(error CSE is missing or empty: make submission NAME="Your Name" CSE=username)
 endif
 endif
-# It packs the runs that are there and never starts one: it typesets again (a second), so that
-# your edits of $(OUT)/report/ex1.typ are in the PDF, and submission.py refuses, in one line,
-# runs made by other code than what is there now (after a code change, make all first).
+# It packs the runs that are there and never starts one. --typeset: once the name and username
+# are good, it typesets again (a second), so that your edits of $(OUT)/report/ex1.typ are in the
+# PDF; it refuses, in one line, runs made by other code than what is there now (after a code
+# change, make all first).
 submission: | $(VENV_DEP)
-	$(PY) report/build_report.py --outputs $(OUT)
-	$(PY) report/submission.py --outputs $(OUT) --name=$(call quote,NAME) --cse=$(call quote,CSE)
+	$(PY) report/submission.py --typeset --outputs $(OUT) --name=$(call quote,NAME) --cse=$(call quote,CSE)

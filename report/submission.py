@@ -4,8 +4,9 @@ the PDF report from <outputs>/report/.
 
     python report/submission.py --outputs outputs --name "Ada Lovelace" --cse ada01
 
-(or `make submission NAME="Ada Lovelace" CSE=ada01`). It reads files only: no torch, no script
-is imported. A missing or empty name or username, a report whose template still shows a
+(or `make submission NAME="Ada Lovelace" CSE=ada01`, which adds --typeset: the reports are
+typeset again first, once the name and username are known to be good). It reads files only: no
+torch, no script is imported. A missing or empty name or username, a report whose template still shows a
 placeholder (name, username, the FILL IN box or the default account of "Use of AI tools"), or a
 PDF typeset before its template or a metrics.json it reads last changed (compared by content)
 is one line and exit 2, and no zip is written. A --quick run
@@ -142,21 +143,37 @@ def code_changed_since_runs(outputs: Path, built: dict, packed: list) -> list:
     return [f for f in packed if f in ran and sha256((ROOT / f).read_bytes()) != ran[f]]
 
 
-def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path:
-    name, cse = " ".join(name.split()), cse.strip()
+def student_name(text: str) -> str:
+    """The name as the README shows it (runs of spaces made one); a missing one is refused."""
+    name = " ".join(text.split())
     if not name:
         raise UsageError('the student name is missing or empty: pass NAME="Your Name" '
                          '(make submission NAME="Your Name" CSE=username)')
+    return name
+
+
+def cse_username(text: str) -> str:
+    """The CSE username, which also names the zip: refused unless it is one plain file name."""
+    cse = text.strip()
     if not cse:
         raise UsageError("the CSE username is missing or empty: pass CSE=username "
                          '(make submission NAME="Your Name" CSE=username)')
     if not CSE_USERNAME.fullmatch(cse):
         raise UsageError(f"{cse!r} is not a CSE username (letters, digits, '.', '_', '-', "
                          f"starting with a letter, digit or '_'): pass CSE=username")
+    return cse
+
+
+def pack(outputs: Path, name: str, cse: str, target: Path | None = None,
+         typeset=None) -> Path:
+    """Check the name, the username and the template, call `typeset()` if given (make
+    submission typesets the reports again, only once the inputs are known to be good), check
+    the PDF against what it was typeset from, and write the zip."""
+    name, cse = student_name(name), cse_username(cse)
     pdf, template = outputs / "report" / PDF, outputs / "report" / TEMPLATE
-    if not pdf.is_file() or not template.is_file():
-        raise UsageError(f"{pdf if not pdf.is_file() else template} is missing: run make all (or "
-                         f"make report) first")
+    if not template.is_file() or (typeset is None and not pdf.is_file()):
+        raise UsageError(f"{pdf if template.is_file() else template} is missing: run make all "
+                         f"(or make report) first")
     try:
         text = template.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -171,6 +188,8 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None) -> Path
             raise UsageError(f"{problem}: fill them in, run make report, then pack again")
         # A --quick run's zip is never handed in (its PDF says so): it tries the packing.
         print(f"note: {problem}; packed anyway, since this is a --quick run")
+    if typeset is not None:
+        typeset()
     built = built_from(outputs)
     changed = changed_since_typeset(outputs, built)
     if changed == [template]:
@@ -218,18 +237,32 @@ def _order(path: str):
     return (chain.index(path) if path in chain else len(chain), path)
 
 
-def main(argv=None) -> Path:
+def main(argv=None, run=None) -> Path:
     first_paragraph = " ".join(__doc__.split("\n\n")[0].split())
     parser = OneLineParser(prog="submission.py", description=first_paragraph)
     parser.add_argument("--outputs", type=path_in, default=ROOT / "outputs",
                         help="folder holding report/ex1_report.pdf; the zip is written there")
-    parser.add_argument("--name", default="", help="your name, as the README should show it")
-    parser.add_argument("--cse", default="", help="your CSE username")
+    # Checked as the command line is read, before any work (as --typeset's typesetting).
+    parser.add_argument("--name", type=student_name, default="",
+                        help="your name, as the README should show it")
+    parser.add_argument("--cse", type=cse_username, default="", help="your CSE username")
+    parser.add_argument("--typeset", action="store_true",
+                        help="typeset both reports first, as make report does, so that your "
+                             "latest edits of ex1.typ are in the PDF (make submission does)")
     args = parser.parse_args(argv)
-    target = pack(args.outputs.resolve(), args.name, args.cse)
+    outputs = args.outputs.resolve()
+
+    def typeset():
+        from report.build_report import main as build_reports
+
+        build_reports(["--outputs", str(outputs)], run)
+        if run is not None:            # what an interruption from here on leaves undone
+            run.product = "the zip"
+
+    target = pack(outputs, args.name, args.cse, typeset=typeset if args.typeset else None)
     print(f"wrote {target}")
     return target
 
 
 if __name__ == "__main__":
-    run_main(lambda run, argv: main(argv), product="the zip", out_flag="--outputs")
+    run_main(lambda run, argv: main(argv, run), product="the zip", out_flag="--outputs")

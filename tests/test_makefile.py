@@ -114,13 +114,15 @@ def test_a_name_reaches_the_submission_script_as_typed(name):
 
 def test_make_submission_never_starts_an_experiment(tmp_path):
     """Into an empty folder (as after a code change, when every run is out of date) make
-    submission typesets and packs, and runs no experiment: a quick run's folder is never
-    trained again at full size, and submission.py refuses runs made by other code."""
+    submission typesets (submission.py's --typeset) and packs, and runs no experiment: a quick
+    run's folder is never trained again at full size, and submission.py refuses runs made by
+    other code."""
     proc = make_dry("submission", "NAME=Ada", "CSE=ada01", f"OUT={tmp_path / 'quick'}")
     assert proc.returncode == 0, proc.stderr
     scripts = [token for line in proc.stdout.splitlines() for token in line.split()
                if token.endswith(".py")]
-    assert scripts == ["report/build_report.py", "report/submission.py"], proc.stdout
+    assert scripts == ["report/submission.py"], proc.stdout
+    assert "--typeset" in proc.stdout.split()
 
 
 def test_a_name_that_looks_like_a_make_function_is_not_run_by_make(tmp_path):

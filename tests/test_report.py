@@ -831,6 +831,21 @@ def test_a_username_that_could_be_an_option_or_a_path_is_refused(quick_outputs, 
     assert sorted(p.name for p in quick_outputs.glob("*.zip")) == before
 
 
+@pytest.mark.parametrize("cse", ["-ada", "ada/01", ".."])
+def test_make_submission_refuses_a_bad_username_before_it_typesets(quick_outputs, tmp_path, cse):
+    """make submission typesets only once NAME and CSE are good: a bad one is one line (exit 2)
+    and the report folder is left as it was (a typeset would write ex1_values.json again)."""
+    outputs = filled_in(quick_outputs, tmp_path)
+    (outputs / "report" / "ex1_values.json").unlink()
+    before = {p.name: p.read_bytes() for p in (outputs / "report").iterdir()}
+    proc = make_submission(outputs, "NAME=Ada Lovelace", f"CSE={cse}")
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    assert proc.returncode == 2 and len(ours) == 1, proc.stdout + proc.stderr
+    assert "is not a CSE username" in ours[0]
+    assert {p.name: p.read_bytes() for p in (outputs / "report").iterdir()} == before
+    assert not list(outputs.glob("*.zip"))
+
+
 def test_an_interruption_between_the_two_pdfs_says_which_one_is_new(quick_outputs, tmp_path,
                                                                      monkeypatch, capsys):
     """Ctrl-C after the first PDF is replaced and before the second: the line says that one
