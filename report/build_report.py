@@ -700,7 +700,12 @@ def variety_values(lo: dict, versus: dict, versus_am: dict) -> dict:
     vs_q2 = ("about as varied as" if within_two_se(lo_prior["mean"], am_prior["mean"],
                                                    lo_prior["se"], am_prior["se"])
              else "less varied than" if lo_prior["mean"] < am_prior["mean"] else "more varied than")
-    return {"variety": rows, "vs_q2": vs_q2,
+    # and by blur: the prior draws' mid-grey shares through either decoder (Table 3's column)
+    lo_grey, am_grey = versus["prior"], versus_am["prior"]
+    grey_vs_q2 = ("about as grey" if within_two_se(lo_grey["share"], am_grey["share"],
+                                                   lo_grey["se"], am_grey["se"])
+                  else "greyer" if lo_grey["share"] > am_grey["share"] else "less grey")
+    return {"variety": rows, "vs_q2": vs_q2, "grey_vs_q2": grey_vs_q2,
             "grey_se_max": sig(max(grey_se), 1) if "real_grey_per_image" in lo else None,
             "real_variety": f"{mean}\u00a0±\u00a0{se}",
             "real_grey": num(100 * lo["grey_share"]["real"], 1),
@@ -1043,31 +1048,40 @@ def lab_tables(p: dict) -> dict:
                                    for d in range(10)), 1),
         # each digit's ink, the mean over its test images of the summed squared pixels (Q4.1)
         "ink_row": [num(p["test_ink_per_digit"][str(d)], 0) for d in range(10)],
-        "kept_table": [{"method": name, "all": num(100 * r["nearest_digit"]["kept"], 0),
-                        "per_digit": [num(100 * r["nearest_digit"]["per_digit"][str(d)]["kept"], 0)
-                                      for d in range(10)]} for name, r in kept_rows],
+        # Table 2: the share kept per method; the blurred copies go to Table 3 (the rule's checks)
+        "kept_table": [kept_row(name, r) for name, r in kept_rows if name != "test images, blurred"],
         # the shares' largest binomial standard error, in points (older runs: counts not stored)
         "kept_se_max": (None if any("images" not in v for _, r in kept_rows
                                     for v in r["nearest_digit"]["per_digit"].values()) else
                         num(100 * max(binomial_se(v["kept"], v["images"]) for _, r in kept_rows
                                       for v in r["nearest_digit"]["per_digit"].values()), 1)),
-        # Q4.1's two checks on the naming rule, for PCA (older runs: not stored): of the images
-        # named as each digit, the share that show it, and each digit's share kept minus its
-        # false alarms, in points
-        "check_table": [] if "beyond_false_alarms" not in p["answers"] else [
-            {"label": "PCA: precision", "per_digit": [
+        # Table 3, Q4.1's checks on the naming rule: blurred copies kept, beside PCA's
+        # reconstructions, and for PCA (older runs: not stored) of the images named as each
+        # digit, the share that show it, and each digit's share kept minus its false alarms, in
+        # points (these rows have no overall value: "all" is blank)
+        "check_table": [kept_row("test images, blurred", p["blurred_test_images"]),
+                        kept_row("PCA", pca)] + ([] if "beyond_false_alarms" not in p["answers"] else [
+            {"label": "PCA: precision", "all": "", "per_digit": [
                 "—" if pca["nearest_digit"]["per_digit"][str(d)].get("precision") is None else
                 num(100 * pca["nearest_digit"]["per_digit"][str(d)]["precision"], 0)
                 for d in range(10)]},
-            {"label": "PCA: kept − false alarms", "per_digit": [
+            {"label": "PCA: kept − false alarms", "all": "", "per_digit": [
                 num(100 * p["answers"]["beyond_false_alarms"]["pca"][str(d)], 0)
-                for d in range(10)]}],
+                for d in range(10)]}]),
         # ...and the digit that each digit's reconstructions are read as most often (what its
         # mean code decodes to is in Figure 1's mean rows)
         "read_as_table": [{"label": f"named most often, {name}", "per_digit": [
             str(r["nearest_digit"]["per_digit"][str(d)]["named_most"]) for d in range(10)]}
             for name, r in (("PCA", pca), ("VAE, 2-D latent", vae))],
     }
+
+
+def kept_row(label: str, result: dict) -> dict:
+    """A row of the lab's Tables 2 and 3: the share (%) kept by the naming rule, overall and
+    per digit."""
+    kept = result["nearest_digit"]
+    return {"label": label, "all": num(100 * kept["kept"], 0),
+            "per_digit": [num(100 * kept["per_digit"][str(d)]["kept"], 0) for d in range(10)]}
 
 
 def points_between(a: float, b: float) -> str:

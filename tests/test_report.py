@@ -952,12 +952,17 @@ def test_every_figure_and_table_is_captioned_labelled_and_cited():
 def test_the_labs_kept_table_and_sample_blur_are_the_metrics(quick_outputs):
     p = metrics(quick_outputs, "ppca_pca")
     values = json.loads((quick_outputs / "report" / "apml_lab_values.json").read_text())
-    rows = {r["method"]: r for r in values["kept_table"]}
-    for name, key in [("PCA", "pca"), ("VAE, 2-D latent", "vae"), ("test images", "original_images")]:
+    rows = {r["label"]: r for r in values["kept_table"]}
+    checks = {r["label"]: r for r in values["check_table"]}     # Table 3, the rule's checks
+    assert "test images, blurred" not in rows
+    for name, key, table in [("PCA", "pca", rows), ("VAE, 2-D latent", "vae", rows),
+                             ("test images", "original_images", rows),
+                             ("test images, blurred", "blurred_test_images", checks),
+                             ("PCA", "pca", checks)]:
         kept = p[key]["nearest_digit"]
-        assert rows[name]["all"] == f"{100 * kept['kept']:.0f}"
-        assert rows[name]["per_digit"] == [f"{100 * kept['per_digit'][str(d)]['kept']:.0f}"
-                                           for d in range(10)]
+        assert table[name]["all"] == f"{100 * kept['kept']:.0f}"
+        assert table[name]["per_digit"] == [f"{100 * kept['per_digit'][str(d)]['kept']:.0f}"
+                                            for d in range(10)]
     # the two checks on the naming rule, for PCA: precision ('—' where no image is named as the
     # digit) and share kept minus false alarms (the false alarms are checked against sklearn in
     # test_ppca_pca.py)
@@ -1510,6 +1515,24 @@ def test_q3b_compares_its_samples_with_q2s_by_their_variety(quick_outputs, tmp_p
     text, _ = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
     assert f"Answer. No. Its prior samples (Figure 6, bottom) are {words} Q2's (top; variety" in text
     assert ("partly through this decoder's own blur" in text) is (words == "less varied than")
+
+
+@pytest.mark.parametrize("lo_grey, words", [(0.320, "and greyer (32.0 against 27.2 % mid-grey"),
+                                            (0.274, None),
+                                            (0.240, "and less grey (24.0 against 27.2 % mid-grey")])
+def test_q3b_compares_its_samples_with_q2s_by_their_blur_beyond_two_standard_errors(
+        quick_outputs, tmp_path, lo_grey, words):
+    """Where the start explains the answer (both control runs), Q3 (b) also compares the prior
+    draws' mid-grey shares through either decoder (Table 3's column): named only where they
+    differ by more than two standard errors (0.274 against 0.272 ± 0.002 does not)."""
+    def edit(lo):
+        lo["verdicts"].update(outside_gap="more", variety_gap="larger", start_decides=True,
+                              aggregate_near_prior=True)
+        lo["prior_vs_aggregate"]["prior"].update(share=lo_grey, se=0.002)
+        lo["amortized_prior_vs_aggregate"]["prior"].update(share=0.272, se=0.002)
+    text, lo = report_with(quick_outputs, tmp_path, "vae_latent_opt", edit)
+    assert "unit_sigma_start" in lo and "narrow_from_start" in lo     # the branch in question
+    assert "Q2's (Figure 6 shows ten of each)" in text if words is None else words in text
 
 
 @pytest.mark.parametrize("part, whole, share", [
