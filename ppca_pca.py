@@ -1038,7 +1038,8 @@ def main(run: utils.Run, argv=None):
     # Bookkeeping (utils.Training): the objects named below are restored from checkpoint_last.pt
     # if an earlier run was interrupted, and saved there after each epoch. The loop is the algorithm.
     training = utils.Training(run, args.out, config, args.fresh, args.epochs, steps, "VAE d=2",
-                              model=lab_vae, optimizer=optimizer, scheduler=scheduler)
+                              series=("train_elbo",), model=lab_vae, optimizer=optimizer,
+                              scheduler=scheduler)
     out, timings = training.out, {}
 
     t0 = time.perf_counter()

@@ -102,7 +102,8 @@ def main(run: utils.Run, argv=None):
     # Bookkeeping (utils.Training): the objects named below are restored from checkpoint_last.pt
     # if an earlier run was interrupted, and saved there after each epoch. The loop is the algorithm.
     training = utils.Training(run, args.out, utils.run_config(args, ignore=("held_out_images",)),
-                              args.fresh, args.epochs, steps, "classifier", model=model,
+                              args.fresh, args.epochs, steps, "classifier",
+                              series=("val_loss", "val_accuracy", "train_loss"), model=model,
                               optimizer=optimizer, scheduler=scheduler)
     for epoch in training:
         train_loss = train_epoch(model, optimizer, scheduler, train_x, train_y, args.batch_size,

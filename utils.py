@@ -829,7 +829,8 @@ class Run:
         """--out must not hold another script's results (they would be overwritten), nor a
         folder where this run writes its metrics or checkpoint."""
         named_like_files = [p for p in (out.iterdir() if out.is_dir() else [])
-                            if p.suffix in (".json", ".pt", ".png") and not p.is_file()]
+                            if p.suffix in (".json", ".pt", ".png", ".pdf", ".typ")
+                            and not p.is_file()]
         for path in [*named_like_files, *(out / n for n in ("metrics.json", "checkpoint_last.pt"))]:
             if path.exists() and not path.is_file():
                 raise UsageError(f"{path} is not a file, but this run writes one there; "
@@ -842,6 +843,12 @@ class Run:
                 pass                    # unreadable: nothing there worth keeping is known
             if owner is None and out.name in EXPERIMENTS:     # written before runs named their script
                 owner = EXPERIMENTS[out.name][0]
+        elif (out / "checkpoint_last.pt").is_file():    # an interrupted run, to be resumed
+            unfinished = checkpoint_owner(out / "checkpoint_last.pt")
+            if unfinished not in (None, self.script):
+                raise UsageError(f"{self.out_flag} {out} holds an unfinished run of {unfinished} "
+                                 f"(its checkpoint_last.pt), which this run would overwrite; "
+                                 f"run {unfinished} there to finish it, or choose another folder")
         if owner not in (None, self.script):
             raise UsageError(f"{self.out_flag} {out} holds the results of {owner}, which this "
                              f"run would overwrite; choose another folder")
@@ -921,9 +928,13 @@ def run_main(main, argv=None, product: str = "its metrics.json", out_flag: str =
     platform has it). Writes are atomic, so what was saved before stays whole; `product` is
     what the script writes last (an interruption before it says so)."""
     name = Path(sys.argv[0]).name
-    for stream in (sys.stdout, sys.stderr):   # a path the console cannot encode: escaped, not fatal
-        if hasattr(stream, "reconfigure"):
+    streams = sys.stdout, sys.stderr
+    for stream in streams:      # a path the console cannot encode: escaped, not fatal
+        try:
             stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, OSError, ValueError):    # not a console, or a closed one
+            pass
+    sys.stdout, sys.stderr = (ReaderMayLeave(stream) for stream in streams)
     # The caller's handlers come back at the end: run in a notebook or a test runner, a script
     # must not leave Ctrl-C ignored or SIGTERM raising Terminated in that process.
     signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
@@ -934,9 +945,46 @@ def run_main(main, argv=None, product: str = "its metrics.json", out_flag: str =
         _run_reporting_failures(main, argv, name, Run(product, script=name, out_flag=out_flag),
                                 out_flag)
     finally:
+        sys.stdout, sys.stderr = streams
         for signum, handler in previous.items():
             if handler is not None:            # None: a handler not set from Python, left as is
                 signal.signal(signum, handler)
+
+
+class ReaderMayLeave:
+    """stdout or stderr while a script runs. When the reader goes away (`| head -1`, a closed
+    pipe or descriptor, /dev/full), the output stops and the work goes on: a progress bar or a
+    "wrote ..." line never ends a run halfway."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, stream is None
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):      # EPIPE, ENOSPC, EBADF; a closed file
+                self._leave()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._leave()
+
+    def _leave(self) -> None:
+        self._gone = True
+        try:        # Python flushes the stream once more at exit: into nothing, not a traceback
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _run_reporting_failures(main, argv, name: str, run: Run, out_flag: str) -> None:
@@ -1026,6 +1074,16 @@ def load_checkpoint(path: Path, map_location="cpu", advice: str = RESUME_ADVICE)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not a weights-only checkpoint "
                               f"({first[:120]}); {advice}")
+
+
+def checkpoint_owner(path: Path) -> str | None:
+    """The script that wrote a training checkpoint (`Training.save`); None where the file is
+    unreadable (the run that resumes it says why) or older than that field."""
+    try:
+        owner = load_checkpoint(path).get("script")
+    except (UsageError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
 
 
 # Checkpoint fields are checked like flags: each field has a check, value -> bool, with a `wants`
@@ -1180,9 +1238,12 @@ class Training:
     """
 
     def __init__(self, run: Run, out: Path, config: dict, fresh: bool, epochs: int,
-                 steps: int, desc: str, **stateful):
+                 steps: int, desc: str, series: tuple, **stateful):
+        """`series`: the names of the numbers `log` records each epoch, which the history of a
+        checkpoint to resume must hold; `stateful`: the objects a checkpoint saves and restores."""
         self.path, self.config, self.stateful = Path(out) / "checkpoint_last.pt", config, stateful
-        self.epochs, self.steps = epochs, steps
+        self.epochs, self.steps, self.series = epochs, steps, ("epoch_seconds", *series)
+        run.refuse_to_overwrite(Path(out))     # another script's run, even with --fresh
         self.next_epoch, history = (1, {}) if fresh or not self.path.is_file() else self.resume()
         self.run, self.out = run, run.claim(out)     # a bad checkpoint failed before this line
         run.saved_epoch = run.resumed_epochs = self.next_epoch - 1
@@ -1215,6 +1276,12 @@ class Training:
         check_fields(ckpt, path, {"epoch": int_field(1, self.epochs)}, RESUME_ADVICE)
         epoch, history = ckpt["epoch"], ckpt["history"]
         check_fields(ckpt["rng"], path, {"torch": tensor_field(None, dtype="uint8")}, RESUME_ADVICE)
+        missing = [name for name in self.series if name not in history]
+        foreign = [name for name in history if name not in self.series]
+        if missing or foreign:
+            what = (f"lacks the series {missing[0]!r}" if missing else
+                    f"holds the series {foreign[0]!r}, which this run does not log")
+            raise CheckpointError(f"{path}: its history {what}; {RESUME_ADVICE}")
         if not all(isinstance(v, list) and len(v) == epoch and all(
                 isinstance(x, float) and math.isfinite(x) for x in v) for v in history.values()):
             raise CheckpointError(f"{path}: its history is not {epoch} finite numbers per "
@@ -1259,13 +1326,17 @@ class Training:
         # torch.load(weights_only=True) refuses; a resumed scheduler keeps the one it was built with.
         state = {name: {k: v for k, v in obj.state_dict().items() if k != "anneal_func"}
                  for name, obj in self.stateful.items()}
-        state.update(epoch=epoch, history=self.history, config=self.config, rng=rng_state())
+        state.update(epoch=epoch, history=self.history, config=self.config, rng=rng_state(),
+                     script=self.run.script)     # whose run it is (Run.refuse_to_overwrite)
         save_checkpoint(state, self.path)
         self.run.saved_epoch = epoch           # an interruption from here on resumes after it
 
     def log(self, **values) -> None:
         """Append this epoch's numbers to the history (the first two show on the bar). A number
         that is not finite ends the run here, before the script saves anything of this epoch."""
+        if set(values) != set(self.series[1:]):    # the script's own declaration, kept true
+            raise RuntimeError(f"logged {sorted(values)}, but the series declared to Training "
+                               f"are {sorted(self.series[1:])}")
         for key, value in values.items():
             self.history.setdefault(key, []).append(float(value))
         self.progress.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})

@@ -90,6 +90,11 @@ def overfit_verdict(history, final) -> dict:
             "val_loss_fall_last5": fall, "still_improving": fall is not None and fall > 0}
 
 
+# The curves logged each epoch: train_epoch's running averages, then monitor_epoch's numbers
+SERIES = ("train_loss", "train_mse", "train_kl", "val_loss", "val_mse", "val_kl",
+          "val_recon_mse", "val_recon_mse_se", "train_recon_mse")
+
+
 def train_epoch(vae, optimizer, x, batch_size, progress, **objective) -> dict:
     """One pass over the training images in shuffled batches: encode, sample z with a fresh eps
     per image (Sec. 3.1.4), decode, and one Adam step on the loss of Eq. 5. Returns the running
@@ -306,8 +311,8 @@ def main(run: utils.Run, argv=None):
     # Bookkeeping (utils.Training): the objects named below are restored from checkpoint_last.pt
     # if an earlier run was interrupted, and saved there after each epoch. The loop is the algorithm.
     training = utils.Training(run, args.out, utils.run_config(args, ignore=("classifier",)),
-                              args.fresh, args.epochs, steps, "amortized VAE", model=vae,
-                              optimizer=optimizer)
+                              args.fresh, args.epochs, steps, "amortized VAE",
+                              series=SERIES, model=vae, optimizer=optimizer)
     out = training.out
     for epoch in training:
         vae.train()

@@ -59,6 +59,10 @@ class LatentTable(nn.Module):
         return {"mu": self.mu.weight.detach().cpu(), "logvar": self.logvar.weight.detach().cpu()}
 
 
+# The curves logged each epoch: train_epoch's running averages, and the monitor images' MSE
+SERIES = ("train_loss", "train_mse", "train_kl", "train_recon_mse")
+
+
 def train_epoch(decoder, latents, optimizers, x, batch_size, progress) -> dict:
     """One pass over the training images in shuffled batches: look up each image's own q, sample
     z with a fresh eps, decode, and one step of both optimizers (the decoder's Adam, the
@@ -779,7 +783,7 @@ def main(run: utils.Run, argv=None):
     training = utils.Training(run, args.out, utils.run_config(args, ignore=AFTER_TRAINING),
                               args.fresh, args.epochs,
                               utils.steps_per_epoch(len(train_x), args.batch_size),
-                              "latent optimization", decoder=decoder, latents=latents,
+                              "latent optimization", series=SERIES, decoder=decoder, latents=latents,
                               opt_decoder=opt_decoder, opt_latents=opt_latents)
     out = training.out
     for epoch in training:

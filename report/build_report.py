@@ -66,8 +66,11 @@ def metrics_bytes(outputs: Path) -> dict:
     (BUILT_FROM) all use these same bytes."""
     raw = {}
     for script in dict.fromkeys(s for _, scripts in REPORTS.values() for s in scripts):
+        path = outputs / script / "metrics.json"
         try:
-            raw[script] = (outputs / script / "metrics.json").read_bytes()
+            if path.exists() and not path.is_file():    # a pipe would wait for a writer forever
+                raise OSError("not a regular file")     # (the message names the path)
+            raw[script] = path.read_bytes()
         except OSError as err:
             raw[script] = err
     return raw
@@ -1424,11 +1427,12 @@ def typeset(template: Path, root: Path, edited: bool) -> tuple:
 
     try:
         data = typst.compile(str(template), root=str(root))
-        pages = json.loads(typst.query(str(template), "<page-count>", field="value", root=str(root),
-                                       one=True))
+        counts = json.loads(typst.query(str(template), "<page-count>", field="value",
+                                        root=str(root)))
     except Exception as err:  # noqa: BLE001 - Typst reports a syntax or missing-file problem
         raise UsageError(typst_error_line(err, template, edited))
-    if type(pages) is not int:                  # the template's last line was edited
+    pages = counts[0] if isinstance(counts, list) and len(counts) == 1 else None
+    if type(pages) is not int:                  # the template's last line was edited or lost
         raise UsageError(f"{template}: its last line must stay "
                          f"'#context [#metadata(counter(page).final().first()) <page-count>]' "
                          f"(it counts the pages); restore it, then run the same command")

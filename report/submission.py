@@ -124,7 +124,7 @@ def changed_since_typeset(outputs: Path, built: dict | None) -> list:
         try:
             if sha256(path.read_bytes()) != digest:
                 changed.append(path)
-        except OSError:
+        except (OSError, ValueError):         # ValueError: a crafted name (a NUL byte in it)
             changed.append(path)
     return changed
 
@@ -171,6 +171,10 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None,
     the PDF against what it was typeset from, and write the zip."""
     name, cse = student_name(name), cse_username(cse)
     pdf, template = outputs / "report" / PDF, outputs / "report" / TEMPLATE
+    target = target or outputs / f"ex1_submission_{cse}.zip"
+    if target.exists() and not target.is_file():
+        raise UsageError(f"{target} is not a file, but the zip goes there: remove it, then pack "
+                         f"again")
     if not template.is_file() or (typeset is None and not pdf.is_file()):
         raise UsageError(f"{pdf if template.is_file() else template} is missing: run make all "
                          f"(or make report) first")
@@ -214,7 +218,6 @@ def pack(outputs: Path, name: str, cse: str, target: Path | None = None,
         raise UsageError(f"{', '.join(edited)} changed since the runs that {PDF} shows: run the "
                          f"experiments again ({again}, which typesets too), then pack again")
     shared = [f for f in code if f not in PART1 + VAE]
-    target = target or outputs / f"ex1_submission_{cse}.zip"
     files = [(f, ROOT / f) for f in code + EXTRA] + [(PDF, pdf)]
     def write(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -558,7 +558,8 @@ def test_a_typst_error_names_the_templates_line_and_column(quick_outputs, tmp_pa
 
 @pytest.mark.parametrize("damage, says", [
     ("latin-1", "is not UTF-8 text"),
-    ("page-count", "its last line must stay")])
+    ("page-count", "its last line must stay"),
+    ("page-count lost", "its last line must stay")])
 def test_a_template_saved_as_latin_1_or_with_its_page_count_changed_is_one_line(
         quick_outputs, tmp_path, damage, says):
     """An edited template in another encoding (an old Windows editor), or whose last line no
@@ -572,9 +573,46 @@ def test_a_template_saved_as_latin_1_or_with_its_page_count_changed_is_one_line(
                                                                                   "replace"))
     else:
         lines = text.rstrip("\n").splitlines()
-        template.write_text("\n".join(lines[:-1] + ['#metadata("five") <page-count>']) + "\n",
-                            encoding="utf-8")
+        last = [] if damage == "page-count lost" else ['#metadata("five") <page-count>']
+        template.write_text("\n".join(lines[:-1] + last) + "\n", encoding="utf-8")
     assert_refused_keeping_the_pdfs(copy, says)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX pipes")
+@pytest.mark.parametrize("reader", ["stdout into a closed pipe", "stderr closed"])
+def test_a_reader_that_goes_away_stops_the_output_not_the_build(quick_outputs, tmp_path, reader):
+    """`build_report.py | head -c 0`, or run with its stderr closed: every "wrote" line is lost,
+    but both PDFs and the record of what they were typeset from are written (exit 0), never
+    one PDF new and the other old, and no traceback."""
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    written = [copy / "report" / n for n in ("ex1_report.pdf", "apml_lab_report.pdf", ".built_from.json")]
+    for path in written:
+        path.unlink()
+    command = [sys.executable, str(ROOT / "report" / "build_report.py"), "--outputs", str(copy)]
+    if reader == "stderr closed":
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              preexec_fn=lambda: os.close(2))
+    else:
+        read_end, write_end = os.pipe()
+        os.close(read_end)                   # the reader is gone before the first line
+        try:
+            proc = subprocess.run(command, cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                                  text=True, timeout=120)
+        finally:
+            os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in (proc.stderr or ""), proc.stderr
+    assert "Exception ignored" not in (proc.stderr or "")
+    assert all(path.is_file() for path in written)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX pipes")
+def test_a_metrics_file_that_is_a_pipe_is_one_line_not_a_wait(quick_outputs, tmp_path):
+    copy = tmp_path / "outputs"
+    shutil.copytree(quick_outputs, copy)
+    (copy / "sup_classification" / "metrics.json").unlink()
+    os.mkfifo(copy / "sup_classification" / "metrics.json")
+    assert_refused_keeping_the_pdfs(copy, "is unreadable (not a regular file)")
 
 
 def test_a_metric_of_the_wrong_type_is_not_blamed_on_an_unedited_template(quick_outputs, tmp_path):
@@ -844,6 +882,30 @@ def test_make_submission_refuses_a_bad_username_before_it_typesets(quick_outputs
     assert "is not a CSE username" in ours[0]
     assert {p.name: p.read_bytes() for p in (outputs / "report").iterdir()} == before
     assert not list(outputs.glob("*.zip"))
+
+
+@pytest.mark.parametrize("damage", ["zip is a folder", "nul in the record"])
+def test_a_zip_path_taken_by_a_folder_or_a_crafted_record_is_one_line(quick_outputs, tmp_path,
+                                                                      damage):
+    """A folder where the zip goes is refused before anything is typeset; a record of what the
+    PDF was typeset from that names a file with a NUL byte is refused as out of date."""
+    outputs = filled_in(quick_outputs, tmp_path)
+    if damage == "zip is a folder":
+        (outputs / "ex1_submission_ada01.zip").mkdir()
+        (outputs / "report" / "ex1_values.json").unlink()     # a typeset would write it again
+    else:
+        (outputs / "report" / ".built_from.json").write_text(
+            json.dumps({"ex1": {"template": "x", "metrics": {"a\u0000b": "x"}}}))
+    proc = run_script("report/submission.py", "--outputs", outputs, "--name", "Ada Lovelace",
+                      "--cse", "ada01", *(["--typeset"] if damage == "zip is a folder" else []),
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if damage == "zip is a folder":
+        assert "is not a file, but the zip goes there" in proc.stderr
+        assert not (outputs / "report" / "ex1_values.json").exists()
+    else:
+        assert "run make report, then pack again" in proc.stderr
 
 
 def test_an_interruption_between_the_two_pdfs_says_which_one_is_new(quick_outputs, tmp_path,

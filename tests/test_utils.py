@@ -267,8 +267,8 @@ def train_two_epochs(out, config=None, scheduler=None):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sched = (scheduler or (lambda o: torch.optim.lr_scheduler.StepLR(o, 1)))(opt)
     run = utils.Run()
-    training = utils.Training(run, out, config or {"lr": 0.1}, False, 2, 3, "t", model=net,
-                              optimizer=opt, scheduler=sched)
+    training = utils.Training(run, out, config or {"lr": 0.1}, False, 2, 3, "t", ("loss",),
+                              model=net, optimizer=opt, scheduler=sched)
     for _ in training:
         for _ in range(3):
             opt.step()
@@ -285,7 +285,7 @@ def resume(out, config=None, epochs=3, fresh=False):
     run = utils.Run()
     try:
         training = utils.Training(run, out, config or {"lr": 0.1}, fresh, epochs, 3, "t",
-                                  model=net, optimizer=opt, scheduler=sched)
+                                  ("loss",), model=net, optimizer=opt, scheduler=sched)
         return training.next_epoch, training.history
     finally:
         run.release()
@@ -313,6 +313,10 @@ def test_training_resumes_after_the_last_epoch_and_refuses_other_settings(tmp_pa
     ("config", [1], "field 'config'"),
     ("history", {"loss": [1.0, float("nan")]}, "history"),
     ("history", {"loss": [1.0]}, "history"),
+    ("history", {}, "its history lacks the series 'epoch_seconds'"),
+    ("history", {"epoch_seconds": [1.0, 1.0]}, "its history lacks the series 'loss'"),
+    ("history", {"epoch_seconds": [1.0, 1.0], "loss": [1.0, 1.0], "acc": [1.0, 1.0]},
+     "holds the series 'acc', which this run does not log"),
     ("history", {"loss": ["a", "b"]}, "history"),
     ("rng", {}, "lacks the field 'torch'"),
     ("model", {"weight": torch.full((2, 2), float("nan")), "bias": torch.zeros(2)}, "not finite"),
@@ -335,6 +339,59 @@ def test_every_checkpoint_field_is_checked_like_a_flag(tmp_path, field, value, e
     assert not (tmp_path / ".lock").exists()
 
 
+def test_another_scripts_unfinished_run_is_refused_even_with_fresh(tmp_path):
+    """An interrupted run's folder holds its checkpoint but no metrics.json yet: it names the
+    script that wrote it, and no other script, nor --fresh, overwrites it (the run would no
+    longer resume)."""
+    net = torch.nn.Linear(2, 2)
+    run = utils.Run(script="vae_amortized.py")
+    training = utils.Training(run, tmp_path, {"lr": 0.1}, False, 1, 1, "t", ("loss",), model=net)
+    for _ in training:
+        training.log(loss=1.0)
+    run.release()
+    saved = (tmp_path / "checkpoint_last.pt").read_bytes()
+    assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["script"] == "vae_amortized.py"
+    for fresh in (False, True):
+        other = utils.Run(script="sup_classification.py")
+        with pytest.raises(utils.UsageError, match="holds an unfinished run of vae_amortized.py"):
+            utils.Training(other, tmp_path, {"lr": 0.1}, fresh, 1, 1, "t", ("loss",), model=net)
+    with pytest.raises(utils.UsageError, match="unfinished run of vae_amortized.py"):
+        utils.Run(script="log_likelihood.py").claim(tmp_path)    # a script without checkpoints
+    assert (tmp_path / "checkpoint_last.pt").read_bytes() == saved
+    assert not (tmp_path / ".lock").exists()
+    resumed = utils.Run(script="vae_amortized.py")               # its own script resumes it
+    assert utils.Training(resumed, tmp_path, {"lr": 0.1}, False, 1, 1, "t", ("loss",),
+                          model=net).next_epoch == 2       # complete: only evaluation is left
+    resumed.release()
+
+
+def test_a_loop_that_logs_other_series_than_it_declared_fails_at_once(tmp_path):
+    run = utils.Run()
+    training = utils.Training(run, tmp_path, {}, False, 1, 1, "t", ("loss",),
+                              model=torch.nn.Linear(1, 1))
+    next(iter(training))
+    with pytest.raises(RuntimeError, match="declared"):
+        training.log(loss=1.0, accuracy=0.5)
+    run.release()
+
+
+def test_output_whose_reader_went_away_stops_and_the_work_goes_on(tmp_path):
+    """ReaderMayLeave: a write or flush that fails (EPIPE, a closed file) ends the output, not
+    the run; nothing is raised afterwards."""
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise ValueError("I/O operation on closed file")
+
+    for stream in (Gone(), None):
+        out = utils.ReaderMayLeave(stream)
+        assert out.write("wrote x\n") == 8
+        out.flush()
+        assert out.write("more\n") == 5
+
+
 def adam_one_cycle_run(out, epochs):
     """The scripts' optimizer and schedule (Adam, utils.one_cycle) on a tiny net, 3 steps an
     epoch; returns (run, training) for `epochs` epochs, resuming what `out` holds."""
@@ -342,8 +399,8 @@ def adam_one_cycle_run(out, epochs):
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     sched = utils.one_cycle(opt, 0.01, epochs * 3, 0.3)
     run = utils.Run()
-    return run, utils.Training(run, out, {"lr": 0.01}, False, epochs, 3, "t", model=net,
-                               optimizer=opt, scheduler=sched), (net, opt, sched)
+    return run, utils.Training(run, out, {"lr": 0.01}, False, epochs, 3, "t", ("loss",),
+                               model=net, optimizer=opt, scheduler=sched), (net, opt, sched)
 
 
 def first_of_two_epochs(out):
