@@ -1231,7 +1231,8 @@ class Training:
     all batches, epoch times, a check that the logged losses are finite, and a checkpoint after
     each epoch. The loop body stays in the script:
 
-        training = utils.Training(run, out, config, fresh, epochs, steps, "VAE", model=vae, ...)
+        training = utils.Training(run, out, config, fresh, epochs, steps, "VAE",
+                                  series=("train_loss", "val_loss"), model=vae, ...)
         for epoch in training:
             ...one epoch, calling training.progress.update(1) per batch...
             training.log(train_loss=..., val_loss=...)
