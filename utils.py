@@ -19,7 +19,6 @@ import gzip
 import hashlib
 import importlib
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -37,21 +36,21 @@ from pathlib import Path
 import numpy as np
 
 
-def _import_on_first_use(name: str):
-    """The module `name`, executed when one of its attributes is first used (the standard
-    library's LazyLoader): the report builder uses only torch-free pieces of this file and so
-    never pays for importing torch."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+class _ImportedOnFirstUse:
+    """Stands for the module `name`, which is imported when one of its attributes is first
+    used: the report builder uses only torch-free pieces of this file and so never pays for
+    importing torch. Nothing enters sys.modules before that import (the standard library's
+    LazyLoader would put a half-made module there, which on Python 3.13.0 recurses forever when
+    torch's own __init__ deletes one of its names, and which matplotlib touches)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
 
 
-torch = _import_on_first_use("torch")
+torch = _ImportedOnFirstUse("torch")
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR, OUTPUTS_DIR = ROOT / "data", ROOT / "outputs"

@@ -653,6 +653,20 @@ def test_importing_utils_does_not_import_torch():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
+def test_torch_is_imported_at_its_first_use_through_utils_alone():
+    """A notebook that imports utils before torch: a figure drawn first does not import torch
+    (matplotlib looks for it in sys.modules), and utils' first use of torch imports the real
+    module (on Python 3.13.0 the standard LazyLoader recursed forever there)."""
+    code = (f"import sys; sys.path.insert(0, {str(utils.ROOT)!r}); import utils; "
+            f"plt = utils.pyplot(); fig, ax = plt.subplots(); ax.plot([0, 1]); plt.close(fig); "
+            f"print('torch' in sys.modules); x = utils.torch.zeros(2); "
+            f"print(type(x).__module__, sys.modules['torch'].Tensor is type(x))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "torch", "True"]
+
+
 def test_a_method_in_a_schedulers_state_stays_out_of_the_checkpoint(tmp_path):
     """Before torch 2.4, OneCycleLR's state_dict holds its method anneal_func, which
     torch.load(weights_only=True) refuses: the checkpoint leaves it out and still resumes."""
