@@ -340,13 +340,16 @@ def vae_data(per_class: int, val_images: int, device) -> dict:
 # Training pieces: the device, seeds, batches and the learning-rate schedule
 # ----------------------------------------------------------------------------------------------
 def get_device(name: str = "auto") -> torch.device:
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available())}
+    """auto: CUDA where there is a GPU, else the CPU. Apple's MPS is refused at the start: parts
+    of Q3, Q4 and the lab compute in float64, which MPS cannot hold, and would fail only after
+    training (auto on a Mac is the CPU)."""
+    if name == "mps":
+        raise UsageError("--device mps is not supported: parts of Q3 and Q4 compute in float64, "
+                         "which Apple's MPS cannot hold; use --device cpu (auto picks it on a Mac)")
     if name == "auto":
-        return torch.device(next((d for d, ok in available.items() if ok), "cpu"))
-    if name in available and not available[name]:
-        raise UsageError(f"--device {name} asked, but {name.upper()} is not available here; use "
-                         f"--device cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked, but CUDA is not available here; use --device cpu")
     return torch.device(name)
 
 
@@ -686,7 +689,8 @@ def script_parser(script: str, description: str, resumable: bool = True) -> OneL
     parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0,
                         help="random seed (python, numpy, torch)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="where to compute; auto = cuda, else mps, else cpu")
+                        help="where to compute; auto = cuda, else cpu (mps is refused: "
+                             "float64 parts)")
     parser.add_argument("--out", type=path_in, default=None, help=(
         f"output folder (checkpoints, figures, metrics.json; default: "
         f"{display_path(default_outputs(False) / script)}, with --quick "

@@ -170,6 +170,14 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(files, quick_outputs, 
     assert not Path("/tmp/vi-pwned").exists()
 
 
+def test_apples_mps_is_refused_before_anything_is_written(tmp_path, capsys):
+    """On any machine: MPS cannot hold the float64 tensors of Q3, Q4 and the lab, which would
+    fail only after training; refused at the start, in one line."""
+    code, err = run_inprocess(S, ["--quick", "--device", "mps", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--device mps is not supported" in err and err.count("\n") == 1
+    assert "float64" in err and not (tmp_path / "o").exists()
+
+
 def test_absent_device_is_refused_before_anything_is_written(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present here")
