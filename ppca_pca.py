@@ -758,11 +758,13 @@ def naming_margin(images, reference, reference_labels, chunk: int = 1024) -> tor
     image of any other digit over the distance to the nearest one (of the named digit); 1 is a
     tie, and the larger, the clearer."""
     ref, ref_labels = reference.float().flatten(1), torch.as_tensor(reference_labels)
+    of_digit = [ref_labels == d for d in range(10)]
     margins = []
     for start in range(0, len(images), chunk):
         dist = torch.cdist(images[start:start + chunk].float().flatten(1), ref)
-        per_digit = torch.stack([dist[:, ref_labels == d].min(1).values if (ref_labels == d).any()
-                                 else torch.full((len(dist),), float("inf")) for d in range(10)], 1)
+        per_digit = torch.stack([dist[:, mask].min(1).values if mask.any()   # a digit missing
+                                 else torch.full((len(dist),), float("inf"))  # from the reference
+                                 for mask in of_digit], 1)                    # is never nearest
         two = per_digit.topk(2, dim=1, largest=False).values
         margins.append(two[:, 1] / two[:, 0].clamp_min(1e-12))
     return torch.cat(margins)
